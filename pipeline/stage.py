@@ -1,0 +1,122 @@
+"""The one seam between models and engines: a Stage maps a batch of Samples to a batch of Samples.
+
+Engines (local, Beam, Ray) only call ``setup()`` once per worker and then ``apply_stage`` on batches.
+Stages never know which engine runs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Phrase:
+    """A phrase found in a caption; ``caption[char_start:char_end] == text``."""
+
+    text: str
+    char_start: int
+    char_end: int
+
+
+@dataclass(frozen=True)
+class Region:
+    """A grounded phrase: box is normalized ``x0, y0, x1, y1`` of the original image."""
+
+    phrase: str
+    char_start: int
+    char_end: int
+    box: tuple[float, float, float, float]
+    score: float
+
+
+@dataclass(frozen=True)
+class SampleError:
+    """Why a sample left the flow; becomes one row of ``part-XXXXX.errors.parquet``."""
+
+    stage: str
+    error_type: str
+    message: str
+
+
+@dataclass
+class Sample:
+    """One image/alt-text pair as it flows through the stages.
+
+    ``index`` is the position inside the source shard; writers order rows by it so that output
+    never depends on how an engine split the work.
+    """
+
+    key: str
+    source_shard: str
+    index: int = 0
+    image_bytes: bytes | None = None
+    image_uri: str | None = None
+    alt_text: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    image: Any = None  # decoded RGB PIL.Image (set by the decode stage, dropped before writing)
+    width: int = 0  # of the original image
+    height: int = 0
+    caption: str | None = None
+    caption_source: str | None = None  # "alt_text" | "vlm"
+    phrases: list[Phrase] = field(default_factory=list)
+    regions: list[Region] = field(default_factory=list)
+    error: SampleError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class StageResources:
+    """What a stage asks of the engine: batch size, parallel copies, GPUs per copy (may be fractional)."""
+
+    batch_size: int = 16
+    concurrency: int = 1
+    num_gpus: float = 0.0
+
+
+@runtime_checkable
+class Stage(Protocol):
+    name: str
+    resources: StageResources
+
+    def setup(self) -> None:
+        """Load models once per worker."""
+
+    def __call__(self, batch: list[Sample]) -> list[Sample]:
+        """Process the ok samples of a batch; may set ``sample.error`` on individual samples."""
+
+    def provenance(self) -> dict[str, str]:
+        """Model ids, revisions, thresholds, prompt hash: written into the Parquet metadata."""
+
+
+def fail(sample: Sample, stage: str, exc: BaseException | str, error_type: str | None = None) -> Sample:
+    """Mark a sample as failed in ``stage``; it then skips all later stages and lands in the errors file."""
+    if isinstance(exc, BaseException):
+        sample.error = SampleError(stage, error_type or type(exc).__name__, str(exc)[:2000] or repr(exc))
+    else:
+        sample.error = SampleError(stage, error_type or "Error", exc)
+    sample.image = None
+    return sample
+
+
+def apply_stage(stage: Stage, batch: list[Sample]) -> list[Sample]:
+    """Run ``stage`` on the ok samples of ``batch``, isolating failures to the samples that cause them.
+
+    If the batched call raises, each sample is retried alone so one bad sample never costs its
+    neighbours. Order and length of ``batch`` are preserved.
+    """
+    todo = [s for s in batch if s.ok]
+    if not todo:
+        return batch
+    try:
+        stage(todo)
+    except Exception:
+        for s in todo:
+            try:
+                stage([s])
+            except Exception as exc:  # noqa: BLE001 - every failure becomes an error row
+                fail(s, stage.name, exc)
+    return batch

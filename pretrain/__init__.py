@@ -1,0 +1,1 @@
+"""CLOC pretraining: model, losses, Parquet loader (library half) and train/eval/export."""

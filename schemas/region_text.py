@@ -1,0 +1,177 @@
+"""Region-text schema v1: one row per image, its grounded phrases in ``regions``.
+
+Boxes are ``x0, y0, x1, y1`` normalized to [0, 1] of the original image and
+``caption[char_start:char_end] == phrase`` holds for every region.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = "1"
+SCHEMA_VERSION_KEY = "vesl.schema_version"
+PROVENANCE_KEY = "vesl.provenance"
+CAPTION_SOURCES = ("alt_text", "vlm")
+
+REGION_TYPE = pa.struct(
+    [
+        pa.field("phrase", pa.string(), nullable=False),
+        pa.field("char_start", pa.int32(), nullable=False),
+        pa.field("char_end", pa.int32(), nullable=False),
+        pa.field("box", pa.list_(pa.float32(), 4), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),
+    ]
+)
+
+_FIELDS = [
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("source_shard", pa.string(), nullable=False),
+    pa.field("image", pa.binary()),
+    pa.field("image_uri", pa.string()),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("alt_text", pa.string(), nullable=False),
+    pa.field("caption", pa.string(), nullable=False),
+    pa.field("caption_source", pa.string(), nullable=False),
+    pa.field("regions", pa.list_(pa.field("item", REGION_TYPE, nullable=False)), nullable=False),
+]
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("source_shard", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("error_type", pa.string(), nullable=False),
+        pa.field("message", pa.string(), nullable=False),
+    ],
+    metadata={SCHEMA_VERSION_KEY: SCHEMA_VERSION},
+)
+
+
+def region_text_schema(provenance: dict[str, Any] | None = None) -> pa.Schema:
+    """The v1 schema, with the schema version (and optional provenance) in the file metadata."""
+    meta = {SCHEMA_VERSION_KEY: SCHEMA_VERSION}
+    if provenance:
+        meta[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)
+    return pa.schema(_FIELDS, metadata=meta)
+
+
+def schema_as_json() -> str:
+    """A readable JSON rendering of the schema, for the README and dataset cards."""
+
+    def render(t: pa.DataType) -> Any:
+        if pa.types.is_struct(t):
+            return {f.name: render(f.type) for f in t}
+        if pa.types.is_fixed_size_list(t):
+            return f"fixed_size_list<{t.value_type}>[{t.list_size}]"
+        if pa.types.is_list(t):
+            return [render(t.value_type)]
+        return str(t)
+
+    schema = region_text_schema()
+    out = {
+        "schema_version": SCHEMA_VERSION,
+        "fields": {f.name: render(f.type) for f in schema},
+        "nullable": [f.name for f in schema if f.nullable],
+    }
+    return json.dumps(out, indent=2)
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One problem found by :func:`validate`; ``where`` names the file, row key and region."""
+
+    kind: str
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: [{self.kind}] {self.message}"
+
+
+def _check_types(table: pa.Table, where: str) -> list[Violation]:
+    expected = region_text_schema()
+    out = []
+    for f in expected:
+        if f.name not in table.schema.names:
+            if f.nullable:
+                continue
+            out.append(Violation("missing_column", where, f"column {f.name!r} is missing"))
+            continue
+        got = table.schema.field(f.name).type
+        if not got.equals(f.type):
+            out.append(Violation("column_type", where, f"column {f.name!r} is {got}, expected {f.type}"))
+    return out
+
+
+def _check_rows(table: pa.Table, where: str, seen: Counter) -> list[Violation]:
+    out: list[Violation] = []
+    cols = set(table.schema.names)
+    keys = table.column("key").to_pylist() if "key" in cols else [None] * table.num_rows
+    captions = table.column("caption").to_pylist() if "caption" in cols else [None] * table.num_rows
+    regions = table.column("regions").to_pylist() if "regions" in cols else [[]] * table.num_rows
+    sources = table.column("caption_source").to_pylist() if "caption_source" in cols else None
+    for i, (key, caption, regs) in enumerate(zip(keys, captions, regions)):
+        at = f"{where} row {i} key={key!r}"
+        if not key:
+            out.append(Violation("empty_key", at, "key is empty"))
+        else:
+            seen[key] += 1
+            if seen[key] == 2:
+                out.append(Violation("duplicate_key", at, f"key {key!r} appears more than once"))
+        if sources is not None and sources[i] not in CAPTION_SOURCES:
+            out.append(Violation("caption_source", at, f"caption_source {sources[i]!r} not in {CAPTION_SOURCES}"))
+        for j, r in enumerate(regs or []):
+            rat = f"{at} region {j}"
+            box = r.get("box")
+            if box is None or len(box) != 4:
+                out.append(Violation("box_shape", rat, f"box {box!r} must have 4 values"))
+            else:
+                x0, y0, x1, y1 = box
+                if any(not (0.0 <= v <= 1.0) for v in box):
+                    out.append(Violation("box_range", rat, f"box {list(box)} has values outside [0, 1]"))
+                if x0 > x1 or y0 > y1:
+                    out.append(Violation("box_order", rat, f"box {list(box)} has x0 > x1 or y0 > y1"))
+            s, e, phrase = r.get("char_start"), r.get("char_end"), r.get("phrase")
+            cap = caption or ""
+            if s is None or e is None or not (0 <= s <= e <= len(cap)):
+                out.append(Violation("span_range", rat, f"char span [{s}, {e}) outside caption of length {len(cap)}"))
+            elif cap[s:e] != phrase:
+                out.append(Violation("span_text", rat, f"caption[{s}:{e}] is {cap[s:e]!r}, not phrase {phrase!r}"))
+    return out
+
+
+def _tables(path_or_table: str | Path | pa.Table) -> list[tuple[str, pa.Table]]:
+    if isinstance(path_or_table, pa.Table):
+        return [("<table>", path_or_table)]
+    p = Path(path_or_table)
+    if p.is_dir():
+        files = sorted(f for f in p.glob("*.parquet") if not f.name.endswith(".errors.parquet"))
+        if not files:
+            raise FileNotFoundError(f"no region-text shards (*.parquet) in {p}")
+    elif p.exists():
+        files = [p]
+    else:
+        raise FileNotFoundError(f"{p} does not exist")
+    return [(f.name, pq.read_table(f)) for f in files]
+
+
+def validate(path_or_table: str | Path | pa.Table) -> list[Violation]:
+    """Every violation of schema v1 in a table, a shard file, or a dataset directory (empty list = valid)."""
+    out: list[Violation] = []
+    seen: Counter = Counter()
+    for where, table in _tables(path_or_table):
+        meta = table.schema.metadata or {}
+        version = meta.get(SCHEMA_VERSION_KEY.encode())
+        if where != "<table>" and version != SCHEMA_VERSION.encode():
+            out.append(Violation("schema_version", where, f"file metadata {SCHEMA_VERSION_KEY}={version!r}, expected {SCHEMA_VERSION!r}"))
+        out += _check_types(table, where)
+        out += _check_rows(table, where, seen)
+    return out

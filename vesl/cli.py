@@ -1,0 +1,71 @@
+"""The one `vesl` command line (typer).
+
+Each area registers its own commands (``register(app)``) so this file stays a thin index; command
+modules import heavy libraries (torch, transformers) inside the command bodies, keeping `vesl --help`
+fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from vesl.errors import UserError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="VESL region-text labeling and CLOC pretraining.",
+)
+
+COMMAND_MODULES = (
+    "vesl.label_cli",  # label, inspect, validate, synth
+    "vesl.publish_cli",  # publish, show, export
+    "vesl.pretrain.cli",  # train, eval, export-model
+    "vesl.demo",  # demo
+)
+
+
+def _register_all() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # area not built yet
+                continue
+            raise
+        module.register(app)
+
+
+_register_all()
+
+
+def _one_line(exc: BaseException) -> str:
+    try:
+        from pydantic import ValidationError
+    except ImportError:  # pragma: no cover
+        ValidationError = ()  # type: ignore[assignment]  # noqa: N806
+    if isinstance(exc, ValidationError):
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err.get("loc", ()))
+            parts.append(f"{loc}: {err.get('msg')}")
+        return "invalid config: " + "; ".join(parts) + " (check the YAML file or flags; see `vesl label --help`)"
+    return str(exc)
+
+
+def main() -> None:
+    """Entry point: user mistakes print one line on stderr and exit 2, never a traceback."""
+    from pydantic import ValidationError
+
+    try:
+        app(standalone_mode=True)
+    except (UserError, ValidationError) as exc:
+        typer.echo(f"error: {_one_line(exc)}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; rerun the same command to resume (committed shards are skipped)", err=True)
+        sys.exit(130)
