@@ -117,6 +117,6 @@ def apply_stage(stage: Stage, batch: list[Sample]) -> list[Sample]:
         for s in todo:
             try:
                 stage([s])
-            except Exception as exc:  # noqa: BLE001 - every failure becomes an error row
+            except Exception as exc:  # every failure becomes an error row
                 fail(s, stage.name, exc)
     return batch

@@ -118,7 +118,7 @@ def _check_rows(table: pa.Table, where: str, seen: Counter) -> list[Violation]:
     captions = table.column("caption").to_pylist() if "caption" in cols else [None] * table.num_rows
     regions = table.column("regions").to_pylist() if "regions" in cols else [[]] * table.num_rows
     sources = table.column("caption_source").to_pylist() if "caption_source" in cols else None
-    for i, (key, caption, regs) in enumerate(zip(keys, captions, regions)):
+    for i, (key, caption, regs) in enumerate(zip(keys, captions, regions, strict=True)):
         at = f"{where} row {i} key={key!r}"
         if not key:
             out.append(Violation("empty_key", at, "key is empty"))

@@ -44,10 +44,8 @@ _register_all()
 
 
 def _one_line(exc: BaseException) -> str:
-    try:
-        from pydantic import ValidationError
-    except ImportError:  # pragma: no cover
-        ValidationError = ()  # type: ignore[assignment]  # noqa: N806
+    from pydantic import ValidationError
+
     if isinstance(exc, ValidationError):
         parts = []
         for err in exc.errors():
