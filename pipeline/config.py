@@ -87,6 +87,10 @@ class LabelConfig(_Strict):
     limit: int | None = None
     overwrite: bool = False
     seed: int = 0
+    trust_remote_code: bool = False  # applies to every model stage; off unless the user asks
+    beam_runner: str = "DirectRunner"
+    beam_options: list[str] = Field(default_factory=list)  # extra Beam pipeline options, passed through
+    ray_address: str | None = None  # None: ray.init() locally; "auto" or "ray://host:port" for a cluster
     source: SourceConfig = Field(default_factory=SourceConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     captioner: CaptionerConfig = Field(default_factory=CaptionerConfig)
