@@ -1,0 +1,518 @@
+"""A synthetic scene world: Pillow images of coloured shapes with web-like alt-text and ground truth.
+
+vesl has no network and no downloadable models here, so the demo, the tests, the benchmarks and the
+tiny shipped models all live in this small world. Every scene carries three things:
+
+- a noisy web-like ``alt_text`` (often uninformative, sometimes naming one object), which is what a
+  web crawl would give us;
+- a ground-truth detailed ``caption`` naming every object with size, colour, shape and position, in
+  a small regular grammar (``There is a large red circle at the top left, a small blue square in the
+  center and a large green star at the bottom right.``);
+- ground-truth ``regions``: one per object, whose phrase is exactly the caption slice of the object
+  noun phrase (``a large red circle``), so the paper's chunker ``NP: {<DT>?<JJ.*>*<NN.*>+}`` finds it.
+
+Colours are saturated and far apart; backgrounds are muted (low saturation) so they never look like an
+object colour. Each scene has 2-5 objects with distinct ``color shape`` categories, so a phrase names one
+object only. Scenes are deterministic: the same ``(seed, index)`` gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import hashlib
+import io
+import json
+import math
+import random
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from vesl.pipeline.stage import Region
+
+# Saturated, well separated object colours (RGB). Backgrounds never exceed saturation 0.2.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 25, 30),
+    "orange": (250, 130, 0),
+    "yellow": (245, 215, 0),
+    "green": (25, 165, 50),
+    "blue": (25, 75, 230),
+    "purple": (145, 35, 195),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross", "heart", "diamond")
+SIZES: dict[str, tuple[float, float]] = {  # side as a fraction of min(width, height)
+    "small": (0.15, 0.22),
+    "large": (0.30, 0.40),
+}
+MIN_SIDE, MAX_SIDE = 224, 448
+MAX_IOU = 0.1
+JPEG_QUALITY = 90
+
+# 3x3 grid of positions (row, col) -> words used in the caption.
+_POSITIONS = {
+    (0, 0): "at the top left",
+    (0, 1): "at the top",
+    (0, 2): "at the top right",
+    (1, 0): "on the left",
+    (1, 1): "in the center",
+    (1, 2): "on the right",
+    (2, 0): "at the bottom left",
+    (2, 1): "at the bottom",
+    (2, 2): "at the bottom right",
+}
+
+_UNINFORMATIVE = (
+    "IMG_{n4} stock vector",
+    "IMG_{n4}.JPG",
+    "Free download png",
+    "shutterstock_{n9}",
+    "DSC{n5}",
+    "abstract background",
+    "geometric shapes illustration",
+    "stock photo {hex}",
+    "untitled-{n2}",
+    "image",
+    "Download free vector art {n5}",
+    "{hex}.jpg",
+    "wallpaper hd {n4}",
+    "clipart png transparent",
+)
+_INFORMATIVE = (
+    "{color} {shape} on {bg}",
+    "{color} {shape} icon",
+    "{size} {color} {shape} vector illustration",
+    "{color} {shape} clipart png",
+    "{color} {shape} shape stock image {n4}",
+    "{color} {shape}s and other shapes",
+)
+INFORMATIVE_RATE = 0.4
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One drawn object; ``box`` is the normalized xyxy of its drawn pixels."""
+
+    color: str
+    shape: str
+    size: str
+    box: tuple[float, float, float, float]
+
+    @property
+    def category(self) -> str:
+        return f"{self.color} {self.shape}"
+
+    @property
+    def phrase(self) -> str:
+        """The noun phrase naming this object in the caption (also the region phrase)."""
+        return f"a {self.size} {self.color} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One synthetic image with web-like alt-text and ground truth; ``objects[i]`` is ``regions[i]``."""
+
+    key: str
+    image: bytes
+    image_format: str  # file extension: "jpg"
+    width: int
+    height: int
+    alt_text: str
+    caption: str
+    regions: list[Region]
+    objects: list[SceneObject]
+
+
+def categories() -> list[str]:
+    """All ``color shape`` category names, in a fixed order (COCO category ids are 1 + position)."""
+    return [f"{c} {s}" for c in COLORS for s in SHAPES]
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    """Polygon of a shape inscribed in the square of half-side ``r``; None for shapes drawn otherwise."""
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]
+    if shape == "star":
+        pts = []
+        for k in range(10):
+            rad = r if k % 2 == 0 else r * 0.45
+            a = -math.pi / 2 + k * math.pi / 5
+            pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+        return pts
+    if shape == "cross":
+        w = r * 0.36
+        return [
+            (cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w),
+            (cx + r, cy + w), (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r),
+            (cx - w, cy + w), (cx - r, cy + w), (cx - r, cy - w), (cx - w, cy - w),
+        ]  # fmt: skip
+    if shape == "heart":
+        pts = []
+        for k in range(64):
+            t = 2 * math.pi * k / 64
+            x = 16 * math.sin(t) ** 3
+            y = -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t))
+            pts.append((cx + x / 17 * r, cy + (y + 2.5) / 15 * r))
+        return pts
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r * 0.65, cy), (cx, cy + r), (cx - r * 0.65, cy)]
+    return None
+
+
+def _draw_mask(shape: str, cx: float, cy: float, r: float, size: tuple[int, int]) -> Image.Image:
+    mask = Image.new("L", size, 0)
+    d = ImageDraw.Draw(mask)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "circle":
+        d.ellipse(box, fill=255)
+    elif shape == "square":
+        s = r * 0.9
+        d.rectangle([cx - s, cy - s, cx + s, cy + s], fill=255)
+    elif shape == "ring":
+        d.ellipse(box, fill=255)
+        ri = r * 0.55
+        d.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=0)
+    else:
+        poly = _shape_polygon(shape, cx, cy, r)
+        if poly is None:
+            raise ValueError(f"unknown shape {shape!r}")
+        d.polygon(poly, fill=255)
+    return mask
+
+
+def _muted_color(rng: random.Random) -> tuple[int, int, int]:
+    h, s, v = rng.random(), rng.uniform(0.0, 0.18), rng.uniform(0.55, 0.95)
+    r, g, b = colorsys.hsv_to_rgb(h, s, v)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _background(rng: random.Random, nrng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, str]:
+    """A muted background (solid, gradient, noise or stripes) and a word for it in alt-texts."""
+    kind = rng.choice(("solid", "gradient", "noise", "stripes"))
+    c0 = np.array(_muted_color(rng), dtype=np.float32)
+    if kind == "solid":
+        img = np.broadcast_to(c0, (h, w, 3)).copy()
+        word = "white" if c0.min() > 215 else "grey" if c0.max() - c0.min() < 12 else "plain background"
+    elif kind == "gradient":
+        c1 = np.array(_muted_color(rng), dtype=np.float32)
+        a = rng.uniform(0, 2 * math.pi)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        t = xx / w * math.cos(a) + yy / h * math.sin(a)
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+        img = c0 * (1 - t[..., None]) + c1 * t[..., None]
+        word = "gradient background"
+    elif kind == "noise":
+        img = c0 + nrng.normal(0.0, 10.0, size=(h, w, 3)).astype(np.float32)
+        word = "textured background"
+    else:
+        c1 = np.array(_muted_color(rng), dtype=np.float32)
+        period = rng.randint(10, 28)
+        yy, xx = np.mgrid[0:h, 0:w]
+        axis = rng.choice(("h", "v", "d"))
+        coord = yy if axis == "h" else xx if axis == "v" else xx + yy
+        on = ((coord // period) % 2 == 0)[..., None]
+        img = np.where(on, c0, c1)
+        word = "striped background"
+    return np.clip(img, 0, 255).astype(np.uint8), word
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _compatible(
+    box: tuple[float, ...], color: str, other: tuple[float, ...], other_color: str, w: int, h: int
+) -> bool:
+    """Limited occlusion; same-coloured objects keep a gap so they never merge into one blob."""
+    if color != other_color:
+        return _iou(box, other) <= MAX_IOU
+    gap_x, gap_y = 6 / w, 6 / h
+    return (box[2] + gap_x <= other[0] or other[2] + gap_x <= box[0]
+            or box[3] + gap_y <= other[1] or other[3] + gap_y <= box[1])  # fmt: skip
+
+
+def _position(box: tuple[float, float, float, float]) -> tuple[int, int]:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return min(int(cy * 3), 2), min(int(cx * 3), 2)
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def _fill(template: str, rng: random.Random, **kw: str) -> str:
+    return template.format(
+        n2=rng.randint(1, 99),
+        n4=f"{rng.randint(0, 9999):04d}",
+        n5=f"{rng.randint(0, 99999):05d}",
+        n9=rng.randint(100_000_000, 999_999_999),
+        hex=f"{rng.getrandbits(32):08x}",
+        **kw,
+    )
+
+
+def _alt_text(rng: random.Random, objects: list[SceneObject], bg_word: str) -> str:
+    if rng.random() < INFORMATIVE_RATE:
+        o = rng.choice(objects)
+        t = rng.choice(_INFORMATIVE)
+        return _fill(t, rng, color=o.color, shape=o.shape, size=o.size, bg=bg_word)
+    return _fill(rng.choice(_UNINFORMATIVE), rng)
+
+
+def _caption(objects: list[SceneObject]) -> tuple[str, list[Region]]:
+    """The GT caption and one region per object whose span is exactly the object noun phrase."""
+    caption = "There is "
+    regions = []
+    for i, o in enumerate(objects):
+        if i > 0:
+            caption += " and " if i == len(objects) - 1 else ", "
+        start = len(caption)
+        caption += o.phrase
+        regions.append(Region(o.phrase, start, len(caption), o.box, 1.0))
+        caption += " " + _POSITIONS[_position(o.box)]
+    return caption + ".", regions
+
+
+# ----------------------------------------------------------------------------- scenes
+
+
+def make_scene(seed: int, index: int) -> Scene:
+    """Scene ``index`` of the world ``seed``; the same arguments always give the same bytes."""
+    rng = random.Random(f"{seed}-{index}")
+    nrng = np.random.default_rng(rng.getrandbits(64))
+    w, h = rng.randint(MIN_SIDE, MAX_SIDE), rng.randint(MIN_SIDE, MAX_SIDE)
+    canvas_arr, bg_word = _background(rng, nrng, w, h)
+    canvas = Image.fromarray(canvas_arr, "RGB")
+
+    n_objects = rng.randint(2, 5)
+    cats = rng.sample([(c, s) for c in COLORS for s in SHAPES], n_objects)
+    placed: list[tuple[str, str, str, tuple[float, float, float, float], Image.Image]] = []
+    for color, shape in cats:
+        for _attempt in range(60):
+            size = rng.choice(tuple(SIZES))
+            lo, hi = SIZES[size]
+            r = rng.uniform(lo, hi) * min(w, h) / 2
+            cx, cy = rng.uniform(r + 2, w - r - 2), rng.uniform(r + 2, h - r - 2)
+            mask = _draw_mask(shape, cx, cy, r, (w, h))
+            bbox = mask.getbbox()
+            if bbox is None:
+                continue
+            box = (bbox[0] / w, bbox[1] / h, bbox[2] / w, bbox[3] / h)
+            if all(_compatible(box, color, p[3], p[0], w, h) for p in placed):
+                placed.append((color, shape, size, box, mask))
+                break
+    # Draw big objects first so small ones are never hidden behind a large one.
+    for color, _shape, _size, _box, mask in sorted(placed, key=lambda p: -(p[3][2] - p[3][0])):
+        jitter = tuple(max(0, min(255, c + rng.randint(-10, 10))) for c in COLORS[color])
+        canvas.paste(jitter, (0, 0), mask)
+
+    objects = [SceneObject(c, s, z, b) for c, s, z, b, _ in placed]
+    objects.sort(key=lambda o: (*_position(o.box), o.box[0], o.box[1]))
+    caption, regions = _caption(objects)
+    buf = io.BytesIO()
+    canvas.save(buf, format="JPEG", quality=JPEG_QUALITY, optimize=False, progressive=False, subsampling=0)
+    return Scene(
+        key=f"{index:09d}",
+        image=buf.getvalue(),
+        image_format="jpg",
+        width=w,
+        height=h,
+        alt_text=_alt_text(rng, objects, bg_word),
+        caption=caption,
+        regions=regions,
+        objects=objects,
+    )
+
+
+def make_scenes(n: int, seed: int, start: int = 0) -> Iterator[Scene]:
+    """Scenes ``start .. start+n-1`` of world ``seed``; keys are the scene indices (``000000042``)."""
+    for i in range(start, start + n):
+        yield make_scene(seed, i)
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def _ground_truth(scene: Scene) -> dict:
+    return {
+        "caption": scene.caption,
+        "regions": [
+            {"phrase": r.phrase, "char_start": r.char_start, "char_end": r.char_end, "box": list(r.box)}
+            for r in scene.regions
+        ],
+        "objects": [
+            {"color": o.color, "shape": o.shape, "size": o.size, "category": o.category, "box": list(o.box)}
+            for o in scene.objects
+        ],
+    }
+
+
+def _meta(scene: Scene) -> dict:
+    """img2dataset's per-sample json (caption = the web alt-text), plus the GT under ``vesl_synth``."""
+    return {
+        "url": f"https://synth.vesl.invalid/{scene.key}.{scene.image_format}",
+        "key": scene.key,
+        "status": "success",
+        "error_message": None,
+        "width": scene.width,
+        "height": scene.height,
+        "original_width": scene.width,
+        "original_height": scene.height,
+        "exif": None,
+        "sha256": hashlib.sha256(scene.image).hexdigest(),
+        "caption": scene.alt_text,
+        "vesl_synth": _ground_truth(scene),
+    }
+
+
+def _chunks(scenes: Iterable[Scene], size: int) -> Iterator[list[Scene]]:
+    if size < 1:
+        raise ValueError("shard_size must be >= 1")
+    chunk: list[Scene] = []
+    for s in scenes:
+        chunk.append(s)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # reproducible archives
+    info.mode = 0o444
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_stats(path: Path, count: int) -> None:
+    stats = {"count": count, "successes": count, "failed_to_download": 0, "failed_to_resize": 0,
+             "status_dict": {"success": count}}  # fmt: skip
+    path.write_text(json.dumps(stats, indent=2))
+
+
+def write_webdataset(scenes: Iterable[Scene], out_dir: str | Path, shard_size: int = 100) -> list[Path]:
+    """WebDataset shards as img2dataset writes them: ``00000.tar`` with ``KEY.jpg|txt|json`` members.
+
+    ``.txt`` and the json ``caption`` hold the alt-text (the web caption); the GT is in json ``vesl_synth``.
+    Also writes img2dataset's ``00000_stats.json`` beside each tar.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for shard, chunk in enumerate(_chunks(scenes, shard_size)):
+        path = out / f"{shard:05d}.tar"
+        tmp = path.with_suffix(".tar.tmp")
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for s in chunk:  # member order as webdataset's TarWriter: sorted extensions
+                _tar_add(tar, f"{s.key}.{s.image_format}", s.image)
+                _tar_add(tar, f"{s.key}.json", json.dumps(_meta(s), sort_keys=True).encode())
+                _tar_add(tar, f"{s.key}.txt", s.alt_text.encode())
+        tmp.replace(path)
+        _write_stats(out / f"{shard:05d}_stats.json", len(chunk))
+        paths.append(path)
+    return paths
+
+
+def write_parquet(
+    scenes: Iterable[Scene],
+    out_dir: str | Path,
+    shard_size: int = 100,
+    image_column: str = "jpg",
+    caption_column: str = "caption",
+) -> list[Path]:
+    """Parquet shards ``00000.parquet`` with image bytes, alt-text caption, key, url, size and GT json."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if image_column == caption_column:
+        raise ValueError("image_column and caption_column must differ")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    schema = pa.schema([
+        ("key", pa.string()),
+        (image_column, pa.binary()),
+        (caption_column, pa.string()),
+        ("url", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("status", pa.string()),
+        ("gt_caption", pa.string()),
+        ("gt_json", pa.string()),
+    ])  # fmt: skip
+    paths = []
+    for shard, chunk in enumerate(_chunks(scenes, shard_size)):
+        table = pa.table(
+            {
+                "key": [s.key for s in chunk],
+                image_column: [s.image for s in chunk],
+                caption_column: [s.alt_text for s in chunk],
+                "url": [_meta(s)["url"] for s in chunk],
+                "width": [s.width for s in chunk],
+                "height": [s.height for s in chunk],
+                "status": ["success"] * len(chunk),
+                "gt_caption": [s.caption for s in chunk],
+                "gt_json": [json.dumps(_ground_truth(s), sort_keys=True) for s in chunk],
+            },
+            schema=schema,
+        )
+        path = out / f"{shard:05d}.parquet"
+        tmp = out / f"{shard:05d}.parquet.tmp"
+        pq.write_table(table, tmp, compression="zstd")
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def write_coco(scenes: Iterable[Scene], out_dir: str | Path) -> Path:
+    """COCO detection format for evaluation: ``images/KEY.jpg`` and ``instances.json``.
+
+    Categories are all ``color shape`` names (ids 1..N, fixed across datasets). Boxes are pixel xywh.
+    Each image entry also carries its GT ``caption`` and ``alt_text``.
+    """
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    cat_ids = {name: i + 1 for i, name in enumerate(categories())}
+    images, annotations = [], []
+    for image_id, s in enumerate(scenes, start=1):
+        file_name = f"{s.key}.{s.image_format}"
+        (out / "images" / file_name).write_bytes(s.image)
+        images.append({"id": image_id, "file_name": file_name, "width": s.width, "height": s.height,
+                       "key": s.key, "caption": s.caption, "alt_text": s.alt_text})  # fmt: skip
+        for o, r in zip(s.objects, s.regions, strict=True):
+            x0, y0 = round(o.box[0] * s.width), round(o.box[1] * s.height)
+            x1, y1 = round(o.box[2] * s.width), round(o.box[3] * s.height)
+            annotations.append({
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": cat_ids[o.category],
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "area": (x1 - x0) * (y1 - y0),
+                "iscrowd": 0,
+                "size": o.size,
+                "phrase": r.phrase,
+            })  # fmt: skip
+    cats = [{"id": i, "name": name, "supercategory": name.split(" ")[1],
+             "color": name.split(" ")[0], "shape": name.split(" ")[1]} for name, i in cat_ids.items()]  # fmt: skip
+    doc = {
+        "info": {"description": "vesl synthetic scenes", "version": "1"},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": cats,
+    }
+    path = out / "instances.json"
+    tmp = out / "instances.json.tmp"
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(path)
+    return path
