@@ -1,0 +1,163 @@
+"""Job planning shared by every engine: which shards to (re)do, the ``--limit`` cut, provenance.
+
+``--limit N`` keeps the first N samples of the input in shard order (shards sorted as
+``list_shards`` returns them, samples in their order inside each shard). Shards after the cut are
+not part of the job; the shard where the cut falls is written truncated and its stats record
+``sample_limit``, so a later run with another (or no) limit redoes exactly that shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from vesl import __version__
+from vesl.errors import UserError
+from vesl.pipeline.config import LabelConfig
+from vesl.pipeline.writer import read_stats
+from vesl.schemas.region_text import SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from vesl.pipeline.sources import ShardRef
+    from vesl.pipeline.stage import Stage
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One input shard to label; ``limit`` caps how many of its samples are read (None = all)."""
+
+    ref: ShardRef
+    limit: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.ref.name
+
+
+def check_job(cfg: LabelConfig) -> None:
+    """Raise a one-line UserError for a job that cannot run."""
+    if not cfg.inputs:
+        raise UserError("no inputs: pass one or more INPUT paths/globs (or `inputs:` in the --config file)")
+    if not cfg.output:
+        raise UserError("no output: pass --output DIR (or `output:` in the --config file)")
+    if cfg.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {cfg.workers}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {cfg.limit}")
+
+
+def _count(ref: ShardRef, cfg: LabelConfig, at_most: int) -> int:
+    from vesl.pipeline.sources import read_shard
+
+    return sum(1 for _ in itertools.islice(read_shard(ref, cfg.source), at_most))
+
+
+def shard_caps(refs: list[ShardRef], cfg: LabelConfig) -> dict[str, int | None]:
+    """For ``--limit``: shard name -> sample cap (None = whole shard) for the shards inside the cut.
+
+    Counts come from the stats of committed full shards, else from reading the shard (only the
+    shards up to the cut are read).
+    """
+    assert cfg.limit is not None
+    remaining, caps = cfg.limit, {}
+    for ref in refs:
+        if remaining <= 0:
+            break
+        stats = read_stats(cfg.output, ref.name)
+        if stats is not None and stats.get("sample_limit") is None:
+            n = stats["input_count"]
+        else:
+            n = _count(ref, cfg, remaining + 1)
+        if n > remaining:
+            caps[ref.name] = remaining
+            remaining = 0
+        else:
+            caps[ref.name] = None
+            remaining -= n
+    return caps
+
+
+def plan_shards(cfg: LabelConfig) -> tuple[list[ShardTask], list[ShardRef]]:
+    """(shards to label, committed shards skipped). A committed shard is redone only with
+    ``cfg.overwrite`` or when its ``--limit`` cut differs from this job's."""
+    from vesl.pipeline.sources import list_shards
+
+    check_job(cfg)
+    refs = list_shards(list(cfg.inputs), cfg.source)
+    if not refs:
+        raise UserError(f"no input shards found in {cfg.inputs}: check the paths (tar, parquet, image folder, synth://)")
+    seen: dict[str, str] = {}
+    for ref in refs:
+        if ref.name in seen:
+            raise UserError(
+                f"inputs {seen[ref.name]} and {ref.uri} both map to output shard {ref.name}: "
+                "label them into separate --output directories"
+            )
+        seen[ref.name] = ref.uri
+    caps = shard_caps(refs, cfg) if cfg.limit is not None else None
+    todo: list[ShardTask] = []
+    skipped: list[ShardRef] = []
+    for ref in refs:
+        if caps is not None and ref.name not in caps:
+            continue  # after the --limit cut
+        cap = caps[ref.name] if caps is not None else None
+        stats = None if cfg.overwrite else read_stats(cfg.output, ref.name)
+        if stats is not None and stats.get("sample_limit") == cap:
+            skipped.append(ref)
+        else:
+            todo.append(ShardTask(ref, cap))
+    return todo, skipped
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def job_provenance(cfg: LabelConfig, stages: list[Stage]) -> dict[str, Any]:
+    """What produced the data: written into every shard's metadata.
+
+    Only settings that change the output are included (no batch sizes, devices or concurrency), so
+    the same job run on another engine or machine writes byte-identical shards.
+    """
+    c, p, d = cfg.captioner, cfg.phrases, cfg.detector
+    stage_prov = {}
+    for s in stages:
+        fn = getattr(s, "provenance", None)
+        stage_prov[s.name] = {str(k): v for k, v in (fn() if callable(fn) else {}).items()}
+    return {
+        "vesl_version": __version__,
+        "schema_version": SCHEMA_VERSION,
+        "seed": cfg.seed,
+        "decode": {
+            "max_image_pixels": cfg.decode.max_image_pixels,
+            "max_caption_chars": cfg.decode.max_caption_chars,
+            "keep_image_bytes": cfg.decode.keep_image_bytes,
+        },
+        "captioner": {
+            "spec": c.spec,
+            "prompt_template_sha256": _short_hash(c.prompt_template),
+            "max_new_tokens": c.max_new_tokens,
+            "revision": c.revision,
+            "dtype": c.dtype,
+        },
+        "phrases": {
+            "mode": p.mode,
+            "max_phrases": p.max_phrases,
+            "expand_referring": p.expand_referring,
+            "spacy_model": p.spacy_model,
+        },
+        "detector": {
+            "spec": d.spec,
+            "threshold": d.threshold,
+            "text_threshold": d.text_threshold,
+            "nms": d.nms,
+            "nms_iou": d.nms_iou,
+            "min_box_size": d.min_box_size,
+            "max_regions": d.max_regions,
+            "revision": d.revision,
+            "dtype": d.dtype,
+        },
+        "stages": stage_prov,
+    }

@@ -1,0 +1,33 @@
+"""The stage list of a labeling job: decode -> captioner -> phrases -> detector.
+
+Every engine builds its stages through :func:`build_stages` (once per worker), so local, Beam and
+Ray run the same code. Imports are lazy: building the list loads no model; ``setup()`` does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vesl.pipeline.config import LabelConfig
+
+if TYPE_CHECKING:
+    from vesl.pipeline.stage import Stage
+
+
+def build_stages(cfg: LabelConfig) -> list[Stage]:
+    """The stages for ``cfg``, in order; the detector is left out when its spec is ``none``."""
+    from vesl.labelers.captioners import make_captioner
+    from vesl.labelers.detectors import make_detector
+    from vesl.labelers.phrases import PhraseStage
+    from vesl.pipeline.decode import DecodeStage
+
+    trust = cfg.trust_remote_code
+    stages: list[Stage] = [
+        DecodeStage(cfg.decode),
+        make_captioner(cfg.captioner, trust_remote_code=trust),
+        PhraseStage(cfg.phrases),
+    ]
+    detector = make_detector(cfg.detector, trust_remote_code=trust)
+    if detector is not None:
+        stages.append(detector)
+    return stages

@@ -1,0 +1,144 @@
+"""Dataset manifest and dataset-level checks.
+
+``manifest.json`` lists every committed shard (rows, bytes, sha256, errors) with the schema version
+and provenance. It holds no timestamps or timings, so re-running a finished job rewrites it with
+identical bytes, whichever engine wrote the shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from vesl import __version__
+from vesl.schemas.region_text import (
+    ERRORS_SCHEMA,
+    PROVENANCE_KEY,
+    SCHEMA_VERSION,
+    SCHEMA_VERSION_KEY,
+    Violation,
+)
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "vesl-region-text"
+
+
+def _writer():
+    # Imported lazily: vesl.pipeline depends on vesl.schemas, not the other way round at import time.
+    from vesl.pipeline import writer
+
+    return writer
+
+
+def _read_provenance(out_dir: str | os.PathLike, filename: str) -> dict[str, Any]:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(out_dir))
+    with fs.open(f"{root.rstrip('/')}/{filename}", "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
+    raw = meta.get(PROVENANCE_KEY.encode())
+    return json.loads(raw) if raw else {}
+
+
+def build_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The manifest as a dict: committed shards only, sorted by name."""
+    w = _writer()
+    shards, provenances = [], {}
+    totals = {"shards": 0, "rows": 0, "errors": 0, "regions": 0, "bytes": 0}
+    for name in w.committed_shards(out_dir):
+        stats = w.read_stats(out_dir, name)
+        if stats is None:  # removed between listing and reading (a concurrent overwrite)
+            continue
+        files = stats["files"]
+        prov_id = stats["provenance_sha256"]
+        if prov_id not in provenances:
+            provenances[prov_id] = _read_provenance(out_dir, files["parquet"]["name"])
+        shards.append(
+            {
+                "name": name,
+                "file": files["parquet"]["name"],
+                "rows": stats["rows"],
+                "bytes": files["parquet"]["bytes"],
+                "sha256": files["parquet"]["sha256"],
+                "regions": stats["regions"],
+                "errors": stats["errors"],
+                "errors_file": files["errors"]["name"],
+                "errors_bytes": files["errors"]["bytes"],
+                "errors_sha256": files["errors"]["sha256"],
+                "source_uri": stats["source_uri"],
+                "sample_limit": stats.get("sample_limit"),
+                "provenance": prov_id,
+            }
+        )
+        totals["shards"] += 1
+        totals["rows"] += stats["rows"]
+        totals["errors"] += stats["errors"]
+        totals["regions"] += stats["regions"]
+        totals["bytes"] += files["parquet"]["bytes"]
+    return {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "vesl_version": __version__,
+        "totals": totals,
+        "provenance": provenances,  # sha256 of the provenance JSON -> provenance; one entry unless mixed
+        "shards": shards,
+    }
+
+
+def write_manifest(out_dir: str | os.PathLike) -> Path | str:
+    """Write ``out_dir/manifest.json`` atomically; returns its path (a str for remote filesystems)."""
+    data = (json.dumps(build_manifest(out_dir), sort_keys=True, indent=2) + "\n").encode()
+    _writer().atomic_write_bytes(out_dir, MANIFEST_NAME, data)
+    s = str(out_dir)
+    return Path(s) / MANIFEST_NAME if "://" not in s else f"{s.rstrip('/')}/{MANIFEST_NAME}"
+
+
+def check_dataset(out_dir: str | os.PathLike) -> list[Violation]:
+    """Dataset-level violations beyond the row checks of ``validate``.
+
+    Uncommitted shards (a Parquet file without stats), missing or bad errors files, file hashes that
+    do not match the stats, and a manifest that is missing or out of date.
+    """
+    w = _writer()
+    root = Path(out_dir)
+    out: list[Violation] = []
+    committed = set(w.committed_shards(out_dir))
+    for p in sorted(root.glob("part-*.parquet")):
+        if p.name.endswith(w.ERRORS_SUFFIX):
+            continue
+        name = p.name[: -len(w.PARQUET_SUFFIX)]
+        if name not in committed:
+            out.append(Violation("uncommitted", p.name, f"no {name}{w.STATS_SUFFIX}: rerun `vesl label` to finish it"))
+    for name in sorted(committed):
+        stats = w.read_stats(out_dir, name)
+        for kind, meta in stats.get("files", {}).items():
+            f = root / meta["name"]
+            if not f.exists():
+                out.append(Violation("missing_file", name, f"{meta['name']} listed in stats is missing"))
+                continue
+            digest = hashlib.sha256(f.read_bytes()).hexdigest()
+            if digest != meta["sha256"]:
+                out.append(Violation("sha256", meta["name"], "content does not match the sha256 in the stats"))
+            try:
+                schema = pq.read_schema(f)
+            except Exception as exc:  # corrupt footer: report, keep checking the rest
+                out.append(Violation("unreadable", meta["name"], f"not a readable Parquet file: {exc}"))
+                continue
+            if kind == "errors":
+                if not schema.remove_metadata().equals(ERRORS_SCHEMA.remove_metadata()):
+                    out.append(Violation("errors_schema", meta["name"], f"schema {schema} is not ERRORS_SCHEMA"))
+            elif kind == "parquet":
+                version = (schema.metadata or {}).get(SCHEMA_VERSION_KEY.encode())
+                if version != SCHEMA_VERSION.encode():
+                    out.append(Violation("schema_version", meta["name"], f"schema version {version!r}"))
+    manifest = root / MANIFEST_NAME
+    if not manifest.exists():
+        out.append(Violation("manifest", MANIFEST_NAME, "missing: rerun `vesl label` (it writes the manifest last)"))
+    elif json.loads(manifest.read_text()) != build_manifest(out_dir):
+        out.append(Violation("manifest", MANIFEST_NAME, "out of date with the committed shards: rerun `vesl label`"))
+    return out
