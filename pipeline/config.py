@@ -34,6 +34,7 @@ class DecodeConfig(_Strict):
     max_image_pixels: int = 89_478_485  # Pillow's own default bomb limit, made explicit
     max_caption_chars: int = 10_000
     keep_image_bytes: bool = True  # store the source image bytes in the output rows
+    allow_empty_alt_text: bool = False  # empty alt-text is an error row unless a VLM recaptions anyway
     batch_size: int = 32
 
 

@@ -1,0 +1,465 @@
+"""Input sources: turn what the user named into numbered shards, and shards into Samples.
+
+Four kinds of input, all read through fsspec (local paths here; ``s3://``/``gs://`` once the user
+installs that fsspec driver):
+
+- ``wds``: WebDataset tars exactly as img2dataset writes them (``key.jpg|png|webp`` plus ``key.txt``
+  and/or ``key.json``);
+- ``parquet``: an image-bytes column (also HF image datasets' ``{bytes, path}`` struct) or a path
+  column, as img2dataset's parquet output and HF datasets lay them out;
+- ``folder``: images with sidecar ``.txt`` captions; one folder is one shard;
+- ``synth``: generated scenes, ``synth://N?seed=S&shard_size=K``.
+
+Shard numbering: ``list_shards`` returns shards in a stable order (each input's expansion sorted,
+inputs in the order given, duplicates dropped) and a shard's index is its position in that list. The
+output name ``part-00042`` comes from the index, so adding, removing or reordering inputs renumbers
+shards: keep the input list fixed across a job and its resumes, and start a new output directory for
+new inputs.
+
+Bad records never raise: they come out as Samples with ``error`` set (stage ``read``). What lives
+here and what lives in decode: read checks what only the raw bytes can tell (is the caption valid
+UTF-8, is there an image at all, does a path stay inside the input); decode checks the content
+policy (empty or over-long captions, image validity), since that is configured by ``DecodeConfig``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from vesl.errors import UserError
+from vesl.pipeline.config import SourceConfig
+from vesl.pipeline.stage import Sample, fail
+
+READ_STAGE = "read"
+SYNTH_SCHEME = "synth://"
+DEFAULT_SYNTH_SHARD_SIZE = 100
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+PARQUET_SUFFIXES = (".parquet",)
+PARQUET_BATCH_ROWS = 256  # rows per read batch: memory stays bounded by one batch, not one file
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One input shard. ``index`` names the output shard; ``uri`` is what gets read."""
+
+    index: int
+    uri: str
+    kind: str  # "wds" | "parquet" | "folder" | "synth"
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:05d}"
+
+
+# ---------------------------------------------------------------- listing
+
+
+def list_shards(inputs: list[str], cfg: SourceConfig) -> list[ShardRef]:
+    """Expand inputs (files, directories, globs, ``synth://`` URIs) into numbered shards.
+
+    A directory expands, recursively, to its tars if it holds any (img2dataset writes a
+    metadata-only ``.parquet`` next to every tar; those are not shards), else to its parquet files,
+    else to one ``folder`` shard per directory that directly holds images.
+    """
+    if not inputs:
+        raise UserError("no inputs given: name at least one tar, parquet file, image folder, glob or synth://N")
+    found: list[tuple[str, str]] = []
+    for raw in inputs:
+        found += _expand(str(raw), cfg)
+    seen: set[str] = set()
+    refs: list[ShardRef] = []
+    for uri, kind in found:
+        if uri in seen:
+            continue
+        seen.add(uri)
+        refs.append(ShardRef(len(refs), uri, kind))
+    if not refs:
+        raise UserError(f"inputs {inputs} contain no shards: expected .tar, .parquet, image folders or synth://N")
+    first_parquet = next((r for r in refs if r.kind == "parquet"), None)
+    if first_parquet is not None:  # a wrong column name is a config mistake: say so before any work starts
+        _parquet_columns(first_parquet.uri, cfg)
+    return refs
+
+
+def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Local files keep a plain absolute path (same in every worker); remote ones keep their protocol."""
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def _kind_of_file(path: str) -> str | None:
+    low = path.lower()
+    if low.endswith(TAR_SUFFIXES):
+        return "wds"
+    if low.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return None
+
+
+def _expand(raw: str, cfg: SourceConfig) -> list[tuple[str, str]]:
+    if raw.startswith(SYNTH_SCHEME):
+        return _expand_synth(raw)
+    fs, path = url_to_fs(raw)
+    if any(c in path for c in "*?["):
+        matches = sorted(fs.glob(path))
+        if not matches:
+            raise UserError(f"glob {raw!r} matches nothing: check the pattern")
+        out: list[tuple[str, str]] = []
+        for m in matches:
+            if fs.isdir(m):
+                out += _expand_dir(fs, m, cfg)
+            elif (kind := _kind_of_file(m)) is not None:
+                out.append((_uri(fs, m), kind))
+        return out
+    if fs.isdir(path):
+        out = _expand_dir(fs, path, cfg)
+        if not out:
+            raise UserError(f"directory {raw!r} holds no .tar, .parquet or images ({', '.join(cfg.image_extensions)})")
+        return out
+    if not fs.exists(path):
+        raise UserError(f"input {raw!r} does not exist: check the path")
+    kind = _kind_of_file(path)
+    if kind is None:
+        raise UserError(f"don't know how to read {raw!r}: give a .tar, .parquet, an image folder or synth://N")
+    return [(_uri(fs, path), kind)]
+
+
+def _is_image(name: str, cfg: SourceConfig) -> bool:
+    ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    return ext in {e.lower().lstrip(".") for e in cfg.image_extensions}
+
+
+def _expand_dir(fs: fsspec.AbstractFileSystem, path: str, cfg: SourceConfig) -> list[tuple[str, str]]:
+    tars, parquets, image_dirs = [], [], []
+    for root, _dirs, files in fs.walk(path):
+        names = sorted(files)
+        tars += [posixpath.join(root, f) for f in names if _kind_of_file(f) == "wds"]
+        parquets += [posixpath.join(root, f) for f in names if _kind_of_file(f) == "parquet"]
+        if any(_is_image(f, cfg) for f in names):
+            image_dirs.append(root)
+    if tars:
+        return [(_uri(fs, p), "wds") for p in sorted(tars)]
+    if parquets:
+        return [(_uri(fs, p), "parquet") for p in sorted(parquets)]
+    return [(_uri(fs, p), "folder") for p in sorted(image_dirs)]
+
+
+def _synth_params(uri: str) -> tuple[int, int, int, int | None]:
+    """``synth://N?seed=S&shard_size=K[&part=P]`` -> (N, S, K, P)."""
+    parts = urlsplit(uri)
+    query = parse_qs(parts.query)
+    unknown = set(query) - {"seed", "shard_size", "part"}
+    try:
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {sorted(unknown)}")
+        n = int(parts.netloc)
+        seed = int(query.get("seed", ["0"])[0])
+        size = int(query.get("shard_size", [str(DEFAULT_SYNTH_SHARD_SIZE)])[0])
+        part = int(query["part"][0]) if "part" in query else None
+        if n <= 0 or size <= 0:
+            raise ValueError("N and shard_size must be positive")
+    except ValueError as exc:
+        raise UserError(f"bad synthetic input {uri!r} ({exc}): write synth://N?seed=S&shard_size=K") from exc
+    return n, seed, size, part
+
+
+def _expand_synth(uri: str) -> list[tuple[str, str]]:
+    n, seed, size, part = _synth_params(uri)
+    parts = range((n + size - 1) // size) if part is None else [part]
+    return [(f"synth://{n}?seed={seed}&shard_size={size}&part={p}", "synth") for p in parts]
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_shard(ref: ShardRef, cfg: SourceConfig, limit: int | None = None) -> Iterator[Sample]:
+    """Yield the shard's samples in source order; ``Sample.index`` is the position in the shard.
+
+    ``limit`` stops after that many samples (error samples count too, so the cut is stable).
+    """
+    readers = {"wds": _read_tar, "parquet": _read_parquet, "folder": _read_folder, "synth": _read_synth}
+    if ref.kind not in readers:
+        raise UserError(f"unknown shard kind {ref.kind!r} for {ref.uri}")
+    if limit is not None and limit <= 0:
+        return
+    for n, sample in enumerate(readers[ref.kind](ref, cfg), start=1):
+        yield sample
+        if limit is not None and n >= limit:
+            return
+
+
+def _error_sample(key: str, ref: ShardRef, index: int, error_type: str, message: str, **kw: Any) -> Sample:
+    return fail(Sample(key=key, source_shard=ref.uri, index=index, **kw), READ_STAGE, message, error_type)
+
+
+def _decode_caption(raw: bytes | str | None) -> str:
+    """Captions must be UTF-8; surrounding whitespace (trailing newlines of .txt files) is dropped."""
+    if raw is None:
+        return ""
+    if isinstance(raw, str):
+        return raw.strip()
+    return raw.decode("utf-8").strip()
+
+
+def _caption_error(raw: bytes, exc: UnicodeDecodeError) -> str:
+    return f"caption is not valid UTF-8 ({exc.reason} at byte {exc.start}): {raw[:60]!r}"
+
+
+# ---- WebDataset tars (img2dataset layout)
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """WebDataset convention: key is the path up to the first dot of the basename; the rest is the part."""
+    name = name[2:] if name.startswith("./") else name
+    dirname, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(dirname, stem) if dirname else stem, ext.lower()
+
+
+def _read_tar(ref: ShardRef, cfg: SourceConfig) -> Iterator[Sample]:
+    """Members are grouped by consecutive key, as tar writers (img2dataset, webdataset) emit them."""
+    image_exts = [e.lower().lstrip(".") for e in cfg.image_extensions]
+    seen: set[str] = set()
+    index = 0
+    key: str | None = None
+    parts: dict[str, bytes] = {}
+    with fsspec.open(ref.uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            k, ext = _split_member(member.name)
+            if not ext or posixpath.basename(k).startswith("."):
+                continue  # no part name (stray file) or hidden file: not a sample part
+            if k != key:
+                if key is not None:
+                    yield _tar_sample(ref, index, key, parts, image_exts, seen)
+                    index += 1
+                key, parts = k, {}
+            fobj = tar.extractfile(member)
+            parts[ext] = fobj.read() if fobj is not None else b""
+        if key is not None:
+            yield _tar_sample(ref, index, key, parts, image_exts, seen)
+
+
+def _tar_sample(
+    ref: ShardRef, index: int, key: str, parts: dict[str, bytes], image_exts: list[str], seen: set[str]
+) -> Sample:
+    if key in seen:
+        return _error_sample(key, ref, index, "DuplicateKey", f"key {key!r} appears twice in the tar (members not grouped)")
+    seen.add(key)
+    meta: dict[str, Any] = {}
+    if "json" in parts:
+        try:
+            meta["json"] = json.loads(parts["json"])
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return _error_sample(key, ref, index, "BadJson", f"{key}.json is not valid JSON: {exc}")
+    try:
+        if "txt" in parts:
+            alt_text = _decode_caption(parts["txt"])
+        else:
+            j = meta.get("json")
+            cap = j.get("caption") if isinstance(j, dict) else None
+            alt_text = _decode_caption(cap if isinstance(cap, str) else None)
+    except UnicodeDecodeError as exc:
+        return _error_sample(key, ref, index, "CaptionEncoding", _caption_error(parts["txt"], exc))
+    ext = next((e for e in image_exts if e in parts), None)
+    if ext is None:
+        return _error_sample(
+            key, ref, index, "MissingImage",
+            f"{key} has {sorted(parts)} but no image ({'/'.join(image_exts)})", alt_text=alt_text, meta=meta,
+        )
+    meta["format"] = ext
+    return Sample(key=key, source_shard=ref.uri, index=index, image_bytes=parts[ext], alt_text=alt_text, meta=meta)
+
+
+# ---- Parquet (img2dataset parquet output, HF image datasets, path columns)
+
+
+def _parquet_columns(uri: str, cfg: SourceConfig) -> tuple[str, str, str | None]:
+    """(image-or-path column, caption column, key column or None), or a UserError naming the fix."""
+    import pyarrow.parquet as pq
+
+    with fsspec.open(uri, "rb") as f:
+        names = pq.ParquetFile(f).schema_arrow.names
+    image_col = cfg.path_column or cfg.image_column
+    if image_col not in names:
+        which = "path_column" if cfg.path_column else "image_column"
+        raise UserError(
+            f"{uri} has no column {image_col!r} (columns: {names}); set source.{which} in the config "
+            f"(HF image datasets use image_column: image)"
+        )
+    if cfg.caption_column not in names:
+        raise UserError(f"{uri} has no caption column {cfg.caption_column!r} (columns: {names}); set source.caption_column")
+    return image_col, cfg.caption_column, cfg.key_column if cfg.key_column in names else None
+
+
+def _caption_values(col: Any) -> list[bytes | None]:
+    """Captions as raw bytes, so invalid UTF-8 in a file becomes an error row instead of a crash."""
+    import pyarrow as pa
+
+    t = col.type
+    if pa.types.is_string(t):
+        col = col.cast(pa.binary())
+    elif pa.types.is_large_string(t):
+        col = col.cast(pa.large_binary())
+    elif not (pa.types.is_binary(t) or pa.types.is_large_binary(t)):
+        return [None if v is None else str(v).encode() for v in col.to_pylist()]
+    return col.to_pylist()
+
+
+def resolve_inside(base_dir: str, path: str) -> str | None:
+    """``path`` joined to ``base_dir`` and normalized, or None if it would leave ``base_dir``.
+
+    Nothing reads paths outside what the user named: absolute paths elsewhere and ``..`` escapes are refused.
+    """
+    base = posixpath.normpath(base_dir)
+    joined = posixpath.normpath(path if posixpath.isabs(path) else posixpath.join(base, path))
+    return joined if joined.startswith(base.rstrip("/") + "/") else None
+
+
+def _resolve_row_path(fs: fsspec.AbstractFileSystem, base_dir: str, raw: str) -> str | None:
+    if "://" in raw:
+        other_fs, raw = url_to_fs(raw)
+        if other_fs.protocol != fs.protocol:
+            return None
+    resolved = resolve_inside(base_dir, raw)
+    if resolved is not None and isinstance(fs, LocalFileSystem):
+        real_base = os.path.realpath(base_dir)
+        real = os.path.realpath(resolved)
+        if not real.startswith(real_base.rstrip("/") + "/"):
+            return None  # a symlink pointing outside
+    return resolved
+
+
+def _read_parquet(ref: ShardRef, cfg: SourceConfig) -> Iterator[Sample]:
+    import pyarrow.parquet as pq
+
+    image_col, caption_col, key_col = _parquet_columns(ref.uri, cfg)
+    fs, path = url_to_fs(ref.uri)
+    base_dir = posixpath.dirname(path)
+    stem = posixpath.basename(path)
+    stem = stem[: -len(".parquet")] if stem.lower().endswith(".parquet") else stem
+    columns = list(dict.fromkeys(c for c in (image_col, caption_col, key_col) if c))
+    row = 0
+    with fs.open(path, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+            images = batch.column(image_col).to_pylist()
+            captions = _caption_values(batch.column(caption_col))
+            keys = batch.column(key_col).to_pylist() if key_col else [None] * batch.num_rows
+            for img, cap, k in zip(images, captions, keys, strict=True):
+                key = str(k) if k not in (None, "") else f"{stem}-{row:06d}"
+                yield _parquet_sample(ref, cfg, fs, base_dir, row, key, img, cap)
+                row += 1
+
+
+def _parquet_sample(
+    ref: ShardRef, cfg: SourceConfig, fs: Any, base_dir: str, row: int, key: str, img: Any, cap: bytes | None
+) -> Sample:
+    try:
+        alt_text = _decode_caption(cap)
+    except UnicodeDecodeError as exc:
+        return _error_sample(key, ref, row, "CaptionEncoding", _caption_error(cap or b"", exc))
+    meta: dict[str, Any] = {"row": row}
+    data: bytes | None = None
+    rel: str | None = None
+    if cfg.path_column:
+        rel = img if isinstance(img, str) else None
+    elif isinstance(img, dict):  # HF image feature: {"bytes": ..., "path": ...}
+        data = img.get("bytes")
+        if not data and img.get("path"):
+            rel = img["path"]
+    elif isinstance(img, (bytes, bytearray)):
+        data = bytes(img)
+    if data is None and rel is None:
+        return _error_sample(key, ref, row, "MissingImage", f"row {row} has no image in column {cfg.path_column or cfg.image_column!r}", alt_text=alt_text)
+    uri = None
+    if rel is not None:
+        resolved = _resolve_row_path(fs, base_dir, rel)
+        if resolved is None:
+            return _error_sample(
+                key, ref, row, "PathOutsideInput",
+                f"image path {rel!r} leaves the parquet file's directory {base_dir}; only files under it are read",
+                alt_text=alt_text,
+            )
+        uri = _uri(fs, resolved)
+        try:
+            with fs.open(resolved, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            return _error_sample(key, ref, row, "ReadError", f"cannot read image {rel!r}: {exc}", alt_text=alt_text)
+    return Sample(key=key, source_shard=ref.uri, index=row, image_bytes=data, image_uri=uri, alt_text=alt_text, meta=meta)
+
+
+# ---- image folders with sidecar .txt
+
+
+def _read_folder(ref: ShardRef, cfg: SourceConfig) -> Iterator[Sample]:
+    """Images in one folder, captions from ``stem.txt`` next to them; key is ``folder/stem``."""
+    fs, path = url_to_fs(ref.uri)
+    folder = posixpath.basename(path.rstrip("/"))
+    groups: dict[str, dict[str, str]] = {}
+    for entry in fs.ls(path, detail=True):
+        full = entry["name"]
+        name = posixpath.basename(full)
+        if name.startswith(".") or entry.get("type") == "directory":
+            continue
+        stem, _, ext = name.rpartition(".")
+        if not stem:
+            continue
+        ext = ext.lower()
+        if ext == "txt" or _is_image(name, cfg):
+            groups.setdefault(stem, {})
+            groups[stem][ext] = full
+    for index, stem in enumerate(sorted(groups)):
+        parts = groups[stem]
+        key = f"{folder}/{stem}"
+        images = sorted(e for e in parts if e != "txt")
+        alt_text = ""
+        if "txt" in parts:
+            raw = fs.cat_file(parts["txt"])
+            try:
+                alt_text = _decode_caption(raw)
+            except UnicodeDecodeError as exc:
+                yield _error_sample(key, ref, index, "CaptionEncoding", _caption_error(raw, exc))
+                continue
+        if not images:
+            yield _error_sample(key, ref, index, "MissingImage", f"{stem}.txt has no image next to it", alt_text=alt_text)
+            continue
+        if len(images) > 1:
+            yield _error_sample(
+                key, ref, index, "DuplicateKey", f"several images share the stem {stem!r}: {images}", alt_text=alt_text
+            )
+            continue
+        img_path = parts[images[0]]
+        try:
+            data = fs.cat_file(img_path)
+        except OSError as exc:
+            yield _error_sample(key, ref, index, "ReadError", f"cannot read {img_path}: {exc}", alt_text=alt_text)
+            continue
+        yield Sample(
+            key=key, source_shard=ref.uri, index=index, image_bytes=data, image_uri=_uri(fs, img_path),
+            alt_text=alt_text, meta={"format": images[0]},
+        )
+
+
+# ---- synthetic scenes
+
+
+def _read_synth(ref: ShardRef, cfg: SourceConfig) -> Iterator[Sample]:
+    from vesl.pipeline.synth import make_scene
+
+    n, seed, size, part = _synth_params(ref.uri)
+    start = (part or 0) * size
+    for index, i in enumerate(range(start, min(start + size, n))):
+        scene = make_scene(seed, i)
+        yield Sample(key=scene.key, source_shard=ref.uri, index=index, image_bytes=scene.image, alt_text=scene.alt_text)
