@@ -158,8 +158,10 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
             t = 2 * math.pi * k / 64
             x = 16 * math.sin(t) ** 3
             y = -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t))
-            pts.append((cx + x / 17 * r, cy + (y + 2.5) / 15 * r))
-        return pts
+            pts.append((x, y))
+        y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+        scale = 2 * r / max(y1 - y0, 32.0)  # fit the curve's height (and its width of 32) in the square
+        return [(cx + x * scale, cy + (y - (y0 + y1) / 2) * scale) for x, y in pts]
     if shape == "diamond":
         return [(cx, cy - r), (cx + r * 0.65, cy), (cx, cy + r), (cx - r * 0.65, cy)]
     return None
