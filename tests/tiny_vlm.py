@@ -1,0 +1,184 @@
+"""Build a tiny Qwen2-VL checkpoint offline: real config classes, a locally trained tokenizer, real processor.
+
+Used by the ``tiny_vlm_dir`` fixture and reusable for training a small real captioner (pass a caption
+corpus and bigger dims). Everything is seeded, so two builds give byte-identical weights.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",  # id 0: pad, and a second eos as in the real Qwen2-VL generation config
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# The Qwen2-VL chat template, trimmed to what captioning needs (system prompt, images, text, videos).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}"
+    "{% endfor %}<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_COLORS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple", "brown", "gray"]
+_SHAPES = ["square", "circle", "triangle", "rectangle", "star", "ring", "cross", "stripe"]
+_OBJECTS = ["dog", "cat", "car", "tree", "house", "person", "bicycle", "boat", "cup", "chair", "bird"]
+_PLACES = ["on the left", "on the right", "at the top", "at the bottom", "in the center", "near the edge"]
+
+
+def synthetic_captions(n: int = 400, seed: int = 0) -> list[str]:
+    """Caption-like sentences (plus prompt words) so the BPE learns useful merges for the tests."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        parts = [
+            f"a {rng.choice(_COLORS)} {rng.choice(_SHAPES)} {rng.choice(_PLACES)}",
+            f"and a {rng.choice(_COLORS)} {rng.choice(_OBJECTS)} {rng.choice(_PLACES)}.",
+        ]
+        if rng.random() < 0.5:
+            parts.append(f"The image shows a {rng.choice(_OBJECTS)} next to a {rng.choice(_OBJECTS)}.")
+        out.append(" ".join(parts))
+    out.append("Describe this image in detail: name every object with its color and shape and say where it is.")
+    out.append("The image's alt-text, which may be noisy or uninformative, is: \"a photo\"")
+    out.append("You are a helpful assistant. system user assistant")
+    return out
+
+
+def build_tokenizer(corpus: Sequence[str], vocab_size: int = 512):
+    """Byte-level BPE trained on ``corpus``, wrapped as a transformers fast tokenizer with Qwen specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        padding_side="left",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+    )
+
+
+def build_tiny_vlm(
+    out_dir: Path,
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    vision_dim: int = 32,
+    vision_depth: int = 1,
+    vocab_size: int = 512,
+    captions: Sequence[str] | None = None,
+    min_pixels: int = 28 * 28 * 4,
+    max_pixels: int = 28 * 28 * 16,
+    initializer_range: float = 0.2,
+    seed: int = 0,
+) -> Path:
+    """Save a tiny Qwen2-VL (config, safetensors weights, tokenizer, processor, chat template) to ``out_dir``.
+
+    ``max_pixels`` caps image tokens (28*28*16 -> at most 16 tokens per image) so CPU generation is fast.
+    The large ``initializer_range`` spreads the random logits so greedy decoding has no near-ties.
+    """
+    import torch
+    from transformers import (
+        GenerationConfig,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(captions if captions is not None else synthetic_captions(seed=seed), vocab_size)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = hidden_size // num_heads
+    # mrope splits the rotary half-dim into (temporal, height, width) sections.
+    half = head_dim // 2
+    mrope = [half - 2 * (half // 3), half // 3, half // 3]
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden_size,
+            "intermediate_size": hidden_size * 2,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": num_heads,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+            "initializer_range": initializer_range,
+        },
+        vision_config={
+            "depth": vision_depth,
+            "embed_dim": vision_dim,
+            "hidden_size": hidden_size,
+            "num_heads": num_heads,
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "initializer_range": initializer_range,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        do_sample=False,
+    )
+    model.save_pretrained(out_dir)
+
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(size=size),
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out_dir)
+    return out_dir
