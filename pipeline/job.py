@@ -130,11 +130,7 @@ def job_provenance(cfg: LabelConfig, stages: list[Stage]) -> dict[str, Any]:
         "vesl_version": __version__,
         "schema_version": SCHEMA_VERSION,
         "seed": cfg.seed,
-        "decode": {
-            "max_image_pixels": cfg.decode.max_image_pixels,
-            "max_caption_chars": cfg.decode.max_caption_chars,
-            "keep_image_bytes": cfg.decode.keep_image_bytes,
-        },
+        "decode": cfg.decode.model_dump(exclude={"batch_size"}),
         "captioner": {
             "spec": c.spec,
             "prompt_template_sha256": _short_hash(c.prompt_template),

@@ -1,1 +1,33 @@
-"""Engines move batches between stages; none of them knows what a stage does."""
+"""Engines move batches between stages; none of them knows what a stage does.
+
+``run(cfg)`` picks the engine named by ``cfg.engine``. Beam and Ray are optional extras and are
+imported only when asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vesl.errors import UserError
+from vesl.pipeline.config import LabelConfig
+
+
+def run(cfg: LabelConfig, progress: bool = True) -> dict[str, Any]:
+    """Run a labeling job on the engine ``cfg.engine``; returns the engine's summary dict."""
+    if cfg.engine == "local":
+        from vesl.pipeline.engines.local import run_local
+
+        return run_local(cfg, progress=progress)
+    if cfg.engine == "beam":
+        try:
+            from vesl.pipeline.engines.beam_engine import run_beam
+        except ModuleNotFoundError as exc:
+            raise UserError(f"the beam engine needs Apache Beam: pip install 'vesl[beam]' ({exc})") from None
+        return run_beam(cfg)
+    if cfg.engine == "ray":
+        try:
+            from vesl.pipeline.engines.ray_engine import run_ray
+        except ModuleNotFoundError as exc:
+            raise UserError(f"the ray engine needs Ray Data: pip install 'vesl[ray]' ({exc})") from None
+        return run_ray(cfg)
+    raise UserError(f"unknown engine {cfg.engine!r}: use local, beam or ray")

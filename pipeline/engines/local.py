@@ -1,0 +1,374 @@
+"""Local engine: one machine, stages called directly, shards written by the shared writer.
+
+Within a process, a reader thread walks the shards and hands batches to a small thread pool that
+runs the first stage (decode); decoded batches wait in a bounded queue, so the model stages (run
+in the main thread) never wait on IO and memory stays bounded. ``--workers N`` starts N spawned
+processes that each build their stages once and pull whole shards from a shared queue.
+
+A failure inside a stage only fails the samples that caused it (``apply_stage``); a shard whose
+input cannot be read is reported and left uncommitted, so a rerun retries it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from vesl.errors import UserError
+from vesl.pipeline.config import LabelConfig
+from vesl.pipeline.job import ShardTask, job_provenance, plan_shards
+from vesl.pipeline.stage import Sample, Stage, apply_stage
+from vesl.pipeline.wiring import build_stages
+from vesl.pipeline.writer import clean_temp_files, write_shard
+
+PREFETCH_BATCHES = 4  # decoded batches waiting for the models, per process
+DECODE_THREADS = 2
+MAX_PENDING_WRITES = 2
+
+StagesFactory = Callable[[LabelConfig], list[Stage]]
+Report = Callable[[int, int, int], None]  # images, regions, errors
+
+
+@dataclass
+class _ShardState:
+    task: ShardTask
+    samples: list[Sample] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add_time(self, key: str, dt: float) -> None:
+        self.seconds[key] = self.seconds.get(key, 0.0) + dt
+
+
+def _batch_size(cfg: LabelConfig, stages: list[Stage]) -> int:
+    # Read batches as large as the largest stage batch, so no model runs on half-empty batches.
+    sizes = [cfg.decode.batch_size] + [getattr(getattr(s, "resources", None), "batch_size", 1) for s in stages]
+    return max(1, *sizes)
+
+
+def _chunks(items: list[Sample], size: int) -> Iterator[list[Sample]]:
+    for i in range(0, len(items), max(1, size)):
+        yield items[i : i + size]
+
+
+def _timed_apply(stage: Stage, batch: list[Sample]) -> tuple[list[Sample], float]:
+    t = time.perf_counter()
+    apply_stage(stage, batch)
+    return batch, time.perf_counter() - t
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.2)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _reader(
+    cfg: LabelConfig,
+    tasks: Iterable[ShardTask],
+    first: Stage,
+    batch_size: int,
+    pool: ThreadPoolExecutor,
+    q: queue.Queue,
+    stop: threading.Event,
+) -> None:
+    from vesl.pipeline.sources import read_shard
+
+    try:
+        for task in tasks:
+            if stop.is_set():
+                return
+            try:
+                samples = itertools.islice(read_shard(task.ref, cfg.source), task.limit)
+                while batch := list(itertools.islice(samples, batch_size)):
+                    if not _put(q, ("batch", task, pool.submit(_timed_apply, first, batch)), stop):
+                        return
+            except Exception as exc:  # unreadable shard: reported, left uncommitted, retried on rerun
+                if not _put(q, ("fail", task, f"{type(exc).__name__}: {exc}"), stop):
+                    return
+                continue
+            if not _put(q, ("end", task, None), stop):
+                return
+    except Exception as exc:  # the task iterator itself failed
+        _put(q, ("abort", None, exc), stop)
+        return
+    _put(q, ("done", None, None), stop)
+
+
+def process_tasks(
+    cfg: LabelConfig,
+    stages: list[Stage],
+    provenance: dict[str, Any],
+    tasks: Iterable[ShardTask],
+    report: Report | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Label and commit each shard of ``tasks`` with already set-up ``stages``; yields one result
+    per shard: ``{"shard", "ok", "stats"}`` or ``{"shard", "ok": False, "error"}``."""
+    first, rest = stages[0], stages[1:]
+    batch_size = _batch_size(cfg, stages)
+    q: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+    stop = threading.Event()
+    decode_pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="vesl-decode")
+    write_pool = ThreadPoolExecutor(1, thread_name_prefix="vesl-write")
+    reader = threading.Thread(
+        target=_reader, args=(cfg, tasks, first, batch_size, decode_pool, q, stop), name="vesl-reader", daemon=True
+    )
+    reader.start()
+    states: dict[str, _ShardState] = {}
+    pending: list[tuple[str, Future]] = []
+
+    def finished(block: bool) -> Iterator[dict[str, Any]]:
+        while pending and (block or pending[0][1].done()):
+            name, fut = pending.pop(0)
+            try:
+                yield {"shard": name, "ok": True, "stats": fut.result()}
+            except Exception as exc:  # e.g. the output filesystem failed: shard stays uncommitted
+                yield {"shard": name, "ok": False, "error": f"write failed: {type(exc).__name__}: {exc}"}
+
+    def write(st: _ShardState) -> dict[str, Any]:
+        t = time.perf_counter()
+        timings = {k: round(v, 4) for k, v in sorted(st.seconds.items())}
+        timings["wall_s"] = round(t - st.started, 4)
+        stats = write_shard(
+            cfg.output,
+            st.task.name,
+            st.task.ref.uri,
+            st.samples,
+            provenance,
+            timings,
+            keep_image_bytes=cfg.decode.keep_image_bytes,
+            sample_limit=st.task.limit,
+        )
+        stats["timings"]["write_s"] = round(time.perf_counter() - t, 4)  # in the returned copy only
+        return stats
+
+    try:
+        while True:
+            kind, task, payload = q.get()
+            if kind == "done":
+                break
+            if kind == "abort":
+                raise payload
+            st = states.get(task.name) or states.setdefault(task.name, _ShardState(task))
+            if kind == "batch":
+                batch, dt = payload.result()
+                st.add_time(first.name, dt)
+                for stage in rest:
+                    t = time.perf_counter()
+                    for chunk in _chunks([s for s in batch if s.ok], stage.resources.batch_size):
+                        apply_stage(stage, chunk)
+                    st.add_time(stage.name, time.perf_counter() - t)
+                for s in batch:
+                    s.image = None  # never kept past the last stage
+                st.samples.extend(batch)
+                if report is not None:
+                    ok = [s for s in batch if s.ok]
+                    report(len(batch), sum(len(s.regions) for s in ok), len(batch) - len(ok))
+            elif kind == "end":
+                del states[task.name]
+                while len(pending) >= MAX_PENDING_WRITES:
+                    yield from finished(block=True)
+                pending.append((task.name, write_pool.submit(write, st)))
+            elif kind == "fail":
+                del states[task.name]
+                yield {"shard": task.name, "ok": False, "error": f"cannot read {task.ref.uri}: {payload}"}
+            yield from finished(block=False)
+        yield from finished(block=True)
+    finally:
+        stop.set()
+        decode_pool.shutdown(wait=False, cancel_futures=True)
+        write_pool.shutdown(wait=True)
+        reader.join(timeout=5)
+
+
+def setup_stages(cfg: LabelConfig, stages_factory: StagesFactory) -> tuple[list[Stage], dict[str, Any]]:
+    """Build and set up the stages once per worker; returns them with the job provenance."""
+    stages = stages_factory(cfg)
+    if not stages:
+        raise UserError("the stage list is empty")
+    for s in stages:
+        s.setup()
+    return stages, job_provenance(cfg, stages)
+
+
+class _Progress:
+    """tqdm bar with images/s (the bar's rate), regions/s and errors."""
+
+    def __init__(self, enabled: bool, shards: int, images: int | None) -> None:
+        self.images = self.regions = self.errors = self.shards_done = 0
+        self.shards = shards
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=images, unit="img", desc="label", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, images: int, regions: int, errors: int) -> None:
+        self.images += images
+        self.regions += regions
+        self.errors += errors
+        if self.bar is not None:
+            self.bar.update(images)
+            self._postfix()
+
+    def shard_done(self) -> None:
+        self.shards_done += 1
+        if self.bar is not None:
+            self._postfix()
+
+    def _postfix(self) -> None:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(
+            f"regions/s={self.regions / dt:.1f} errors={self.errors} shards={self.shards_done}/{self.shards}",
+            refresh=False,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _worker_main(cfg: LabelConfig, stages_factory: StagesFactory, task_q: Any, result_q: Any, threads: int) -> None:
+    pid = os.getpid()
+    try:
+        stages, provenance = setup_stages(cfg, stages_factory)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
+
+        def report(images: int, regions: int, errors: int) -> None:
+            result_q.put((pid, "progress", (images, regions, errors)))
+
+        for result in process_tasks(cfg, stages, provenance, iter(task_q.get, None), report):
+            result_q.put((pid, "shard", result))
+    except BaseException as exc:
+        result_q.put((pid, "fatal", (isinstance(exc, UserError), f"{type(exc).__name__}: {exc}")))
+    finally:
+        result_q.put((pid, "exit", None))
+
+
+def _run_workers(
+    cfg: LabelConfig, stages_factory: StagesFactory, todo: list[ShardTask], n: int, prog: _Progress
+) -> list[dict[str, Any]]:
+    ctx = mp.get_context("spawn")
+    task_q, result_q = ctx.Queue(), ctx.Queue()
+    for t in todo:
+        task_q.put(t)
+    for _ in range(n):
+        task_q.put(None)
+    threads = max(1, (os.cpu_count() or 1) // n)
+    procs = [
+        ctx.Process(target=_worker_main, args=(cfg, stages_factory, task_q, result_q, threads), name=f"vesl-worker-{i}")
+        for i in range(n)
+    ]
+    for p in procs:
+        p.start()
+    results: list[dict[str, Any]] = []
+    exited: set[int] = set()
+    crashed: list[str] = []
+
+    def handle(msg: tuple) -> None:
+        pid, kind, payload = msg
+        if kind == "progress":
+            prog.update(*payload)
+        elif kind == "shard":
+            results.append(payload)
+            prog.shard_done()
+        elif kind == "exit":
+            exited.add(pid)
+        elif kind == "fatal":
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            for p in procs:
+                p.join(timeout=10)
+            is_user, message = payload
+            if is_user:
+                raise UserError(message.split(": ", 1)[1])
+            raise RuntimeError(f"a worker failed while labeling: {message}")
+
+    try:
+        while len(exited) < n:
+            try:
+                handle(result_q.get(timeout=1.0))
+                continue
+            except queue.Empty:
+                pass
+            for p in procs:
+                if not p.is_alive() and p.pid not in exited:
+                    while True:  # messages it sent before dying are still in the pipe
+                        try:
+                            handle(result_q.get(timeout=0.5))
+                        except queue.Empty:
+                            break
+                    if p.pid not in exited:
+                        exited.add(p.pid)
+                        crashed.append(f"{p.name} died with exit code {p.exitcode}")
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+    done = {r["shard"] for r in results}
+    for t in todo:
+        if t.name not in done:
+            reason = "; ".join(crashed) or "worker stopped early"
+            results.append({"shard": t.name, "ok": False, "error": f"not finished ({reason}); rerun to resume"})
+    return results
+
+
+def run_local(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, progress: bool = True) -> dict[str, Any]:
+    """Label every planned shard of ``cfg`` on this machine, then write the manifest; returns a summary."""
+    from vesl.schemas.manifest import write_manifest
+
+    t0 = time.perf_counter()
+    todo, skipped = plan_shards(cfg)
+    if "://" not in cfg.output:
+        os.makedirs(cfg.output, exist_ok=True)
+    clean_temp_files(cfg.output)
+    total = sum(t.limit for t in todo) if todo and all(t.limit is not None for t in todo) else None
+    prog = _Progress(progress, len(todo), total)
+    n = min(cfg.workers, len(todo))
+    try:
+        if n <= 1:
+            results = []
+            if todo:
+                stages, provenance = setup_stages(cfg, stages_factory)
+                for r in process_tasks(cfg, stages, provenance, todo, prog.update):
+                    results.append(r)
+                    prog.shard_done()
+        else:
+            results = _run_workers(cfg, stages_factory, todo, n, prog)
+    finally:
+        prog.close()
+    manifest = write_manifest(cfg.output)
+    stats = [r["stats"] for r in results if r["ok"]]
+    wall = time.perf_counter() - t0
+    images = sum(s["input_count"] for s in stats)
+    return {
+        "engine": "local",
+        "output": cfg.output,
+        "workers": max(n, 1),
+        "shards_planned": len(todo),
+        "shards_written": len(stats),
+        "shards_skipped": len(skipped),
+        "failed": sorted(({"shard": r["shard"], "error": r["error"]} for r in results if not r["ok"]), key=lambda r: r["shard"]),
+        "images": images,
+        "rows": sum(s["rows"] for s in stats),
+        "errors": sum(s["errors"] for s in stats),
+        "regions": sum(s["regions"] for s in stats),
+        "wall_s": round(wall, 3),
+        "images_per_s": round(images / wall, 2) if wall > 0 else 0.0,
+        "manifest": str(manifest),
+    }
