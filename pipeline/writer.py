@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections import Counter
 from collections.abc import Iterable
@@ -44,6 +45,12 @@ PARQUET_SUFFIX = ".parquet"
 ERRORS_SUFFIX = ".errors.parquet"
 STATS_SUFFIX = ".stats.json"
 TMP_SUFFIX = ".tmp"
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # "<_io.BytesIO object at 0x7f..>" differs per process
+
+
+def stable_message(message: str) -> str:
+    """Error message without memory addresses, so error files are identical across processes."""
+    return _ADDRESS.sub("", message)
 
 
 def shard_name(index: int) -> str:
@@ -208,7 +215,7 @@ def errors_table(samples: Iterable[Sample]) -> pa.Table:
             "source_shard": s.source_shard,
             "stage": s.error.stage,
             "error_type": s.error.error_type,
-            "message": s.error.message,
+            "message": stable_message(s.error.message),
         }
         for s in bad
     ]

@@ -174,3 +174,11 @@ def test_check_dataset_catches_tampering_and_stale_manifest(tmp_path):
     p = tmp_path / "part-00000.errors.parquet"
     p.write_bytes(p.read_bytes()[:-1] + b"X")
     assert [v.kind for v in check_dataset(tmp_path)] == ["sha256", "unreadable"]
+
+
+def test_error_messages_drop_memory_addresses(tmp_path):
+    s = _samples(4)
+    s[3].error = SampleError("decode", "NotAnImage", "cannot identify image file <_io.BytesIO object at 0x7fa4933046d0>")
+    writer.write_shard(tmp_path, "part-00000", "u", s, PROV)
+    msg = pq.read_table(tmp_path / "part-00000.errors.parquet").column("message")[0].as_py()
+    assert msg == "cannot identify image file <_io.BytesIO object>"
