@@ -1,0 +1,79 @@
+"""`vesl publish`, `vesl show`, `vesl export`: share a dataset, look at it, hand it to other trainers.
+
+Heavy imports (matplotlib, Pillow, pyarrow readers) stay inside the command bodies so `vesl --help`
+stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+_MAX_LISTED = 50
+
+
+def _print_violations(exc: Exception) -> None:
+    violations = getattr(exc, "violations", None) or []
+    for v in violations[:_MAX_LISTED]:
+        typer.echo(f"  {v}", err=True)
+    if len(violations) > _MAX_LISTED:
+        typer.echo(f"  ... and {len(violations) - _MAX_LISTED} more (`vesl validate DIR` lists all)", err=True)
+
+
+def publish_cmd(
+    dataset_dir: Path = typer.Argument(..., help="Output directory of `vesl label` (part-*.parquet)."),
+    name: str = typer.Option(..., "--name", help="Display name of the dataset (the card's title)."),
+    license_id: str = typer.Option(..., "--license", help="SPDX license id, e.g. CC-BY-4.0, Apache-2.0."),
+    description: Optional[str] = typer.Option(None, "--description", help="A paragraph for the card."),
+) -> None:
+    """Validate, then write a dataset card (README.md), stats, plots, a gallery and checksums into DIR."""
+    from vesl.pipeline.publish import InvalidDataset, publish
+
+    try:
+        res = publish(dataset_dir, name=name, license_id=license_id, description=description)
+    except InvalidDataset as exc:
+        _print_violations(exc)
+        raise
+    typer.echo(f"dataset card: {res.card}")
+    typer.echo(f"checksums: {res.checksums}")
+
+
+def show_cmd(
+    dataset_dir: Path = typer.Argument(..., help="A region-text dataset directory."),
+    n: int = typer.Option(50, "--n", help="How many images to render."),
+    query: Optional[str] = typer.Option(None, "--query", help="Only images with a region matching this phrase."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the gallery (default DIR/gallery)."),
+) -> None:
+    """Render an HTML gallery and a PNG contact sheet (boxes, phrases, highlighted captions); prints the path."""
+    from vesl.pipeline.gallery import render_gallery
+
+    page, png = render_gallery(dataset_dir, out or Path(dataset_dir) / "gallery", n=n, query=query)
+    typer.echo(str(page))
+    typer.echo(str(png))
+
+
+def export_cmd(
+    dataset_dir: Path = typer.Argument(..., help="A region-text dataset directory."),
+    fmt: str = typer.Option(..., "--format", help="wds (WebDataset tars), coco (instances JSON) or odvg (JSONL)."),
+    out: Path = typer.Option(..., "--out", help="Output directory (must be new or empty)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
+) -> None:
+    """Export to WebDataset, COCO or ODVG (Grounding DINO) after validating the data."""
+    from vesl.pipeline.exporters import export
+    from vesl.pipeline.publish import InvalidDataset
+
+    try:
+        res = export(dataset_dir, fmt, out, overwrite=overwrite)
+    except InvalidDataset as exc:
+        _print_violations(exc)
+        raise
+    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(res.skipped.items())) or "none"
+    typer.echo(f"{fmt}: {res.images} images, {res.regions} regions -> {res.out} (skipped: {skipped})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("publish")(publish_cmd)
+    app.command("show")(show_cmd)
+    app.command("export")(export_cmd)
