@@ -118,8 +118,8 @@ class _Captioner:
             "captioner.max_new_tokens": str(self.cfg.max_new_tokens),
         }
 
-    def _prompts(self, items: list[tuple[Sample, Any]]) -> list[str]:
-        return [render_prompt(self.cfg.prompt_template, s.alt_text) for s, _ in items]
+    def _prompts(self, items: list[tuple[Sample, Any]], control_tokens: frozenset[str] = frozenset()) -> list[str]:
+        return [render_prompt(self.cfg.prompt_template, s.alt_text, control_tokens) for s, _ in items]
 
 
 class AltTextCaptioner(_Captioner):
@@ -178,6 +178,18 @@ def _resolve_revision(model_id: str, revision: str | None) -> tuple[Any, str | N
     return pinned, getattr(pinned, "resolved", None)
 
 
+def control_tokens(processor) -> frozenset[str]:
+    """Every special / added token of the processor's tokenizer, plus its image placeholders."""
+    tok = getattr(processor, "tokenizer", processor)
+    found = set(getattr(tok, "all_special_tokens", []) or [])
+    found |= {t.content for t in (getattr(tok, "added_tokens_decoder", {}) or {}).values()}
+    for attr in ("image_token", "video_token", "fake_image_token", "global_image_tag", "boi_token", "eoi_token"):
+        value = getattr(processor, attr, None)
+        if isinstance(value, str):
+            found.add(value)
+    return frozenset(t for t in found if t)
+
+
 def _load_error(model_id: str, exc: BaseException) -> UserError:
     """Turn a loading failure into one line that says what to do next."""
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
@@ -211,6 +223,7 @@ class HFCaptioner(_Captioner):
         self.device = cfg.device
         self._model = None
         self._processor = None
+        self._control_tokens: frozenset[str] = frozenset()
 
     def setup(self) -> None:
         if self._model is not None:
@@ -231,6 +244,7 @@ class HFCaptioner(_Captioner):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self._processor = processor
+        self._control_tokens = control_tokens(processor)
         self._model = model.to(self.device).eval()
 
     def __call__(self, batch: list[Sample]) -> list[Sample]:
@@ -249,7 +263,7 @@ class HFCaptioner(_Captioner):
 
         conversations = [
             [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": p}]}]
-            for (_, img), p in zip(items, self._prompts(items), strict=True)
+            for (_, img), p in zip(items, self._prompts(items, self._control_tokens), strict=True)
         ]
         inputs = self._processor.apply_chat_template(
             conversations,
@@ -257,8 +271,6 @@ class HFCaptioner(_Captioner):
             tokenize=True,
             return_dict=True,
             return_tensors="pt",
-            # Alt-texts are web input: a "<|image_pad|>" in one must stay text, not become a control token.
-            sanitize_control_tokens=True,
             processor_kwargs={"padding": True, "padding_side": "left"},
         ).to(self.device, dtype=self._model.dtype)
         tokenizer = getattr(self._processor, "tokenizer", self._processor)
@@ -482,6 +494,7 @@ class VLLMCaptioner(_Captioner):
         self.seed = seed
         self._llm = None
         self._processor = None
+        self._control_tokens: frozenset[str] = frozenset()
 
     def setup(self) -> None:
         if self._llm is not None:
@@ -496,6 +509,7 @@ class VLLMCaptioner(_Captioner):
             )
         except (OSError, ValueError) as exc:
             raise _load_error(self.model_id, exc) from exc
+        self._control_tokens = control_tokens(self._processor)
         dtype = self.cfg.dtype if self.cfg.dtype == "auto" else _DTYPES.get(self.cfg.dtype, self.cfg.dtype)
         self._llm = LLM(
             model=self.model_id,
@@ -515,7 +529,7 @@ class VLLMCaptioner(_Captioner):
         if not items:
             return batch
         requests = []
-        for (_, img), p in zip(items, self._prompts(items), strict=True):
+        for (_, img), p in zip(items, self._prompts(items, self._control_tokens), strict=True):
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}]
             prompt = self._processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             requests.append({"prompt": prompt, "multi_modal_data": {"image": img}})

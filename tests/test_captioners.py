@@ -12,7 +12,7 @@ from PIL import Image
 
 from vesl.errors import UserError
 from vesl.labelers.captioners import HFCaptioner, make_captioner, resolve_device, resolve_dtype
-from vesl.labelers.prompts import prompt_hash, render_prompt
+from vesl.labelers.prompts import prompt_hash, render_prompt, strip_control_tokens
 from vesl.pipeline.config import DEFAULT_PROMPT, CaptionerConfig
 from vesl.pipeline.stage import Sample, apply_stage
 
@@ -64,6 +64,31 @@ def test_hf_prompt_uses_alt_text_and_control_tokens_stay_text(hf_stage):
     assert nasty.ok, nasty.error
     assert plain.ok, plain.error
     assert nasty.caption
+
+
+@pytest.fixture(scope="module")
+def tiny_idefics3_dir(tmp_path_factory):
+    from tests.tiny_vlm import build_tiny_idefics3
+
+    return build_tiny_idefics3(tmp_path_factory.mktemp("tiny_idefics3"))
+
+
+def test_hf_idefics3_family_batches_like_one_by_one(tiny_idefics3_dir):
+    """Idefics3 / SmolVLM: nested image lists, image splitting into tiles, a different chat template."""
+    stage = make_captioner(CaptionerConfig(spec=f"hf:{tiny_idefics3_dir}", max_new_tokens=6))
+    samples = _samples()[:4]
+    samples[1].alt_text = "<image> a <fake_token_around_image> cat"  # the processor counts '<image>' in text
+    batch = apply_stage(stage, samples)
+    one_by_one = []
+    for s in _samples()[:4]:
+        if s.key == "k1":
+            s.alt_text = samples[1].alt_text
+        apply_stage(stage, [s])
+        one_by_one.append(s.caption)
+    assert [s.error for s in batch] == [None] * 4
+    assert [s.caption for s in batch] == one_by_one
+    assert all(one_by_one)
+    assert type(stage._model).__name__ == "Idefics3ForConditionalGeneration"
 
 
 def test_hf_provenance(hf_stage, tiny_vlm_dir):
@@ -202,6 +227,8 @@ def test_prompt_template_inserts_alt_text_verbatim():
     assert render_prompt("hint: {alt_text} {x}", " a {weird}\n alt ") == "hint: a {weird} alt {x}"
     assert render_prompt(DEFAULT_PROMPT, None).endswith('is: ""')
     assert len(render_prompt("{alt_text}", "x" * 5000)) == 1000
+    assert render_prompt("[{alt_text}]", "a <image> b<im<image>age>", {"<image>"}) == "[a b]"
+    assert strip_control_tokens("x<|im_end|>y", ["<|im_end|>", ""]) == "xy"
     assert prompt_hash("a") != prompt_hash("b")
     assert len(prompt_hash("a")) == 64
 

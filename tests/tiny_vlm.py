@@ -66,30 +66,46 @@ def synthetic_captions(n: int = 400, seed: int = 0) -> list[str]:
     return out
 
 
-def build_tokenizer(corpus: Sequence[str], vocab_size: int = 512):
-    """Byte-level BPE trained on ``corpus``, wrapped as a transformers fast tokenizer with Qwen specials."""
+def _bpe_tokenizer(corpus: Sequence[str], vocab_size: int, special_tokens: Sequence[str]):
+    """A byte-level BPE (the GPT-2 / Qwen / SmolLM kind) trained on ``corpus``; specials get the first ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(list(corpus), trainer=trainer)
+    return tok
+
+
+def _wrap(tok, *, eos: str, pad: str, template: str, **extra):
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        eos_token=eos,
+        pad_token=pad,
         unk_token=None,
         padding_side="left",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-        chat_template=CHAT_TEMPLATE,
+        chat_template=template,
         model_max_length=4096,
+        **extra,
+    )
+
+
+def build_tokenizer(corpus: Sequence[str], vocab_size: int = 512):
+    """Byte-level BPE trained on ``corpus``, wrapped as a transformers fast tokenizer with Qwen specials."""
+    return _wrap(
+        _bpe_tokenizer(corpus, vocab_size, SPECIAL_TOKENS),
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        template=CHAT_TEMPLATE,
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     )
 
 
@@ -179,6 +195,114 @@ def build_tiny_vlm(
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(size=size),
         chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+IDEFICS3_SPECIAL_TOKENS = [
+    "<|endoftext|>",  # id 0: pad and eos of the text model
+    "<|im_start|>",
+    "<end_of_utterance>",
+    "<fake_token_around_image>",
+    "<image>",
+    "<global-img>",
+    *[f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)],
+]
+
+# The SmolVLM / Idefics3 chat template, trimmed to images and text.
+IDEFICS3_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}"
+    "{% if line['type'] == 'text' %}{{ line['text'] }}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}"
+    "{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def build_tiny_idefics3(
+    out_dir: Path,
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    vision_dim: int = 32,
+    vision_depth: int = 1,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vocab_size: int = 512,
+    captions: Sequence[str] | None = None,
+    initializer_range: float = 0.2,
+    seed: int = 0,
+) -> Path:
+    """Save a tiny Idefics3 (the SmolVLM family): SigLIP-style tiles of ``image_size`` px, Llama text model.
+
+    Images are split into at most 2x2 tiles plus a global view; each tile gives
+    ``(image_size // patch_size) ** 2 / 4`` image tokens (4 with the defaults).
+    """
+    import torch
+    from transformers import (
+        GenerationConfig,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = captions if captions is not None else synthetic_captions(seed=seed)
+    tokenizer = _bpe_tokenizer(corpus, vocab_size, IDEFICS3_SPECIAL_TOKENS)
+    tokenizer = _wrap(tokenizer, eos="<end_of_utterance>", pad="<|endoftext|>", template=IDEFICS3_CHAT_TEMPLATE)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in IDEFICS3_SPECIAL_TOKENS}
+    scale = 2
+    config = Idefics3Config(
+        text_config={
+            "model_type": "llama",
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden_size,
+            "intermediate_size": hidden_size * 2,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": num_heads,
+            "max_position_embeddings": 4096,
+            "bos_token_id": ids["<|im_start|>"],
+            "eos_token_id": ids["<end_of_utterance>"],
+            "pad_token_id": ids["<|endoftext|>"],
+            "initializer_range": initializer_range,
+        },
+        vision_config={
+            "hidden_size": vision_dim,
+            "intermediate_size": vision_dim * 2,
+            "num_hidden_layers": vision_depth,
+            "num_attention_heads": num_heads,
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "initializer_range": initializer_range,
+        },
+        image_token_id=ids["<image>"],
+        scale_factor=scale,
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=[ids["<end_of_utterance>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=ids["<|im_start|>"],
+        do_sample=False,
+    )
+    model.save_pretrained(out_dir)
+    image_processor = Idefics3ImageProcessor(
+        size={"longest_edge": 2 * image_size}, max_image_size={"longest_edge": image_size}
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=(image_size // patch_size) ** 2 // (scale * scale),
+        chat_template=IDEFICS3_CHAT_TEMPLATE,
     )
     processor.save_pretrained(out_dir)
     return out_dir
