@@ -1,0 +1,343 @@
+"""Region-text Parquet loader: units of (file, row group), exact mid-epoch resume.
+
+Each epoch permutes all units with ``seed + epoch``; unit ``j`` of the permutation goes to global worker
+``j % G`` where the global worker id is ``rank * num_workers + worker_id`` and ``G = world_size *
+num_workers``. A worker streams its units in order and yields ready batches tagged with its logical id and
+its cursor (next unit, next row). The main process keeps the cursor of the last batch it consumed from
+each worker, plus which worker is due next; that small dict is the loader state saved in checkpoints. On
+resume, physical worker ``p`` plays logical worker ``(p + next_worker) % num_workers`` so the DataLoader's
+round-robin continues in the same order.
+
+Ranks can own different numbers of rows. Every rank runs the same number of steps per epoch (computed
+from Parquet metadata alone); a rank that runs out yields empty batches whose rows are all invalid, so
+every sample is seen exactly once per epoch and DDP stays in lockstep.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vesl.errors import UserError
+
+COLUMNS = ("key", "image", "image_uri", "width", "height", "alt_text", "caption", "regions")
+
+
+@dataclass(frozen=True)
+class Unit:
+    path: str
+    row_group: int
+    num_rows: int
+
+
+# ---- box math (pure) --------------------------------------------------------------------------------
+
+
+def letterbox_geometry(width: int, height: int, size: int) -> tuple[float, int, int]:
+    """Long side to ``size``, aspect kept, image placed top-left: (scale, new_w, new_h)."""
+    scale = size / max(width, height)
+    return scale, max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def letterbox_box(box: Any, width: int, height: int, size: int) -> list[float]:
+    """A box normalized to the original image -> normalized to the padded ``size`` x ``size`` canvas."""
+    _, nw, nh = letterbox_geometry(width, height, size)
+    sx, sy = nw / size, nh / size
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [x0 * sx, y0 * sy, x1 * sx, y1 * sy]
+
+
+def unletterbox_box(box: Any, width: int, height: int, size: int) -> list[float]:
+    """Inverse of :func:`letterbox_box`, clipped to [0, 1]."""
+    _, nw, nh = letterbox_geometry(width, height, size)
+    sx, sy = nw / size, nh / size
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [min(max(v, 0.0), 1.0) for v in (x0 / sx, y0 / sy, x1 / sx, y1 / sy)]
+
+
+def box_iou(a: Any, b: Any) -> float:
+    ax0, ay0, ax1, ay1 = a
+    bx0, by0, bx1, by1 = b
+    iw, ih = max(0.0, min(ax1, bx1) - max(ax0, bx0)), max(0.0, min(ay1, by1) - max(ay0, by0))
+    inter = iw * ih
+    union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
+    return inter / union if union > 0 else 0.0
+
+
+# ---- image preprocessing ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_model(cls, model) -> Preprocess:
+        from vesl.pretrain.model import preprocess_cfg
+
+        cfg = preprocess_cfg(model)
+        return cls(int(cfg["size"][0]), tuple(cfg["mean"]), tuple(cfg["std"]))
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        """RGB image -> normalized (3, size, size) tensor; padding is the mean colour (0 after normalizing)."""
+        img = img.convert("RGB")
+        _, nw, nh = letterbox_geometry(img.width, img.height, self.size)
+        canvas = Image.new("RGB", (self.size, self.size), tuple(int(round(m * 255)) for m in self.mean))
+        canvas.paste(img.resize((nw, nh), Image.BICUBIC), (0, 0))
+        arr = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (arr - mean) / std
+
+
+# ---- shards and units -------------------------------------------------------------------------------
+
+
+def _fs(path: str, storage_options: dict | None = None):
+    import fsspec
+
+    return fsspec.core.url_to_fs(path, **(storage_options or {}))
+
+
+def list_shards(data: str | list[str], storage_options: dict | None = None) -> list[str]:
+    """Region-text shard URLs from a directory, a glob, a file, or a list of those (errors shards skipped)."""
+    paths = [data] if isinstance(data, str) else list(data)
+    out: list[str] = []
+    for p in paths:
+        fs, root = _fs(p, storage_options)
+        if fs.isdir(root):
+            found = fs.glob(root.rstrip("/") + "/*.parquet")
+        elif any(c in root for c in "*?["):
+            found = fs.glob(root)
+        elif fs.exists(root):
+            found = [root]
+        else:
+            raise UserError(f"training data {p!r} does not exist; pass a directory of region-text shards (*.parquet)")
+        proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        prefix = "" if proto in ("file", "local") else f"{proto}://"
+        out += [prefix + f for f in sorted(found) if not f.endswith(".errors.parquet")]
+    if not out:
+        raise UserError(f"no region-text shards (*.parquet) found in {data!r}; run `vesl label` first or check the path")
+    return out
+
+
+def scan_units(paths: list[str], storage_options: dict | None = None) -> list[Unit]:
+    import pyarrow.parquet as pq
+
+    units = []
+    for p in paths:
+        fs, root = _fs(p, storage_options)
+        with fs.open(root, "rb") as f:
+            md = pq.ParquetFile(f).metadata
+        units += [Unit(p, i, md.row_group(i).num_rows) for i in range(md.num_row_groups) if md.row_group(i).num_rows > 0]
+    return units
+
+
+def assign_units(units: list[Unit], seed: int, epoch: int, world_size: int, num_workers: int) -> list[list[Unit]]:
+    """Units for every global worker ``rank * num_workers + worker_id`` after the epoch permutation."""
+    g = world_size * max(num_workers, 1)
+    if len(units) < g:
+        raise UserError(
+            f"only {len(units)} data units (row groups) for {g} loader workers (world_size {world_size} x "
+            f"num_workers {max(num_workers, 1)}); every worker needs at least one: lower --workers or the number of "
+            "processes, or write shards with more files / smaller row groups"
+        )
+    order = np.random.default_rng(seed + epoch).permutation(len(units))
+    out: list[list[Unit]] = [[] for _ in range(g)]
+    for j, u in enumerate(order):
+        out[j % g].append(units[int(u)])
+    return out
+
+
+# ---- samples and batches ----------------------------------------------------------------------------
+
+
+def sample_regions(key: str, regions: list[dict], m: int, seed: int, epoch: int) -> list[dict]:
+    """Up to ``m`` regions, drawn deterministically from (seed, epoch, key) so any rank layout agrees."""
+    good = [r for r in regions if r["box"] is not None and r["box"][2] > r["box"][0] and r["box"][3] > r["box"][1]]
+    if len(good) <= m:
+        return good
+    rng = np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
+    return [good[int(i)] for i in rng.choice(len(good), size=m, replace=False)]
+
+
+class BatchBuilder:
+    """Row dicts -> one padded batch (fixed shapes; masks say which rows are real)."""
+
+    def __init__(self, tokenizer, preprocess: Preprocess, batch_size: int, regions_per_image: int,
+                 text_field: str = "caption", seed: int = 0, storage_options: dict | None = None):
+        self.tokenizer = tokenizer
+        self.pre = preprocess
+        self.b = batch_size
+        self.m = regions_per_image
+        self.text_field = text_field
+        self.seed = seed
+        self.storage_options = storage_options
+
+    def _image(self, row: dict) -> Image.Image:
+        if row.get("image") is not None:
+            return Image.open(io.BytesIO(row["image"]))
+        if row.get("image_uri"):
+            fs, root = _fs(row["image_uri"], self.storage_options)
+            with fs.open(root, "rb") as f:
+                return Image.open(io.BytesIO(f.read()))
+        raise ValueError("row has neither image bytes nor image_uri")
+
+    def build(self, rows: list[dict], epoch: int) -> dict[str, Any]:
+        b, m, s = self.b, self.m, self.pre.size
+        images = torch.zeros(b, 3, s, s)
+        image_valid = torch.zeros(b, dtype=torch.bool)
+        boxes = torch.zeros(b, m, 4)
+        boxes[..., 2:] = 1.0
+        region_valid = torch.zeros(b, m, dtype=torch.bool)
+        sizes = torch.ones(b, 2, dtype=torch.long)
+        texts, phrases, keys, bad = [""] * b, [""] * (b * m), [], 0
+        for i, row in enumerate(rows):
+            keys.append(row["key"])
+            try:
+                images[i] = self.pre(self._image(row))
+            except Exception:  # a broken image becomes an invalid row, counted in "bad"
+                bad += 1
+                continue
+            image_valid[i] = True
+            sizes[i] = torch.tensor([row["width"], row["height"]])
+            texts[i] = row.get(self.text_field) or row.get("caption") or ""
+            for j, r in enumerate(sample_regions(row["key"], row.get("regions") or [], m, self.seed, epoch)):
+                boxes[i, j] = torch.tensor(letterbox_box(r["box"], row["width"], row["height"], s))
+                phrases[i * m + j] = r["phrase"]
+                region_valid[i, j] = True
+        return {
+            "images": images,
+            "texts": self.tokenizer(texts),
+            "image_valid": image_valid,
+            "region_boxes": boxes,
+            "region_texts": self.tokenizer(phrases).view(b, m, -1),
+            "region_valid": region_valid,
+            "image_sizes": sizes,
+            "keys": keys,
+            "bad": bad,
+        }
+
+    def empty(self) -> dict[str, Any]:
+        return self.build([], 0)
+
+
+class _WorkerStream(torch.utils.data.IterableDataset):
+    """What one DataLoader worker runs: its units from its cursor on, as ready batches."""
+
+    def __init__(self, per_worker: list[list[Unit]], cursors: list[list[int]], offset: int, builder: BatchBuilder,
+                 epoch: int, storage_options: dict | None):
+        self.per_worker = per_worker
+        self.cursors = cursors
+        self.offset = offset
+        self.builder = builder
+        self.epoch = epoch
+        self.storage_options = storage_options
+
+    def _read(self, unit: Unit) -> list[dict]:
+        import pyarrow.parquet as pq
+
+        fs, root = _fs(unit.path, self.storage_options)
+        with fs.open(root, "rb") as f:
+            pf = pq.ParquetFile(f)
+            cols = [c for c in COLUMNS if c in pf.schema_arrow.names]
+            return pf.read_row_group(unit.row_group, columns=cols).to_pylist()
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        n = len(self.per_worker)
+        w = ((info.id if info else 0) + self.offset) % n
+        units = self.per_worker[w]
+        upos, row = self.cursors[w]
+        buf: list[dict] = []
+        while upos < len(units):
+            rows = self._read(units[upos])
+            while row < len(rows):
+                buf.append(rows[row])
+                row += 1
+                if len(buf) == self.builder.b:
+                    nxt = (upos + 1, 0) if row == len(rows) else (upos, row)
+                    yield {**self.builder.build(buf, self.epoch), "worker": w, "cursor": list(nxt)}
+                    buf = []
+            upos, row = upos + 1, 0
+        if buf:
+            yield {**self.builder.build(buf, self.epoch), "worker": w, "cursor": [len(units), 0]}
+
+
+class RegionTextLoader:
+    """Per-rank loader over region-text shards with a resumable state (see the module docstring)."""
+
+    def __init__(self, data: str | list[str], *, batch_size: int, tokenizer, preprocess: Preprocess,
+                 regions_per_image: int = 4, num_workers: int = 2, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, text_field: str = "caption", storage_options: dict | None = None):
+        self.paths = list_shards(data, storage_options)
+        self.units = scan_units(self.paths, storage_options)
+        self.num_rows = sum(u.num_rows for u in self.units)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.storage_options = storage_options
+        self.builder = BatchBuilder(tokenizer, preprocess, batch_size, regions_per_image, text_field, seed, storage_options)
+        assign_units(self.units, seed, 0, world_size, num_workers)  # fail early with a clear message
+        self.state: dict[str, Any] = {}
+
+    @property
+    def n_logical(self) -> int:
+        return max(self.num_workers, 1)
+
+    def _mine(self, epoch: int) -> list[list[Unit]]:
+        n = self.n_logical
+        return assign_units(self.units, self.seed, epoch, self.world_size, self.num_workers)[self.rank * n:(self.rank + 1) * n]
+
+    def steps_per_epoch(self, epoch: int = 0) -> int:
+        """Steps every rank runs in this epoch: the largest rank's batch count."""
+        every = assign_units(self.units, self.seed, epoch, self.world_size, self.num_workers)
+        n = self.n_logical
+        per_rank = [
+            sum(math.ceil(sum(u.num_rows for u in every[r * n + w]) / self.batch_size) for w in range(n))
+            for r in range(self.world_size)
+        ]
+        return max(per_rank)
+
+    def epoch(self, epoch: int, resume: dict | None = None) -> Iterator[dict]:
+        """Exactly ``steps_per_epoch(epoch)`` batches; ``self.state`` always describes what was consumed."""
+        n = self.n_logical
+        if resume is not None and (resume.get("epoch") != epoch or len(resume.get("cursors", [])) != n):
+            raise UserError(
+                f"loader state was saved with {len(resume.get('cursors', []))} workers per rank; resume with the same "
+                "--workers and number of processes as the interrupted run"
+            )
+        cursors = [list(c) for c in resume["cursors"]] if resume else [[0, 0] for _ in range(n)]
+        nxt = resume["next_worker"] if resume else 0
+        step = resume["step"] if resume else 0
+        total = self.steps_per_epoch(epoch)
+        stream = _WorkerStream(self._mine(epoch), cursors, nxt, self.builder, epoch, self.storage_options)
+        self.state = {"epoch": epoch, "step": step, "cursors": [list(c) for c in cursors], "next_worker": nxt}
+        if self.num_workers > 0:
+            it = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                                  prefetch_factor=2, persistent_workers=False))
+        else:
+            it = iter(stream)
+        for batch in it:
+            w = batch.pop("worker")
+            cursors[w] = list(batch.pop("cursor"))
+            step += 1
+            nxt = (w + 1) % n
+            self.state = {"epoch": epoch, "step": step, "cursors": [list(c) for c in cursors], "next_worker": nxt}
+            yield batch
+        while step < total:
+            step += 1
+            self.state = {**self.state, "step": step}
+            yield self.builder.empty()

@@ -1,0 +1,216 @@
+"""Evaluation: zero-shot region classification (three region embeddings), retrieval and grounding.
+
+Region classification uses GT boxes from a COCO-format annotations file plus an images folder. The three
+region embeddings are the CLOC Prompter (box prompt), RoI-Align on the CLIP patch tokens, and
+crop-and-encode; the last two are the CLIP baselines and work on any checkpoint. mAcc is the mean of
+per-class accuracies; top-1 is the overall accuracy.
+
+On held-out region-text shards: image-text retrieval R@1/R@5 (both directions), region-text retrieval
+R@10 (box-prompted region -> phrase, over the set of distinct phrases; and phrase -> region), and
+grounding accuracy (share of ``ground`` boxes with IoU >= 0.5), next to the trivial whole-image box.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from vesl.errors import UserError
+
+METHODS = ("prompter", "roi_align", "crop")
+DEFAULT_TEMPLATES = ("a {}",)
+
+
+def _chunks(seq: list, n: int):
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+def region_classification(model, annotations: str | os.PathLike, images_dir: str | os.PathLike, *,
+                          templates: tuple[str, ...] = DEFAULT_TEMPLATES, methods: tuple[str, ...] = METHODS,
+                          batch_size: int = 32, max_images: int | None = None) -> dict[str, dict[str, float]]:
+    """{method: {"mAcc": %, "top1": %, "n": regions}} with GT boxes from a COCO annotations file."""
+    import torch
+    from PIL import Image
+
+    from vesl.pretrain.data import Preprocess, letterbox_box
+
+    ann_path, img_dir = Path(annotations), Path(images_dir)
+    if not ann_path.exists():
+        raise UserError(f"COCO annotations {ann_path} not found")
+    if not img_dir.is_dir():
+        raise UserError(f"images folder {img_dir} not found")
+    coco = json.loads(ann_path.read_text())
+    cats = sorted(coco["categories"], key=lambda c: c["id"])
+    cat_index = {c["id"]: i for i, c in enumerate(cats)}
+    by_image: dict[int, list[dict]] = defaultdict(list)
+    for a in coco["annotations"]:
+        if not a.get("iscrowd") and a["bbox"][2] > 0 and a["bbox"][3] > 0:
+            by_image[a["image_id"]].append(a)
+    images = [im for im in coco["images"] if im["id"] in by_image][:max_images]
+    pre = Preprocess.from_model(model)
+    size = pre.size
+    with torch.no_grad():
+        classes = []
+        for c in cats:
+            e = model.encode_text([t.format(c["name"]) for t in templates])
+            classes.append(torch.nn.functional.normalize(e.mean(0), dim=-1))
+        class_emb = torch.stack(classes)
+        preds: dict[str, list[int]] = {m: [] for m in methods}
+        labels: list[int] = []
+        for chunk in _chunks(images, batch_size):
+            pils, tensors, boxes_list, orig_boxes = [], [], [], []
+            for im in chunk:
+                pil = Image.open(img_dir / im["file_name"]).convert("RGB")
+                w, h = pil.size
+                anns = by_image[im["id"]]
+                nb = [[a["bbox"][0] / w, a["bbox"][1] / h, (a["bbox"][0] + a["bbox"][2]) / w, (a["bbox"][1] + a["bbox"][3]) / h]
+                      for a in anns]
+                pils.append(pil)
+                tensors.append(pre(pil))
+                boxes_list.append(torch.tensor([letterbox_box(b, w, h, size) for b in nb]))
+                orig_boxes.append(anns)
+                labels += [cat_index[a["category_id"]] for a in anns]
+            batch = torch.stack(tensors)
+            feats: dict[str, torch.Tensor] = {}
+            if "prompter" in methods:
+                feats["prompter"] = torch.cat(model.encode_regions(batch, boxes_list))
+            if "roi_align" in methods:
+                feats["roi_align"] = torch.cat(model.roi_align_regions(batch, boxes_list))
+            if "crop" in methods:
+                crops = []
+                for pil, anns in zip(pils, orig_boxes, strict=True):
+                    for a in anns:
+                        x, y, bw, bh = a["bbox"]
+                        crops.append(pre(pil.crop((int(x), int(y), int(round(x + bw)), int(round(y + bh))))))
+                feats["crop"] = model.encode_image(torch.stack(crops))
+            for m, f in feats.items():
+                preds[m] += (f @ class_emb.T).argmax(-1).tolist()
+    out = {}
+    for m in methods:
+        correct = [p == t for p, t in zip(preds[m], labels, strict=True)]
+        per_class: dict[int, list[bool]] = defaultdict(list)
+        for c, t in zip(correct, labels, strict=True):
+            per_class[t].append(c)
+        macc = sum(sum(v) / len(v) for v in per_class.values()) / max(len(per_class), 1)
+        out[m] = {"mAcc": 100.0 * macc, "top1": 100.0 * sum(correct) / max(len(correct), 1), "n": len(correct)}
+    return out
+
+
+def _recall(sim, gt_sets: list[set[int]], k: int) -> float:
+    import torch
+
+    top = torch.topk(sim, min(k, sim.shape[1]), dim=1).indices.tolist()
+    return 100.0 * sum(bool(set(t) & g) for t, g in zip(top, gt_sets, strict=True)) / max(len(gt_sets), 1)
+
+
+def shard_metrics(model, data: str | list[str], *, batch_size: int = 32, regions_per_image: int = 16,
+                  max_images: int | None = None) -> dict[str, float]:
+    """Retrieval and grounding metrics on held-out region-text shards."""
+    import torch
+
+    from vesl.pretrain.data import Preprocess, RegionTextLoader, box_iou, letterbox_box
+
+    size = Preprocess.from_model(model).size
+    loader = RegionTextLoader(data, batch_size=batch_size, tokenizer=model.tokenizer, preprocess=Preprocess.from_model(model),
+                              regions_per_image=regions_per_image, num_workers=0)
+    img_f, txt_f, reg_f, phrases, ious, whole_ious = [], [], [], [], [], []
+    seen = 0
+    with torch.no_grad():
+        for batch in loader.epoch(0):
+            iv = batch["image_valid"]
+            if not iv.any():
+                continue
+            img_f.append(model.encode_image(batch["images"][iv]))
+            txt_f.append(model.encode_text(batch["texts"][iv]))
+            rv = batch["region_valid"] & iv.unsqueeze(1)
+            if rv.any():
+                reg = model.encode_regions(batch["images"], batch["region_boxes"])
+                reg_f.append(reg[rv])
+                b_idx = rv.nonzero()[:, 0]
+                toks = batch["region_texts"][rv]
+                phrases += [tuple(t.tolist()) for t in toks]
+                pred = model.ground(batch["images"][b_idx], toks)
+                gt = batch["region_boxes"][rv]
+                for p, g, bi in zip(pred.tolist(), gt.tolist(), b_idx.tolist(), strict=True):
+                    ious.append(box_iou(p, g))
+                    w, h = batch["image_sizes"][bi].tolist()
+                    whole_ious.append(box_iou(letterbox_box([0, 0, 1, 1], w, h, size), g))
+            seen += int(iv.sum())
+            if max_images and seen >= max_images:
+                break
+    if not img_f:
+        raise UserError(f"no readable images in {data!r}")
+    img, txt = torch.cat(img_f), torch.cat(txt_f)
+    sim = img @ txt.T
+    n = len(img)
+    eye = [{i} for i in range(n)]
+    out = {
+        "images": float(n),
+        "i2t_R@1": _recall(sim, eye, 1), "i2t_R@5": _recall(sim, eye, 5),
+        "t2i_R@1": _recall(sim.T, eye, 1), "t2i_R@5": _recall(sim.T, eye, 5),
+    }
+    if reg_f:
+        reg = torch.cat(reg_f)
+        uniq = sorted(set(phrases))
+        index = {p: i for i, p in enumerate(uniq)}
+        phr_f = model.encode_text(torch.tensor(uniq))
+        r2t = reg @ phr_f.T
+        out["regions"] = float(len(reg))
+        out["region2text_R@10"] = _recall(r2t, [{index[p]} for p in phrases], 10)
+        owners: dict[int, set[int]] = defaultdict(set)
+        for i, p in enumerate(phrases):
+            owners[index[p]].add(i)
+        out["text2region_R@10"] = _recall(r2t.T, [owners[i] for i in range(len(uniq))], 10)
+        out["grounding_acc@0.5"] = 100.0 * sum(i >= 0.5 for i in ious) / len(ious)
+        out["grounding_mIoU"] = 100.0 * sum(ious) / len(ious)
+        out["whole_image_mIoU"] = 100.0 * sum(whole_ious) / len(whole_ious)
+    return out
+
+
+def evaluate(model_or_path: Any, *, coco_annotations: str | None = None, coco_images: str | None = None,
+             shards: str | list[str] | None = None, out_json: str | os.PathLike | None = None,
+             templates: tuple[str, ...] = DEFAULT_TEMPLATES, batch_size: int = 32,
+             max_images: int | None = None) -> dict[str, Any]:
+    """Everything that was asked for, as one dict (also written to ``out_json`` when given)."""
+    import torch
+
+    from vesl.pretrain.export import load
+
+    if coco_annotations is None and shards is None:
+        raise UserError("nothing to evaluate: pass --coco-annotations with --coco-images, and/or --shards")
+    if (coco_annotations is None) != (coco_images is None):
+        raise UserError("--coco-annotations and --coco-images go together")
+    torch.manual_seed(0)
+    model = load(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    model.eval()
+    results: dict[str, Any] = {}
+    if coco_annotations:
+        results["region_classification"] = region_classification(
+            model, coco_annotations, coco_images, templates=templates, batch_size=batch_size, max_images=max_images)
+    if shards:
+        results["shards"] = shard_metrics(model, shards, batch_size=batch_size, max_images=max_images)
+    if out_json:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = []
+    rc = results.get("region_classification")
+    if rc:
+        lines.append(f"{'region classification':<24}{'mAcc':>8}{'top-1':>8}{'regions':>9}")
+        for m, r in rc.items():
+            lines.append(f"{m:<24}{r['mAcc']:>8.1f}{r['top1']:>8.1f}{r['n']:>9d}")
+    sh = results.get("shards")
+    if sh:
+        if lines:
+            lines.append("")
+        lines.append(f"{'held-out shards':<24}{'value':>8}")
+        for k, v in sh.items():
+            lines.append(f"{k:<24}{v:>8.1f}")
+    return "\n".join(lines)

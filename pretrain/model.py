@@ -1,0 +1,310 @@
+"""CLOC model: open_clip image/text towers plus the Prompter and the grounding head.
+
+The Prompter turns ViT patch tokens (before pooling) and one prompt token into a region embedding in the
+CLIP space. A prompt is either a box (sinusoidal encoding of its corners, then a linear layer) or a text
+(the CLIP text embedding, then a linear layer). The grounding head regresses a box from the text-prompted
+region embedding.
+
+Boxes everywhere in this module are ``x0, y0, x1, y1`` normalized to [0, 1] of the model's square input
+canvas (see ``vesl.pretrain.data.letterbox_box`` for the transform from original-image boxes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+POOL_MODES = ("prompt", "mean")
+
+
+@dataclass
+class PrompterConfig:
+    """Prompter and grounding-head settings; stored with every checkpoint and export.
+
+    ``pool="prompt"`` reads the encoder output at the prompt position (the patch rows do not change it in a
+    single layer, so they are never recomputed per region: cheap). ``pool="mean"`` mean-pools every output
+    position as written in the paper, recomputing the layer for each region (exact, ~M x more Prompter cost).
+    ``patch_pos`` adds the box encoding of each patch's own cell to its token, so box prompts and patch
+    positions live in one space.
+    """
+
+    pool: str = "prompt"
+    patch_pos: bool = True
+    n_freqs: int = 16
+    ground_hidden: int = 0  # 0: 2 x embed_dim
+
+    def __post_init__(self) -> None:
+        if self.pool not in POOL_MODES:
+            raise ValueError(f"prompter pool must be one of {POOL_MODES}, got {self.pool!r}")
+
+
+def register_model_configs() -> None:
+    """Make the shipped tiny JSON configs (``vesl-tiny-vit`` ...) visible to open_clip by name."""
+    import open_clip
+    from open_clip import factory
+
+    if MODEL_CONFIG_DIR not in factory._MODEL_CONFIG_PATHS:
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def sincos_boxes(boxes: torch.Tensor, n_freqs: int) -> torch.Tensor:
+    """Sinusoidal encoding of box corners: (..., 4) in [0, 1] -> (..., 8 * n_freqs)."""
+    freqs = (2.0 ** torch.arange(n_freqs, device=boxes.device, dtype=boxes.dtype)) * math.pi
+    ang = boxes.unsqueeze(-1) * freqs  # (..., 4, F)
+    return torch.cat([ang.sin(), ang.cos()], dim=-1).flatten(-2)
+
+
+def grid_cell_boxes(grid: tuple[int, int]) -> torch.Tensor:
+    """The normalized box of every patch cell, row-major: (gh * gw, 4)."""
+    gh, gw = grid
+    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    x0, y0 = xs.flatten() / gw, ys.flatten() / gh
+    return torch.stack([x0, y0, x0 + 1.0 / gw, y0 + 1.0 / gh], dim=-1).float()
+
+
+def cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = b.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+class Prompter(nn.Module):
+    """Single-layer, single-head pre-norm transformer encoder over ``[prompt; patch tokens]``."""
+
+    def __init__(self, width: int, embed_dim: int, grid: tuple[int, int], cfg: PrompterConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.width = width
+        self.box_embed = nn.Linear(8 * cfg.n_freqs, width)
+        self.text_embed = nn.Linear(embed_dim, width)
+        self.ln_1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out_proj = nn.Linear(width, width)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, embed_dim, bias=False)
+        self.register_buffer("cell_boxes", grid_cell_boxes(grid), persistent=False)
+
+    def box_prompt(self, boxes: torch.Tensor) -> torch.Tensor:
+        return self.box_embed(sincos_boxes(boxes.to(self.box_embed.weight.dtype), self.cfg.n_freqs))
+
+    def text_prompt(self, text_features: torch.Tensor) -> torch.Tensor:
+        return self.text_embed(text_features.to(self.text_embed.weight.dtype))
+
+    def _tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cfg.patch_pos:
+            if tokens.shape[1] != self.cell_boxes.shape[0]:
+                raise ValueError(f"{tokens.shape[1]} patch tokens but the Prompter grid has {self.cell_boxes.shape[0]}")
+            tokens = tokens + self.box_prompt(self.cell_boxes).to(tokens.dtype)
+        return tokens
+
+    def forward(self, tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """tokens (B, N, W) patch tokens, prompts (B, R, W) -> region embeddings (B, R, E), not normalized."""
+        x = self._tokens(tokens)
+        if self.cfg.pool == "mean":
+            return self._forward_mean(x, prompts)
+        w = self.width
+        q_p, k_p, v_p = self.qkv(self.ln_1(prompts)).split(w, dim=-1)
+        _, k_x, v_x = self.qkv(self.ln_1(x)).split(w, dim=-1)
+        scale = w**-0.5
+        s_self = (q_p * k_p).sum(-1, keepdim=True) * scale  # (B, R, 1): the prompt attends to itself
+        s_x = torch.einsum("brd,bnd->brn", q_p, k_x) * scale  # (B, R, N)
+        attn = torch.cat([s_self, s_x], dim=-1).softmax(dim=-1)
+        o = attn[..., :1] * v_p + torch.einsum("brn,bnd->brd", attn[..., 1:], v_x)
+        h = prompts + self.out_proj(o)
+        h = h + self.mlp(self.ln_2(h))
+        return self.proj(self.ln_post(h))
+
+    def _forward_mean(self, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        b, r, w = prompts.shape
+        n = x.shape[1]
+        seq = torch.cat([prompts.reshape(b * r, 1, w), x.unsqueeze(1).expand(b, r, n, w).reshape(b * r, n, w)], 1)
+        q, k, v = self.qkv(self.ln_1(seq)).split(w, dim=-1)
+        h = seq + self.out_proj(F.scaled_dot_product_attention(q, k, v))
+        h = h + self.mlp(self.ln_2(h))
+        return self.proj(self.ln_post(h.mean(dim=1))).reshape(b, r, -1)
+
+
+class GroundingHead(nn.Module):
+    """2-layer GELU MLP: text-prompted region embedding -> box (x0, y0, x1, y1), via a sigmoid (cx, cy, w, h)."""
+
+    def __init__(self, embed_dim: int, hidden: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cxcywh_to_xyxy(self.mlp(x).sigmoid())
+
+
+class CLOCModel(nn.Module):
+    """An open_clip CLIP plus the Prompter and grounding head. ``clip`` stays a plain open_clip model."""
+
+    def __init__(self, clip: nn.Module, model_name: str, prompter_cfg: PrompterConfig | None = None):
+        super().__init__()
+        from open_clip.transformer import VisionTransformer
+
+        visual = clip.visual
+        if not isinstance(visual, VisionTransformer):
+            raise ValueError(f"{model_name}: the Prompter needs an open_clip ViT image tower, got {type(visual).__name__}")
+        self.clip = clip
+        self.model_name = model_name
+        self.prompter_cfg = prompter_cfg or PrompterConfig()
+        width = visual.conv1.out_channels
+        embed_dim = visual.output_dim
+        self.embed_dim = embed_dim
+        self.grid = tuple(visual.grid_size)
+        self.image_size = tuple(visual.image_size)
+        self.prompter = Prompter(width, embed_dim, self.grid, self.prompter_cfg)
+        self.ground_head = GroundingHead(embed_dim, self.prompter_cfg.ground_hidden or 2 * embed_dim)
+        self._tokenizer = None
+
+    # ---- open_clip towers -------------------------------------------------------------------------
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = get_tokenizer(self.model_name, self.clip.context_length)
+        return self._tokenizer
+
+    def image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One ViT pass: (pooled projected image features, patch tokens (B, N, W) before pooling)."""
+        v = self.clip.visual
+        x = v.transformer(v._embeds(images))
+        pooled, tokens = v._pool(x)
+        if v.proj is not None:
+            pooled = pooled @ v.proj
+        return pooled, tokens
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.clip.encode_image(images, normalize=normalize)
+
+    def _as_tokens(self, texts: Any) -> torch.Tensor:
+        if isinstance(texts, torch.Tensor):
+            return texts
+        return self.tokenizer(list(texts)).to(self.logit_scale.device)
+
+    def encode_text(self, texts: Any, normalize: bool = True) -> torch.Tensor:
+        """texts: token ids (T, L) or a list of strings."""
+        return self.clip.encode_text(self._as_tokens(texts), normalize=normalize)
+
+    # ---- region API -------------------------------------------------------------------------------
+    def encode_regions(self, images: torch.Tensor, boxes: torch.Tensor | list[torch.Tensor], normalize: bool = True):
+        """Box-prompted region embeddings. boxes: (B, M, 4) -> (B, M, E); or a list of (M_i, 4) -> list."""
+        if isinstance(boxes, (list, tuple)):
+            counts = [len(b) for b in boxes]
+            m = max(counts + [1])
+            padded = images.new_zeros(len(boxes), m, 4)
+            padded[..., 2:] = 1.0
+            for i, b in enumerate(boxes):
+                padded[i, : len(b)] = torch.as_tensor(b, dtype=padded.dtype, device=padded.device)
+            out = self.encode_regions(images, padded, normalize)
+            return [out[i, :c] for i, c in enumerate(counts)]
+        _, tokens = self.image_tokens(images)
+        y = self.prompter(tokens, self.prompter.box_prompt(boxes))
+        return F.normalize(y, dim=-1) if normalize else y
+
+    def ground(self, images: torch.Tensor, texts: Any) -> torch.Tensor:
+        """One text per image (list of B strings or (B, L) ids) -> boxes (B, 4) on the model canvas."""
+        text = self.encode_text(texts)
+        _, tokens = self.image_tokens(images)
+        y = self.prompter(tokens, self.prompter.text_prompt(text).unsqueeze(1))
+        return self.ground_head(y[:, 0])
+
+    def roi_align_regions(self, images: torch.Tensor, boxes: list[torch.Tensor], output_size: int = 2) -> list[torch.Tensor]:
+        """CLIP baseline: RoI-Align on the patch-token grid, average, project with the ViT head, normalize."""
+        from torchvision.ops import roi_align
+
+        _, tokens = self.image_tokens(images)
+        b, n, w = tokens.shape
+        gh, gw = self.grid
+        fmap = tokens.transpose(1, 2).reshape(b, w, gh, gw)
+        scale = torch.tensor([gw, gh, gw, gh], dtype=fmap.dtype, device=fmap.device)
+        rois = [torch.as_tensor(bx, dtype=fmap.dtype, device=fmap.device) * scale for bx in boxes]
+        pooled = roi_align(fmap, rois, output_size=output_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        feats = pooled.mean(dim=(2, 3))
+        if self.clip.visual.proj is not None:
+            feats = feats @ self.clip.visual.proj
+        feats = F.normalize(feats, dim=-1)
+        return list(feats.split([len(bx) for bx in boxes]))
+
+    # ---- training forward -------------------------------------------------------------------------
+    def forward(
+        self,
+        images: torch.Tensor,
+        texts: torch.Tensor,
+        region_boxes: torch.Tensor | None = None,
+        region_texts: torch.Tensor | None = None,
+        region_valid: torch.Tensor | None = None,
+        clip_only: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Features for the losses. Padded regions are replaced by constants before any computation."""
+        pooled, tokens = self.image_tokens(images)
+        out = {
+            "image_features": F.normalize(pooled, dim=-1),
+            "text_features": self.encode_text(texts),
+            "logit_scale": self.logit_scale.exp(),
+        }
+        if clip_only or region_valid is None:
+            return out
+        b, m = region_valid.shape
+        valid = region_valid.bool()
+        whole = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=region_boxes.dtype, device=region_boxes.device)
+        boxes = torch.where(valid.unsqueeze(-1), region_boxes, whole)
+        phr = self.encode_text(region_texts[valid])  # only valid rows are encoded
+        phr_bm = phr.new_zeros(b, m, phr.shape[-1]).index_put((valid,), phr)
+        prompts = torch.cat([self.prompter.box_prompt(boxes), self.prompter.text_prompt(phr_bm)], dim=1)
+        y = self.prompter(tokens, prompts.to(tokens.dtype))
+        out["region_features"] = F.normalize(y[:, :m], dim=-1)
+        out["region_text_features"] = phr_bm
+        out["pred_boxes"] = self.ground_head(y[:, m:]).float()
+        return out
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, "prompter": asdict(self.prompter_cfg)}
+
+
+def get_tokenizer(model_name: str, context_length: int | None = None):
+    import open_clip
+
+    register_model_configs()
+    return open_clip.get_tokenizer(model_name, context_length=context_length)
+
+
+def create_model(
+    model_name: str = "vesl-tiny-vit",
+    pretrained: str | None = None,
+    prompter: PrompterConfig | dict | None = None,
+    seed: int | None = 0,
+    device: str | torch.device = "cpu",
+) -> CLOCModel:
+    """Build the towers with open_clip (any model name; ``pretrained`` = open_clip tag or weights path)."""
+    import open_clip
+
+    register_model_configs()
+    if seed is not None:
+        torch.manual_seed(seed)
+    cfg = prompter if isinstance(prompter, PrompterConfig) else PrompterConfig(**(prompter or {}))
+    clip = open_clip.create_model(model_name, pretrained=pretrained or None, device=device)
+    return CLOCModel(clip, model_name, cfg).to(device)
+
+
+def preprocess_cfg(model: CLOCModel) -> dict[str, Any]:
+    """Mean/std/size that the loader must use for this model (open_clip's per-model preprocess config)."""
+    pp = dict(getattr(model.clip.visual, "preprocess_cfg", {}) or {})
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    return {
+        "size": list(model.image_size),
+        "mean": list(pp.get("mean", OPENAI_DATASET_MEAN)),
+        "std": list(pp.get("std", OPENAI_DATASET_STD)),
+    }

@@ -1,0 +1,406 @@
+"""CLOC training loop: one process per device under torchrun (DDP), or a single process.
+
+Run directory layout::
+
+    RUN/config.yaml                     the resolved TrainConfig
+    RUN/log.jsonl                       one line per step (rank 0): losses, lr, samples/s
+    RUN/tb/                             TensorBoard events
+    RUN/checkpoints/step-00000100/      model.safetensors, optimizer.pt, state.json (loader cursors)
+
+A checkpoint directory is written under a temporary name and renamed into place, so a killed run never
+leaves a half checkpoint; ``resume: latest`` picks the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from vesl.errors import UserError
+
+
+class TrainConfig(BaseModel):
+    """Every `vesl train` option; a YAML file with the same keys can set any of them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str | list[str] = Field(description="region-text shards: directory, glob, file or fsspec URL")
+    out: str = Field("runs/vesl", description="run directory (checkpoints, logs, TensorBoard)")
+    model: str = Field("vesl-tiny-vit", description="open_clip model name or a vesl tiny config")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag or weights file to start from")
+    prompter_pool: Literal["prompt", "mean"] = "prompt"
+    patch_pos: bool = True
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="cap on total optimizer steps (schedule follows it)")
+    batch_size: int = Field(32, ge=1, description="images per process and step")
+    workers: int = Field(2, ge=0, description="loader worker processes per rank")
+    lr: float = Field(5e-4, gt=0)
+    warmup: int = Field(100, ge=0, description="linear warmup steps")
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: float | None = Field(1.0, description="max global grad norm (null: off)")
+    regions_per_image: int = Field(4, ge=1)
+    lam: float = Field(1.0, description="weight of L_region + L_ground")
+    text_sim_threshold: float = Field(0.9, description="region negatives with text cosine above this are removed")
+    ground_loss: Literal["l2", "l1+giou"] = "l2"
+    clip_only: bool = Field(False, description="train the CLIP baseline only (same data and steps)")
+    local_loss: bool = False
+    gather_with_grad: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    grad_checkpointing: bool = False
+    save_every: int = Field(100, ge=1, description="checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: str | None = Field(None, description="'latest' or a checkpoint directory")
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    tensorboard: bool = True
+    text_field: Literal["caption", "alt_text"] = "caption"
+    stop_after: int | None = Field(None, ge=1, description="stop (as if killed) after this global step")
+    record_keys: bool = Field(False, description="write each step's sample keys to keys-rank*.jsonl")
+    device: str = "auto"
+    storage_options: dict[str, Any] | None = None
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> TrainConfig:
+    """YAML file (optional) + non-None overrides -> validated TrainConfig."""
+    raw: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise UserError(f"config file {p} does not exist")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {p} must be a YAML mapping of option: value")
+        raw = {k.replace("-", "_"): v for k, v in raw.items()}
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    if "data" not in raw:
+        raise UserError("no training data: pass --data DIR (region-text shards) or set `data:` in the config file")
+    return TrainConfig(**raw)
+
+
+def cosine_lr(step: int, base: float, warmup: int, total: int) -> float:
+    """open_clip's cosine schedule with linear warmup."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    e = step - warmup
+    es = max(total - warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * e / es)) * base
+
+
+# ---- distributed -----------------------------------------------------------------------------------
+
+
+class Dist:
+    def __init__(self, device_pref: str):
+        import torch
+
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
+        self.device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        self.enabled = self.world_size > 1
+        if self.enabled:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group(backend="nccl" if cuda else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        if not self.enabled:
+            return values
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([values[k] for k in values], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: float(v) / self.world_size for k, v in zip(values, t.tolist(), strict=True)}
+
+    def sum_int(self, n: int) -> int:
+        if not self.enabled:
+            return n
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([n], dtype=torch.long, device=self.device)
+        dist.all_reduce(t)
+        return int(t.item())
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+
+
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.exists():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / "state.json").exists())
+
+
+def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
+    if resume == "latest":
+        found = checkpoint_dirs(run_dir)
+        return found[-1] if found else None
+    p = Path(resume)
+    if not (p / "state.json").exists():
+        raise UserError(f"{p} is not a checkpoint directory (no state.json); pass --resume latest or a step-* folder")
+    return p
+
+
+def save_checkpoint(ck_dir: Path, model, optimizer, state: dict[str, Any], keep: int) -> Path:
+    """Atomic: write into a temp folder, then rename it to its final name."""
+    import torch
+    from safetensors.torch import save_file
+
+    ck_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ck_dir.parent / f".tmp-{ck_dir.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(sd, str(tmp / "model.safetensors"), metadata={"vesl": json.dumps(model.config_dict())})
+    torch.save({"optimizer": optimizer.state_dict()}, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    if ck_dir.exists():
+        shutil.rmtree(ck_dir)
+    os.replace(tmp, ck_dir)
+    for old in checkpoint_dirs(ck_dir.parent.parent)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return ck_dir
+
+
+def load_weights(model, path: str | os.PathLike) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)))
+
+
+# ---- the loop --------------------------------------------------------------------------------------
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exclude = p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+        (no_decay if exclude else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    """AdamW with open_clip's no-decay rule; the fused kernel is deterministic and ~7x faster on CPU."""
+    import torch
+
+    groups = _param_groups(model, cfg.weight_decay)
+    kw = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, **kw)
+
+
+def _to(batch: dict[str, Any], device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+
+def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
+    """Train (or resume) a CLOC model; returns the run directory. Works under torchrun or alone."""
+    import torch
+
+    from vesl.pretrain.data import Preprocess, RegionTextLoader
+    from vesl.pretrain.losses import CLOCLoss
+    from vesl.pretrain.model import PrompterConfig, create_model
+
+    if isinstance(config, (str, os.PathLike)):
+        config = load_config(config)
+    elif isinstance(config, dict):
+        config = TrainConfig(**config)
+    cfg = config
+    d = Dist(cfg.device)
+    run_dir = Path(cfg.out)
+    try:
+        if d.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+        try:
+            model = create_model(cfg.model, cfg.pretrained, PrompterConfig(pool=cfg.prompter_pool, patch_pos=cfg.patch_pos),
+                                 seed=cfg.seed, device=d.device)
+        except RuntimeError as exc:
+            if "not found" in str(exc) or "not a known tag" in str(exc):
+                raise UserError(f"{exc}; use an open_clip model name (open_clip.list_models()) or vesl-tiny-vit") from exc
+            raise
+        if cfg.grad_checkpointing:
+            model.clip.set_grad_checkpointing(True)
+        if cfg.clip_only:
+            model.prompter.requires_grad_(False)
+            model.ground_head.requires_grad_(False)
+        loader = RegionTextLoader(
+            cfg.data, batch_size=cfg.batch_size, tokenizer=model.tokenizer, preprocess=Preprocess.from_model(model),
+            regions_per_image=cfg.regions_per_image, num_workers=cfg.workers, rank=d.rank, world_size=d.world_size,
+            seed=cfg.seed, text_field=cfg.text_field, storage_options=cfg.storage_options,
+        )
+        steps_per_epoch = [loader.steps_per_epoch(e) for e in range(cfg.epochs)]
+        total = sum(steps_per_epoch)
+        if cfg.max_steps:
+            total = min(total, cfg.max_steps)
+        optimizer = make_optimizer(model, cfg)
+        step, epoch, loader_resume = 0, 0, None
+        if cfg.resume:
+            ck = resolve_resume(cfg.resume, run_dir)
+            if ck is not None:
+                state = json.loads((ck / "state.json").read_text())
+                if state["world_size"] != d.world_size:
+                    raise UserError(f"{ck} was saved with {state['world_size']} processes; resume with the same number")
+                load_weights(model, ck / "model.safetensors")
+                opt = torch.load(ck / "optimizer.pt", map_location=d.device, weights_only=True)
+                optimizer.load_state_dict(opt["optimizer"])
+                step = state["step"]
+                loader_resume = state["loader"][d.rank]
+                epoch = loader_resume["epoch"]
+                if loader_resume["step"] >= steps_per_epoch[epoch]:
+                    epoch, loader_resume = epoch + 1, None
+                if d.main:
+                    print(f"resumed from {ck} at step {step}", flush=True)
+        ddp = model
+        if d.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ddp = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        loss_fn = CLOCLoss(cfg.lam, cfg.text_sim_threshold, cfg.ground_loss, cfg.local_loss, cfg.gather_with_grad,
+                           d.rank, d.world_size)
+        writer = None
+        if d.main and cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(run_dir / "tb"))
+        log = open(run_dir / "log.jsonl", "a") if d.main else None
+        keys_log = open(run_dir / f"keys-rank{d.rank}.jsonl", "a") if cfg.record_keys else None
+        last_saved = step
+        t_last, seen_last = time.perf_counter(), 0
+
+        def checkpoint() -> None:
+            states = d.gather_object(loader.state)
+            if d.main:
+                meta = {"step": step, "epoch": epoch, "world_size": d.world_size, "num_workers": cfg.workers,
+                        "loader": states, "model": model.config_dict()}
+                save_checkpoint(run_dir / "checkpoints" / f"step-{step:08d}", model, optimizer, meta, cfg.keep_checkpoints)
+            d.barrier()
+
+        stop = False
+        while epoch < cfg.epochs and not stop and step < total:
+            for batch in loader.epoch(epoch, loader_resume):
+                loader_resume = None
+                batch = _to(batch, d.device)
+                lr = cosine_lr(step, cfg.lr, cfg.warmup, total)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                model.train()
+                with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    out = ddp(batch["images"], batch["texts"], batch["region_boxes"], batch["region_texts"],
+                              batch["region_valid"], clip_only=cfg.clip_only)
+                losses = loss_fn(out, batch)
+                optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100))
+                step += 1
+                seen_last += int(batch["image_valid"].sum())
+                if keys_log:
+                    keys_log.write(json.dumps({"step": step, "keys": batch["keys"]}) + "\n")
+                    keys_log.flush()
+                vals = d.mean({k: float(v.detach()) for k, v in losses.items()})
+                if step % cfg.log_every == 0 or step == total:
+                    seen = d.sum_int(seen_last)
+                    now = time.perf_counter()
+                    sps = seen / max(now - t_last, 1e-9)
+                    t_last, seen_last = now, 0
+                    if d.main:
+                        parts = " ".join(f"{k} {v:.4f}" for k, v in vals.items())
+                        print(f"epoch {epoch} step {step}/{total} {parts} lr {lr:.2e} "
+                              f"scale {model.logit_scale.exp().item():.2f} {sps:.1f} samples/s", flush=True)
+                        if writer:
+                            for k, v in vals.items():
+                                writer.add_scalar(f"train/{k}", v, step)
+                            writer.add_scalar("train/lr", lr, step)
+                            writer.add_scalar("train/samples_per_s", sps, step)
+                if log:
+                    log.write(json.dumps({"step": step, "epoch": epoch, "lr": lr, **vals}) + "\n")
+                    log.flush()
+                if step % cfg.save_every == 0:
+                    checkpoint()
+                    last_saved = step
+                if step >= total or (cfg.stop_after and step >= cfg.stop_after):
+                    stop = True
+                    break
+            else:
+                epoch += 1
+        if step != last_saved:
+            checkpoint()
+        for f in (log, keys_log):
+            if f:
+                f.close()
+        if writer:
+            writer.close()
+        return run_dir
+    finally:
+        d.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m vesl.pretrain.train CONFIG.yaml [key=value ...]``: the torchrun entry point."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        raise SystemExit("usage: python -m vesl.pretrain.train CONFIG.yaml [key=value ...]")
+    overrides = dict(a.split("=", 1) for a in args[1:])
+    parsed = {k: yaml.safe_load(v) for k, v in overrides.items()}
+    try:
+        train(load_config(args[0], **parsed))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+if __name__ == "__main__":
+    main()
