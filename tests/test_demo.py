@@ -1,0 +1,110 @@
+"""`vesl demo` end to end at reduced sizes: synth -> label (--profile demo) -> inspect -> gallery (-> train -> eval)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from vesl.demo import generate_input, results_table, run_demo, run_full_demo
+
+
+def test_generate_input_is_deterministic_and_reused(tmp_path):
+    a = generate_input(tmp_path / "a", n=5, seed=3, shard_size=2)
+    b = generate_input(tmp_path / "b", n=5, seed=3, shard_size=2)
+    assert [p.name for p in a] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+    mtime = a[0].stat().st_mtime_ns
+    assert generate_input(tmp_path / "a", n=5, seed=3, shard_size=2) == a  # same sample: not rewritten
+    assert a[0].stat().st_mtime_ns == mtime
+    assert len(generate_input(tmp_path / "a", n=3, seed=3, shard_size=2)) == 2  # different sample: rewritten
+
+
+def test_results_table_goal():
+    table, met = results_table(
+        {
+            "clip_roi_align_macc": 0.30,
+            "clip_crop_macc": 0.42,
+            "cloc_prompter_macc": 0.60,
+            "cloc_grounding_acc": 0.5,
+        }
+    )
+    assert met
+    assert "CLOC Prompter" in table
+    assert "+18.0 points: MET" in table
+    _, met = results_table(
+        {
+            "clip_roi_align_macc": 0.50,
+            "clip_crop_macc": 0.42,
+            "cloc_prompter_macc": 0.60,
+            "cloc_grounding_acc": 0.5,
+        }
+    )
+    assert not met
+
+
+def test_demo_labels_sample_end_to_end(tmp_path, capsys):
+    from vesl.profiles import resolve_config
+    from vesl.schemas.manifest import check_dataset
+
+    lines: list[str] = []
+    res = run_demo(tmp_path, n=6, gallery_n=4, echo=lines.append, progress=False)
+    assert res.summary["rows"] + res.summary["errors"] == 6
+    assert res.summary["rows"] >= 5
+    assert check_dataset(res.labeled_dir) == []
+    rows = [
+        r for p in sorted(res.labeled_dir.glob("part-*[0-9].parquet")) for r in pq.read_table(p).to_pylist()
+    ]
+    spec = resolve_config("demo").captioner.spec
+    assert {r["caption_source"] for r in rows} == {"alt_text" if spec == "alt_text" else "vlm"}
+    assert res.inspect["rows"] == res.summary["rows"]
+    if resolve_config("demo").detector.spec != "none":
+        assert sum(len(r["regions"]) for r in rows) > 0
+    assert res.gallery_html.exists()
+    assert res.gallery_png.stat().st_size > 0
+    text = "\n".join(lines)
+    assert "regions per image" in capsys.readouterr().out  # the `vesl inspect` summary
+    assert "[3/3] gallery" in text
+    assert str(res.labeled_dir) in text
+
+
+def test_cli_rejects_bad_size_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from vesl.cli import main; main()",
+            "demo",
+            "--n",
+            "0",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: --n must be at least 1")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_full_demo_tiny(tmp_path):
+    lines: list[str] = []
+    res = run_full_demo(
+        tmp_path, n=40, eval_n=10, steps=5, echo=lines.append, progress=False, train_kwargs={"workers": 0}
+    )
+    assert set(res.metrics) == {
+        "clip_roi_align_macc",
+        "clip_crop_macc",
+        "cloc_prompter_macc",
+        "cloc_grounding_acc",
+    }
+    assert all(0.0 <= v <= 1.0 for v in res.metrics.values())
+    saved = json.loads((tmp_path / "full" / "results.json").read_text())
+    assert saved["metrics"] == res.metrics
+    assert "goal: CLOC Prompter" in "\n".join(lines)
