@@ -113,10 +113,19 @@ class _Captioner:
         return {
             "captioner.backend": self.backend,
             "captioner.model": self.model_id,
-            "captioner.revision": self._revision or self.cfg.revision or "local",
+            "captioner.revision": self._revision or self.cfg.revision or self._default_revision(),
             "captioner.prompt_sha256": prompt_hash(self.cfg.prompt_template),
             "captioner.max_new_tokens": str(self.cfg.max_new_tokens),
         }
+
+    def _default_revision(self) -> str:
+        """A local directory has no revision; a hub id we could not pin is its default branch."""
+        return "local" if os.path.isdir(self.model_id) else "main"
+
+    def __getstate__(self) -> dict:
+        # Engines pickle stages to ship them to workers; loaded models, clients and keys stay behind.
+        return {k: (None if k in ("_model", "_processor", "_llm", "_client", "_secret") else v)
+                for k, v in self.__dict__.items()}
 
     def _prompts(self, items: list[tuple[Sample, Any]], control_tokens: frozenset[str] = frozenset()) -> list[str]:
         return [render_prompt(self.cfg.prompt_template, s.alt_text, control_tokens) for s, _ in items]
@@ -352,10 +361,6 @@ class OpenAICaptioner(_Captioner):
         self.backoff_max_s = backoff_max_s
         self._client = None
         self._secret: str | None = None
-
-    def __getstate__(self) -> dict:
-        # The client holds sockets and the key; workers rebuild both in setup().
-        return {**self.__dict__, "_client": None, "_secret": None}
 
     def setup(self) -> None:
         if self._client is not None:

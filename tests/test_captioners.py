@@ -233,6 +233,14 @@ def test_prompt_template_inserts_alt_text_verbatim():
     assert len(prompt_hash("a")) == 64
 
 
+def test_set_up_stage_pickles_without_its_model(hf_stage):
+    blob = pickle.dumps(hf_stage)
+    assert len(blob) < 20_000  # the weights stay on the worker that loaded them
+    clone = pickle.loads(blob)  # noqa: S301 - our own bytes
+    assert clone._model is None
+    assert clone.model_id == hf_stage.model_id
+
+
 def test_hf_stage_type(hf_stage):
     assert isinstance(hf_stage, HFCaptioner)
     assert hf_stage.name == "caption"
