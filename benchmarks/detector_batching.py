@@ -1,0 +1,210 @@
+"""Detector batching: the vesl OWLv2 stage vs the transformers zero-shot-object-detection pipeline.
+
+Setup (issue 3): the full-size OWLv2 base architecture (``Owlv2Config()`` defaults, random weights,
+its real 960 px input), 4 images x 10 phrases. The baseline is
+``pipeline("zero-shot-object-detection")`` over the same saved model, called per image with
+``candidate_labels``: it runs one full forward (vision tower included) per (image, label). The vesl
+stage pads the four query sets into one batched forward. Prints images/s for both, the ratio (goal
+>= 5x) and the vesl per-stage time split.
+
+Run: ``.venv/bin/python benchmarks/detector_batching.py [--device cpu|cuda] [--threads N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.tiny_detectors (tokenizer)
+
+PHRASES = [
+    [
+        "a cat",
+        "a red sofa",
+        "a remote control",
+        "a wooden table",
+        "a lamp",
+        "a window",
+        "a green plant",
+        "a white cup",
+        "a book",
+        "a rug",
+    ],
+    [
+        "a dog",
+        "a bench",
+        "a tree",
+        "a bicycle",
+        "a street sign",
+        "a blue car",
+        "a woman",
+        "a hat",
+        "a traffic light",
+        "a bus",
+    ],
+    [
+        "two red apples",
+        "a green pear",
+        "a white plate",
+        "a knife",
+        "a fork",
+        "a glass of water",
+        "a napkin",
+        "a bowl",
+        "a kitchen counter",
+        "a cutting board",
+    ],
+    [
+        "a small boat",
+        "a lake",
+        "mountains",
+        "white clouds",
+        "a blue sky",
+        "a pine tree",
+        "a wooden dock",
+        "a person",
+        "a paddle",
+        "a house",
+    ],
+]
+SIZES = [(640, 480), (480, 640), (800, 450), (512, 512)]
+
+
+def _images(seed: int = 0):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES]
+
+
+def _save_model(out: Path) -> Path:
+    import torch
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    from tests.tiny_detectors import DEFAULT_CORPUS, build_clip_tokenizer
+
+    tok = build_clip_tokenizer(DEFAULT_CORPUS + [p for ps in PHRASES for p in ps])
+    cfg = Owlv2Config(
+        text_config={
+            "pad_token_id": tok.pad_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+        },
+        vision_config={"image_size": 960},
+    )
+    torch.manual_seed(0)
+    Owlv2ForObjectDetection(cfg).eval().save_pretrained(out)
+    Owlv2Processor(image_processor=Owlv2ImageProcessor(), tokenizer=tok).save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model-dir", default=None, help="reuse a saved random model")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import Owlv2ForObjectDetection, Owlv2Processor, pipeline
+
+    from vesl.labelers.detectors import make_detector
+    from vesl.pipeline.config import DetectorConfig
+    from vesl.pipeline.stage import Phrase, Sample
+
+    torch.set_num_threads(args.threads)
+    tmp = tempfile.TemporaryDirectory()
+    model_dir = Path(args.model_dir) if args.model_dir else _save_model(Path(tmp.name) / "owlv2-base-random")
+    if args.model_dir and not (model_dir / "config.json").exists():
+        _save_model(model_dir)
+    images = _images()
+    n_img = len(images)
+    print(f"model: Owlv2Config() base (random weights), 960 px, device={args.device}, threads={args.threads}")
+    print(f"inputs: {n_img} images x {len(PHRASES[0])} phrases")
+
+    # baseline: transformers pipeline, per image, one forward per candidate label
+    proc = Owlv2Processor.from_pretrained(model_dir)
+    model = Owlv2ForObjectDetection.from_pretrained(model_dir).eval()
+    pipe = pipeline(
+        "zero-shot-object-detection",
+        model=model,
+        tokenizer=proc.tokenizer,
+        image_processor=proc.image_processor,
+        device=args.device,
+    )
+    pipe(images[0], candidate_labels=["a cat"], threshold=0.1)  # warm-up: one forward
+    t0 = time.perf_counter()
+    base_out = [
+        pipe(img, candidate_labels=labels, threshold=0.1) for img, labels in zip(images, PHRASES, strict=True)
+    ]
+    t_base = time.perf_counter() - t0
+    del pipe, model
+
+    # vesl: one batched forward for all images and their query sets
+    stage = make_detector(
+        DetectorConfig(spec=f"owlv2:{model_dir}", batch_size=n_img, device=args.device, dtype="float32")
+    )
+    stage.setup()
+
+    def samples():
+        out = []
+        for i, (img, labels) in enumerate(zip(images, PHRASES, strict=True)):
+            cap = ", ".join(labels)
+            phrases, pos = [], 0
+            for lab in labels:
+                phrases.append(Phrase(lab, pos, pos + len(lab)))
+                pos += len(lab) + 2
+            out.append(
+                Sample(
+                    key=str(i),
+                    source_shard="bench",
+                    image=img,
+                    width=img.width,
+                    height=img.height,
+                    caption=cap,
+                    phrases=phrases,
+                )
+            )
+        return out
+
+    warm = samples()[:1]
+    stage(warm)  # warm-up
+    batch = samples()
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        inputs = stage.preprocess([s.image for s in batch], [s.phrases for s in batch])
+        t1 = time.perf_counter()
+        outputs = stage.forward(inputs)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        regions = stage.postprocess(
+            outputs,
+            [s.phrases for s in batch],
+            [(s.width, s.height) for s in batch],
+            [s.image.size for s in batch],
+        )
+        t3 = time.perf_counter()
+    t_vesl = t3 - t0
+    n_base = sum(len(r) for r in base_out)
+    n_vesl = sum(len(r) for r in regions)
+    print(
+        f"baseline (transformers zero-shot-object-detection pipeline, per image, {sum(map(len, PHRASES))} forwards): "
+        f"{t_base:.2f} s, {n_img / t_base:.3f} images/s, {n_base} boxes > 0.1"
+    )
+    print(
+        f"vesl detector stage (1 batched forward): {t_vesl:.2f} s, {n_img / t_vesl:.3f} images/s, {n_vesl} regions"
+    )
+    print(f"  split: preprocess {t1 - t0:.3f} s, forward {t2 - t1:.3f} s, postprocess {t3 - t2:.3f} s")
+    print(f"ratio vesl/baseline: {t_base / t_vesl:.1f}x (goal >= 5x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Box math shared by every detector: pure functions on ``torch`` tensors of shape ``[N, 4]``.
+
+Conventions: ``xyxy`` is ``x0, y0, x1, y1``; ``cxcywh`` is centre and size. "Normalized" means divided
+by the original image's width (x) and height (y), the schema's box format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchvision.ops import batched_nms, box_iou, nms
+
+
+def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+
+
+def normalize(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Pixel xyxy -> xyxy in [0, 1] of a ``width`` x ``height`` image."""
+    scale = boxes.new_tensor([width, height, width, height])
+    return boxes / scale
+
+
+def denormalize(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    scale = boxes.new_tensor([width, height, width, height])
+    return boxes * scale
+
+
+def square_pad_to_image(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Normalized boxes of an image padded bottom/right to a square -> normalized boxes of the image.
+
+    OWLv2 pads every image to ``max(w, h)`` square before resizing, so its boxes are fractions of that
+    square; in original pixels a coordinate is ``b * max(w, h)``, and ``/ w`` (x) or ``/ h`` (y) brings
+    it back to the original image.
+    """
+    side = float(max(width, height))
+    scale = boxes.new_tensor([side / width, side / height, side / width, side / height])
+    return boxes * scale
+
+
+def clip01(boxes: torch.Tensor) -> torch.Tensor:
+    """Clip normalized boxes to the image."""
+    return boxes.clamp(0.0, 1.0)
+
+
+def box_sizes(boxes: torch.Tensor, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Width and height in pixels of normalized xyxy boxes."""
+    return (boxes[:, 2] - boxes[:, 0]) * width, (boxes[:, 3] - boxes[:, 1]) * height
+
+
+def min_size_keep(boxes: torch.Tensor, width: int, height: int, min_size: float) -> torch.Tensor:
+    """Mask of boxes whose both sides are positive and at least ``min_size`` x the image's shorter side."""
+    w, h = box_sizes(boxes, width, height)
+    limit = min_size * min(width, height)
+    return (w > 0) & (h > 0) & (w >= limit) & (h >= limit)
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU ``[N, M]`` of xyxy boxes."""
+    return box_iou(a, b)
+
+
+def nms_keep(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float, mode: str
+) -> torch.Tensor:
+    """Indices kept by NMS, by decreasing score.
+
+    ``per_phrase`` suppresses only among boxes with the same label (phrase); ``class_agnostic`` across all
+    phrases (GRIT's "even if they are not for the same noun chunk"); ``none`` keeps everything.
+    """
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    boxes, scores = boxes.float(), scores.float()
+    if mode == "per_phrase":
+        return batched_nms(boxes, scores, labels, iou_threshold)
+    if mode == "class_agnostic":
+        return nms(boxes, scores, iou_threshold)
+    if mode == "none":
+        return torch.argsort(scores, descending=True, stable=True)
+    raise ValueError(f"unknown nms mode {mode!r}; use per_phrase, class_agnostic or none")
+
+
+@dataclass(frozen=True)
+class PostProcess:
+    """The shared post-processing settings, taken from ``DetectorConfig``."""
+
+    nms: str = "per_phrase"
+    nms_iou: float = 0.5
+    min_box_size: float = 0.0
+    max_regions: int = 50
+
+
+def postprocess(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    width: int,
+    height: int,
+    pp: PostProcess,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clip, size-filter, NMS and cap one image's thresholded boxes (normalized xyxy of the original image).
+
+    Returns ``(boxes, scores, labels)`` sorted by decreasing score, at most ``pp.max_regions`` rows.
+    """
+    boxes = clip01(boxes.float())
+    keep = min_size_keep(boxes, width, height, pp.min_box_size)
+    boxes, scores, labels = boxes[keep], scores[keep].float(), labels[keep]
+    order = nms_keep(boxes, scores, labels, pp.nms_iou, pp.nms)[: max(pp.max_regions, 0)]
+    return boxes[order], scores[order], labels[order]
