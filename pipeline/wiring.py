@@ -17,7 +17,6 @@ if TYPE_CHECKING:
 def build_stages(cfg: LabelConfig) -> list[Stage]:
     """The stages for ``cfg``, in order; the detector is left out when its spec is ``none``."""
     from vesl.labelers.captioners import make_captioner
-    from vesl.labelers.detectors import make_detector
     from vesl.labelers.phrases import PhraseStage
     from vesl.pipeline.decode import DecodeStage
 
@@ -27,6 +26,10 @@ def build_stages(cfg: LabelConfig) -> list[Stage]:
         make_captioner(cfg.captioner, trust_remote_code=trust),
         PhraseStage(cfg.phrases),
     ]
+    if cfg.detector.spec.strip().lower() == "none":
+        return stages  # skip importing the detector module (torch, torchvision) for a phrases-only job
+    from vesl.labelers.detectors import make_detector
+
     detector = make_detector(cfg.detector, trust_remote_code=trust)
     if detector is not None:
         stages.append(detector)

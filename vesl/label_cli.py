@@ -89,6 +89,8 @@ def label(
     if detector is not None:
         ov["detector"] = {"spec": detector}
     cfg = resolve_config(profile, config, ov)
+    if beam_options and cfg.engine != "beam":
+        raise UserError(f"arguments after `--` ({' '.join(beam_options)}) are Beam pipeline options: add --engine beam")
     summary = run(cfg, progress=progress)
     typer.echo(
         f"{cfg.output}: {summary.get('shards_written', 0)} shards written, {summary.get('shards_skipped', 0)} already "

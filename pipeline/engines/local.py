@@ -242,8 +242,22 @@ class _Progress:
             self.bar.close()
 
 
-def _worker_main(cfg: LabelConfig, stages_factory: StagesFactory, task_q: Any, result_q: Any, threads: int) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """A worker must not outlive a killed parent: it would keep writing while a rerun starts."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="vesl-parent-watch", daemon=True).start()
+
+
+def _worker_main(
+    cfg: LabelConfig, stages_factory: StagesFactory, task_q: Any, result_q: Any, threads: int, parent: int
+) -> None:
     pid = os.getpid()
+    _exit_with_parent(parent)
     try:
         stages, provenance = setup_stages(cfg, stages_factory)
         if "torch" in sys.modules:
@@ -271,7 +285,7 @@ def _run_workers(
         task_q.put(None)
     threads = max(1, (os.cpu_count() or 1) // n)
     procs = [
-        ctx.Process(target=_worker_main, args=(cfg, stages_factory, task_q, result_q, threads), name=f"vesl-worker-{i}")
+        ctx.Process(target=_worker_main, args=(cfg, stages_factory, task_q, result_q, threads, os.getpid()), name=f"vesl-worker-{i}")
         for i in range(n)
     ]
     for p in procs:

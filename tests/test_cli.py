@@ -1,0 +1,122 @@
+"""Smoke tests through the installed `vesl` entry point (a subprocess, as a user runs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+VESL = str(Path(sys.executable).parent / "vesl")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def vesl(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([VESL, *args], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=timeout, check=False)
+
+
+def test_help_lists_the_commands():
+    r = vesl("--help")
+    assert r.returncode == 0
+    for cmd in ("label", "inspect", "validate", "synth"):
+        assert cmd in r.stdout
+    r = vesl("label", "--help")
+    for flag in ("--output", "--captioner", "--phrases", "--detector", "--engine", "--workers", "--limit",
+                 "--overwrite", "--config", "--profile", "--seed", "--trust-remote-code", "--runner", "--ray-address"):  # fmt: skip
+        assert flag in r.stdout
+
+
+def test_synth_label_validate_inspect_resume(tmp_path):
+    r = vesl("synth", "--n", "6", "--seed", "3", "--out", str(tmp_path / "in"), "--format", "wds", "--shard-size", "3")
+    assert r.returncode == 0, r.stderr
+    tars = sorted((tmp_path / "in").glob("*.tar"))
+    assert len(tars) == 2
+
+    out = tmp_path / "out"
+    r = vesl("label", str(tmp_path / "in"), "--output", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "2 shards written" in r.stdout
+    assert sorted(p.name for p in out.glob("*.stats.json")) == ["part-00000.stats.json", "part-00001.stats.json"]
+    assert (out / "manifest.json").exists()
+
+    r = vesl("validate", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("ok:")
+
+    r = vesl("inspect", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["shards"] == 2
+    assert report["rows"] + report["errors"] == 6
+    assert sum(report["regions_per_image_hist"].values()) == report["rows"]
+
+    r = vesl("label", str(tmp_path / "in"), "--output", str(out), "--no-progress")
+    assert r.returncode == 0
+    assert "0 shards written, 2 already committed" in r.stdout
+
+
+def test_validate_lists_every_violation_and_exits_1(tmp_path):
+    from vesl.pipeline.stage import Region, Sample
+    from vesl.pipeline.writer import write_shard
+    from vesl.schemas.manifest import write_manifest
+
+    bad = [
+        Sample(key="a", source_shard="s", index=0, width=8, height=8, caption="a cat", caption_source="vlm",
+               regions=[Region("a cat", 0, 5, (0.5, 0.1, 0.2, 1.5), 0.9)]),
+        Sample(key="b", source_shard="s", index=1, width=8, height=8, caption="a dog", caption_source="vlm",
+               regions=[Region("a cat", 0, 5, (0.1, 0.1, 0.2, 0.2), 0.9)]),
+    ]  # fmt: skip
+    write_shard(tmp_path, "part-00000", "s", bad, {})
+    write_manifest(tmp_path)
+    (tmp_path / "part-00001.parquet").write_bytes((tmp_path / "part-00000.parquet").read_bytes())  # uncommitted copy
+    r = vesl("validate", str(tmp_path))
+    assert r.returncode == 1
+    kinds = {k for k in ("[box_range]", "[box_order]", "[span_text]", "[duplicate_key]", "[uncommitted]") if k in r.stdout}
+    assert kinds == {"[box_range]", "[box_order]", "[span_text]", "[duplicate_key]", "[uncommitted]"}
+    assert "violation(s)" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["label", "{in}", "-o", "{out}", "--engine", "spark"], "engine"),
+        (["label", "{in}", "-o", "{out}", "--phrases", "verbs"], "phrases.mode"),
+        (["label", "{in}", "-o", "{out}", "--profile", "nope"], "default, demo, grit, paper"),
+        (["label", "{in}", "-o", "{out}", "--config", "{badkey}"], "detector.treshold"),
+        (["label", "{in}", "-o", "{out}", "--config", "{badyaml}"], "not valid YAML"),
+        (["label", "{in}", "-o", "{out}", "--config", "{tmp}/missing.yaml"], "not found"),
+        (["label", "{tmp}/missing/*.tar", "-o", "{out}"], "missing"),
+        (["label", "{in}"], "--output"),
+        (["label", "{in}", "-o", "{out}", "--limit", "0"], "--limit"),
+        (["label", "{in}", "-o", "{out}", "--", "--num_workers=2"], "--engine beam"),
+        (["synth", "--out", "{out}", "--format", "tiff"], "wds, parquet, coco"),
+        (["validate", "{tmp}/nothing"], "does not exist"),
+        (["inspect", "{tmp}"], "no committed shards"),
+    ],
+)
+def test_user_mistakes_get_one_line_errors(tmp_path, args, expect):
+    (tmp_path / "bad_key.yaml").write_text("detector:\n  treshold: 0.3\n")
+    (tmp_path / "bad.yaml").write_text("detector: [unclosed\n")
+    subs = {
+        "{in}": "synth://4?seed=0&shard_size=2",
+        "{out}": str(tmp_path / "out"),
+        "{tmp}": str(tmp_path),
+        "{badkey}": str(tmp_path / "bad_key.yaml"),
+        "{badyaml}": str(tmp_path / "bad.yaml"),
+    }
+    argv = []
+    for a in args:
+        for k, v in subs.items():
+            a = a.replace(k, v)
+        argv.append(a)
+    r = vesl(*argv)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ")
+    assert expect in lines[0]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
