@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vesl import __version__
 from vesl.errors import UserError
 from vesl.pipeline.config import LabelConfig
-from vesl.pipeline.writer import read_stats
+from vesl.pipeline.writer import read_stats, write_shard
 from vesl.schemas.region_text import SCHEMA_VERSION
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from vesl.pipeline.sources import ShardRef
-    from vesl.pipeline.stage import Stage
+    from vesl.pipeline.stage import Sample, Stage
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ def check_job(cfg: LabelConfig) -> None:
         raise UserError(f"--workers must be >= 1, got {cfg.workers}")
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError(f"--limit must be >= 1, got {cfg.limit}")
+    if "://" not in cfg.output and os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
+        raise UserError(f"--output {cfg.output} is a file: pass a directory (new or from an earlier run)")
 
 
 def _count(ref: ShardRef, cfg: LabelConfig, at_most: int) -> int:
@@ -157,3 +162,33 @@ def job_provenance(cfg: LabelConfig, stages: list[Stage]) -> dict[str, Any]:
         },
         "stages": stage_prov,
     }
+
+
+def read_task(task: ShardTask, cfg: LabelConfig) -> Iterator[Sample]:
+    """The samples of one task in shard order, cut at ``task.limit``: what every engine reads."""
+    from vesl.pipeline.sources import read_shard
+
+    return itertools.islice(read_shard(task.ref, cfg.source), task.limit)
+
+
+def commit_shard(
+    cfg: LabelConfig,
+    task: ShardTask,
+    samples: list[Sample],
+    provenance: dict[str, Any],
+    timings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write and commit the output shard of ``task`` from all its processed samples (any order).
+
+    The one call every engine makes per shard, so engines write byte-identical files.
+    """
+    return write_shard(
+        cfg.output,
+        task.name,
+        task.ref.uri,
+        samples,
+        provenance,
+        timings,
+        keep_image_bytes=cfg.decode.keep_image_bytes,
+        sample_limit=task.limit,
+    )

@@ -120,3 +120,51 @@ def test_user_mistakes_get_one_line_errors(tmp_path, args, expect):
     assert expect in lines[0]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_config_precedence_cli_over_file_over_profile(tmp_path):
+    from vesl.profiles import demo_assets_dir, resolve_config
+
+    (tmp_path / "job.yaml").write_text("detector:\n  threshold: 0.3\nphrases:\n  max_phrases: 7\nworkers: 3\n")
+    cfg = resolve_config("paper", tmp_path / "job.yaml", {"detector": {"spec": "none"}, "workers": 1})
+    assert cfg.detector.spec == "none"  # CLI
+    assert cfg.detector.threshold == 0.3  # file over profile's 0.1
+    assert cfg.phrases.max_phrases == 7
+    assert cfg.workers == 1
+    assert cfg.captioner.spec == "hf:Qwen/Qwen2.5-VL-3B-Instruct"  # profile
+    assert cfg.detector.nms == "per_phrase"  # default
+    grit = resolve_config("grit")
+    assert (grit.phrases.mode, grit.phrases.expand_referring) == ("noun_chunks", True)
+    assert (grit.detector.threshold, grit.detector.nms, grit.detector.text_threshold) == (0.65, "class_agnostic", 0.25)
+    assert grit.detector.spec == "grounding-dino:IDEA-Research/grounding-dino-base"
+    demo = resolve_config("demo")
+    if (demo_assets_dir() / "detector").is_dir():
+        assert demo.detector.spec.startswith("owlv2:")
+    else:
+        assert demo.detector.spec == "none"
+    if (demo_assets_dir() / "captioner").is_dir():
+        assert demo.captioner.spec.startswith("hf:")
+    else:
+        assert demo.captioner.spec == "alt_text"
+
+
+def test_inspect_text_report_in_process(tmp_path):
+    from typer.testing import CliRunner
+
+    from vesl.cli import app
+    from vesl.pipeline.stage import Region, Sample, SampleError
+    from vesl.pipeline.writer import write_shard
+
+    samples = [
+        Sample(key=f"k{i}", source_shard="s", index=i, width=8, height=8, caption="a red cat", caption_source="vlm",
+               regions=[Region("a red cat", 0, 9, (0.1, 0.1, 0.5, 0.5), 0.2 + i / 10)] * (i % 3))
+        for i in range(6)
+    ]  # fmt: skip
+    samples[5].error = SampleError("detect", "ValueError", "boom")
+    write_shard(tmp_path, "part-00000", "s", samples, {})
+    r = CliRunner().invoke(app, ["inspect", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "rows       5" in r.output
+    assert "ValueError" in r.output
+    assert "a red cat" in r.output
+    assert "p50=" in r.output

@@ -25,10 +25,10 @@ from typing import Any
 
 from vesl.errors import UserError
 from vesl.pipeline.config import LabelConfig
-from vesl.pipeline.job import ShardTask, job_provenance, plan_shards
+from vesl.pipeline.job import ShardTask, commit_shard, job_provenance, plan_shards, read_task
 from vesl.pipeline.stage import Sample, Stage, apply_stage
 from vesl.pipeline.wiring import build_stages
-from vesl.pipeline.writer import clean_temp_files, write_shard
+from vesl.pipeline.writer import clean_temp_files
 
 PREFETCH_BATCHES = 4  # decoded batches waiting for the models, per process
 DECODE_THREADS = 2
@@ -85,14 +85,12 @@ def _reader(
     q: queue.Queue,
     stop: threading.Event,
 ) -> None:
-    from vesl.pipeline.sources import read_shard
-
     try:
         for task in tasks:
             if stop.is_set():
                 return
             try:
-                samples = itertools.islice(read_shard(task.ref, cfg.source), task.limit)
+                samples = read_task(task, cfg)
                 while batch := list(itertools.islice(samples, batch_size)):
                     if not _put(q, ("batch", task, pool.submit(_timed_apply, first, batch)), stop):
                         return
@@ -142,16 +140,7 @@ def process_tasks(
         t = time.perf_counter()
         timings = {k: round(v, 4) for k, v in sorted(st.seconds.items())}
         timings["wall_s"] = round(t - st.started, 4)
-        stats = write_shard(
-            cfg.output,
-            st.task.name,
-            st.task.ref.uri,
-            st.samples,
-            provenance,
-            timings,
-            keep_image_bytes=cfg.decode.keep_image_bytes,
-            sample_limit=st.task.limit,
-        )
+        stats = commit_shard(cfg, st.task, st.samples, provenance, timings)
         stats["timings"]["write_s"] = round(time.perf_counter() - t, 4)  # in the returned copy only
         return stats
 
