@@ -201,6 +201,18 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def _resolve_revision(model_id: str, revision: str | None) -> tuple[str | None, str | None]:
+    """Pin a hub revision to one commit (all files of the load come from it); returns it and the commit."""
+    if _is_local(model_id):
+        return revision, None
+    try:
+        from transformers.utils.hub import resolve_revision
+    except ImportError:  # older transformers resolve on their own
+        return revision, None
+    pinned = resolve_revision(model_id, revision)
+    return pinned, getattr(pinned, "resolved", None)
+
+
 def _is_local(model: str) -> bool:
     return Path(model).expanduser().exists()
 
@@ -223,6 +235,11 @@ class _HFDetector:
         self.processor = None
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
+        self._commit: str | None = None
+
+    def __getstate__(self) -> dict:
+        # Engines pickle stages to ship them to workers; the loaded model stays behind (setup() reloads).
+        return {k: (None if k in ("model", "processor") else v) for k, v in self.__dict__.items()}
 
     def _classes(self):
         raise NotImplementedError
@@ -234,16 +251,17 @@ class _HFDetector:
         self.device = resolve_device(self.cfg.device)
         self.dtype = resolve_dtype(self.cfg.dtype, self.device)
         src = str(Path(self.model_id).expanduser()) if _is_local(self.model_id) else self.model_id
-        kw = {"revision": self.cfg.revision} if self.cfg.revision else {}
-        if self.trust_remote_code:
-            kw["trust_remote_code"] = True
         try:
+            revision, self._commit = _resolve_revision(src, self.cfg.revision)
+            kw = {"revision": revision} if revision else {}
+            if self.trust_remote_code:
+                kw["trust_remote_code"] = True
             self.processor = proc_cls.from_pretrained(src, **kw)
             self.model = model_cls.from_pretrained(src, dtype=self.dtype, **kw).to(self.device).eval()
         except (OSError, ValueError) as exc:
             if _is_local(self.model_id):
                 raise UserError(
-                    f"can't load {self.kind} detector from {src}: {str(exc).splitlines()[0]} "
+                    f"can't load {self.kind} detector from {src}: {(str(exc).splitlines() or [repr(exc)])[0]} "
                     f"(the folder must hold a save_pretrained model and processor)"
                 ) from exc
             offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
@@ -284,7 +302,9 @@ class _HFDetector:
         prov = {
             "detector.backend": self.kind,
             "detector.model": self.model_id,
-            "detector.revision": self.cfg.revision or "",
+            "detector.revision": self._commit
+            or self.cfg.revision
+            or ("local" if _is_local(self.model_id) else "main"),
             "detector.threshold": str(self.cfg.threshold),
             "detector.nms": self.cfg.nms,
             "detector.nms_iou": str(self.cfg.nms_iou),
@@ -292,7 +312,6 @@ class _HFDetector:
             "detector.max_regions": str(self.cfg.max_regions),
         }
         if self.model is not None:
-            prov["detector.commit"] = getattr(self.model.config, "_commit_hash", None) or ""
             prov["detector.dtype"] = str(self.dtype).removeprefix("torch.")
         return prov
 

@@ -174,7 +174,7 @@ def paper_phrases(doc, caption: str, pattern: re.Pattern[str], stop_words, max_p
     found = []
     for i, j in chunk_tags([w[2] for w in words], pattern):
         span = doc[words[i][0] : words[j - 1][1]]
-        if is_generic((caption[w[0]:w[1]] for w in _word_spans(doc, words[i:j])), stop_words):
+        if is_generic((caption[w[0] : w[1]] for w in _word_spans(doc, words[i:j])), stop_words):
             continue
         s, e = _trim(caption, span.start_char, span.end_char)
         if e > s:
@@ -252,6 +252,10 @@ class PhraseStage:
         self._nlp = nlp
         self._pattern = tag_pattern_to_regex(PAPER_GRAMMAR)
         self._stop: frozenset[str] = frozenset()
+
+    def __getstate__(self) -> dict:
+        # Engines pickle stages to ship them to workers; the spaCy pipeline is reloaded by setup().
+        return {k: (None if k == "_nlp" else v) for k, v in self.__dict__.items()}
 
     def setup(self) -> None:
         if self._nlp is not None:

@@ -1,0 +1,87 @@
+"""Shared box math: conversions, OWLv2 square padding, clipping, size filter, NMS modes, per-image cap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vesl.labelers.boxes import (
+    PostProcess,
+    cxcywh_to_xyxy,
+    denormalize,
+    iou,
+    min_size_keep,
+    nms_keep,
+    normalize,
+    postprocess,
+    square_pad_to_image,
+    xyxy_to_cxcywh,
+)
+
+
+def test_conversions_round_trip():
+    xyxy = torch.tensor([[10.0, 20.0, 50.0, 80.0], [0.0, 0.0, 1.0, 1.0]])
+    cxcywh = xyxy_to_cxcywh(xyxy)
+    assert torch.allclose(cxcywh[0], torch.tensor([30.0, 50.0, 40.0, 60.0]))
+    assert torch.allclose(cxcywh_to_xyxy(cxcywh), xyxy)
+    norm = normalize(xyxy[:1], 640, 360)
+    assert torch.allclose(norm, torch.tensor([[10 / 640, 20 / 360, 50 / 640, 80 / 360]]))
+    assert torch.allclose(denormalize(norm, 640, 360), xyxy[:1])
+
+
+def test_square_pad_to_image_landscape_and_portrait():
+    # 640x360 padded to 640x640: y fractions of the square scale by 640/360, x unchanged
+    sq = torch.tensor([[0.5, 90 / 640, 0.75, 270 / 640]])
+    assert torch.allclose(square_pad_to_image(sq, 640, 360), torch.tensor([[0.5, 0.25, 0.75, 0.75]]))
+    # 360x640 (portrait) padded to 640x640: x scales instead
+    sq = torch.tensor([[90 / 640, 0.5, 270 / 640, 0.75]])
+    assert torch.allclose(square_pad_to_image(sq, 360, 640), torch.tensor([[0.25, 0.5, 0.75, 0.75]]))
+    # square images are untouched
+    assert torch.allclose(square_pad_to_image(sq, 500, 500), sq)
+
+
+def test_min_size_is_a_fraction_of_the_shorter_side():
+    boxes = torch.tensor([[0.0, 0.0, 0.1, 0.1], [0.0, 0.0, 0.01, 0.5], [0.2, 0.2, 0.2, 0.4]])
+    # 640x360: box 0 is 64x36 px, box 1 is 6.4x180 px, box 2 has zero width
+    assert min_size_keep(boxes, 640, 360, 0.0).tolist() == [True, True, False]
+    assert min_size_keep(boxes, 640, 360, 0.05).tolist() == [True, False, False]  # limit 18 px
+    assert min_size_keep(boxes, 640, 360, 0.2).tolist() == [False, False, False]  # limit 72 px
+
+
+def test_nms_per_phrase_vs_class_agnostic_vs_none():
+    boxes = torch.tensor(
+        [[0.0, 0.0, 0.5, 0.5], [0.02, 0.0, 0.5, 0.5], [0.6, 0.6, 1.0, 1.0], [0.0, 0.0, 0.5, 0.52]]
+    )
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    labels = torch.tensor([0, 0, 0, 1])
+    assert iou(boxes[:1], boxes[1:2]).item() > 0.9
+    # same phrase: box 1 suppressed by box 0; box 3 is another phrase and survives
+    assert nms_keep(boxes, scores, labels, 0.5, "per_phrase").tolist() == [0, 2, 3]
+    # across phrases (GRIT): box 3 is suppressed too
+    assert nms_keep(boxes, scores, labels, 0.5, "class_agnostic").tolist() == [0, 2]
+    assert nms_keep(boxes, scores, labels, 0.5, "none").tolist() == [0, 1, 2, 3]
+    assert nms_keep(boxes[:0], scores[:0], labels[:0], 0.5, "per_phrase").numel() == 0
+    with pytest.raises(ValueError, match="nms mode"):
+        nms_keep(boxes, scores, labels, 0.5, "bogus")
+
+
+def test_postprocess_clips_filters_and_caps_by_score():
+    boxes = torch.tensor(
+        [
+            [-0.1, -0.1, 0.3, 0.3],  # clipped to [0, 0, .3, .3]
+            [1.2, 0.2, 1.5, 0.4],  # fully outside: zero width after clipping -> dropped
+            [0.5, 0.5, 0.9, 0.9],
+            [0.1, 0.6, 0.4, 0.95],
+            [0.6, 0.0, 0.9, 0.3],
+        ]
+    )
+    scores = torch.tensor([0.3, 0.99, 0.5, 0.4, 0.2])
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    b, s, lab = postprocess(boxes, scores, labels, 640, 360, PostProcess(max_regions=3))
+    assert lab.tolist() == [2, 3, 0]  # the three best surviving boxes, best first
+    assert torch.allclose(s, torch.tensor([0.5, 0.4, 0.3]))
+    assert torch.allclose(b[2], torch.tensor([0.0, 0.0, 0.3, 0.3]))
+    assert float(b.min()) >= 0.0
+    assert float(b.max()) <= 1.0
+    b, _, _ = postprocess(boxes, scores, labels, 640, 360, PostProcess(max_regions=0))
+    assert b.shape == (0, 4)
