@@ -246,3 +246,35 @@ def test_hf_stage_type(hf_stage):
     assert hf_stage.name == "caption"
     assert hf_stage.device == resolve_device("auto")
     assert hf_stage._model.dtype == resolve_dtype("auto", hf_stage.device)
+
+
+def _label_end_to_end(captioner: CaptionerConfig, out) -> list[dict]:
+    """`vesl label` through the local engine with this captioner; returns the rows after validating."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from vesl.pipeline.config import LabelConfig
+    from vesl.pipeline.engines import run
+    from vesl.schemas.region_text import PROVENANCE_KEY, validate
+
+    run(LabelConfig(inputs=["synth://4"], output=str(out), captioner=captioner), progress=False)
+    assert validate(out) == []
+    [shard] = sorted(out.glob("part-*[0-9].parquet"))
+    prov = json.loads(pq.read_metadata(shard).metadata[PROVENANCE_KEY.encode()])
+    if captioner.spec != "alt_text":
+        assert prov["stages"]["caption"]["captioner.prompt_sha256"] == prompt_hash(captioner.prompt_template)
+    return pq.read_table(shard).to_pylist()
+
+
+def test_label_end_to_end_with_hf_captioner(tiny_vlm_dir, tmp_path):
+    rows = _label_end_to_end(CaptionerConfig(spec=f"hf:{tiny_vlm_dir}", max_new_tokens=6), tmp_path)
+    assert len(rows) == 4
+    assert {r["caption_source"] for r in rows} == {"vlm"}
+    assert all(r["caption"] and r["caption"] != r["alt_text"] for r in rows)
+
+
+def test_label_end_to_end_with_alt_text_captioner(tmp_path):
+    rows = _label_end_to_end(CaptionerConfig(spec="alt_text"), tmp_path)
+    assert len(rows) == 4
+    assert all(r["caption"] == r["alt_text"].strip() and r["caption_source"] == "alt_text" for r in rows)

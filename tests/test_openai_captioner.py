@@ -309,3 +309,15 @@ def test_backoff_is_exponential_capped_and_seeded():
         assert full / 2 <= d <= full
     assert stage.backoff(0, random.Random(0), retry_after=5.0) == 5.0
     assert stage.backoff(0, random.Random(0), retry_after=1e9) == stage.backoff_max_s
+
+
+def test_label_end_to_end_through_transformers_serve(served_vlm, tmp_path):
+    from tests.test_captioners import _label_end_to_end
+
+    base_url, model = served_vlm
+    cfg = CaptionerConfig(spec=f"openai:{base_url}#{model}", max_new_tokens=6, api_key_env=KEY_ENV)
+    rows = _label_end_to_end(cfg, tmp_path)
+    assert len(rows) == 4
+    assert {r["caption_source"] for r in rows} == {"vlm"}
+    assert all(r["caption"] for r in rows)
+    assert SECRET not in (tmp_path / "manifest.json").read_text()
