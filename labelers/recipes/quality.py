@@ -1,0 +1,185 @@
+"""Label quality of captioner + detector against the synthetic world's ground truth.
+
+Everything runs through the product stages (decode -> ``hf:`` captioner -> paper phrases -> ``owlv2:``
+detector, as ``vesl label`` builds them), so the figures describe what a labeling job really writes.
+Used by ``benchmarks/label_quality.py`` and ``tests/test_demo_models.py``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+_POSITIONS = ("at the top left", "at the top right", "at the bottom left", "at the bottom right",
+              "at the top", "at the bottom", "on the left", "on the right", "in the center")  # fmt: skip
+
+
+def mentions(caption: str, color: str, shape: str) -> bool:
+    """Whether the caption names ``color shape`` (e.g. "red circle", adjectives in between not allowed)."""
+    return re.search(rf"\b{re.escape(color)} {re.escape(shape)}s?\b", caption.lower()) is not None
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def greedy_match(
+    preds: Sequence[tuple[Sequence[float], float, str]],
+    gts: Sequence[tuple[Sequence[float], str]],
+    iou_threshold: float = 0.5,
+    same_label: bool = False,
+) -> int:
+    """One-to-one matches, highest score first: a prediction takes the free GT box it overlaps most.
+
+    ``preds``: (box, score, label); ``gts``: (box, label); boxes normalized xyxy. With ``same_label``
+    a prediction may only match a GT box of the same label. Returns the number of matches.
+    """
+    free = set(range(len(gts)))
+    hits = 0
+    for box, _score, label in sorted(preds, key=lambda p: -p[1]):
+        best, best_iou = None, iou_threshold
+        for j in free:
+            if same_label and gts[j][1] != label:
+                continue
+            iou = box_iou(box, gts[j][0])
+            if iou >= best_iou:
+                best, best_iou = j, iou
+        if best is not None:
+            free.discard(best)
+            hits += 1
+    return hits
+
+
+def phrase_category(phrase: str, categories: Sequence[str]) -> str:
+    """The ``color shape`` category a phrase names ('' if none): "a large red circle" -> "red circle"."""
+    low = phrase.lower()
+    for c in categories:
+        if re.search(rf"\b{re.escape(c)}s?\b", low):
+            return c
+    return ""
+
+
+@dataclass
+class Counts:
+    tp: int = 0
+    n_pred: int = 0
+    n_gt: int = 0
+
+    @property
+    def precision(self) -> float:
+        return self.tp / self.n_pred if self.n_pred else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.tp / self.n_gt if self.n_gt else 0.0
+
+
+@dataclass
+class LabelQuality:
+    n_images: int = 0
+    n_objects: int = 0
+    caption_object_recall: float = 0.0  # GT objects named with correct color and shape
+    caption_exact_recall: float = 0.0  # ... with the exact phrase (size too) and position words
+    caption_errors: int = 0
+    pipeline_box: Counts = field(default_factory=Counts)  # boxes vs GT boxes, IoU >= 0.5
+    pipeline_labeled: Counts = field(default_factory=Counts)  # ... and the phrase names the GT category
+    detector_box: Counts = field(default_factory=Counts)  # detector alone, queried with the GT phrases
+    detector_labeled: Counts = field(default_factory=Counts)
+    seconds: dict = field(default_factory=dict)
+    examples: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if not isinstance(getattr(self, k), Counts)}
+        for k in ("pipeline_box", "pipeline_labeled", "detector_box", "detector_labeled"):
+            c = getattr(self, k)
+            out[k] = {"precision": round(c.precision, 4), "recall": round(c.recall, 4), **asdict(c)}
+        return out
+
+
+def _count(counts: Counts, regions, scene, categories: Sequence[str], same_label: bool) -> None:
+    preds = [(r.box, r.score, phrase_category(r.phrase, categories)) for r in regions]
+    gts = [(o.box, o.category) for o in scene.objects]
+    counts.tp += greedy_match(preds, gts, 0.5, same_label)
+    counts.n_pred += len(preds)
+    counts.n_gt += len(gts)
+
+
+def evaluate(
+    scenes,
+    captioner: str,
+    detector: str,
+    batch_size: int = 16,
+    threshold: float = 0.1,
+    detector_only: bool = True,
+    n_examples: int = 3,
+) -> LabelQuality:
+    """Label ``scenes`` with ``hf:<captioner>`` + ``owlv2:<detector>`` through the product stages."""
+    from vesl.pipeline.config import CaptionerConfig, DetectorConfig, LabelConfig
+    from vesl.pipeline.stage import Phrase, Sample, apply_stage
+    from vesl.pipeline.synth import categories as all_categories
+    from vesl.pipeline.wiring import build_stages
+
+    scenes = list(scenes)
+    cats = sorted(all_categories(), key=len, reverse=True)
+    cfg = LabelConfig(
+        captioner=CaptionerConfig(spec=f"hf:{captioner}", batch_size=batch_size),
+        detector=DetectorConfig(spec=f"owlv2:{detector}", batch_size=batch_size, threshold=threshold),
+    )
+    stages = build_stages(cfg)
+    q = LabelQuality(n_images=len(scenes), n_objects=sum(len(s.objects) for s in scenes))
+    t_setup = time.perf_counter()
+    for st in stages:
+        st.setup()
+    q.seconds["setup"] = round(time.perf_counter() - t_setup, 2)
+    samples = [
+        Sample(key=s.key, source_shard="quality", index=i, image_bytes=s.image, alt_text=s.alt_text)
+        for i, s in enumerate(scenes)
+    ]
+    for k in range(0, len(samples), batch_size):
+        batch = samples[k : k + batch_size]
+        for st in stages:
+            t = time.perf_counter()
+            apply_stage(st, batch)
+            q.seconds[st.name] = round(q.seconds.get(st.name, 0.0) + time.perf_counter() - t, 2)
+    named = exact = 0
+    for s, sample in zip(scenes, samples, strict=True):
+        if not sample.ok:
+            q.caption_errors += 1
+            _count(q.pipeline_box, [], s, cats, False)
+            _count(q.pipeline_labeled, [], s, cats, True)
+            continue
+        cap = sample.caption or ""
+        for o, r in zip(s.objects, s.regions, strict=True):
+            named += mentions(cap, o.color, o.shape)
+            pos = s.caption[r.char_end:].split(",")[0].split(" and ")[0].rstrip(".").strip()
+            exact += f"{o.phrase} {pos}" in cap
+        _count(q.pipeline_box, sample.regions, s, cats, False)
+        _count(q.pipeline_labeled, sample.regions, s, cats, True)
+        if len(q.examples) < n_examples:
+            q.examples.append({"gt": s.caption, "caption": cap,
+                               "regions": [(r.phrase, [round(v, 3) for v in r.box], round(r.score, 3))
+                                           for r in sample.regions]})  # fmt: skip
+    q.caption_object_recall = named / max(1, q.n_objects)
+    q.caption_exact_recall = exact / max(1, q.n_objects)
+    if detector_only:
+        det, decode = stages[-1], stages[0]
+        gt_samples = [
+            Sample(key=s.key, source_shard="quality", index=i, image_bytes=s.image, alt_text=s.alt_text,
+                   caption=s.caption, phrases=[Phrase(r.phrase, r.char_start, r.char_end) for r in s.regions])
+            for i, s in enumerate(scenes)
+        ]  # fmt: skip
+        t = time.perf_counter()
+        for k in range(0, len(gt_samples), batch_size):
+            apply_stage(decode, gt_samples[k : k + batch_size])
+            apply_stage(det, gt_samples[k : k + batch_size])
+        q.seconds["detect_gt_phrases"] = round(time.perf_counter() - t, 2)
+        for s, sample in zip(scenes, gt_samples, strict=True):
+            _count(q.detector_box, sample.regions if sample.ok else [], s, cats, False)
+            _count(q.detector_labeled, sample.regions if sample.ok else [], s, cats, True)
+    return q
