@@ -1,0 +1,200 @@
+"""What the Beam and Ray engines share: reading a shard into a flow of items, running one stage on a
+batch of items, and committing one shard from its grouped items.
+
+A distributed engine moves *items*, each keyed by its output shard name: the shard's Samples, then
+one :class:`ShardEnd` marker that the reader emits after the last sample. The marker travels through
+every stage like a sample (stages never see it) and collects each stage's provenance from the very
+worker that ran it, after ``setup()``, exactly as the local engine records it. The writer of a shard
+thus knows how many samples to expect (nothing lost), whether the read failed (then the shard stays
+uncommitted, as on the local engine), and the job provenance, without loading any model itself.
+
+Stage time is shared out over the samples of each batch (``Sample.meta``), so per-shard stats carry
+per-stage seconds like the local engine's; only ``timings`` differ between engines.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from vesl.pipeline.config import LabelConfig
+from vesl.pipeline.job import ShardTask, job_provenance
+from vesl.pipeline.stage import Sample, Stage, apply_stage
+from vesl.pipeline.writer import read_stats, write_shard
+
+StagesFactory = Callable[[LabelConfig], list[Stage]]
+SECONDS_KEY = "_vesl_stage_seconds"  # in Sample.meta; never written to the output rows
+
+
+@dataclass
+class ShardEnd:
+    """Last item of a shard: how many samples were read, whether reading failed, stage provenance."""
+
+    task: ShardTask
+    count: int
+    error: str | None = None
+    started: float = field(default_factory=time.time)
+    provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+Item = Sample | ShardEnd
+
+
+def read_items(task: ShardTask, cfg: LabelConfig) -> Iterator[Item]:
+    """The shard's samples (at most ``task.limit``), then its :class:`ShardEnd`."""
+    from vesl.pipeline.sources import read_shard
+
+    started, count, error = time.time(), 0, None
+    try:
+        for sample in itertools.islice(read_shard(task.ref, cfg.source), task.limit):
+            count += 1
+            yield sample
+    except Exception as exc:  # unreadable shard: reported, left uncommitted, retried on rerun
+        error = f"cannot read {task.ref.uri}: {type(exc).__name__}: {exc}"
+    yield ShardEnd(task, count, error, started)
+
+
+def dumps(item: Any) -> bytes:
+    return pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def loads(data: bytes) -> Any:
+    """Only for items this job pickled itself (between its own workers)."""
+    return pickle.loads(data)  # noqa: S301
+
+
+class StageRunner:
+    """One stage, built and set up once per worker; applies it to the samples of a batch of items.
+
+    ``shared``: calls are serialized by a lock so one instance can serve several threads of a worker
+    process (one model copy per process instead of per thread).
+    """
+
+    def __init__(self, cfg: LabelConfig, factory: StagesFactory, position: int, last: bool) -> None:
+        self.cfg, self.factory, self.position, self.last = cfg, factory, position, last
+        self.stage: Stage | None = None
+        self.provenance: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def setup(self) -> StageRunner:
+        stage = self.factory(self.cfg)[self.position]
+        stage.setup()
+        fn = getattr(stage, "provenance", None)
+        self.provenance = {str(k): v for k, v in (fn() if callable(fn) else {}).items()}
+        self.stage = stage
+        return self
+
+    @property
+    def name(self) -> str:
+        assert self.stage is not None, "setup() first"
+        return self.stage.name
+
+    def __call__(self, items: list[Item]) -> list[Item]:
+        assert self.stage is not None, "setup() first"
+        with self._lock:
+            samples = [x for x in items if isinstance(x, Sample)]
+            if samples:
+                t = time.perf_counter()
+                size = max(1, self.stage.resources.batch_size)
+                for i in range(0, len(samples), size):
+                    apply_stage(self.stage, samples[i : i + size])
+                share = (time.perf_counter() - t) / len(samples)
+                for s in samples:
+                    secs = s.meta.setdefault(SECONDS_KEY, {})
+                    secs[self.stage.name] = secs.get(self.stage.name, 0.0) + share
+                    if self.last:
+                        s.image = None  # decoded pixels never travel to the writer
+            for x in items:
+                if isinstance(x, ShardEnd):
+                    x.provenance[self.stage.name] = self.provenance
+        return items
+
+
+@dataclass(frozen=True)
+class _RecordedStage:
+    """Stands in for a stage in ``job_provenance``: the provenance its worker recorded."""
+
+    name: str
+    recorded: dict[str, Any]
+
+    def provenance(self) -> dict[str, Any]:
+        return self.recorded
+
+
+def write_items(cfg: LabelConfig, name: str, items: Iterable[Item], engine: str, run_id: str = "") -> dict[str, Any]:
+    """Commit one shard from all of its items (any order); returns ``{"shard", "ok", "stats"|"error"}``."""
+    samples: list[Sample] = []
+    ends: list[ShardEnd] = []
+    for x in items:
+        (ends if isinstance(x, ShardEnd) else samples).append(x)
+    if len(ends) != 1:
+        return {"shard": name, "ok": False, "error": f"internal: {len(ends)} end markers for one shard; rerun to resume"}
+    end = ends[0]
+    if end.error is not None:
+        return {"shard": name, "ok": False, "error": end.error}
+    if len(samples) != end.count:
+        return {"shard": name, "ok": False, "error": f"read {end.count} samples but {len(samples)} reached the writer"}
+    provenance = job_provenance(cfg, [_RecordedStage(k, v) for k, v in end.provenance.items()])
+    seconds: dict[str, float] = {}
+    for s in samples:
+        for k, v in s.meta.pop(SECONDS_KEY, {}).items():
+            seconds[k] = seconds.get(k, 0.0) + v
+    timings: dict[str, Any] = {k: round(v, 4) for k, v in sorted(seconds.items())}
+    timings["wall_s"] = round(time.time() - end.started, 4)
+    timings["engine"] = engine
+    timings["run_id"] = run_id
+    stats = write_shard(
+        cfg.output, name, end.task.ref.uri, samples, provenance, timings,
+        keep_image_bytes=cfg.decode.keep_image_bytes, sample_limit=end.task.limit,
+    )  # fmt: skip
+    return {"shard": name, "ok": True, "stats": stats}
+
+
+def summary(
+    engine: str,
+    cfg: LabelConfig,
+    todo: list[ShardTask],
+    skipped: list,
+    results: list[dict[str, Any]],
+    wall: float,
+    workers: int,
+    manifest: Any,
+) -> dict[str, Any]:
+    """The same summary dict as the local engine's."""
+    stats = [r["stats"] for r in results if r["ok"]]
+    done = {r["shard"] for r in results}
+    failed = [{"shard": r["shard"], "error": r["error"]} for r in results if not r["ok"]]
+    failed += [{"shard": t.name, "error": "not finished; rerun to resume"} for t in todo if t.name not in done]
+    images = sum(s["input_count"] for s in stats)
+    return {
+        "engine": engine,
+        "output": cfg.output,
+        "workers": workers,
+        "shards_planned": len(todo),
+        "shards_written": len(stats),
+        "shards_skipped": len(skipped),
+        "failed": sorted(failed, key=lambda r: r["shard"]),
+        "images": images,
+        "rows": sum(s["rows"] for s in stats),
+        "errors": sum(s["errors"] for s in stats),
+        "regions": sum(s["regions"] for s in stats),
+        "wall_s": round(wall, 3),
+        "images_per_s": round(images / wall, 2) if wall > 0 else 0.0,
+        "manifest": str(manifest),
+    }
+
+
+def committed_results(cfg: LabelConfig, todo: list[ShardTask], run_id: str) -> list[dict[str, Any]]:
+    """Results read back from the output (for runners whose workers can't hand results to the driver):
+    the shards this run (``run_id`` in their timings) committed."""
+    out = []
+    for t in todo:
+        stats = read_stats(cfg.output, t.name)
+        if stats is not None and stats.get("timings", {}).get("run_id") == run_id:
+            out.append({"shard": t.name, "ok": True, "stats": stats})
+    return out

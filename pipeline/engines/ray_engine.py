@@ -1,0 +1,348 @@
+"""Ray Data engine: the same stages as actor pools, the same shard writer.
+
+Dataset::
+
+    from_items(shard tasks) -> flat_map(read shard: samples + end marker)
+      -> for each stage: map_batches(callable class = actor pool; batch_size, concurrency, num_gpus
+         from the stage's config, fractional GPUs allowed)
+      -> driver: gather each shard's items as they stream out, commit it with the shared writer
+
+- ``cfg.ray_address`` None: ``ray.init()`` on this machine (reusing a session already started in
+  this process); ``"auto"`` or ``"ray://host:10001"``: join that cluster, whose workers must have
+  vesl installed (see the Dockerfile and docs/cluster.md).
+- Actor pools: a stage's ``concurrency`` config sets its pool size; stages without one use
+  ``--workers``. A GPU stage always has its own pool (``num_gpus`` per actor, fractions allowed);
+  consecutive CPU-only stages with equal pool sizes share one pool, the way Ray Data fuses
+  consecutive maps. Each actor asks for one CPU, less on a small machine so that every pool and the
+  read/write tasks fit at once (a pool that cannot start would stall the stream).
+- Rows carry pickled Samples (the decoded image travels between stage actors and is dropped after
+  the last stage). The driver groups the last stage's rows by shard and commits each shard as soon as
+  its end marker and all its samples have arrived, so shards commit progressively and an interrupted
+  job loses only the shards in flight. (A ``groupby().map_groups()`` shuffle would keep the writes on
+  the workers but commit nothing before the whole job is done, and its shuffle actors cost more than
+  the labeling on small jobs.) The output bytes pass through the driver: run it near the output store.
+- With the ``vllm`` extra and a ``vllm:<model>`` captioner, the captioner runs as a ``ray.data.llm``
+  processor (``vLLMEngineProcessorConfig`` + ``build_processor``). That path needs vLLM and a GPU
+  and is not exercised by the tests here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from vesl.errors import UserError
+from vesl.pipeline.config import LabelConfig
+from vesl.pipeline.engines.distributed import (
+    ShardEnd,
+    StageRunner,
+    StagesFactory,
+    dumps,
+    loads,
+    read_items,
+    summary,
+    write_items,
+)
+from vesl.pipeline.job import plan_shards
+from vesl.pipeline.stage import Sample
+from vesl.pipeline.wiring import build_stages
+from vesl.pipeline.writer import clean_temp_files
+
+log = logging.getLogger(__name__)
+
+
+def _read_rows(row: dict[str, Any], cfg: LabelConfig) -> list[dict[str, Any]]:
+    task = loads(row["task"])
+    return [{"shard": task.name, "item": dumps(item)} for item in read_items(task, cfg)]
+
+
+class _StageActor:
+    """The stages at ``positions`` (usually one), built and set up once per actor, called on batches of rows."""
+
+    def __init__(self, cfg: LabelConfig, factory: StagesFactory, positions: list[int], last: int) -> None:
+        self.runners = [StageRunner(cfg, factory, p, p == last).setup() for p in positions]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        items = [loads(b) for b in batch["item"]]
+        for runner in self.runners:
+            runner(items)
+        out = np.empty(len(items), dtype=object)
+        out[:] = [dumps(x) for x in items]
+        return {"shard": batch["shard"], "item": out}
+
+
+class _ShardCollector:
+    """Driver side: gathers each shard's items as they stream out of the last stage and commits a
+    shard (in a writer thread) as soon as its end marker and all of its samples have arrived."""
+
+    def __init__(self, cfg: LabelConfig, run_id: str, total: int, t0: float, progress: bool) -> None:
+        self.cfg, self.run_id, self.total, self.t0, self.progress = cfg, run_id, total, t0, progress
+        self.open: dict[str, list[Any]] = {}
+        self.ends: dict[str, ShardEnd] = {}
+        self.closed: set[str] = set()
+        self.pending: list[tuple[str, Future]] = []
+        self.results: list[dict[str, Any]] = []
+        self.images = self.errors = 0
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="vesl-ray-write")
+
+    def add(self, name: str, item: Any) -> None:
+        if name in self.closed:
+            return  # a sample of a shard whose read failed: the shard is redone on rerun
+        self.open.setdefault(name, []).append(item)
+        if isinstance(item, ShardEnd):
+            self.ends[name] = item
+        end = self.ends.get(name)
+        if end is not None and (end.error is not None or len(self.open[name]) == end.count + 1):
+            self.closed.add(name)
+            items = self.open.pop(name)
+            del self.ends[name]
+            self.pending.append((name, self.pool.submit(write_items, self.cfg, name, items, "ray", self.run_id)))
+        self._collect(block=False)
+
+    def _collect(self, block: bool) -> None:
+        while self.pending and (block or self.pending[0][1].done()):
+            name, fut = self.pending.pop(0)
+            try:
+                result = fut.result()
+            except Exception as exc:  # e.g. the output filesystem failed: the shard stays uncommitted
+                result = {"shard": name, "ok": False, "error": f"write failed: {type(exc).__name__}: {exc}"}
+            self.results.append(result)
+            if result["ok"]:
+                self.images += result["stats"]["input_count"]
+                self.errors += result["stats"]["errors"]
+            else:
+                log.warning("vesl ray: shard %s not committed: %s", result["shard"], result["error"])
+            if self.progress:
+                dt = max(time.perf_counter() - self.t0, 1e-9)
+                print(
+                    f"vesl ray: {len(self.results)}/{self.total} shards, {self.images} images "
+                    f"({self.images / dt:.1f}/s), {self.errors} errors",
+                    file=sys.stderr,
+                )
+
+    def close(self) -> list[dict[str, Any]]:
+        self._collect(block=True)
+        self.pool.shutdown(wait=True)
+        for name, items in self.open.items():  # never completed: should not happen; reported, not written
+            self.results.append({"shard": name, "ok": False, "error": f"only {len(items)} items arrived; rerun to resume"})
+        return self.results
+
+
+def _init_ray(cfg: LabelConfig) -> bool:
+    """Start or join Ray; returns True if this call started it (and so should stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cfg.ray_address:
+        try:
+            ray.init(address=cfg.ray_address)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError(f"cannot join the Ray cluster at {cfg.ray_address!r} ({exc}): check --ray-address") from None
+    else:
+        ray.init(include_dashboard=False)
+    return True
+
+
+def _cpus_per_slot(slots: int) -> float:
+    """One CPU per actor/task, less when the cluster is smaller than the pipeline, so all fit at once."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    return min(1.0, math.floor(100 * total / max(1, slots)) / 100) or 0.01
+
+
+def _pool_groups(stages: list, pools: list[int]) -> list[list[int]]:
+    """Stage positions per actor pool: each GPU stage (and a vLLM captioner) gets its own pool;
+    consecutive CPU-only stages with the same pool size share one, as Ray Data fuses consecutive
+    maps, so decoded images don't cross processes between them and no process is spent per stage."""
+    groups: list[list[int]] = []
+    for i, stage in enumerate(stages):
+        alone = stage.resources.num_gpus > 0 or (stage.name == "caption" and getattr(stage, "backend", "") == "vllm")
+        prev = groups[-1][-1] if groups else None
+        if (
+            prev is not None
+            and not alone
+            and stages[prev].resources.num_gpus == 0
+            and not (stages[prev].name == "caption" and getattr(stages[prev], "backend", "") == "vllm")
+            and pools[prev] == pools[i]
+        ):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _concurrency(stage_concurrency: int, workers: int) -> int:
+    return stage_concurrency if stage_concurrency > 1 else max(1, workers)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The user's error inside a Ray task/actor error, if there is one."""
+    seen = exc
+    for _ in range(10):
+        inner = getattr(seen, "cause", None) or seen.__cause__
+        if inner is None or inner is seen:
+            break
+        seen = inner
+        if isinstance(seen, UserError):
+            return seen
+    return exc
+
+
+def build_dataset(cfg: LabelConfig, tasks: list, factory: StagesFactory, run_id: str):
+    """The labeling dataset (lazy): rows ``{shard, item}`` after the last stage, in no particular order."""
+    import ray
+
+    stages = factory(cfg)  # built, not set up: only names and resources are read here
+    pools = [_concurrency(s.resources.concurrency, cfg.workers) for s in stages]
+    groups = _pool_groups(stages, pools)
+    cpu = _cpus_per_slot(sum(pools[g[0]] for g in groups) + 1)  # + the reader tasks
+    ds = ray.data.from_items([{"task": dumps(t)} for t in tasks], override_num_blocks=max(1, len(tasks)))
+    ds = ds.flat_map(_read_rows, fn_kwargs={"cfg": cfg}, num_cpus=cpu)
+    last = len(stages) - 1
+    for group in groups:
+        first = stages[group[0]]
+        vllm = _vllm_captioner(cfg, first) if first.name == "caption" else None
+        if vllm is not None:
+            ds = vllm(ds, first, last=group[0] == last)
+            continue
+        ds = ds.map_batches(
+            _StageActor,
+            fn_constructor_args=(cfg, factory, group, last),
+            batch_size=max(max(1, stages[i].resources.batch_size) for i in group),
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=pools[group[0]]),
+            num_gpus=first.resources.num_gpus or None,
+            num_cpus=cpu,
+        )
+    return ds
+
+
+def run_ray(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, progress: bool = True) -> dict[str, Any]:
+    """Label every planned shard of ``cfg`` with Ray Data, then write the manifest; returns a summary."""
+    from vesl.schemas.manifest import write_manifest
+
+    t0 = time.perf_counter()
+    todo, skipped = plan_shards(cfg)
+    if "://" not in cfg.output:
+        os.makedirs(cfg.output, exist_ok=True)
+    clean_temp_files(cfg.output)
+    run_id = uuid.uuid4().hex
+    results: list[dict[str, Any]] = []
+    started = False
+    if todo:
+        import ray
+
+        started = _init_ray(cfg)
+        ctx = ray.data.DataContext.get_current()
+        saved = ctx.enable_progress_bars
+        ctx.enable_progress_bars = progress
+        try:
+            ds = build_dataset(cfg, todo, stages_factory, run_id)
+            collector = _ShardCollector(cfg, run_id, len(todo), t0, progress)
+            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                for name, data in zip(batch["shard"], batch["item"], strict=True):
+                    collector.add(str(name), loads(data))
+            results = collector.close()
+        except Exception as exc:
+            cause = _cause(exc)
+            if isinstance(cause, UserError):
+                raise UserError(str(cause)) from None
+            raise
+        finally:
+            ctx.enable_progress_bars = saved
+            if started:
+                ray.shutdown()
+    manifest = write_manifest(cfg.output)
+    workers = max(1, cfg.workers)
+    return summary("ray", cfg, todo, skipped, results, time.perf_counter() - t0, workers, manifest)
+
+
+# ---------------------------------------------------------------- optional: ray.data.llm for vLLM
+
+
+def _vllm_captioner(cfg: LabelConfig, stage: Any):
+    """A function adding the ``ray.data.llm`` captioner to a dataset, or None to use the stage as is.
+
+    Only for ``vllm:<model>`` specs and only when ``ray.data.llm`` and vLLM import. Untested here (needs a GPU).
+    """
+    if not cfg.captioner.spec.startswith("vllm:"):
+        return None
+    try:
+        import vllm  # noqa: F401
+        from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+    except ImportError:
+        return None
+
+    model = cfg.captioner.spec.split(":", 1)[1]
+    c = cfg.captioner
+    processor_cfg = vLLMEngineProcessorConfig(
+        model_source=model,
+        batch_size=max(1, c.batch_size),
+        concurrency=max(1, c.concurrency),
+        engine_kwargs={"trust_remote_code": bool(c.trust_remote_code or cfg.trust_remote_code), "revision": c.revision},
+        prepare_multimodal_stage=True,
+        should_continue_on_error=True,
+    )
+    provenance = {str(k): v for k, v in stage.provenance().items()}
+    seconds_key = "caption"
+
+    def needs_caption(row: dict[str, Any]) -> bool:
+        item = loads(row["item"])
+        return isinstance(item, Sample) and item.ok
+
+    def preprocess(row: dict[str, Any]) -> dict[str, Any]:
+        import base64
+        import io
+
+        from vesl.labelers.prompts import render_prompt
+
+        sample: Sample = loads(row["item"])
+        buf = io.BytesIO()
+        sample.image.save(buf, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        text = render_prompt(c.prompt_template, sample.alt_text)
+        return {
+            "shard": row["shard"],
+            "item": row["item"],
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}],
+            "sampling_params": {"temperature": 0.0, "max_tokens": c.max_new_tokens, "seed": cfg.seed},
+        }
+
+    def postprocess(row: dict[str, Any]) -> dict[str, Any]:
+        from vesl.pipeline.stage import fail
+
+        sample: Sample = loads(row["item"])
+        err = row.get("__inference_error__")
+        text = (row.get("generated_text") or "").strip()
+        if err:
+            fail(sample, "caption", str(err), "InferenceError")
+        elif not text:
+            fail(sample, "caption", "the model generated an empty caption", "EmptyCaption")
+        else:
+            sample.caption, sample.caption_source = text, "vlm"
+        sample.meta.setdefault("_vesl_stage_seconds", {}).setdefault(seconds_key, 0.0)
+        return {"shard": row["shard"], "item": dumps(sample)}
+
+    def stamp(row: dict[str, Any]) -> dict[str, Any]:
+        item = loads(row["item"])
+        if isinstance(item, ShardEnd):
+            item.provenance["caption"] = provenance
+        return {"shard": row["shard"], "item": dumps(item)}
+
+    def apply(ds, _stage, last: bool):
+        processor = build_processor(processor_cfg, preprocess=preprocess, postprocess=postprocess)
+        captioned = processor(ds.filter(needs_caption))
+        rest = ds.filter(lambda row: not needs_caption(row)).map(stamp)
+        return captioned.union(rest)
+
+    return apply
