@@ -237,7 +237,7 @@ def render_gallery(
         rel = f"images/{k:05d}.png"
         img.save(out / rel, format="PNG")
         figures.append(_figure_html(k, row, rel, img.size))
-        tiles.append((img, f"{row.get('key')} · {len(row.get('regions') or [])}"))
+        tiles.append((img, f"{row.get('key')} · {len(row.get('regions') or [])} regions"))
     png = out / "contact_sheet.png"
     contact_sheet(tiles, cell=cell).save(png, format="PNG", optimize=True)
     title = f"vesl gallery: {d.name}" + (f" — {query}" if query else "")

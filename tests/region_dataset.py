@@ -125,3 +125,31 @@ def write_region_dataset(
         manifest["shards"].append({"name": f"{name}.parquet", "rows": len(rows)})
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return out
+
+
+def write_synth_region_dataset(out_dir: str | Path, n_images: int = 8, seed: int = 0, n_shards: int = 1) -> Path:
+    """Synthetic scenes (``vesl.pipeline.synth``) with their ground-truth regions, written by the product
+    shard writer (``vesl.pipeline.writer``): the exact on-disk layout `vesl label` produces.
+
+    One sample per shard fails on purpose so the errors files are exercised too.
+    """
+    from vesl.pipeline.stage import Sample, SampleError
+    from vesl.pipeline.synth import make_scenes
+    from vesl.pipeline.writer import shard_name, write_shard
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scenes = list(make_scenes(n_images, seed))
+    per_shard = (n_images + n_shards - 1) // n_shards
+    provenance = {**PROVENANCE, "captioner": {"model": "ground-truth"}, "detector": {"model": "ground-truth"}}
+    for shard in range(n_shards):
+        chunk = scenes[shard * per_shard : (shard + 1) * per_shard]
+        samples = [
+            Sample(key=s.key, source_shard=f"synth-{shard:05d}", index=i, image_bytes=s.image, alt_text=s.alt_text,
+                   width=s.width, height=s.height, caption=s.caption, caption_source="vlm", regions=list(s.regions))
+            for i, s in enumerate(chunk)
+        ]
+        samples.append(Sample(key=f"broken-{shard}", source_shard=f"synth-{shard:05d}", index=len(chunk),
+                              error=SampleError("decode", "UnidentifiedImageError", "cannot identify image file")))
+        write_shard(out, shard_name(shard), f"synth-{shard:05d}", samples, provenance)
+    return out

@@ -224,3 +224,20 @@ def test_ray_data_reads_the_shards(published, ray_session):
     assert ds.count() == 12
     counts = ds.map(lambda r: {"key": r["key"], "n": len(r["regions"])}).take_all()
     assert sum(c["n"] for c in counts) == sum(len(r["regions"]) for r in _rows(published))
+
+
+def test_publish_a_dataset_written_by_the_shard_writer(tmp_path):
+    """The real writer's layout (stats JSON with timings, hidden temp names) publishes and loads."""
+    import datasets
+
+    pytest.importorskip("vesl.pipeline.synth")
+    from tests.region_dataset import write_synth_region_dataset
+
+    d = write_synth_region_dataset(tmp_path / "synth", n_images=6, n_shards=2)
+    res = publish(d, name="synth", license_id="Apache-2.0")
+    stats = json.loads(res.stats.read_text())
+    assert stats["images"] == 6
+    assert stats["errors"] == {"total": 2, "by_type": {"decode/UnidentifiedImageError": 2}}
+    assert stats["score"]["p50"] == 1.0  # ground-truth regions carry score 1
+    ds = datasets.load_dataset(str(d), split="train", cache_dir=str(tmp_path / "hf"))
+    assert ds.num_rows == 6
