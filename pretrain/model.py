@@ -11,6 +11,7 @@ canvas (see ``vesl.pretrain.data.letterbox_box`` for the transform from original
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -273,6 +274,20 @@ class CLOCModel(nn.Module):
         return {"model_name": self.model_name, "prompter": asdict(self.prompter_cfg)}
 
 
+class _quiet_random_init_warning:
+    """open_clip logs a root WARNING for every randomly initialized model; from scratch is our default."""
+
+    @staticmethod
+    def _filter(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    def __enter__(self) -> None:
+        logging.getLogger().addFilter(self._filter)
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger().removeFilter(self._filter)
+
+
 def get_tokenizer(model_name: str, context_length: int | None = None):
     import open_clip
 
@@ -294,7 +309,8 @@ def create_model(
     if seed is not None:
         torch.manual_seed(seed)
     cfg = prompter if isinstance(prompter, PrompterConfig) else PrompterConfig(**(prompter or {}))
-    clip = open_clip.create_model(model_name, pretrained=pretrained or None, device=device)
+    with _quiet_random_init_warning():
+        clip = open_clip.create_model(model_name, pretrained=pretrained or None, device=device)
     return CLOCModel(clip, model_name, cfg).to(device)
 
 

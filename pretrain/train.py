@@ -254,6 +254,9 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
     elif isinstance(config, dict):
         config = TrainConfig(**config)
     cfg = config
+    from vesl.pretrain.data import list_shards
+
+    list_shards(cfg.data, cfg.storage_options)  # a wrong path fails before any model is built
     d = Dist(cfg.device)
     run_dir = Path(cfg.out)
     try:
@@ -315,7 +318,8 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
         log = open(run_dir / "log.jsonl", "a") if d.main else None
         keys_log = open(run_dir / f"keys-rank{d.rank}.jsonl", "a") if cfg.record_keys else None
         last_saved = step
-        t_last, seen_last = time.perf_counter(), 0
+        t0 = t_last = time.perf_counter()
+        seen_last = 0
 
         def checkpoint() -> None:
             states = d.gather_object(loader.state)
@@ -366,7 +370,8 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
                             writer.add_scalar("train/lr", lr, step)
                             writer.add_scalar("train/samples_per_s", sps, step)
                 if log:
-                    log.write(json.dumps({"step": step, "epoch": epoch, "lr": lr, **vals}) + "\n")
+                    rec = {"step": step, "epoch": epoch, "lr": lr, **vals, "t": time.perf_counter() - t0}
+                    log.write(json.dumps(rec) + "\n")
                     log.flush()
                 if step % cfg.save_every == 0:
                     checkpoint()

@@ -1,0 +1,179 @@
+"""CLOC losses and model pieces against plain reference computations (CPU, tiny shapes)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vesl.pretrain.losses import CLOCLoss, ContrastiveLoss, GroundingLoss, negative_mask
+
+
+def _ref_infonce(a, b, scale, allowed):
+    """Plain Python symmetric InfoNCE: row i's positive is column i; ``allowed[i][j]`` says j is in row i's softmax."""
+    n = len(a)
+    sim = [[scale * sum(x * y for x, y in zip(a[i], b[j], strict=True)) for j in range(n)] for i in range(n)]
+    total = 0.0
+    for i in range(n):
+        row = [sim[i][j] for j in range(n) if allowed[i][j] or j == i]
+        total += -(sim[i][i] - math.log(sum(math.exp(v) for v in row)))
+        col = [sim[j][i] for j in range(n) if allowed[i][j] or j == i]
+        total += -(sim[i][i] - math.log(sum(math.exp(v) for v in col)))
+    return total / (2 * n)
+
+
+def _unit(rows):
+    return F.normalize(torch.tensor(rows, dtype=torch.float64), dim=-1)
+
+
+A = _unit([[1.0, 0.2, 0.0], [0.1, 1.0, 0.3], [0.0, 0.4, 1.0], [0.5, 0.5, 0.5]])
+B = _unit([[0.9, 0.1, 0.1], [0.2, 0.8, 0.1], [0.1, 0.3, 0.9], [0.3, 0.6, 0.4]])
+
+
+def test_clip_loss_matches_plain_reference_and_open_clip():
+    from open_clip.loss import ClipLoss
+
+    scale = torch.tensor(7.0, dtype=torch.float64)
+    ours = ContrastiveLoss()(A, B, scale)
+    ref = _ref_infonce(A.tolist(), B.tolist(), 7.0, [[True] * 4 for _ in range(4)])
+    assert ours.item() == pytest.approx(ref, abs=1e-12)
+    assert ours.item() == pytest.approx(ClipLoss()(A, B, scale).item(), abs=1e-12)
+
+
+def test_clip_loss_ignores_padded_rows():
+    scale = torch.tensor(7.0, dtype=torch.float64)
+    garbage = _unit([[3.0, -1.0, 2.0], [0.0, 0.0, 1.0]])
+    a = torch.cat([A[:2], garbage[:1], A[2:], garbage[1:]])
+    b = torch.cat([B[:2], garbage[1:], B[2:], garbage[:1]])
+    valid = torch.tensor([True, True, False, True, True, False])
+    assert ContrastiveLoss()(a, b, scale, valid).item() == pytest.approx(ContrastiveLoss()(A, B, scale).item(), abs=1e-12)
+
+
+def test_text_similarity_filter_removes_exactly_the_intended_negatives():
+    # texts 0 and 2 identical (cos 1); 1 and 3 at cos 0.95 (> 0.9); 0 and 1 at cos 0.8 (kept)
+    t1 = [1.0, 0.0, 0.0]
+    t2 = [0.8, 0.6, 0.0]
+    t4 = [0.8 * 0.95 - 0.6 * math.sqrt(1 - 0.95**2), 0.6 * 0.95 + 0.8 * math.sqrt(1 - 0.95**2), 0.0]
+    keys = _unit([t1, t2, t1, t4])
+    drop = negative_mask(keys, keys, torch.arange(4), 0.9)
+    expected = torch.tensor([[False, False, True, False], [False, False, False, True],
+                             [True, False, False, False], [False, True, False, False]])
+    assert torch.equal(drop, expected)
+    assert not negative_mask(keys, keys, torch.arange(4), 0.99)[[1, 3], [3, 1]].any()  # 0.95 < 0.99 kept
+
+    scale = torch.tensor(5.0, dtype=torch.float64)
+    ours = ContrastiveLoss(text_sim_threshold=0.9)(A, B, scale, text_keys=keys).item()
+    allowed = (~expected).tolist()
+    assert ours == pytest.approx(_ref_infonce(A.tolist(), B.tolist(), 5.0, allowed), abs=1e-12)
+    unfiltered = ContrastiveLoss()(A, B, scale).item()
+    assert ours < unfiltered  # removing negatives can only lower the loss
+
+
+def test_grounding_losses_match_reference():
+    pred = torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.2, 0.3, 0.9, 0.8], [9.0, 9.0, 9.0, 9.0]], dtype=torch.float64)
+    gt = torch.tensor([[0.0, 0.1, 0.4, 0.7], [0.2, 0.2, 0.8, 0.8], [0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    valid = torch.tensor([True, True, False])
+    l2 = GroundingLoss("l2")(pred, gt, valid).item()
+    ref = sum(sum((p - g) ** 2 for p, g in zip(pr, gr, strict=True)) for pr, gr in zip(pred[:2].tolist(), gt[:2].tolist(), strict=True)) / 2
+    assert l2 == pytest.approx(ref, abs=1e-6)
+
+    def giou(p, g):
+        inter = max(0, min(p[2], g[2]) - max(p[0], g[0])) * max(0, min(p[3], g[3]) - max(p[1], g[1]))
+        union = (p[2] - p[0]) * (p[3] - p[1]) + (g[2] - g[0]) * (g[3] - g[1]) - inter
+        hull = (max(p[2], g[2]) - min(p[0], g[0])) * (max(p[3], g[3]) - min(p[1], g[1]))
+        return inter / union - (hull - union) / hull
+
+    l1g = GroundingLoss("l1+giou")(pred, gt, valid).item()
+    ref = sum(sum(abs(p - g) for p, g in zip(pr, gr, strict=True)) + 1 - giou(pr, gr)
+              for pr, gr in zip(pred[:2].tolist(), gt[:2].tolist(), strict=True)) / 2
+    assert l1g == pytest.approx(ref, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def micro():
+    from vesl.pretrain.model import create_model
+
+    torch.set_num_threads(1)
+    return create_model("vesl-micro-vit", seed=0)
+
+
+def _batch(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, m, n_tok = 3, 4, model.clip.context_length
+    boxes = torch.rand(b, m, 2, generator=g) * 0.5
+    return {
+        "images": torch.randn(b, 3, 32, 32, generator=g),
+        "texts": torch.randint(1, 400, (b, n_tok), generator=g),
+        "image_valid": torch.tensor([True, True, True]),
+        "region_boxes": torch.cat([boxes, boxes + 0.3], -1),
+        "region_texts": torch.randint(1, 400, (b, m, n_tok), generator=g),
+        "region_valid": torch.tensor([[True, True, False, False], [True, False, False, False], [True, True, True, False]]),
+    }
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(batch["images"], batch["texts"], batch["region_boxes"], batch["region_texts"], batch["region_valid"])
+    losses = CLOCLoss()(out, batch)
+    losses["loss"].backward()
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_padded_regions_change_neither_loss_nor_gradients(micro):
+    batch = _batch(micro)
+    l1, g1 = _loss_and_grads(micro, batch)
+    pad = ~batch["region_valid"]
+    changed = dict(batch)
+    changed["region_boxes"] = batch["region_boxes"].clone()
+    changed["region_boxes"][pad] = torch.tensor([0.9, -3.0, 7.0, 0.1])
+    changed["region_texts"] = batch["region_texts"].clone()
+    changed["region_texts"][pad] = 4242
+    l2, g2 = _loss_and_grads(micro, changed)
+    for k in ("clip", "region", "ground", "loss"):
+        assert torch.equal(l1[k], l2[k]), k
+    assert g1.keys() == g2.keys()
+    assert len(g1) > 10
+    for n in g1:
+        assert torch.equal(g1[n], g2[n]), n
+
+
+def test_padded_image_rows_change_neither_loss_nor_gradients(micro):
+    batch = _batch(micro)
+    batch["image_valid"] = torch.tensor([True, False, True])
+    l1, g1 = _loss_and_grads(micro, batch)
+    changed = dict(batch)
+    changed["images"] = batch["images"].clone()
+    changed["images"][1] = 5.0
+    changed["texts"] = batch["texts"].clone()
+    changed["texts"][1] = 77
+    l2, g2 = _loss_and_grads(micro, changed)
+    assert l1["loss"].item() == pytest.approx(l2["loss"].item(), abs=1e-6)
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], atol=1e-6), n
+
+
+def test_prompter_responds_to_the_box(micro):
+    img = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.5, 0.5]]])
+    with torch.no_grad():
+        e = micro.encode_regions(img, boxes)[0]
+    assert e.shape == (3, micro.embed_dim)
+    assert torch.allclose(e[0], e[2])  # same box, same embedding
+    assert (e[0] - e[1]).norm() > 1e-2  # different box, different embedding
+    box = boxes[:, :1].clone().requires_grad_(True)
+    micro.encode_regions(img, box).sum().backward()
+    assert box.grad.abs().sum() > 0
+
+
+def test_mean_pool_prompter_runs_and_responds():
+    from vesl.pretrain.model import create_model
+
+    model = create_model("vesl-micro-vit", prompter={"pool": "mean"}, seed=0)
+    img = torch.randn(2, 3, 32, 32)
+    boxes = torch.tensor([[[0.0, 0.0, 0.3, 0.3], [0.6, 0.6, 1.0, 1.0]]] * 2)
+    with torch.no_grad():
+        e = model.encode_regions(img, boxes)
+    assert e.shape == (2, 2, model.embed_dim)
+    assert (e[:, 0] - e[:, 1]).norm() > 1e-3
