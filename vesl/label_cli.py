@@ -94,8 +94,9 @@ def label(
     summary = run(cfg, progress=progress)
     typer.echo(
         f"{cfg.output}: {summary.get('shards_written', 0)} shards written, {summary.get('shards_skipped', 0)} already "
-        f"committed; {summary.get('rows', 0)} rows, {summary.get('regions', 0)} regions, {summary.get('errors', 0)} "
-        f"error rows ({summary.get('images_per_s', 0)} images/s)"
+        f"committed (skipped); written: {summary.get('rows', 0)} rows, {summary.get('regions', 0)} regions, "
+        f"{summary.get('errors', 0)} error rows, {summary.get('images_per_s', 0)} images/s; "
+        f"manifest {summary.get('manifest', '')}"
     )
     failed = summary.get("failed") or []
     for f in failed:

@@ -49,10 +49,13 @@ class _ShardState:
         self.seconds[key] = self.seconds.get(key, 0.0) + dt
 
 
+def _stage_batch(stage: Stage) -> int:
+    return max(1, int(getattr(getattr(stage, "resources", None), "batch_size", 1)))
+
+
 def _batch_size(cfg: LabelConfig, stages: list[Stage]) -> int:
     # Read batches as large as the largest stage batch, so no model runs on half-empty batches.
-    sizes = [cfg.decode.batch_size] + [getattr(getattr(s, "resources", None), "batch_size", 1) for s in stages]
-    return max(1, *sizes)
+    return max(1, cfg.decode.batch_size, *(_stage_batch(s) for s in stages))
 
 
 def _chunks(items: list[Sample], size: int) -> Iterator[list[Sample]]:
@@ -157,7 +160,7 @@ def process_tasks(
                 st.add_time(first.name, dt)
                 for stage in rest:
                     t = time.perf_counter()
-                    for chunk in _chunks([s for s in batch if s.ok], stage.resources.batch_size):
+                    for chunk in _chunks([s for s in batch if s.ok], _stage_batch(stage)):
                         apply_stage(stage, chunk)
                     st.add_time(stage.name, time.perf_counter() - t)
                 for s in batch:
