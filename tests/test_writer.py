@@ -182,3 +182,25 @@ def test_error_messages_drop_memory_addresses(tmp_path):
     writer.write_shard(tmp_path, "part-00000", "u", s, PROV)
     msg = pq.read_table(tmp_path / "part-00000.errors.parquet").column("message")[0].as_py()
     assert msg == "cannot identify image file <_io.BytesIO object>"
+
+
+def test_fsspec_output_filesystem(tmp_path):
+    """Non-local outputs (s3, gs, ...) go through fsspec; the in-memory filesystem stands in here."""
+    import fsspec
+
+    out = f"memory://vesl-test-{os.getpid()}/out"
+    try:
+        writer.write_shard(out, "part-00000", "u", _samples(6, "part-00000"), PROV)
+        writer.write_shard(tmp_path, "part-00000", "u", _samples(6, "part-00000"), PROV)
+        assert writer.is_committed(out, "part-00000")
+        assert writer.committed_shards(out) == ["part-00000"]
+        write_manifest(out)
+        write_manifest(tmp_path)
+        fs = fsspec.filesystem("memory")
+        root = out.removeprefix("memory://")
+        assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) == sorted(os.listdir(tmp_path))
+        for name in os.listdir(tmp_path):
+            if not name.endswith(".stats.json"):
+                assert fs.cat(f"{root}/{name}") == (tmp_path / name).read_bytes()
+    finally:
+        fsspec.filesystem("memory").rm(out.removeprefix("memory://").split("/")[0], recursive=True)

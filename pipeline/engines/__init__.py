@@ -12,6 +12,12 @@ from vesl.errors import UserError
 from vesl.pipeline.config import LabelConfig
 
 
+def _missing(extra: str, what: str, exc: ModuleNotFoundError) -> UserError:
+    if (exc.name or "").startswith("vesl."):
+        return UserError(f"the {extra} engine is not part of this vesl build: use --engine local")
+    return UserError(f"the {extra} engine needs {what} ({exc.name} is missing): pip install 'vesl[{extra}]'")
+
+
 def run(cfg: LabelConfig, progress: bool = True) -> dict[str, Any]:
     """Run a labeling job on the engine ``cfg.engine``; returns the engine's summary dict."""
     if cfg.engine == "local":
@@ -22,12 +28,12 @@ def run(cfg: LabelConfig, progress: bool = True) -> dict[str, Any]:
         try:
             from vesl.pipeline.engines.beam_engine import run_beam
         except ModuleNotFoundError as exc:
-            raise UserError(f"the beam engine needs Apache Beam: pip install 'vesl[beam]' ({exc})") from None
+            raise _missing("beam", "Apache Beam", exc) from None
         return run_beam(cfg)
     if cfg.engine == "ray":
         try:
             from vesl.pipeline.engines.ray_engine import run_ray
         except ModuleNotFoundError as exc:
-            raise UserError(f"the ray engine needs Ray Data: pip install 'vesl[ray]' ({exc})") from None
+            raise _missing("ray", "Ray Data", exc) from None
         return run_ray(cfg)
     raise UserError(f"unknown engine {cfg.engine!r}: use local, beam or ray")
