@@ -223,6 +223,8 @@ def render_gallery(
         raise UserError("--query is empty; pass a phrase such as --query 'red circle', or leave it out")
     d, out = Path(dataset_dir), Path(out_dir)
     rows = list(_select(d, n, query))
+    if not rows and query is None:
+        raise UserError(f"{d} has no rows to show (every sample failed?); see the errors files or `vesl inspect {d}`")
     if not rows:
         raise UserError(
             f"no image in {d} has a region matching {query!r}; try a shorter phrase (`vesl inspect {d}` "

@@ -442,6 +442,8 @@ def publish(
         raise InvalidDataset(violations)
 
     stats = compute_stats(d)
+    if stats["images"] == 0:
+        raise UserError(f"{d} has no rows to publish (every sample failed?); see its *.errors.parquet files")
     card_dir = d / CARD_DIR
     plots = write_plots(stats, card_dir / "plots")
     html, png = render_gallery(d, card_dir / "gallery", n=gallery_n)
