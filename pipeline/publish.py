@@ -194,6 +194,7 @@ def write_plots(stats: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -209,6 +210,8 @@ def write_plots(stats: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         ax.bar([int(k) for k in hist], list(hist.values()), color="#4c72b0", width=0.8)
         ax.set_xlabel("regions per image")
         ax.set_ylabel("images")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"regions per image (mean {stats['regions_per_image']['mean']:.2f})")
         fig.tight_layout()
         paths["regions_per_image"] = out_dir / "regions_per_image.png"
