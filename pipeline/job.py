@@ -116,6 +116,13 @@ def plan_shards(cfg: LabelConfig) -> tuple[list[ShardTask], list[ShardRef]]:
     return todo, skipped
 
 
+def redact_spec(spec: str) -> str:
+    """A model spec without URL credentials (``openai:https://user:key@host#m``) for the metadata."""
+    import re
+
+    return re.sub(r"(https?://)[^/@#]*@", r"\1", spec)
+
+
 def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -137,7 +144,7 @@ def job_provenance(cfg: LabelConfig, stages: list[Stage]) -> dict[str, Any]:
         "seed": cfg.seed,
         "decode": cfg.decode.model_dump(exclude={"batch_size"}),
         "captioner": {
-            "spec": c.spec,
+            "spec": redact_spec(c.spec),
             "prompt_template_sha256": _short_hash(c.prompt_template),
             "max_new_tokens": c.max_new_tokens,
             "revision": c.revision,

@@ -23,7 +23,7 @@ def build_stages(cfg: LabelConfig) -> list[Stage]:
     trust = cfg.trust_remote_code
     stages: list[Stage] = [
         DecodeStage(cfg.decode),
-        make_captioner(cfg.captioner, trust_remote_code=trust),
+        make_captioner(cfg.captioner, trust_remote_code=trust, seed=cfg.seed),
         PhraseStage(cfg.phrases),
     ]
     if cfg.detector.spec.strip().lower() == "none":

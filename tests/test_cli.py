@@ -168,3 +168,17 @@ def test_inspect_text_report_in_process(tmp_path):
     assert "ValueError" in r.output
     assert "a red cat" in r.output
     assert "p50=" in r.output
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["label", "--workers", "x", "in", "-o", "out"], ["label", "--bogus"], ["no-such-command"]],
+)
+def test_click_usage_errors_are_one_line(argv):
+    """Unknown options, bad option types and unknown commands: one `error:` line, exit 2."""
+    proc = subprocess.run([VESL, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr

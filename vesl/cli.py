@@ -59,11 +59,24 @@ def main() -> None:
     """Entry point: user mistakes print one line on stderr and exit 2, never a traceback."""
     from pydantic import ValidationError
 
+    try:  # typer >= 0.20 vendors its own click
+        from typer._click.exceptions import ClickException, UsageError
+    except ImportError:  # pragma: no cover
+        from click import ClickException, UsageError
+
     try:
-        app(standalone_mode=True)
+        rc = app(standalone_mode=False)
+    except UsageError as exc:
+        cmd = exc.ctx.command_path if exc.ctx is not None else "vesl"
+        typer.echo(f"error: {exc.format_message()} (see `{cmd} --help`)", err=True)
+        sys.exit(2)
     except (UserError, ValidationError) as exc:
         typer.echo(f"error: {_one_line(exc)}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except ClickException as exc:
+        typer.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted; rerun the same command to resume (committed shards are skipped)", err=True)
         sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
