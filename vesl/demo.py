@@ -76,6 +76,61 @@ def label(
     return run(cfg, progress=progress)
 
 
+def demo_models_note(profile: str) -> str | None:
+    """A warning when ``--profile demo`` runs without the shipped tiny models (alt-text captions only)."""
+    from vesl.profiles import resolve_config
+
+    cfg = resolve_config(profile)
+    if profile == "demo" and (cfg.captioner.spec == "alt_text" or cfg.detector.spec == "none"):
+        return (
+            "note: the tiny demo models are not in this checkout (vesl/assets/demo/); labeling falls back to "
+            f"captioner={cfg.captioner.spec} detector={cfg.detector.spec}"
+        )
+    return None
+
+
+class GroundTruthStage:
+    """Oracle labels for the synthetic world: the GT caption and regions of each scene (``--labels gt``).
+
+    Replaces the captioner, phrase and detector stages to measure how much better labels would buy;
+    the scene is recovered from the key (the scene index) and the seed of the generated input.
+    """
+
+    name = "ground_truth"
+
+    def __init__(self, seed: int):
+        from vesl.pipeline.stage import StageResources
+
+        self.seed = seed
+        self.resources = StageResources(batch_size=32)
+
+    def setup(self) -> None:
+        pass
+
+    def provenance(self) -> dict[str, str]:
+        return {"labels": "synthetic ground truth", "synth.seed": str(self.seed)}
+
+    def __call__(self, batch: list) -> list:
+        from vesl.pipeline.synth import make_scene
+
+        for s in batch:
+            scene = make_scene(self.seed, int(s.key))
+            s.caption, s.caption_source, s.regions = scene.caption, "vlm", list(scene.regions)
+        return batch
+
+
+def label_ground_truth(input_dir: Path, output_dir: Path, seed: int, progress: bool = True) -> dict:
+    """Write the GT of generated input as a region-text dataset through the local engine and shard writer."""
+    from vesl.pipeline.config import LabelConfig
+    from vesl.pipeline.decode import DecodeStage
+    from vesl.pipeline.engines.local import run_local
+
+    cfg = LabelConfig(inputs=[str(input_dir)], output=str(output_dir), overwrite=True)
+    return run_local(
+        cfg, stages_factory=lambda c: [DecodeStage(c.decode), GroundTruthStage(seed)], progress=progress
+    )
+
+
 def print_inspect(dataset_dir: Path) -> dict[str, Any]:
     """Print the ``vesl inspect`` summary of a labeled dataset; returns it as a dict."""
     from vesl.label_cli import _print_report, inspect_dataset
@@ -128,6 +183,8 @@ def run_demo(
         f"[1/3] {n} synthetic web-like image/alt-text pairs (seed {seed}) in {input_dir} ({len(shards)} shards)"
     )
 
+    if note := demo_models_note(profile):
+        echo(note)
     t = time.perf_counter()
     labeled = out / "labeled"
     summary = label(input_dir, labeled, profile=profile, progress=progress, overwrite=True)
@@ -267,12 +324,17 @@ def run_full_demo(
     echo: Echo = typer.echo,
     progress: bool = True,
     train_kwargs: dict[str, Any] | None = None,
+    labels: str = "vesl",
 ) -> FullDemoResult:
     """Label web-like pairs, train CLOC and a CLIP baseline on them, and compare region recognition."""
     from vesl.pipeline.synth import make_scenes, write_coco
 
     if n < 1 or eval_n < 1 or steps < 1:
         raise UserError("--n, the eval size and the steps must each be at least 1")
+    if labels not in ("vesl", "gt"):
+        raise UserError(f"--labels must be vesl (pseudo-labels) or gt (oracle ground truth), got {labels!r}")
+    if labels == "vesl" and (note := demo_models_note(profile)):
+        echo(note)
     if seed == eval_seed:
         raise UserError("the evaluation seed must differ from the training seed (held-out scenes)")
     out = Path(out) / "full"
@@ -288,11 +350,17 @@ def run_full_demo(
 
     t = time.perf_counter()
     labeled = out / "labeled"
-    summary = label(out / "input", labeled, profile=profile, progress=progress, overwrite=True)
+    if labels == "gt":
+        summary = label_ground_truth(out / "input", labeled, seed, progress=progress)
+    else:
+        summary = label(out / "input", labeled, profile=profile, progress=progress, overwrite=True)
     times["label"] = time.perf_counter() - t
+    source = "ground truth (oracle)" if labels == "gt" else f"--profile {profile}"
     echo(
-        f"[2/4] labeled: {summary.get('rows')} rows, {summary.get('regions')} regions in {times['label']:.1f}s"
+        f"[2/4] labeled with {source}: {summary.get('rows')} rows, {summary.get('regions')} regions "
+        f"in {times['label']:.1f}s"
     )
+    gallery(labeled, out / "gallery", n=min(50, n))
 
     t = time.perf_counter()
     kw = dict(train_kwargs or {})
@@ -336,13 +404,16 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(FULL_STEPS, "--steps", help="Training steps per model (--full)."),
         eval_n: int = typer.Option(FULL_EVAL_N, "--eval-n", help="Held-out evaluation scenes (--full)."),
         profile: str = typer.Option("demo", "--profile", help="Labeling profile."),
+        labels: str = typer.Option(
+            "vesl", "--labels", help="--full: train on vesl pseudo-labels, or on gt (oracle ground truth)."
+        ),
     ) -> None:
         """Run the whole machinery offline on the synthetic world: synth -> label -> inspect -> gallery
         (and with --full: -> train CLOC and CLIP -> zero-shot region classification)."""
         t = time.perf_counter()
         if full:
             res = run_full_demo(
-                out, n=FULL_N if n is None else n, eval_n=eval_n, steps=steps, profile=profile
+                out, n=FULL_N if n is None else n, eval_n=eval_n, steps=steps, profile=profile, labels=labels
             )
             typer.echo(f"results: {out / 'full' / 'results.json'}")
             typer.echo(f"done in {time.perf_counter() - t:.0f}s; goal {'met' if res.goal_met else 'not met'}")
