@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,3 +178,30 @@ def test_mean_pool_prompter_runs_and_responds():
         e = model.encode_regions(img, boxes)
     assert e.shape == (2, 2, model.embed_dim)
     assert (e[:, 0] - e[:, 1]).norm() > 1e-3
+
+
+def test_grad_checkpointing_gives_the_same_gradients(micro):
+    batch = _batch(micro, seed=4)
+    l1, g1 = _loss_and_grads(micro, batch)
+    micro.clip.set_grad_checkpointing(True)
+    try:
+        l2, g2 = _loss_and_grads(micro, batch)
+    finally:
+        micro.clip.set_grad_checkpointing(False)
+    assert torch.allclose(l1["loss"], l2["loss"])
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], atol=1e-6), n
+
+
+def test_config_file_mirrors_cli_options(tmp_path):
+    from vesl.errors import UserError
+    from vesl.pretrain.train import load_config
+
+    p = tmp_path / "c.yaml"
+    p.write_text("data: somewhere\nbatch-size: 8\nclip_only: true\n")
+    cfg = load_config(p, batch_size=16, lr=None)
+    assert (cfg.data, cfg.batch_size, cfg.clip_only, cfg.lr) == ("somewhere", 16, True, 5e-4)
+    with pytest.raises(UserError, match="no training data"):
+        load_config(None)
+    shipped = load_config(Path(__file__).parent.parent / "pretrain" / "configs" / "cloc-tiny.yaml")
+    assert shipped.model == "vesl-tiny-vit"
