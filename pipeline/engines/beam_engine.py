@@ -2,15 +2,18 @@
 
 Pipeline::
 
-    Create(shard tasks) -> FlatMap(read shard: samples + end marker, keyed by shard name)
-      -> for each stage: BatchElements(stage batch size) -> ParDo(stage DoFn, setup() once per worker)
+    Create(shard tasks) -> ParDo(read shard: read batches + end marker, keyed by shard name)
+      -> for each stage: ParDo(stage DoFn, setup() once per worker)
       -> GroupByKey(shard name) -> ParDo(write shard)
 
 - A stage DoFn builds its stage in ``setup()``, once per DoFn instance. Stages that ask for a GPU
   are shared by all threads of a worker process (``apache_beam.utils.shared``), so a process holds
   one copy of a large model, its calls serialized by a lock.
-- The writer sorts rows by their index in the input shard, so an output shard never depends on how
-  the runner split or batched the work; its bytes equal the local engine's.
+- Batches are formed inside each shard exactly as the local engine forms them (read batches of the
+  largest stage batch size, split per stage by its ``batch_size`` config), not by ``BatchElements``
+  across shards: batched model calls are not bit-exact across batch compositions, and an output
+  shard must not depend on how the runner split the work (see ``distributed.py``). With the writer
+  sorting rows by their index in the input shard, the bytes equal the local engine's.
 - ``--runner DirectRunner`` (the default) runs Beam's Python FnApiRunner in this process. Beam's own
   ``DirectRunner`` name first tries the Prism runner, which downloads a Go binary; vesl never does.
   Extra pipeline options (``cfg.beam_options``, the words after ``--`` on the command line) pass
@@ -42,6 +45,7 @@ from vesl.pipeline.engines.distributed import (
     StageRunner,
     StagesFactory,
     committed_results,
+    read_batch_size,
     read_items,
     summary,
     write_items,
@@ -56,11 +60,11 @@ METRICS_NAMESPACE = "vesl"
 
 
 class _ReadShard(beam.DoFn):
-    def __init__(self, cfg: LabelConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: LabelConfig, batch_size: int) -> None:
+        self.cfg, self.batch_size = cfg, batch_size
 
     def process(self, task):
-        for item in read_items(task, self.cfg):
+        for item in read_items(task, self.cfg, self.batch_size):
             yield task.name, item
 
 
@@ -81,10 +85,10 @@ class _StageDoFn(beam.DoFn):
         else:
             self.runner = self._build()
 
-    def process(self, batch):
+    def process(self, element):
         assert self.runner is not None
-        self.runner([item for _name, item in batch])
-        yield from batch
+        self.runner([element[1]])
+        yield element
 
 
 class _WriteShard(beam.DoFn):
@@ -144,17 +148,12 @@ def build_pipeline(
     items = (
         p
         | "Shards" >> beam.Create(tasks)
-        | "Read" >> beam.ParDo(_ReadShard(cfg))
+        | "Read" >> beam.ParDo(_ReadShard(cfg, read_batch_size(cfg, stages)))
     )  # fmt: skip
     last = len(stages) - 1
     for i, stage in enumerate(stages):
-        r = stage.resources
-        size = max(1, r.batch_size)
-        items = (
-            items
-            | f"Batch-{i}-{stage.name}" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
-            | f"Stage-{i}-{stage.name}" >> beam.ParDo(_StageDoFn(cfg, factory, i, i == last, share=r.num_gpus > 0))
-        )
+        share = stage.resources.num_gpus > 0
+        items = items | f"Stage-{i}-{stage.name}" >> beam.ParDo(_StageDoFn(cfg, factory, i, i == last, share))
     return items | "GroupByShard" >> beam.GroupByKey() | "Write" >> beam.ParDo(_WriteShard(cfg, run_id))
 
 

@@ -1,8 +1,15 @@
 """What the Beam and Ray engines share: reading a shard into a flow of items, running one stage on a
 batch of items, and committing one shard from its grouped items.
 
-A distributed engine moves *items*, each keyed by its output shard name: the shard's Samples, then
-one :class:`ShardEnd` marker that the reader emits after the last sample. The marker travels through
+A distributed engine moves *items*, each keyed by its output shard name: the shard's samples in
+read batches (lists of consecutive Samples, sized and then split per stage exactly as the local
+engine does), then one :class:`ShardEnd` marker that the reader emits after the last batch.
+
+Why batches are formed per shard and not by the runner (Beam's ``BatchElements``, Ray's
+``batch_size`` over rows): batched model calls are not bit-exact across batch compositions (padding
+changes the numerics of a VLM's greedy decode), so a sample's caption could depend on which samples of
+*other* shards shared its batch. Forming batches inside each shard, the local engine's way, keeps
+every output shard independent of how the runner splits and schedules the work. The marker travels through
 every stage like a sample (stages never see it) and collects each stage's provenance from the very
 worker that ran it, after ``setup()``, exactly as the local engine records it. The writer of a shard
 thus knows how many samples to expect (nothing lost), whether the read failed (then the shard stays
@@ -23,9 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vesl.pipeline.config import LabelConfig
-from vesl.pipeline.job import ShardTask, job_provenance
+from vesl.pipeline.job import ShardTask, commit_shard, job_provenance, read_task
 from vesl.pipeline.stage import Sample, Stage, apply_stage
-from vesl.pipeline.writer import read_stats, write_shard
+from vesl.pipeline.writer import read_stats
 
 StagesFactory = Callable[[LabelConfig], list[Stage]]
 SECONDS_KEY = "_vesl_stage_seconds"  # in Sample.meta; never written to the output rows
@@ -42,18 +49,24 @@ class ShardEnd:
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-Item = Sample | ShardEnd
+Item = list[Sample] | ShardEnd
 
 
-def read_items(task: ShardTask, cfg: LabelConfig) -> Iterator[Item]:
-    """The shard's samples (at most ``task.limit``), then its :class:`ShardEnd`."""
-    from vesl.pipeline.sources import read_shard
+def read_batch_size(cfg: LabelConfig, stages: list[Stage]) -> int:
+    """The local engine's read batch: as large as the largest stage batch (kept in lock-step with it)."""
+    from vesl.pipeline.engines.local import _batch_size
 
+    return _batch_size(cfg, stages)
+
+
+def read_items(task: ShardTask, cfg: LabelConfig, batch_size: int) -> Iterator[Item]:
+    """The shard's samples (at most ``task.limit``) in read batches, then its :class:`ShardEnd`."""
     started, count, error = time.time(), 0, None
+    samples = read_task(task, cfg)
     try:
-        for sample in itertools.islice(read_shard(task.ref, cfg.source), task.limit):
-            count += 1
-            yield sample
+        while batch := list(itertools.islice(samples, batch_size)):
+            count += len(batch)
+            yield batch
     except Exception as exc:  # unreadable shard: reported, left uncommitted, retried on rerun
         error = f"cannot read {task.ref.uri}: {type(exc).__name__}: {exc}"
     yield ShardEnd(task, count, error, started)
@@ -95,24 +108,33 @@ class StageRunner:
         return self.stage.name
 
     def __call__(self, items: list[Item]) -> list[Item]:
+        """Each read batch as the local engine runs it: the first stage on the whole batch, later
+        stages on its ok samples in chunks of their own batch size."""
         assert self.stage is not None, "setup() first"
         with self._lock:
-            samples = [x for x in items if isinstance(x, Sample)]
-            if samples:
-                t = time.perf_counter()
-                size = max(1, self.stage.resources.batch_size)
-                for i in range(0, len(samples), size):
-                    apply_stage(self.stage, samples[i : i + size])
-                share = (time.perf_counter() - t) / len(samples)
-                for s in samples:
-                    secs = s.meta.setdefault(SECONDS_KEY, {})
-                    secs[self.stage.name] = secs.get(self.stage.name, 0.0) + share
-                    if self.last:
-                        s.image = None  # decoded pixels never travel to the writer
-            for x in items:
-                if isinstance(x, ShardEnd):
-                    x.provenance[self.stage.name] = self.provenance
+            for item in items:
+                if isinstance(item, ShardEnd):
+                    item.provenance[self.stage.name] = self.provenance
+                elif item:
+                    self._run(item)
         return items
+
+    def _run(self, batch: list[Sample]) -> None:
+        stage = self.stage
+        t = time.perf_counter()
+        if self.position == 0:
+            apply_stage(stage, batch)
+        else:
+            ok = [s for s in batch if s.ok]
+            size = max(1, int(getattr(stage.resources, "batch_size", 1)))
+            for i in range(0, len(ok), size):
+                apply_stage(stage, ok[i : i + size])
+        share = (time.perf_counter() - t) / len(batch)
+        for s in batch:
+            secs = s.meta.setdefault(SECONDS_KEY, {})
+            secs[stage.name] = secs.get(stage.name, 0.0) + share
+            if self.last:
+                s.image = None  # decoded pixels never travel to the writer
 
 
 @dataclass(frozen=True)
@@ -131,7 +153,10 @@ def write_items(cfg: LabelConfig, name: str, items: Iterable[Item], engine: str,
     samples: list[Sample] = []
     ends: list[ShardEnd] = []
     for x in items:
-        (ends if isinstance(x, ShardEnd) else samples).append(x)
+        if isinstance(x, ShardEnd):
+            ends.append(x)
+        else:
+            samples.extend(x)
     if len(ends) != 1:
         return {"shard": name, "ok": False, "error": f"internal: {len(ends)} end markers for one shard; rerun to resume"}
     end = ends[0]
@@ -148,10 +173,7 @@ def write_items(cfg: LabelConfig, name: str, items: Iterable[Item], engine: str,
     timings["wall_s"] = round(time.time() - end.started, 4)
     timings["engine"] = engine
     timings["run_id"] = run_id
-    stats = write_shard(
-        cfg.output, name, end.task.ref.uri, samples, provenance, timings,
-        keep_image_bytes=cfg.decode.keep_image_bytes, sample_limit=end.task.limit,
-    )  # fmt: skip
+    stats = commit_shard(cfg, end.task, samples, provenance, timings)
     return {"shard": name, "ok": True, "stats": stats}
 
 

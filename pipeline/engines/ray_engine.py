@@ -15,15 +15,18 @@ Dataset::
   consecutive CPU-only stages with equal pool sizes share one pool, the way Ray Data fuses
   consecutive maps. Each actor asks for one CPU, less on a small machine so that every pool and the
   read/write tasks fit at once (a pool that cannot start would stall the stream).
-- Rows carry pickled Samples (the decoded image travels between stage actors and is dropped after
-  the last stage). The driver groups the last stage's rows by shard and commits each shard as soon as
+- A row is one read batch of one shard (pickled Samples), formed and split per stage exactly as the
+  local engine does, so a shard's output never depends on which other samples Ray batched it with
+  (see ``distributed.py``); the decoded image travels between stage pools and is dropped after the
+  last stage. The driver groups the last stage's rows by shard and commits each shard as soon as
   its end marker and all its samples have arrived, so shards commit progressively and an interrupted
   job loses only the shards in flight. (A ``groupby().map_groups()`` shuffle would keep the writes on
   the workers but commit nothing before the whole job is done, and its shuffle actors cost more than
   the labeling on small jobs.) The output bytes pass through the driver: run it near the output store.
 - With the ``vllm`` extra and a ``vllm:<model>`` captioner, the captioner runs as a ``ray.data.llm``
-  processor (``vLLMEngineProcessorConfig`` + ``build_processor``). That path needs vLLM and a GPU
-  and is not exercised by the tests here.
+  processor (``vLLMEngineProcessorConfig`` + ``build_processor``), one row per sample; vLLM batches
+  continuously, so this path is not byte-comparable with the local engine. It needs vLLM and a
+  GPU and is not exercised by the tests here.
 """
 
 from __future__ import annotations
@@ -47,21 +50,21 @@ from vesl.pipeline.engines.distributed import (
     StagesFactory,
     dumps,
     loads,
+    read_batch_size,
     read_items,
     summary,
     write_items,
 )
 from vesl.pipeline.job import plan_shards
-from vesl.pipeline.stage import Sample
 from vesl.pipeline.wiring import build_stages
 from vesl.pipeline.writer import clean_temp_files
 
 log = logging.getLogger(__name__)
 
 
-def _read_rows(row: dict[str, Any], cfg: LabelConfig) -> list[dict[str, Any]]:
+def _read_rows(row: dict[str, Any], cfg: LabelConfig, batch_size: int) -> list[dict[str, Any]]:
     task = loads(row["task"])
-    return [{"shard": task.name, "item": dumps(item)} for item in read_items(task, cfg)]
+    return [{"shard": task.name, "item": dumps(item)} for item in read_items(task, cfg, batch_size)]
 
 
 class _StageActor:
@@ -86,6 +89,7 @@ class _ShardCollector:
     def __init__(self, cfg: LabelConfig, run_id: str, total: int, t0: float, progress: bool) -> None:
         self.cfg, self.run_id, self.total, self.t0, self.progress = cfg, run_id, total, t0, progress
         self.open: dict[str, list[Any]] = {}
+        self.counts: dict[str, int] = {}
         self.ends: dict[str, ShardEnd] = {}
         self.closed: set[str] = set()
         self.pending: list[tuple[str, Future]] = []
@@ -99,11 +103,14 @@ class _ShardCollector:
         self.open.setdefault(name, []).append(item)
         if isinstance(item, ShardEnd):
             self.ends[name] = item
+        else:
+            self.counts[name] = self.counts.get(name, 0) + len(item)
         end = self.ends.get(name)
-        if end is not None and (end.error is not None or len(self.open[name]) == end.count + 1):
+        if end is not None and (end.error is not None or self.counts.get(name, 0) == end.count):
             self.closed.add(name)
             items = self.open.pop(name)
             del self.ends[name]
+            self.counts.pop(name, None)
             self.pending.append((name, self.pool.submit(write_items, self.cfg, name, items, "ray", self.run_id)))
         self._collect(block=False)
 
@@ -207,7 +214,7 @@ def build_dataset(cfg: LabelConfig, tasks: list, factory: StagesFactory, run_id:
     groups = _pool_groups(stages, pools)
     cpu = _cpus_per_slot(sum(pools[g[0]] for g in groups) + 1)  # + the reader tasks
     ds = ray.data.from_items([{"task": dumps(t)} for t in tasks], override_num_blocks=max(1, len(tasks)))
-    ds = ds.flat_map(_read_rows, fn_kwargs={"cfg": cfg}, num_cpus=cpu)
+    ds = ds.flat_map(_read_rows, fn_kwargs={"cfg": cfg, "batch_size": read_batch_size(cfg, stages)}, num_cpus=cpu)
     last = len(stages) - 1
     for group in groups:
         first = stages[group[0]]
@@ -218,7 +225,7 @@ def build_dataset(cfg: LabelConfig, tasks: list, factory: StagesFactory, run_id:
         ds = ds.map_batches(
             _StageActor,
             fn_constructor_args=(cfg, factory, group, last),
-            batch_size=max(max(1, stages[i].resources.batch_size) for i in group),
+            batch_size=1,  # one row = one read batch of a shard, split per stage like the local engine
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=pools[group[0]]),
             num_gpus=first.resources.num_gpus or None,
@@ -296,9 +303,16 @@ def _vllm_captioner(cfg: LabelConfig, stage: Any):
     provenance = {str(k): v for k, v in stage.provenance().items()}
     seconds_key = "caption"
 
+    def explode(row: dict[str, Any]) -> list[dict[str, Any]]:
+        """One row per sample (the processor captions rows), each a batch of one."""
+        item = loads(row["item"])
+        if isinstance(item, ShardEnd):
+            return [row]
+        return [{"shard": row["shard"], "item": dumps([s])} for s in item]
+
     def needs_caption(row: dict[str, Any]) -> bool:
         item = loads(row["item"])
-        return isinstance(item, Sample) and item.ok
+        return isinstance(item, list) and bool(item) and item[0].ok
 
     def preprocess(row: dict[str, Any]) -> dict[str, Any]:
         import base64
@@ -306,7 +320,7 @@ def _vllm_captioner(cfg: LabelConfig, stage: Any):
 
         from vesl.labelers.prompts import render_prompt
 
-        sample: Sample = loads(row["item"])
+        (sample,) = loads(row["item"])
         buf = io.BytesIO()
         sample.image.save(buf, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -321,7 +335,7 @@ def _vllm_captioner(cfg: LabelConfig, stage: Any):
     def postprocess(row: dict[str, Any]) -> dict[str, Any]:
         from vesl.pipeline.stage import fail
 
-        sample: Sample = loads(row["item"])
+        (sample,) = loads(row["item"])
         err = row.get("__inference_error__")
         text = (row.get("generated_text") or "").strip()
         if err:
@@ -331,7 +345,7 @@ def _vllm_captioner(cfg: LabelConfig, stage: Any):
         else:
             sample.caption, sample.caption_source = text, "vlm"
         sample.meta.setdefault("_vesl_stage_seconds", {}).setdefault(seconds_key, 0.0)
-        return {"shard": row["shard"], "item": dumps(sample)}
+        return {"shard": row["shard"], "item": dumps([sample])}
 
     def stamp(row: dict[str, Any]) -> dict[str, Any]:
         item = loads(row["item"])
@@ -341,6 +355,7 @@ def _vllm_captioner(cfg: LabelConfig, stage: Any):
 
     def apply(ds, _stage, last: bool):
         processor = build_processor(processor_cfg, preprocess=preprocess, postprocess=postprocess)
+        ds = ds.flat_map(explode)
         captioned = processor(ds.filter(needs_caption))
         rest = ds.filter(lambda row: not needs_caption(row)).map(stamp)
         return captioned.union(rest)

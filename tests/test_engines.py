@@ -1,0 +1,224 @@
+"""Local, Beam (DirectRunner) and Ray (local) run the same stages and write the same shards.
+
+One input of several shards (synthetic scenes written as img2dataset tars, plus a shard with broken
+images) is labeled with the tiny VLM captioner and tiny OWLv2 detector on all three engines.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from vesl.pipeline.config import CaptionerConfig, DetectorConfig, LabelConfig
+from vesl.pipeline.engines.distributed import StageRunner
+from vesl.pipeline.wiring import build_stages
+
+pytest.importorskip("apache_beam")
+pytest.importorskip("ray")
+
+N_SHARDS = 3
+PER_SHARD = 3
+BROKEN = {"b-truncated": "TruncatedImage", "b-text": "NotAnImage", "b-empty": "EmptyFile"}
+
+
+def _write_input(root: Path) -> Path:
+    """Tars as img2dataset writes them: three of synthetic scenes, one mixing good and broken images."""
+    from vesl.pipeline.synth import make_scenes, write_webdataset
+
+    scenes = list(make_scenes(N_SHARDS * PER_SHARD, seed=5))
+    write_webdataset(scenes, root, shard_size=PER_SHARD)
+    good = scenes[0].image
+    members = [
+        ("a-good", good, "a scene"),
+        ("b-empty", b"", "zero bytes"),
+        ("b-text", b"definitely not an image\n" * 4, "a text file"),
+        ("b-truncated", good[: len(good) // 2], "half a jpeg"),
+    ]
+    with tarfile.open(root / f"{N_SHARDS:05d}.tar", "w") as tar:
+        for key, img, cap in members:
+            for ext, data in (("jpg", img), ("txt", cap.encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+def _cfg(inputs: Path, out: Path, vlm: Path, owl: Path, **kw) -> LabelConfig:
+    return LabelConfig(
+        inputs=[str(inputs)],
+        output=str(out),
+        captioner=CaptionerConfig(spec=f"hf:{vlm}", max_new_tokens=12, batch_size=4, device="cpu"),
+        detector=DetectorConfig(spec=f"owlv2:{owl}", threshold=0.0, max_regions=5, batch_size=4, device="cpu"),
+        **kw,
+    )
+
+
+def _shard_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("part-*.parquet"))}
+
+
+def _stats(out: Path) -> dict[str, dict]:
+    stats = {}
+    for p in sorted(out.glob("part-*.stats.json")):
+        s = json.loads(p.read_text())
+        s.pop("timings")
+        stats[p.name] = s
+    return stats
+
+
+def _assert_same_dataset(a: Path, b: Path) -> None:
+    assert _shard_files(a) == _shard_files(b)  # rows and errors files, byte for byte
+    assert _stats(a) == _stats(b)  # stats identical apart from timings
+    assert (a / "manifest.json").read_bytes() == (b / "manifest.json").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def engines_input(tmp_path_factory) -> Path:
+    return _write_input(tmp_path_factory.mktemp("engines_input"))
+
+
+@pytest.fixture(scope="module")
+def reference(engines_input, tmp_path_factory, tiny_vlm_dir, tiny_owlv2_dir) -> Path:
+    """The uninterrupted local-engine dataset everything is compared with."""
+    from vesl.pipeline.engines.local import run_local
+
+    out = tmp_path_factory.mktemp("ref")
+    summary = run_local(_cfg(engines_input, out, tiny_vlm_dir, tiny_owlv2_dir), progress=False)
+    assert summary["failed"] == []
+    assert summary["shards_written"] == N_SHARDS + 1
+    return out
+
+
+def test_reference_has_rows_regions_and_error_rows(reference):
+    rows = pq.read_table(reference / f"part-{N_SHARDS:05d}.parquet").to_pylist()
+    errors = pq.read_table(reference / f"part-{N_SHARDS:05d}.errors.parquet").to_pylist()
+    assert [r["key"] for r in rows] == ["a-good"]
+    assert {e["key"]: e["error_type"] for e in errors} == BROKEN
+    all_rows = [r for p in sorted(reference.glob("part-*.parquet")) if "errors" not in p.name for r in pq.read_table(p).to_pylist()]
+    assert len(all_rows) == N_SHARDS * PER_SHARD + 1
+    assert all(r["caption_source"] == "vlm" for r in all_rows)
+    assert sum(len(r["regions"]) for r in all_rows) > 0
+
+
+def test_beam_direct_runner_matches_local(engines_input, reference, tmp_path, tiny_vlm_dir, tiny_owlv2_dir):
+    from vesl.pipeline.engines.beam_engine import run_beam
+
+    summary = run_beam(_cfg(engines_input, tmp_path, tiny_vlm_dir, tiny_owlv2_dir, engine="beam"), progress=False)
+    assert summary["failed"] == []
+    assert summary["errors"] == len(BROKEN)  # broken samples became error rows; the job finished
+    _assert_same_dataset(reference, tmp_path)
+    assert "apache_beam.runners.portability.prism_runner" not in sys.modules  # no Prism (binary download) attempted
+
+
+def test_ray_local_matches_local(engines_input, reference, tmp_path, tiny_vlm_dir, tiny_owlv2_dir, ray_session):
+    from vesl.pipeline.engines.ray_engine import run_ray
+
+    summary = run_ray(_cfg(engines_input, tmp_path, tiny_vlm_dir, tiny_owlv2_dir, engine="ray"), progress=False)
+    assert summary["failed"] == []
+    assert summary["errors"] == len(BROKEN)
+    _assert_same_dataset(reference, tmp_path)
+    assert ray_session.is_initialized()  # reused the session, did not stop it
+
+
+class _InterruptAt:
+    """Wraps a stage (same name and provenance); raises KeyboardInterrupt on a sample of one input shard,
+    as a Ctrl-C or a dying worker would stop the job there."""
+
+    def __init__(self, stage, shard_suffix: str) -> None:
+        self.stage, self.shard_suffix = stage, shard_suffix
+        self.name, self.resources = stage.name, stage.resources
+
+    def setup(self) -> None:
+        self.stage.setup()
+
+    def provenance(self):
+        return self.stage.provenance()
+
+    def __call__(self, batch):
+        if any(s.source_shard.endswith(self.shard_suffix) for s in batch):
+            raise KeyboardInterrupt
+        return self.stage(batch)
+
+
+def test_started_on_local_interrupted_finished_on_beam(engines_input, reference, tmp_path, tiny_vlm_dir, tiny_owlv2_dir):
+    from vesl.pipeline.engines.beam_engine import run_beam
+    from vesl.pipeline.engines.local import run_local
+
+    def interrupting(cfg):
+        stages = build_stages(cfg)
+        stages[-1] = _InterruptAt(stages[-1], "00002.tar")
+        return stages
+
+    cfg = _cfg(engines_input, tmp_path, tiny_vlm_dir, tiny_owlv2_dir)
+    with pytest.raises(KeyboardInterrupt):
+        run_local(cfg, stages_factory=interrupting, progress=False)
+    committed = sorted(p.name for p in tmp_path.glob("*.stats.json"))
+    assert "part-00002.stats.json" not in committed
+    assert "part-00003.stats.json" not in committed
+
+    summary = run_beam(cfg.model_copy(update={"engine": "beam"}), progress=False)
+    assert summary["shards_skipped"] == len(committed)
+    assert summary["shards_written"] == N_SHARDS + 1 - len(committed)
+    _assert_same_dataset(reference, tmp_path)
+
+
+def test_started_on_beam_interrupted_finished_on_ray(engines_input, reference, tmp_path, tiny_vlm_dir, tiny_owlv2_dir, ray_session):
+    """The state a killed job leaves under the commit protocol: some shards committed, others with
+    their parquet written but no stats (the marker), and a stray temp file."""
+    from vesl.pipeline.engines.ray_engine import run_ray
+
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)  # bytes a Beam run writes (tested equal above)
+    for name in ("part-00000", "part-00002"):
+        (tmp_path / f"{name}.stats.json").unlink()
+    (tmp_path / "part-00002.errors.parquet").unlink()
+    (tmp_path / ".part-00000.parquet.deadbeef.tmp").write_bytes(b"half a file")
+
+    cfg = _cfg(engines_input, tmp_path, tiny_vlm_dir, tiny_owlv2_dir, engine="ray")
+    summary = run_ray(cfg, progress=False)
+    assert summary["shards_skipped"] == 2
+    assert summary["shards_written"] == 2
+    assert not list(tmp_path.glob(".*.tmp"))
+    _assert_same_dataset(reference, tmp_path)
+    keys = [r["key"] for p in sorted(tmp_path.glob("part-*.parquet")) if "errors" not in p.name for r in pq.read_table(p).to_pylist()]
+    assert len(keys) == len(set(keys)) == N_SHARDS * PER_SHARD + 1  # nothing lost, nothing duplicated
+
+
+def test_ray_pool_groups_keep_gpu_stages_apart():
+    from vesl.pipeline.engines.ray_engine import _pool_groups
+    from vesl.pipeline.stage import StageResources
+
+    class S:
+        def __init__(self, name, gpus=0.0):
+            self.name, self.resources = name, StageResources(num_gpus=gpus)
+
+    cpu_only = [S("decode"), S("caption"), S("phrases"), S("detect")]
+    assert _pool_groups(cpu_only, [1, 1, 1, 1]) == [[0, 1, 2, 3]]
+    assert _pool_groups(cpu_only, [1, 2, 1, 1]) == [[0], [1], [2, 3]]
+    gpu = [S("decode"), S("caption", 1.0), S("phrases"), S("detect", 0.5)]
+    assert _pool_groups(gpu, [1, 1, 1, 1]) == [[0], [1], [2], [3]]
+
+
+def test_stage_runner_records_provenance_on_end_marker():
+    from vesl.pipeline.engines.distributed import ShardEnd, read_items
+    from vesl.pipeline.job import ShardTask
+    from vesl.pipeline.sources import list_shards
+
+    cfg = LabelConfig(inputs=["synth://3?seed=1&shard_size=3"], output="unused")
+    (ref,) = list_shards(cfg.inputs, cfg.source)
+    items = list(read_items(ShardTask(ref), cfg, batch_size=2))
+    assert [len(b) for b in items[:-1]] == [2, 1]  # read batches inside the shard, as the local engine reads
+    assert isinstance(items[-1], ShardEnd)
+    assert items[-1].count == 3
+    runner = StageRunner(cfg, build_stages, 0, last=False).setup()
+    runner(items)
+    assert items[-1].provenance == {"decode": runner.provenance}
+    samples = [s for b in items[:-1] for s in b]
+    assert all(s.image is not None for s in samples)
+    assert all(s.meta["_vesl_stage_seconds"]["decode"] >= 0 for s in samples)
