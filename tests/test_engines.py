@@ -222,3 +222,16 @@ def test_stage_runner_records_provenance_on_end_marker():
     samples = [s for b in items[:-1] for s in b]
     assert all(s.image is not None for s in samples)
     assert all(s.meta["_vesl_stage_seconds"]["decode"] >= 0 for s in samples)
+
+
+def test_beam_local_runner_is_fnapi_and_unknown_runner_is_a_user_error(tmp_path):
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from vesl.errors import UserError
+    from vesl.pipeline.engines.beam_engine import _runner, run_beam
+
+    assert isinstance(_runner("DirectRunner", PipelineOptions([])), FnApiRunner)  # not the Prism-probing default
+    cfg = LabelConfig(inputs=["synth://2"], output=str(tmp_path), engine="beam", beam_runner="NoSuchRunner")
+    with pytest.raises(UserError, match="NoSuchRunner"):
+        run_beam(cfg, progress=False)
