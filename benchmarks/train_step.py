@@ -135,11 +135,14 @@ def case_parquet_loader(root: Path, args) -> dict:
     ld = RegionTextLoader(str(root / "parquet"), batch_size=args.batch, tokenizer=tok, preprocess=pre, num_workers=2)
     n, t = 0, None
     for epoch in range(args.epochs):
+        per_epoch = 0
         for i, b in enumerate(ld.epoch(epoch)):
+            per_epoch += int(b["image_valid"].sum())
             if epoch == 0 and i == 0:
                 t = time.perf_counter()  # after worker start-up and the first batch
                 continue
             n += int(b["image_valid"].sum())
+        assert per_epoch == args.images, (per_epoch, args.images)
     return {"images_per_s": n / (time.perf_counter() - t), "peak_rss_mb": peak_rss_mb()}
 
 
@@ -157,14 +160,17 @@ def case_wds_loader(root: Path, args) -> dict:
     urls = [str(p) for p in sorted((root / "wds").glob("*.tar"))]
     n, t = 0, None
     for epoch in range(args.epochs):
+        per_epoch = 0
         ds = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
                              empty_check=False)
               .map(to_row).batched(args.batch, collation_fn=lambda rows: builder.build(rows, 0), partial=True))
         for i, b in enumerate(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)):
+            per_epoch += int(b["image_valid"].sum())
             if epoch == 0 and i == 0:
                 t = time.perf_counter()
                 continue
             n += int(b["image_valid"].sum())
+        assert per_epoch == args.images, (per_epoch, args.images)  # every image once per epoch
     return {"images_per_s": n / (time.perf_counter() - t), "peak_rss_mb": peak_rss_mb()}
 
 
@@ -194,7 +200,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--model", default="vesl-tiny-vit")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=2, help="alternate the cases this many times, keep the best")
+    ap.add_argument("--repeats", type=int, default=3, help="alternate the cases this many times, keep the best")
     ap.add_argument("--case")
     ap.add_argument("--root")
     args = ap.parse_args()

@@ -56,8 +56,13 @@ def register_model_configs() -> None:
 
 
 def sincos_boxes(boxes: torch.Tensor, n_freqs: int) -> torch.Tensor:
-    """Sinusoidal encoding of box corners: (..., 4) in [0, 1] -> (..., 8 * n_freqs)."""
-    freqs = (2.0 ** torch.arange(n_freqs, device=boxes.device, dtype=boxes.dtype)) * math.pi
+    """Sinusoidal encoding of box corners: (..., 4) in [0, 1] -> (..., 8 * n_freqs).
+
+    Frequencies are evenly spaced (pi, 2 pi, ..., n_freqs pi): a dot product of two such encodings can then
+    express smooth functions of corner differences at patch resolution, which is what attention needs to
+    pick the patches a box covers (powers of two would waste most features on sub-pixel frequencies).
+    """
+    freqs = torch.arange(1, n_freqs + 1, device=boxes.device, dtype=boxes.dtype) * math.pi
     ang = boxes.unsqueeze(-1) * freqs  # (..., 4, F)
     return torch.cat([ang.sin(), ang.cos()], dim=-1).flatten(-2)
 
@@ -198,6 +203,34 @@ class CLOCModel(nn.Module):
         """texts: token ids (T, L) or a list of strings."""
         return self.clip.encode_text(self._as_tokens(texts), normalize=normalize)
 
+    def _encode_text_fast(self, tokens: torch.Tensor) -> torch.Tensor:
+        """encode_text on the shortest prefix that holds every sequence's end token (normalized).
+
+        With a causal mask and end-token pooling, positions after the end token cannot change the output, so
+        dropping the common padding tail gives the same embedding at a fraction of the cost for short phrases.
+        Falls back to open_clip's encode_text for towers where that does not hold.
+        """
+        clip = self.clip
+        usable = (
+            getattr(clip, "text_pool_type", None) == "argmax"
+            and getattr(clip, "attn_mask", None) is not None
+            and hasattr(clip, "token_embedding")
+            and tokens.shape[0] > 0
+        )
+        if not usable:
+            return self.encode_text(tokens)
+        n = int(tokens.argmax(dim=-1).max()) + 1
+        t = tokens[:, :n]
+        cast = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(t).to(cast) + clip.positional_embedding[:n].to(cast)
+        x = clip.transformer(x, attn_mask=clip.attn_mask[:n, :n])
+        x = clip.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), t.argmax(dim=-1)]
+        proj = clip.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return F.normalize(x, dim=-1)
+
     # ---- region API -------------------------------------------------------------------------------
     def encode_regions(self, images: torch.Tensor, boxes: torch.Tensor | list[torch.Tensor], normalize: bool = True):
         """Box-prompted region embeddings. boxes: (B, M, 4) -> (B, M, E); or a list of (M_i, 4) -> list."""
@@ -252,7 +285,7 @@ class CLOCModel(nn.Module):
         pooled, tokens = self.image_tokens(images)
         out = {
             "image_features": F.normalize(pooled, dim=-1),
-            "text_features": self.encode_text(texts),
+            "text_features": self._encode_text_fast(texts),
             "logit_scale": self.logit_scale.exp(),
         }
         if clip_only or region_valid is None:
@@ -261,7 +294,9 @@ class CLOCModel(nn.Module):
         valid = region_valid.bool()
         whole = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=region_boxes.dtype, device=region_boxes.device)
         boxes = torch.where(valid.unsqueeze(-1), region_boxes, whole)
-        phr = self.encode_text(region_texts[valid])  # only valid rows are encoded
+        # only valid rows are encoded, each distinct phrase once
+        uniq, inverse = torch.unique(region_texts[valid], dim=0, return_inverse=True)
+        phr = self._encode_text_fast(uniq)[inverse]
         phr_bm = phr.new_zeros(b, m, phr.shape[-1]).index_put((valid,), phr)
         prompts = torch.cat([self.prompter.box_prompt(boxes), self.prompter.text_prompt(phr_bm)], dim=1)
         y = self.prompter(tokens, prompts.to(tokens.dtype))

@@ -205,3 +205,9 @@ def test_config_file_mirrors_cli_options(tmp_path):
         load_config(None)
     shipped = load_config(Path(__file__).parent.parent / "pretrain" / "configs" / "cloc-tiny.yaml")
     assert shipped.model == "vesl-tiny-vit"
+
+
+def test_fast_text_path_matches_open_clip_encode_text(micro):
+    toks = micro.tokenizer(["a red circle", "a large blue square on the left", "", "a red circle"])
+    with torch.no_grad():
+        assert torch.allclose(micro._encode_text_fast(toks), micro.encode_text(toks), atol=1e-6)
