@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 VESL = str(Path(sys.executable).parent / "vesl")
+CHEAP = ("--captioner", "alt_text", "--detector", "none")  # no model: the default profile needs the hub
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -36,7 +37,7 @@ def test_synth_label_validate_inspect_resume(tmp_path):
     assert len(tars) == 2
 
     out = tmp_path / "out"
-    r = vesl("label", str(tmp_path / "in"), "--output", str(out), "--no-progress")
+    r = vesl("label", str(tmp_path / "in"), "--output", str(out), "--no-progress", *CHEAP)
     assert r.returncode == 0, r.stderr
     assert "2 shards written" in r.stdout
     assert sorted(p.name for p in out.glob("*.stats.json")) == ["part-00000.stats.json", "part-00001.stats.json"]
@@ -53,7 +54,7 @@ def test_synth_label_validate_inspect_resume(tmp_path):
     assert report["rows"] + report["errors"] == 6
     assert sum(report["regions_per_image_hist"].values()) == report["rows"]
 
-    r = vesl("label", str(tmp_path / "in"), "--output", str(out), "--no-progress")
+    r = vesl("label", str(tmp_path / "in"), "--output", str(out), "--no-progress", *CHEAP)
     assert r.returncode == 0
     assert "0 shards written, 2 already committed" in r.stdout
 
@@ -181,4 +182,18 @@ def test_click_usage_errors_are_one_line(argv):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_default_profile_offline_names_the_demo_profile(tmp_path):
+    """The production default names hub models; offline, the user is told about --profile demo."""
+    r = vesl("synth", "--n", "2", "--seed", "0", "--out", str(tmp_path / "in"), "--format", "wds")
+    assert r.returncode == 0, r.stderr
+    env = {**ENV, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [VESL, "label", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--profile demo" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -31,7 +31,7 @@ SHARDS = 10
 def _start(out: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.Popen(
-        [VESL, "label", INPUT, "--output", str(out), "--no-progress", *extra],
+        [VESL, "label", INPUT, "--output", str(out), "--no-progress", "--captioner", "alt_text", "--detector", "none", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,

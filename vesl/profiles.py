@@ -20,6 +20,13 @@ PAPER = {
     "detector": {"spec": "owlv2:google/owlv2-large-patch14-ensemble", "threshold": 0.1, "nms": "per_phrase"},
 }
 
+DEFAULT = {
+    # Production default: a real VLM recaptioner and OWLv2 from the hub (offline: use --profile demo).
+    "captioner": {"spec": "hf:Qwen/Qwen2.5-VL-3B-Instruct"},
+    "phrases": {"mode": "paper"},
+    "detector": {"spec": "owlv2:google/owlv2-base-patch16-ensemble", "threshold": 0.1},
+}
+
 GRIT = {
     # Kosmos-2 GRIT: alt-text captions, spaCy noun chunks expanded to referring expressions,
     # a grounding detector with NMS across phrases, score > 0.65.
@@ -55,7 +62,7 @@ def profile_names() -> list[str]:
 
 def profile(name: str) -> dict[str, Any]:
     """The partial config of profile ``name`` (a fresh copy)."""
-    table = {"default": {}, "paper": PAPER, "grit": GRIT}
+    table = {"default": DEFAULT, "paper": PAPER, "grit": GRIT}
     if name == "demo":
         return _demo()
     if name not in table:
