@@ -60,6 +60,7 @@ from vesl.pipeline.wiring import build_stages
 from vesl.pipeline.writer import clean_temp_files
 
 log = logging.getLogger(__name__)
+MAX_PENDING_WRITES = 2
 
 
 def _read_rows(row: dict[str, Any], cfg: LabelConfig, batch_size: int) -> list[dict[str, Any]]:
@@ -112,28 +113,33 @@ class _ShardCollector:
             del self.ends[name]
             self.counts.pop(name, None)
             self.pending.append((name, self.pool.submit(write_items, self.cfg, name, items, "ray", self.run_id)))
+        while len(self.pending) > MAX_PENDING_WRITES:  # back-pressure: don't hold many finished shards in memory
+            self._collect_one()
         self._collect(block=False)
 
     def _collect(self, block: bool) -> None:
         while self.pending and (block or self.pending[0][1].done()):
-            name, fut = self.pending.pop(0)
-            try:
-                result = fut.result()
-            except Exception as exc:  # e.g. the output filesystem failed: the shard stays uncommitted
-                result = {"shard": name, "ok": False, "error": f"write failed: {type(exc).__name__}: {exc}"}
-            self.results.append(result)
-            if result["ok"]:
-                self.images += result["stats"]["input_count"]
-                self.errors += result["stats"]["errors"]
-            else:
-                log.warning("vesl ray: shard %s not committed: %s", result["shard"], result["error"])
-            if self.progress:
-                dt = max(time.perf_counter() - self.t0, 1e-9)
-                print(
-                    f"vesl ray: {len(self.results)}/{self.total} shards, {self.images} images "
-                    f"({self.images / dt:.1f}/s), {self.errors} errors",
-                    file=sys.stderr,
-                )
+            self._collect_one()
+
+    def _collect_one(self) -> None:
+        name, fut = self.pending.pop(0)
+        try:
+            result = fut.result()
+        except Exception as exc:  # e.g. the output filesystem failed: the shard stays uncommitted
+            result = {"shard": name, "ok": False, "error": f"write failed: {type(exc).__name__}: {exc}"}
+        self.results.append(result)
+        if result["ok"]:
+            self.images += result["stats"]["input_count"]
+            self.errors += result["stats"]["errors"]
+        else:
+            log.warning("vesl ray: shard %s not committed: %s", result["shard"], result["error"])
+        if self.progress:
+            dt = max(time.perf_counter() - self.t0, 1e-9)
+            print(
+                f"vesl ray: {len(self.results)}/{self.total} shards, {self.images} images "
+                f"({self.images / dt:.1f}/s), {self.errors} errors",
+                file=sys.stderr,
+            )
 
     def close(self) -> list[dict[str, Any]]:
         self._collect(block=True)
@@ -253,19 +259,19 @@ def run_ray(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, prog
         ctx = ray.data.DataContext.get_current()
         saved = ctx.enable_progress_bars
         ctx.enable_progress_bars = progress
+        collector = _ShardCollector(cfg, run_id, len(todo), t0, progress)
         try:
             ds = build_dataset(cfg, todo, stages_factory, run_id)
-            collector = _ShardCollector(cfg, run_id, len(todo), t0, progress)
             for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
                 for name, data in zip(batch["shard"], batch["item"], strict=True):
                     collector.add(str(name), loads(data))
-            results = collector.close()
         except Exception as exc:
             cause = _cause(exc)
             if isinstance(cause, UserError):
                 raise UserError(str(cause)) from None
             raise
         finally:
+            results = collector.close()  # shards already complete still commit when the job fails
             ctx.enable_progress_bars = saved
             if started:
                 ray.shutdown()
