@@ -171,6 +171,17 @@ def job_provenance(cfg: LabelConfig, stages: list[Stage]) -> dict[str, Any]:
     }
 
 
+def read_batch_size(cfg: LabelConfig, stages: list[Stage]) -> int:
+    """Samples per batch, formed inside one shard by every engine.
+
+    As large as the largest stage batch so no model runs on half-empty batches; engines never mix
+    shards in a batch because batched VLM decoding is not bit-exact across batch contents.
+    """
+    from vesl.pipeline.stage import stage_batch_size
+
+    return max(1, cfg.decode.batch_size, *(stage_batch_size(s) for s in stages))
+
+
 def read_task(task: ShardTask, cfg: LabelConfig) -> Iterator[Sample]:
     """The samples of one task in shard order, cut at ``task.limit``: what every engine reads."""
     from vesl.pipeline.sources import read_shard

@@ -120,3 +120,21 @@ def apply_stage(stage: Stage, batch: list[Sample]) -> list[Sample]:
             except Exception as exc:  # every failure becomes an error row
                 fail(s, stage.name, exc)
     return batch
+
+
+def stage_batch_size(stage: Stage) -> int:
+    """The batch size a stage asks for (1 when it declares none)."""
+    return max(1, int(getattr(getattr(stage, "resources", None), "batch_size", 1)))
+
+
+def apply_stage_chunked(stage: Stage, batch: list[Sample]) -> list[Sample]:
+    """Run ``stage`` on the ok samples of ``batch`` in chunks of its own batch size.
+
+    Every engine cuts chunks the same way, so batched model calls (not bit-exact across batch
+    contents) see the same batches on every engine.
+    """
+    ok = [s for s in batch if s.ok]
+    size = stage_batch_size(stage)
+    for i in range(0, len(ok), size):
+        apply_stage(stage, ok[i : i + size])
+    return batch

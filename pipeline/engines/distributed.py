@@ -31,7 +31,7 @@ from typing import Any
 
 from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.job import ShardTask, commit_shard, job_provenance, read_task
-from vesl.pipeline.stage import Sample, Stage, apply_stage
+from vesl.pipeline.stage import Sample, Stage, apply_stage, apply_stage_chunked
 from vesl.pipeline.writer import read_stats
 
 StagesFactory = Callable[[LabelConfig], list[Stage]]
@@ -50,13 +50,6 @@ class ShardEnd:
 
 
 Item = list[Sample] | ShardEnd
-
-
-def read_batch_size(cfg: LabelConfig, stages: list[Stage]) -> int:
-    """The local engine's read batch: as large as the largest stage batch (kept in lock-step with it)."""
-    from vesl.pipeline.engines.local import _batch_size
-
-    return _batch_size(cfg, stages)
 
 
 def read_items(task: ShardTask, cfg: LabelConfig, batch_size: int) -> Iterator[Item]:
@@ -125,10 +118,7 @@ class StageRunner:
         if self.position == 0:
             apply_stage(stage, batch)
         else:
-            ok = [s for s in batch if s.ok]
-            size = max(1, int(getattr(stage.resources, "batch_size", 1)))
-            for i in range(0, len(ok), size):
-                apply_stage(stage, ok[i : i + size])
+            apply_stage_chunked(stage, batch)
         share = (time.perf_counter() - t) / len(batch)
         for s in batch:
             secs = s.meta.setdefault(SECONDS_KEY, {})

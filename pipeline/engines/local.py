@@ -25,8 +25,8 @@ from typing import Any
 
 from vesl.errors import UserError
 from vesl.pipeline.config import LabelConfig
-from vesl.pipeline.job import ShardTask, commit_shard, job_provenance, plan_shards, read_task
-from vesl.pipeline.stage import Sample, Stage, apply_stage
+from vesl.pipeline.job import ShardTask, commit_shard, job_provenance, plan_shards, read_batch_size, read_task
+from vesl.pipeline.stage import Sample, Stage, apply_stage, apply_stage_chunked
 from vesl.pipeline.wiring import build_stages
 from vesl.pipeline.writer import clean_temp_files
 
@@ -47,20 +47,6 @@ class _ShardState:
 
     def add_time(self, key: str, dt: float) -> None:
         self.seconds[key] = self.seconds.get(key, 0.0) + dt
-
-
-def _stage_batch(stage: Stage) -> int:
-    return max(1, int(getattr(getattr(stage, "resources", None), "batch_size", 1)))
-
-
-def _batch_size(cfg: LabelConfig, stages: list[Stage]) -> int:
-    # Read batches as large as the largest stage batch, so no model runs on half-empty batches.
-    return max(1, cfg.decode.batch_size, *(_stage_batch(s) for s in stages))
-
-
-def _chunks(items: list[Sample], size: int) -> Iterator[list[Sample]]:
-    for i in range(0, len(items), max(1, size)):
-        yield items[i : i + size]
 
 
 def _timed_apply(stage: Stage, batch: list[Sample]) -> tuple[list[Sample], float]:
@@ -119,7 +105,7 @@ def process_tasks(
     """Label and commit each shard of ``tasks`` with already set-up ``stages``; yields one result
     per shard: ``{"shard", "ok", "stats"}`` or ``{"shard", "ok": False, "error"}``."""
     first, rest = stages[0], stages[1:]
-    batch_size = _batch_size(cfg, stages)
+    batch_size = read_batch_size(cfg, stages)
     q: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
     stop = threading.Event()
     decode_pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="vesl-decode")
@@ -160,8 +146,7 @@ def process_tasks(
                 st.add_time(first.name, dt)
                 for stage in rest:
                     t = time.perf_counter()
-                    for chunk in _chunks([s for s in batch if s.ok], _stage_batch(stage)):
-                        apply_stage(stage, chunk)
+                    apply_stage_chunked(stage, batch)
                     st.add_time(stage.name, time.perf_counter() - t)
                 for s in batch:
                     s.image = None  # never kept past the last stage

@@ -50,12 +50,11 @@ from vesl.pipeline.engines.distributed import (
     StagesFactory,
     dumps,
     loads,
-    read_batch_size,
     read_items,
     summary,
     write_items,
 )
-from vesl.pipeline.job import plan_shards
+from vesl.pipeline.job import plan_shards, read_batch_size
 from vesl.pipeline.wiring import build_stages
 from vesl.pipeline.writer import clean_temp_files
 
