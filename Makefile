@@ -7,7 +7,7 @@ EXTRAS ?= dev,ray,beam
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo demo-full test test-slow lint bench install clean
+.PHONY: demo demo-full test test-slow lint bench install browser clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,7 +29,13 @@ demo: $(STAMP)
 demo-full: $(STAMP)
 	$(BIN)/vesl demo --full
 
-test: $(STAMP)
+# Debian's chromium for the headless gallery test (root only; otherwise that one test is skipped).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  timeout 300 sh -c 'apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)'; } \
+	  || echo "chromium not installed: the headless-browser gallery test will be skipped"
+
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow and not benchmark"
 
