@@ -29,6 +29,8 @@ def _train(
     text_sim_threshold: Optional[float] = typer.Option(None, "--text-sim-threshold", help="[0.9]"),
     ground_loss: Optional[str] = typer.Option(None, "--ground-loss", help="l2 | l1+giou [l2]"),
     prompter_pool: Optional[str] = typer.Option(None, "--prompter-pool", help="prompt | mean [prompt]"),
+    box_bias: Optional[bool] = typer.Option(None, "--box-bias/--no-box-bias",
+                                            help="bias box-prompt attention to covered patches [off]"),
     clip_only: Optional[bool] = typer.Option(None, "--clip-only/--cloc", help="CLIP baseline only [--cloc]"),
     local_loss: Optional[bool] = typer.Option(None, "--local-loss/--no-local-loss"),
     gather_with_grad: Optional[bool] = typer.Option(None, "--gather-with-grad/--no-gather-with-grad"),
@@ -51,7 +53,7 @@ def _train(
         "pretrained": pretrained, "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
         "workers": workers, "lr": lr, "warmup": warmup, "weight_decay": weight_decay, "grad_clip": grad_clip,
         "regions_per_image": regions_per_image, "lam": lam, "text_sim_threshold": text_sim_threshold,
-        "ground_loss": ground_loss, "prompter_pool": prompter_pool, "clip_only": clip_only, "local_loss": local_loss,
+        "ground_loss": ground_loss, "prompter_pool": prompter_pool, "box_bias": box_bias, "clip_only": clip_only, "local_loss": local_loss,
         "gather_with_grad": gather_with_grad, "precision": precision, "grad_checkpointing": grad_checkpointing,
         "save_every": save_every, "resume": resume, "seed": seed, "log_every": log_every, "text_field": text_field,
     }

@@ -33,11 +33,13 @@ class PrompterConfig:
     single layer, so they are never recomputed per region: cheap). ``pool="mean"`` mean-pools every output
     position as written in the paper, recomputing the layer for each region (exact, ~M x more Prompter cost).
     ``patch_pos`` adds the box encoding of each patch's own cell to its token, so box prompts and patch
-    positions live in one space.
+    positions live in one space. ``box_bias`` (off by default, not in the paper) adds ``log`` of how much of
+    each patch a box covers to the box prompt's attention logits, so attention starts inside the box.
     """
 
     pool: str = "prompt"
     patch_pos: bool = True
+    box_bias: bool = False
     n_freqs: int = 16
     ground_hidden: int = 0  # 0: 2 x embed_dim
 
@@ -111,8 +113,20 @@ class Prompter(nn.Module):
             tokens = tokens + self.box_prompt(self.cell_boxes).to(tokens.dtype)
         return tokens
 
-    def forward(self, tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """tokens (B, N, W) patch tokens, prompts (B, R, W) -> region embeddings (B, R, E), not normalized."""
+    def box_attn_bias(self, boxes: torch.Tensor) -> torch.Tensor:
+        """(B, R, 4) boxes -> (B, R, N) log share of each patch cell covered by the box (0 inside)."""
+        c = self.cell_boxes.to(boxes.dtype)
+        b = boxes.unsqueeze(-2)
+        iw = (torch.minimum(b[..., 2], c[:, 2]) - torch.maximum(b[..., 0], c[:, 0])).clamp_min(0)
+        ih = (torch.minimum(b[..., 3], c[:, 3]) - torch.maximum(b[..., 1], c[:, 1])).clamp_min(0)
+        cover = iw * ih / ((c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1]))
+        return torch.log(cover.clamp_min(1e-3))
+
+    def forward(self, tokens: torch.Tensor, prompts: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, N, W) patch tokens, prompts (B, R, W) -> region embeddings (B, R, E), not normalized.
+
+        ``bias`` (B, R, N) is added to the prompt-to-patch attention logits (see ``box_bias``).
+        """
         x = self._tokens(tokens)
         if self.cfg.pool == "mean":
             return self._forward_mean(x, prompts)
@@ -122,6 +136,8 @@ class Prompter(nn.Module):
         scale = w**-0.5
         s_self = (q_p * k_p).sum(-1, keepdim=True) * scale  # (B, R, 1): the prompt attends to itself
         s_x = torch.einsum("brd,bnd->brn", q_p, k_x) * scale  # (B, R, N)
+        if bias is not None:
+            s_x = s_x + bias.to(s_x.dtype)
         attn = torch.cat([s_self, s_x], dim=-1).softmax(dim=-1)
         o = attn[..., :1] * v_p + torch.einsum("brn,bnd->brd", attn[..., 1:], v_x)
         h = prompts + self.out_proj(o)
@@ -244,8 +260,11 @@ class CLOCModel(nn.Module):
             out = self.encode_regions(images, padded, normalize)
             return [out[i, :c] for i, c in enumerate(counts)]
         _, tokens = self.image_tokens(images)
-        y = self.prompter(tokens, self.prompter.box_prompt(boxes))
+        y = self.prompter(tokens, self.prompter.box_prompt(boxes), self._box_bias(boxes))
         return F.normalize(y, dim=-1) if normalize else y
+
+    def _box_bias(self, boxes: torch.Tensor) -> torch.Tensor | None:
+        return self.prompter.box_attn_bias(boxes) if self.prompter_cfg.box_bias else None
 
     def ground(self, images: torch.Tensor, texts: Any) -> torch.Tensor:
         """One text per image (list of B strings or (B, L) ids) -> boxes (B, 4) on the model canvas."""
@@ -299,7 +318,10 @@ class CLOCModel(nn.Module):
         phr = self._encode_text_fast(uniq)[inverse]
         phr_bm = phr.new_zeros(b, m, phr.shape[-1]).index_put((valid,), phr)
         prompts = torch.cat([self.prompter.box_prompt(boxes), self.prompter.text_prompt(phr_bm)], dim=1)
-        y = self.prompter(tokens, prompts.to(tokens.dtype))
+        bias = self._box_bias(boxes)
+        if bias is not None:
+            bias = torch.cat([bias, torch.zeros_like(bias)], dim=1)  # text prompts attend freely
+        y = self.prompter(tokens, prompts.to(tokens.dtype), bias)
         out["region_features"] = F.normalize(y[:, :m], dim=-1)
         out["region_text_features"] = phr_bm
         out["pred_boxes"] = self.ground_head(y[:, m:]).float()

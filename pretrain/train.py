@@ -39,6 +39,7 @@ class TrainConfig(BaseModel):
     pretrained: str | None = Field(None, description="open_clip pretrained tag or weights file to start from")
     prompter_pool: Literal["prompt", "mean"] = "prompt"
     patch_pos: bool = True
+    box_bias: bool = Field(False, description="bias box-prompt attention toward the patches the box covers")
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="cap on total optimizer steps (schedule follows it)")
     batch_size: int = Field(32, ge=1, description="images per process and step")
@@ -265,7 +266,8 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
         try:
-            model = create_model(cfg.model, cfg.pretrained, PrompterConfig(pool=cfg.prompter_pool, patch_pos=cfg.patch_pos),
+            model = create_model(cfg.model, cfg.pretrained, PrompterConfig(pool=cfg.prompter_pool, patch_pos=cfg.patch_pos,
+                                                                   box_bias=cfg.box_bias),
                                  seed=cfg.seed, device=d.device)
         except RuntimeError as exc:
             if "not found" in str(exc) or "not a known tag" in str(exc):

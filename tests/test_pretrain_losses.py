@@ -211,3 +211,18 @@ def test_fast_text_path_matches_open_clip_encode_text(micro):
     toks = micro.tokenizer(["a red circle", "a large blue square on the left", "", "a red circle"])
     with torch.no_grad():
         assert torch.allclose(micro._encode_text_fast(toks), micro.encode_text(toks), atol=1e-6)
+
+
+def test_box_attention_bias_is_zero_inside_and_negative_outside():
+    from vesl.pretrain.model import create_model
+
+    model = create_model("vesl-micro-vit", prompter={"box_bias": True}, seed=0)  # 4 x 4 patch grid
+    bias = model.prompter.box_attn_bias(torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0]]]))[0]
+    inside = torch.tensor([0, 1, 4, 5])
+    assert torch.allclose(bias[0, inside], torch.zeros(4), atol=1e-6)
+    assert (bias[0, [i for i in range(16) if i not in inside]] < -6).all()
+    assert torch.allclose(bias[1], torch.zeros(16), atol=1e-6)
+    img = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        e = model.encode_regions(img, torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]]))
+    assert (e[0, 0] - e[0, 1]).norm() > 1e-2
