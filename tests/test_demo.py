@@ -108,3 +108,23 @@ def test_full_demo_tiny(tmp_path):
     saved = json.loads((tmp_path / "full" / "results.json").read_text())
     assert saved["metrics"] == res.metrics
     assert "goal: CLOC Prompter" in "\n".join(lines)
+
+
+def test_ground_truth_labels_go_through_the_engine(tmp_path):
+    from vesl.demo import label_ground_truth
+    from vesl.pipeline.synth import make_scene
+    from vesl.schemas.manifest import check_dataset
+
+    generate_input(tmp_path / "in", n=5, seed=7, shard_size=3)
+    summary = label_ground_truth(tmp_path / "in", tmp_path / "gt", seed=7, progress=False)
+    assert summary["rows"] == 5
+    assert check_dataset(tmp_path / "gt") == []
+    rows = [
+        r for p in sorted((tmp_path / "gt").glob("part-*[0-9].parquet")) for r in pq.read_table(p).to_pylist()
+    ]
+    assert len(rows) == 5
+    for r in rows:
+        scene = make_scene(7, int(r["key"]))
+        assert r["caption"] == scene.caption
+        assert [g["phrase"] for g in r["regions"]] == [o.phrase for o in scene.objects]
+        assert r["regions"][0]["box"] == pytest.approx(list(scene.regions[0].box), abs=1e-6)
