@@ -30,7 +30,7 @@ def _train(
     ground_loss: Optional[str] = typer.Option(None, "--ground-loss", help="l2 | l1+giou [l2]"),
     prompter_pool: Optional[str] = typer.Option(None, "--prompter-pool", help="prompt | mean [prompt]"),
     box_bias: Optional[bool] = typer.Option(None, "--box-bias/--no-box-bias",
-                                            help="bias box-prompt attention to covered patches [off]"),
+                                            help="bias box-prompt attention to covered patches [on; off = paper-literal]"),
     clip_only: Optional[bool] = typer.Option(None, "--clip-only/--cloc", help="CLIP baseline only [--cloc]"),
     local_loss: Optional[bool] = typer.Option(None, "--local-loss/--no-local-loss"),
     gather_with_grad: Optional[bool] = typer.Option(None, "--gather-with-grad/--no-gather-with-grad"),

@@ -175,7 +175,9 @@ class BatchBuilder:
     """Row dicts -> one padded batch (fixed shapes; masks say which rows are real)."""
 
     def __init__(self, tokenizer, preprocess: Preprocess, batch_size: int, regions_per_image: int,
-                 text_field: str = "caption", seed: int = 0, storage_options: dict | None = None):
+                 text_field: str = "caption", seed: int = 0, storage_options: dict | None = None,
+                 with_regions: bool = True):
+        self.with_regions = with_regions  # False (CLIP-only training): skip region sampling and phrase tokenizing
         self.tokenizer = tokenizer
         self.pre = preprocess
         self.b = batch_size
@@ -212,7 +214,8 @@ class BatchBuilder:
             image_valid[i] = True
             sizes[i] = torch.tensor([row["width"], row["height"]])
             texts[i] = row.get(self.text_field) or row.get("caption") or ""
-            for j, r in enumerate(sample_regions(row["key"], row.get("regions") or [], m, self.seed, epoch)):
+            regions = sample_regions(row["key"], row.get("regions") or [], m, self.seed, epoch) if self.with_regions else []
+            for j, r in enumerate(regions):
                 boxes[i, j] = torch.tensor(letterbox_box(r["box"], row["width"], row["height"], s))
                 phrases[i * m + j] = r["phrase"]
                 region_valid[i, j] = True
@@ -221,12 +224,17 @@ class BatchBuilder:
             "texts": self.tokenizer(texts),
             "image_valid": image_valid,
             "region_boxes": boxes,
-            "region_texts": self.tokenizer(phrases).view(b, m, -1),
+            "region_texts": self._phrase_tokens(phrases, b, m),
             "region_valid": region_valid,
             "image_sizes": sizes,
             "keys": keys,
             "bad": bad,
         }
+
+    def _phrase_tokens(self, phrases: list[str], b: int, m: int) -> torch.Tensor:
+        if not self.with_regions:
+            return torch.zeros(b, m, 1, dtype=torch.long)
+        return self.tokenizer(phrases).view(b, m, -1)
 
     def empty(self) -> dict[str, Any]:
         return self.build([], 0)
@@ -279,7 +287,8 @@ class RegionTextLoader:
 
     def __init__(self, data: str | list[str], *, batch_size: int, tokenizer, preprocess: Preprocess,
                  regions_per_image: int = 4, num_workers: int = 2, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, text_field: str = "caption", storage_options: dict | None = None):
+                 seed: int = 0, text_field: str = "caption", storage_options: dict | None = None,
+                 with_regions: bool = True):
         self.paths = list_shards(data, storage_options)
         self.units = scan_units(self.paths, storage_options)
         self.num_rows = sum(u.num_rows for u in self.units)
@@ -289,7 +298,8 @@ class RegionTextLoader:
         self.world_size = world_size
         self.seed = seed
         self.storage_options = storage_options
-        self.builder = BatchBuilder(tokenizer, preprocess, batch_size, regions_per_image, text_field, seed, storage_options)
+        self.builder = BatchBuilder(tokenizer, preprocess, batch_size, regions_per_image, text_field, seed, storage_options,
+                                    with_regions)
         assign_units(self.units, seed, 0, world_size, num_workers)  # fail early with a clear message
         self.state: dict[str, Any] = {}
 

@@ -33,13 +33,14 @@ class PrompterConfig:
     single layer, so they are never recomputed per region: cheap). ``pool="mean"`` mean-pools every output
     position as written in the paper, recomputing the layer for each region (exact, ~M x more Prompter cost).
     ``patch_pos`` adds the box encoding of each patch's own cell to its token, so box prompts and patch
-    positions live in one space. ``box_bias`` (off by default, not in the paper) adds ``log`` of how much of
-    each patch a box covers to the box prompt's attention logits, so attention starts inside the box.
+    positions live in one space. ``box_bias`` (on by default; not in the paper) adds ``log`` of how much of
+    each patch a box covers to the box prompt's attention logits, so attention starts inside the box and
+    region learning is much faster on small data; ``box_bias=False`` is the paper-literal Prompter.
     """
 
     pool: str = "prompt"
     patch_pos: bool = True
-    box_bias: bool = False
+    box_bias: bool = True
     n_freqs: int = 16
     ground_hidden: int = 0  # 0: 2 x embed_dim
 

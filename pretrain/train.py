@@ -39,7 +39,7 @@ class TrainConfig(BaseModel):
     pretrained: str | None = Field(None, description="open_clip pretrained tag or weights file to start from")
     prompter_pool: Literal["prompt", "mean"] = "prompt"
     patch_pos: bool = True
-    box_bias: bool = Field(False, description="bias box-prompt attention toward the patches the box covers")
+    box_bias: bool = Field(True, description="bias box-prompt attention toward the patches the box covers (not in the paper)")
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="cap on total optimizer steps (schedule follows it)")
     batch_size: int = Field(32, ge=1, description="images per process and step")
@@ -281,7 +281,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
         loader = RegionTextLoader(
             cfg.data, batch_size=cfg.batch_size, tokenizer=model.tokenizer, preprocess=Preprocess.from_model(model),
             regions_per_image=cfg.regions_per_image, num_workers=cfg.workers, rank=d.rank, world_size=d.world_size,
-            seed=cfg.seed, text_field=cfg.text_field, storage_options=cfg.storage_options,
+            seed=cfg.seed, text_field=cfg.text_field, storage_options=cfg.storage_options, with_regions=not cfg.clip_only,
         )
         steps_per_epoch = [loader.steps_per_epoch(e) for e in range(cfg.epochs)]
         total = sum(steps_per_epoch)
