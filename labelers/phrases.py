@@ -4,7 +4,8 @@ Two modes:
 
 - ``paper`` (CLOC): lowercase, POS-tag (PTB tags), chunk with ``NP: {<DT>?<JJ.*>*<NN.*>+}``, drop chunks
   made only of stop words and generic words (``GENERIC_WORDS``), keep at most ``max_phrases``.
-- ``noun_chunks`` (Kosmos-2 GRIT): spaCy's dependency-based noun chunks without pronouns; with
+- ``noun_chunks`` (Kosmos-2 GRIT): spaCy's dependency-based noun chunks without pronouns, generic-only
+  chunks or abstract head nouns (``ABSTRACT_WORDS``: "time", "love", "freedom", ...); with
   ``expand_referring`` each chunk grows to a referring expression through its right-hand dependents
   ("a dog on the left of the bench"), and chunks contained in an expression are dropped.
 
@@ -46,6 +47,17 @@ GENERIC_WORDS: frozenset[str] = frozenset(
     type types sort sorts bit
     thing things object objects item items stuff detail details color colors colour colours shape shapes
     style styles appearance
+    """.split()
+)
+
+# GRIT (Kosmos-2) drops abstract noun chunks "challenging to recognize in the image, such as time, love
+# and freedom"; applied in ``noun_chunks`` mode to the chunk's head noun.
+ABSTRACT_WORDS: frozenset[str] = frozenset(
+    """
+    time times love freedom life lives idea ideas concept concepts happiness beauty success fun hope peace
+    joy faith truth history future past memory memories thought thoughts dream dreams fear anger power
+    knowledge experience experiences information quality value values opportunity opportunities way ways
+    reason reasons problem problems solution solutions goal goals moment moments day days year years
     """.split()
 )
 
@@ -217,7 +229,7 @@ def noun_chunk_phrases(
     spans: list[tuple[int, int]] = []
     for chunk in doc.noun_chunks:
         root = chunk.root
-        if root.tag_ in PRONOUN_TAGS or root.pos_ == "PRON":
+        if root.tag_ in PRONOUN_TAGS or root.pos_ == "PRON" or root.text.lower() in ABSTRACT_WORDS:
             continue
         if is_generic((t.text for t in chunk), stop_words):
             continue

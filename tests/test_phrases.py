@@ -28,7 +28,11 @@ NONE = "It is what it is."
 CAPTIONS = [DOG, FRUIT, TAXI, FIELD, CITY, NONE, ""]
 
 EXPECTED_PAPER = [
-    ["a black dog", "the wooden bench", "a cat"],  # "a photo", "the left", "the background", "stock photo" dropped
+    [
+        "a black dog",
+        "the wooden bench",
+        "a cat",
+    ],  # "a photo", "the left", "the background", "stock photo" dropped
     ["Red Apples", "a green pear", "a white plate"],  # "Two" is CD, outside <DT>?
     ["A man", "an umbrella", "a yellow taxi", "the rain"],
     ["a dog", "a field", "flowers"],
@@ -159,3 +163,9 @@ def test_unknown_spacy_model_is_a_user_error():
     stage = PhraseStage(PhrasesConfig(spacy_model="no_such_spacy_model_xyz"))
     with pytest.raises(UserError, match="spacy_model"):
         stage.setup()
+
+
+def test_noun_chunks_drop_abstract_heads_like_grit(stages):
+    cap = "The love of a mother for her child at the best time of the year, a symbol of freedom."
+    (ps,) = stages["chunks"].extract([cap])
+    assert [p.text for p in ps] == ["a mother", "her child", "a symbol"]
