@@ -35,6 +35,8 @@ FULL_EVAL_N = 300
 FULL_STEPS = 400  # ~2 x 4 min of training on 2 idle cores (tiny ViT, batch 32)
 SHARD_SIZE = 100
 GOAL_POINTS = 15.0
+# Zero-shot class prompts, averaged per category as in CLIP's prompt ensembles; the same for every model.
+CLASS_TEMPLATES = ("a {}", "a small {}", "a large {}")
 
 Echo = Callable[[str], None]
 
@@ -285,7 +287,9 @@ def _evaluate(run_dir: Path, coco_json: Path, methods: tuple[str, ...], groundin
     torch.manual_seed(0)
     model = load(run_dir)
     model.eval()
-    rc = region_classification(model, coco_json, coco_json.parent / "images", methods=methods)
+    rc = region_classification(
+        model, coco_json, coco_json.parent / "images", methods=methods, templates=CLASS_TEMPLATES
+    )
     out = {f"{m}_macc": rc[m]["mAcc"] / 100.0 for m in methods}
     if grounding:
         out["grounding_acc"] = coco_grounding_accuracy(model, coco_json)
