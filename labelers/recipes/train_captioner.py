@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import io
+import json
 import math
 import random
 import shlex
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from vesl.labelers.prompts import ALT_TEXT_FIELD, render_prompt
@@ -85,6 +87,10 @@ class CaptionerRecipe:
     kv_heads: int = 2
     intermediate: int = 384
     threads: int = 2
+    # Dense auxiliary supervision of the vision tower (dropped at save time): every merged visual token
+    # predicts the colour/shape/size of the object under its centre. Without it the tiny model spends
+    # its whole CPU budget as a blind language model before it starts to look at the image.
+    aux_weight: float = 1.0
     prompt_template: str = DEFAULT_PROMPT
 
 
@@ -225,6 +231,25 @@ def encode_batch(processor, scenes, recipe: CaptionerRecipe) -> dict[str, torch.
     return dict(enc)
 
 
+def token_labels(scenes, grid_thw: torch.Tensor, merge: int = 2) -> torch.Tensor:
+    """``[N_tokens, 3]`` (color, shape, size) class ids of the object under each merged visual token's
+    centre, last id = background; tokens are row-major per image, images in batch order."""
+    from vesl.pipeline.synth import COLORS, SHAPES, SIZES
+
+    colors, shapes, sizes = list(COLORS), list(SHAPES), list(SIZES)
+    rows = []
+    for s, (_t, h, w) in zip(scenes, grid_thw.tolist(), strict=True):
+        ht, wt = h // merge, w // merge
+        objs = sorted(s.objects, key=lambda o: (o.box[2] - o.box[0]) * (o.box[3] - o.box[1]))
+        for r in range(ht):
+            for c in range(wt):
+                x, y = (c + 0.5) / wt, (r + 0.5) / ht
+                hit = next((o for o in objs if o.box[0] <= x <= o.box[2] and o.box[1] <= y <= o.box[3]), None)
+                rows.append((colors.index(hit.color), shapes.index(hit.shape), sizes.index(hit.size)) if hit
+                            else (len(colors), len(shapes), len(sizes)))  # fmt: skip
+    return torch.tensor(rows, dtype=torch.long)
+
+
 def _lr_at(step: int, recipe: CaptionerRecipe) -> float:
     if step < recipe.warmup:
         return recipe.lr * (step + 1) / recipe.warmup
@@ -232,28 +257,44 @@ def _lr_at(step: int, recipe: CaptionerRecipe) -> float:
     return recipe.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train(recipe: CaptionerRecipe, out: Path, log=print) -> dict:
+def train(recipe: CaptionerRecipe, out: Path, log=print, init: Path | None = None) -> dict:
+    """Train from scratch, or continue from the checkpoint ``init`` (a warm restart of the schedule)."""
     from vesl.pipeline.synth import make_scene, make_scenes
 
     set_threads(recipe.threads)
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     t0, c0 = time.time(), cpu_seconds()
-    tok_scenes = list(make_scenes(min(recipe.tokenizer_scenes, recipe.pool), seed=recipe.data_seed))
-    tokenizer = build_tokenizer(texts_for_tokenizer(tok_scenes, recipe.prompt_template), recipe.vocab_size,
-                                fixed_prompt_texts(recipe.prompt_template))
-    processor = build_processor(tokenizer, recipe)
-    model = build_model(tokenizer, recipe)
+    if init is None:
+        tok_scenes = list(make_scenes(min(recipe.tokenizer_scenes, recipe.pool), seed=recipe.data_seed))
+        tokenizer = build_tokenizer(texts_for_tokenizer(tok_scenes, recipe.prompt_template), recipe.vocab_size,
+                                    fixed_prompt_texts(recipe.prompt_template))
+        processor = build_processor(tokenizer, recipe)
+        model = build_model(tokenizer, recipe)
+    else:
+        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+        tok_scenes = []
+        processor = AutoProcessor.from_pretrained(init)
+        tokenizer = processor.tokenizer
+        model = Qwen2VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"captioner: {n_params / 1e6:.2f}M params, vocab {len(tokenizer)}")
+    from vesl.pipeline.synth import COLORS, SHAPES, SIZES
+
+    n_cls = (len(COLORS) + 1, len(SHAPES) + 1, len(SIZES) + 1)
+    aux_head = torch.nn.Linear(recipe.hidden, sum(n_cls))
+    captured: list[torch.Tensor] = []
+    model.model.visual.merger.register_forward_hook(lambda _m, _i, out: captured.append(out))
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": decay + [aux_head.weight], "weight_decay": recipe.weight_decay},
+         {"params": no_decay + [aux_head.bias], "weight_decay": 0.0}],
         lr=recipe.lr, betas=(0.9, 0.98),
     )
     model.train()
-    ema = None
+    ema, aux_ema = None, 0.0
     cache: dict[int, object] = {i: s for i, s in enumerate(tok_scenes)}
 
     def scene(i: int):
@@ -267,14 +308,20 @@ def train(recipe: CaptionerRecipe, out: Path, log=print) -> dict:
         batch = encode_batch(processor, scenes, recipe)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, recipe)
-        loss = model(**batch).loss
+        captured.clear()
+        lm_loss = model(**batch).loss
+        labels = token_labels(scenes, batch["image_grid_thw"])
+        aux = aux_head(captured[-1]).split(n_cls, dim=-1)
+        aux_loss = sum(F.cross_entropy(a, labels[:, k]) for k, a in enumerate(aux)) / 3
+        loss = lm_loss + recipe.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        ema = lm_loss.item() if ema is None else 0.95 * ema + 0.05 * lm_loss.item()
+        aux_ema = aux_loss.item() if step == 0 else 0.95 * aux_ema + 0.05 * aux_loss.item()
         if step % 50 == 0 or step == recipe.steps - 1:
-            log(f"step {step:5d} loss {ema:.4f} lr {_lr_at(step, recipe):.2e} "
+            log(f"step {step:5d} loss {ema:.4f} aux {aux_ema:.4f} lr {_lr_at(step, recipe):.2e} "
                 f"wall {time.time() - t0:.0f}s cpu {cpu_seconds() - c0:.0f}s")
         if recipe.save_every and (step + 1) % recipe.save_every == 0 and step + 1 < recipe.steps:
             _save(model, processor, out.with_name(out.name + f".step{step + 1}"))
@@ -302,18 +349,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=CaptionerRecipe.batch_size)
     p.add_argument("--threads", type=int, default=CaptionerRecipe.threads)
     p.add_argument("--pool", type=int, default=CaptionerRecipe.pool)
+    p.add_argument("--init", type=Path, default=None, help="continue from this checkpoint (a recipe output)")
     args = p.parse_args(argv)
     recipe = CaptionerRecipe(
         seed=args.seed, steps=args.steps, batch_size=args.batch_size, threads=args.threads, pool=args.pool
     )
-    stats = train(recipe, args.out)
+    stats = train(recipe, args.out, init=args.init)
     command = "python -m vesl.labelers.recipes.train_captioner " + shlex.join(
         ["--out", str(args.out), "--seed", str(args.seed), "--steps", str(args.steps),
          "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--pool", str(args.pool)]
+        + (["--init", str(args.init)] if args.init else [])
     )
     record = {"config": asdict(recipe), "data": {"train_seed": recipe.data_seed,
               "train_scenes": f"make_scene({recipe.data_seed}, i) for i in range({recipe.pool})",
               "tokenizer_scenes": f"the first {recipe.tokenizer_scenes} of the pool"}, **stats}
+    if args.init:
+        prev = args.init / "recipe.json"
+        record["init_recipe"] = json.loads(prev.read_text()) if prev.is_file() else str(args.init)
     write_recipe_record(args.out, "vesl demo captioner (tiny Qwen2-VL)", command, record)
     print(f"saved to {args.out}: {stats}", file=sys.stderr)
 

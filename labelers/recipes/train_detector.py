@@ -35,7 +35,7 @@ class DetectorRecipe:
     """Everything that determines the checkpoint; recorded in recipe.json."""
 
     seed: int = 0
-    steps: int = 900
+    steps: int = 1000
     batch_size: int = 16
     lr: float = 1e-3
     warmup: int = 60
@@ -54,6 +54,12 @@ class DetectorRecipe:
     projection_dim: int = 64
     max_query_tokens: int = 16
     vocab_size: int = 400
+    # k > 1 repeats each object k times in the Hungarian match (k patches learn it: denser positives;
+    # their boxes all regress onto the object, so per-phrase NMS removes the extras at inference).
+    # The shipped model uses plain one-to-one matching (k = 1) and random negatives.
+    matches_per_object: int = 1
+    hard_negative_rate: float = 0.0  # share of negatives that share a colour or shape with an object
+    save_every: int = 250
     cost_class: float = 2.0
     cost_l1: float = 5.0
     cost_giou: float = 2.0
@@ -215,14 +221,21 @@ def _prepare(scenes, processor, chunk: int = 32) -> list[_Item]:
     return items
 
 
-def _queries(item: _Item, all_phrases: list[tuple[str, str]], n: int, rng: random.Random) -> list[str]:
-    """The item's phrases, then negatives naming other ``color shape`` categories, ``n`` in all."""
+def _queries(
+    item: _Item, all_phrases: list[tuple[str, str]], n: int, rng: random.Random, hard_rate: float = 0.0
+) -> list[str]:
+    """The item's phrases, then negatives naming other ``color shape`` categories, ``n`` in all; a share
+    ``hard_rate`` of them shares a colour or a shape with one of the item's objects."""
     qs = list(item.phrases)
     taken = set(item.categories)
+    words = {w for c in taken for w in c.split()}
     while len(qs) < n:
         phrase, cat = rng.choice(all_phrases)
-        if cat not in taken and phrase not in qs:
-            qs.append(phrase)
+        if cat in taken or phrase in qs:
+            continue
+        if hard_rate > 0 and not words & set(cat.split()) and rng.random() < hard_rate:
+            continue
+        qs.append(phrase)
     return qs[:n]
 
 
@@ -247,7 +260,8 @@ def detection_loss(logits, pred_boxes, targets, recipe: DetectorRecipe) -> tuple
         prob = torch.sigmoid(logits.float())
         a, g = recipe.focal_alpha, recipe.focal_gamma
         for i, (boxes, qidx) in enumerate(targets):
-            pr = prob[i][:, qidx]  # [P, n]
+            boxes, qidx = boxes.repeat(recipe.matches_per_object, 1), qidx.repeat(recipe.matches_per_object)
+            pr = prob[i][:, qidx]  # [P, n * k]
             pos = a * (1 - pr) ** g * -(pr + 1e-8).log()
             neg = (1 - a) * pr**g * -(1 - pr + 1e-8).log()
             pb = cxcywh_to_xyxy(pred_boxes[i].float())
@@ -258,7 +272,7 @@ def detection_loss(logits, pred_boxes, targets, recipe: DetectorRecipe) -> tuple
             cls_target[i, rows, qidx[cols]] = 1.0
             src_boxes.append((i, rows))
             tgt_boxes.append(boxes[cols])
-    n_obj = max(1, sum(len(t[1]) for t in targets))
+    n_obj = max(1, sum(len(t[1]) for t in targets) * recipe.matches_per_object)
     loss_cls = sigmoid_focal_loss(logits.float(), cls_target, recipe.focal_alpha, recipe.focal_gamma).sum() / n_obj
     src = torch.cat([cxcywh_to_xyxy(pred_boxes[i, rows].float()) for i, rows in src_boxes])
     tgt = torch.cat(tgt_boxes)
@@ -314,7 +328,7 @@ def train(recipe: DetectorRecipe, out: Path, log=print) -> dict:
         batch = [items[order.pop(0)] for _ in range(recipe.batch_size)]
         queries, targets = [], []
         for it in batch:
-            qs = _queries(it, all_phrases, recipe.queries, rng)
+            qs = _queries(it, all_phrases, recipe.queries, rng, recipe.hard_negative_rate)
             queries += qs
             targets.append((it.boxes, torch.arange(len(it.phrases))))
         ids, mask = encode(queries)
@@ -332,6 +346,11 @@ def train(recipe: DetectorRecipe, out: Path, log=print) -> dict:
         if step % 25 == 0 or step == recipe.steps - 1:
             log(f"step {step:5d} " + " ".join(f"{k} {v:.4f}" for k, v in ema.items())
                 + f" wall {time.time() - t0:.0f}s cpu {cpu_seconds() - c0:.0f}s")
+        if recipe.save_every and (step + 1) % recipe.save_every == 0 and step + 1 < recipe.steps:
+            snap = out.with_name(out.name + f".step{step + 1}")
+            snap.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(snap)
+            processor.save_pretrained(snap)
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -352,14 +371,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=DetectorRecipe.batch_size)
     p.add_argument("--pool", type=int, default=DetectorRecipe.pool)
     p.add_argument("--threads", type=int, default=DetectorRecipe.threads)
+    p.add_argument("--matches-per-object", type=int, default=DetectorRecipe.matches_per_object)
+    p.add_argument("--hard-negative-rate", type=float, default=DetectorRecipe.hard_negative_rate)
     args = p.parse_args(argv)
     recipe = DetectorRecipe(
-        seed=args.seed, steps=args.steps, batch_size=args.batch_size, pool=args.pool, threads=args.threads
+        seed=args.seed, steps=args.steps, batch_size=args.batch_size, pool=args.pool, threads=args.threads,
+        matches_per_object=args.matches_per_object, hard_negative_rate=args.hard_negative_rate,
     )
     stats = train(recipe, args.out)
     command = "python -m vesl.labelers.recipes.train_detector " + shlex.join(
         ["--out", str(args.out), "--seed", str(args.seed), "--steps", str(args.steps),
-         "--batch-size", str(args.batch_size), "--pool", str(args.pool), "--threads", str(args.threads)]
+         "--batch-size", str(args.batch_size), "--pool", str(args.pool), "--threads", str(args.threads),
+         "--matches-per-object", str(args.matches_per_object), "--hard-negative-rate", str(args.hard_negative_rate)]
     )
     record = {"config": asdict(recipe),
               "data": {"train_scenes": f"make_scenes({recipe.pool}, seed={recipe.data_seed})"}, **stats}
