@@ -210,3 +210,48 @@ def commit_shard(
         keep_image_bytes=cfg.decode.keep_image_bytes,
         sample_limit=task.limit,
     )
+
+
+def start_job(cfg: LabelConfig) -> tuple[list[ShardTask], list[ShardRef]]:
+    """Plan the shards and ready the output directory (leftover temp files of a killed run removed)."""
+    from vesl.pipeline.writer import clean_temp_files
+
+    todo, skipped = plan_shards(cfg)
+    if "://" not in cfg.output:
+        os.makedirs(cfg.output, exist_ok=True)
+    clean_temp_files(cfg.output)
+    return todo, skipped
+
+
+def job_summary(
+    engine: str,
+    cfg: LabelConfig,
+    todo: list[ShardTask],
+    skipped: list,
+    results: list[dict[str, Any]],
+    wall: float,
+    workers: int,
+    manifest: Any,
+) -> dict[str, Any]:
+    """The run summary every engine returns (and `vesl label` prints)."""
+    stats = [r["stats"] for r in results if r["ok"]]
+    done = {r["shard"] for r in results}
+    failed = [{"shard": r["shard"], "error": r["error"]} for r in results if not r["ok"]]
+    failed += [{"shard": t.name, "error": "not finished; rerun to resume"} for t in todo if t.name not in done]
+    images = sum(s["input_count"] for s in stats)
+    return {
+        "engine": engine,
+        "output": cfg.output,
+        "workers": workers,
+        "shards_planned": len(todo),
+        "shards_written": len(stats),
+        "shards_skipped": len(skipped),
+        "failed": sorted(failed, key=lambda r: r["shard"]),
+        "images": images,
+        "rows": sum(s["rows"] for s in stats),
+        "errors": sum(s["errors"] for s in stats),
+        "regions": sum(s["regions"] for s in stats),
+        "wall_s": round(wall, 3),
+        "images_per_s": round(images / wall, 2) if wall > 0 else 0.0,
+        "manifest": str(manifest),
+    }

@@ -26,7 +26,6 @@ Pipeline::
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 import uuid
@@ -46,12 +45,10 @@ from vesl.pipeline.engines.distributed import (
     StagesFactory,
     committed_results,
     read_items,
-    summary,
     write_items,
 )
-from vesl.pipeline.job import plan_shards, read_batch_size
+from vesl.pipeline.job import job_summary, read_batch_size, start_job
 from vesl.pipeline.wiring import build_stages
-from vesl.pipeline.writer import clean_temp_files
 
 log = logging.getLogger(__name__)
 LOCAL_RUNNERS = {"directrunner", "direct", "fnapirunner"}
@@ -161,10 +158,7 @@ def run_beam(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, pro
     from vesl.schemas.manifest import write_manifest
 
     t0 = time.perf_counter()
-    todo, skipped = plan_shards(cfg)
-    if "://" not in cfg.output:
-        os.makedirs(cfg.output, exist_ok=True)
-    clean_temp_files(cfg.output)
+    todo, skipped = start_job(cfg)
     run_id = uuid.uuid4().hex
     options = PipelineOptions(list(cfg.beam_options))
     if todo:
@@ -183,7 +177,7 @@ def run_beam(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, pro
             log.warning("vesl beam: pipeline ended in state %s", state)
     manifest = write_manifest(cfg.output)
     results = committed_results(cfg, todo, run_id)
-    return summary("beam", cfg, todo, skipped, results, time.perf_counter() - t0, 1, manifest)
+    return job_summary("beam", cfg, todo, skipped, results, time.perf_counter() - t0, 1, manifest)
 
 
 def _print_metrics(result: Any, t0: float) -> None:

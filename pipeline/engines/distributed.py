@@ -167,38 +167,6 @@ def write_items(cfg: LabelConfig, name: str, items: Iterable[Item], engine: str,
     return {"shard": name, "ok": True, "stats": stats}
 
 
-def summary(
-    engine: str,
-    cfg: LabelConfig,
-    todo: list[ShardTask],
-    skipped: list,
-    results: list[dict[str, Any]],
-    wall: float,
-    workers: int,
-    manifest: Any,
-) -> dict[str, Any]:
-    """The same summary dict as the local engine's."""
-    stats = [r["stats"] for r in results if r["ok"]]
-    done = {r["shard"] for r in results}
-    failed = [{"shard": r["shard"], "error": r["error"]} for r in results if not r["ok"]]
-    failed += [{"shard": t.name, "error": "not finished; rerun to resume"} for t in todo if t.name not in done]
-    images = sum(s["input_count"] for s in stats)
-    return {
-        "engine": engine,
-        "output": cfg.output,
-        "workers": workers,
-        "shards_planned": len(todo),
-        "shards_written": len(stats),
-        "shards_skipped": len(skipped),
-        "failed": sorted(failed, key=lambda r: r["shard"]),
-        "images": images,
-        "rows": sum(s["rows"] for s in stats),
-        "errors": sum(s["errors"] for s in stats),
-        "regions": sum(s["regions"] for s in stats),
-        "wall_s": round(wall, 3),
-        "images_per_s": round(images / wall, 2) if wall > 0 else 0.0,
-        "manifest": str(manifest),
-    }
 
 
 def committed_results(cfg: LabelConfig, todo: list[ShardTask], run_id: str) -> list[dict[str, Any]]:

@@ -25,10 +25,17 @@ from typing import Any
 
 from vesl.errors import UserError
 from vesl.pipeline.config import LabelConfig
-from vesl.pipeline.job import ShardTask, commit_shard, job_provenance, plan_shards, read_batch_size, read_task
+from vesl.pipeline.job import (
+    ShardTask,
+    commit_shard,
+    job_provenance,
+    job_summary,
+    read_batch_size,
+    read_task,
+    start_job,
+)
 from vesl.pipeline.stage import Sample, Stage, apply_stage, apply_stage_chunked
 from vesl.pipeline.wiring import build_stages
-from vesl.pipeline.writer import clean_temp_files
 
 PREFETCH_BATCHES = 4  # decoded batches waiting for the models, per process
 DECODE_THREADS = 2
@@ -324,10 +331,7 @@ def run_local(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, pr
     from vesl.schemas.manifest import write_manifest
 
     t0 = time.perf_counter()
-    todo, skipped = plan_shards(cfg)
-    if "://" not in cfg.output:
-        os.makedirs(cfg.output, exist_ok=True)
-    clean_temp_files(cfg.output)
+    todo, skipped = start_job(cfg)
     total = sum(t.limit for t in todo) if todo and all(t.limit is not None for t in todo) else None
     prog = _Progress(progress, len(todo), total)
     n = min(cfg.workers, len(todo))
@@ -344,22 +348,4 @@ def run_local(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, pr
     finally:
         prog.close()
     manifest = write_manifest(cfg.output)
-    stats = [r["stats"] for r in results if r["ok"]]
-    wall = time.perf_counter() - t0
-    images = sum(s["input_count"] for s in stats)
-    return {
-        "engine": "local",
-        "output": cfg.output,
-        "workers": max(n, 1),
-        "shards_planned": len(todo),
-        "shards_written": len(stats),
-        "shards_skipped": len(skipped),
-        "failed": sorted(({"shard": r["shard"], "error": r["error"]} for r in results if not r["ok"]), key=lambda r: r["shard"]),
-        "images": images,
-        "rows": sum(s["rows"] for s in stats),
-        "errors": sum(s["errors"] for s in stats),
-        "regions": sum(s["regions"] for s in stats),
-        "wall_s": round(wall, 3),
-        "images_per_s": round(images / wall, 2) if wall > 0 else 0.0,
-        "manifest": str(manifest),
-    }
+    return job_summary("local", cfg, todo, skipped, results, time.perf_counter() - t0, max(n, 1), manifest)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 import uuid
@@ -51,12 +50,10 @@ from vesl.pipeline.engines.distributed import (
     dumps,
     loads,
     read_items,
-    summary,
     write_items,
 )
-from vesl.pipeline.job import plan_shards, read_batch_size
+from vesl.pipeline.job import job_summary, read_batch_size, start_job
 from vesl.pipeline.wiring import build_stages
-from vesl.pipeline.writer import clean_temp_files
 
 log = logging.getLogger(__name__)
 MAX_PENDING_WRITES = 2
@@ -244,10 +241,7 @@ def run_ray(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, prog
     from vesl.schemas.manifest import write_manifest
 
     t0 = time.perf_counter()
-    todo, skipped = plan_shards(cfg)
-    if "://" not in cfg.output:
-        os.makedirs(cfg.output, exist_ok=True)
-    clean_temp_files(cfg.output)
+    todo, skipped = start_job(cfg)
     run_id = uuid.uuid4().hex
     results: list[dict[str, Any]] = []
     started = False
@@ -276,7 +270,7 @@ def run_ray(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, prog
                 ray.shutdown()
     manifest = write_manifest(cfg.output)
     workers = max(1, cfg.workers)
-    return summary("ray", cfg, todo, skipped, results, time.perf_counter() - t0, workers, manifest)
+    return job_summary("ray", cfg, todo, skipped, results, time.perf_counter() - t0, workers, manifest)
 
 
 # ---------------------------------------------------------------- optional: ray.data.llm for vLLM
