@@ -39,7 +39,8 @@ GENERIC_WORDS: frozenset[str] = frozenset(
     illustration illustrations vector vectors clipart clip-art graphic graphics render rendering
     png jpg jpeg gif svg eps webp tif tiff file thumbnail
     shutterstock getty gettyimages istock istockphoto alamy dreamstime depositphotos 123rf adobe
-    royalty free copyright watermark
+    royalty free copyright watermark download downloads wallpaper wallpapers hd 4k uhd icon icons
+    art artwork template templates mockup banner
     background backgrounds foreground scene view views shot shots close-up closeup close-ups snapshot
     copy space
     left right top bottom front back side middle center centre distance corner edge part parts area
@@ -122,10 +123,11 @@ def lower_preserving_length(text: str) -> str:
 
 
 def is_generic(words: Iterable[str], stop_words: frozenset[str] | set[str]) -> bool:
-    """True when every word is a stop word, a generic word or has no letters ("12345", "-")."""
+    """True when every word is a stop word, a generic word, has no letters ("12345", "-") or looks like a
+    file name or id ("img_2231", "dsc11487", "dd5bfbc2.jpg": any word with a digit)."""
     for w in words:
         w = w.lower()
-        if w in stop_words or w in GENERIC_WORDS or not any(c.isalpha() for c in w):
+        if w in stop_words or w in GENERIC_WORDS or not any(c.isalpha() for c in w) or any(c.isdigit() for c in w):
             continue
         return False
     return True

@@ -122,6 +122,21 @@ def test_generic_only_chunks_dropped_content_words_kept(stages):
     assert [p.text for p in ps] == ["a snowy background", "a photo frame"]
 
 
+@pytest.mark.parametrize(
+    "alt_text",
+    ["Free download png", "IMG_2231 stock vector", "dd5bfbc2.jpg", "wallpaper hd", "DSC11487", "shutterstock_123456789"],
+)
+def test_web_noise_alt_texts_give_no_phrases(stages, alt_text):
+    """Uninformative web alt-texts (file names, ids, download boilerplate) must not become queries."""
+    (ps,) = stages["paper"].extract([alt_text])
+    assert ps == [], [p.text for p in ps]
+
+
+def test_informative_alt_text_keeps_its_object(stages):
+    (ps,) = stages["paper"].extract(["red star on white, free vector illustration"])
+    assert [p.text for p in ps] == ["red star"]
+
+
 def test_hyphenated_compounds_stay_one_word(stages):
     cap = "A man in a T-shirt walks a black-and-white dog past a well-lit shop"
     (ps,) = stages["paper"].extract([cap])
