@@ -282,7 +282,8 @@ def detection_loss(logits, pred_boxes, targets, recipe: DetectorRecipe) -> tuple
     return loss, {"cls": loss_cls.item(), "l1": loss_l1.item(), "giou": loss_giou.item()}
 
 
-def train(recipe: DetectorRecipe, out: Path, log=print) -> dict:
+def train(recipe: DetectorRecipe, out: Path, log=print, init: Path | None = None) -> dict:
+    """Train from scratch, or continue from the checkpoint ``init`` (a warm restart of the schedule)."""
     from vesl.pipeline.synth import make_scenes
 
     set_threads(recipe.threads)
@@ -291,9 +292,16 @@ def train(recipe: DetectorRecipe, out: Path, log=print) -> dict:
     t0, c0 = time.time(), cpu_seconds()
     scenes = list(make_scenes(recipe.pool, seed=recipe.data_seed))
     corpus = [s.caption for s in scenes] + [r.phrase for s in scenes for r in s.regions]
-    tokenizer = build_tokenizer(corpus, recipe.vocab_size, recipe.max_query_tokens)
-    processor = build_processor(tokenizer, recipe)
-    model = build_model(tokenizer, recipe)
+    if init is None:
+        tokenizer = build_tokenizer(corpus, recipe.vocab_size, recipe.max_query_tokens)
+        processor = build_processor(tokenizer, recipe)
+        model = build_model(tokenizer, recipe)
+    else:
+        from transformers import Owlv2ForObjectDetection, Owlv2Processor
+
+        processor = Owlv2Processor.from_pretrained(init)
+        tokenizer = processor.tokenizer
+        model = Owlv2ForObjectDetection.from_pretrained(init, dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"detector: {n_params / 1e6:.2f}M params, vocab {len(tokenizer)}; preparing {len(scenes)} scenes")
     items = _prepare(scenes, processor)
@@ -373,19 +381,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=DetectorRecipe.threads)
     p.add_argument("--matches-per-object", type=int, default=DetectorRecipe.matches_per_object)
     p.add_argument("--hard-negative-rate", type=float, default=DetectorRecipe.hard_negative_rate)
+    p.add_argument("--init", type=Path, default=None, help="continue from this checkpoint (a recipe output)")
     args = p.parse_args(argv)
     recipe = DetectorRecipe(
         seed=args.seed, steps=args.steps, batch_size=args.batch_size, pool=args.pool, threads=args.threads,
         matches_per_object=args.matches_per_object, hard_negative_rate=args.hard_negative_rate,
     )
-    stats = train(recipe, args.out)
+    stats = train(recipe, args.out, init=args.init)
     command = "python -m vesl.labelers.recipes.train_detector " + shlex.join(
         ["--out", str(args.out), "--seed", str(args.seed), "--steps", str(args.steps),
          "--batch-size", str(args.batch_size), "--pool", str(args.pool), "--threads", str(args.threads),
          "--matches-per-object", str(args.matches_per_object), "--hard-negative-rate", str(args.hard_negative_rate)]
+        + (["--init", str(args.init)] if args.init else [])
     )
     record = {"config": asdict(recipe),
               "data": {"train_scenes": f"make_scenes({recipe.pool}, seed={recipe.data_seed})"}, **stats}
+    if args.init:
+        prev = args.init / "recipe.json"
+        record["init_recipe"] = json.loads(prev.read_text()) if prev.is_file() else str(args.init)
     write_recipe_record(args.out, "vesl demo detector (tiny OWLv2)", command, record)
     print(f"saved to {args.out}: {stats}", file=sys.stderr)
 
