@@ -24,52 +24,14 @@ DEFAULT_CORPUS = [
 ]
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP byte alphabet, in CLIP's order (so "!" is id 0, OWL's padding token)."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def build_clip_tokenizer(corpus: Iterable[str], vocab_size: int = 600):
-    """A CLIP-style byte-level BPE (``</w>`` word ends) trained on ``corpus``, as a ``CLIPTokenizer``.
+    """A CLIP-style byte-level BPE trained on ``corpus``: the same builder the demo detector recipe uses.
 
-    Vocab layout follows CLIP: the 256 byte symbols, the same with ``</w>``, the learned merges, then
-    ``<|startoftext|>`` and ``<|endoftext|>`` last (CLIP text models pool at the highest id = EOS).
+    ``vocab_size`` counts the learned merges; the 2 x 256 byte symbols come on top (CLIP's layout).
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import CLIPTokenizer
+    from vesl.labelers.recipes.train_detector import build_tokenizer
 
-    alphabet = _bytes_to_unicode()
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, end_of_word_suffix="</w>", initial_alphabet=alphabet, show_progress=False
-    )
-    bpe.train_from_iterator(list(corpus), trainer=trainer)
-    import json
-
-    model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    vocab: dict[str, int] = {}
-    for tok in alphabet + [c + "</w>" for c in alphabet]:
-        vocab.setdefault(tok, len(vocab))
-    for m in merges:
-        vocab.setdefault("".join(m), len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=16)
+    return build_tokenizer(list(corpus), vocab_size, max_length=16)
 
 
 def build_tiny_owlv2(
