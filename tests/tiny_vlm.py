@@ -10,37 +10,8 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-SPECIAL_TOKENS = [
-    "<|endoftext|>",  # id 0: pad, and a second eos as in the real Qwen2-VL generation config
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
-
-# The Qwen2-VL chat template, trimmed to what captioning needs (system prompt, images, text, videos).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}"
-    "{% endif %}"
-    "{% endfor %}<|im_end|>\n"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# The same special tokens and Qwen2-VL chat template as the shipped demo captioner's recipe.
+from vesl.labelers.recipes.train_captioner import CHAT_TEMPLATE, SPECIAL_TOKENS
 
 _COLORS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple", "brown", "gray"]
 _SHAPES = ["square", "circle", "triangle", "rectangle", "star", "ring", "cross", "stripe"]
