@@ -148,6 +148,17 @@ def export_wds(dataset_dir: str | Path, out: str | Path, shard_size: int = 1000,
     return res
 
 
+def _copy_image(row: dict, images_dir: Path, keys: _Keys, skipped: Counter) -> str | None:
+    """Write the row's original image bytes under a stable file name; None (counted) when unreadable."""
+    img = _image_bytes(row)
+    if img is None:
+        skipped["unreadable_image"] += 1
+        return None
+    fname = f"{keys(row['key'])}.{img[1]}"
+    (images_dir / fname).write_bytes(img[0])
+    return fname
+
+
 def export_coco(dataset_dir: str | Path, out: str | Path, overwrite: bool = False) -> ExportResult:
     """COCO instances JSON (``annotations.json``) with ``images/``; categories are the distinct phrases."""
     out = Path(out)
@@ -156,12 +167,9 @@ def export_coco(dataset_dir: str | Path, out: str | Path, overwrite: bool = Fals
     res, skipped, keys = ExportResult(out), Counter(), _Keys()
     images, anns = [], []
     for row in _rows(Path(dataset_dir)):
-        img = _image_bytes(row)
-        if img is None:
-            skipped["unreadable_image"] += 1
+        fname = _copy_image(row, out / "images", keys, skipped)
+        if fname is None:
             continue
-        fname = f"{keys(row['key'])}.{img[1]}"
-        (out / "images" / fname).write_bytes(img[0])
         image_id = len(images) + 1
         w, h = int(row["width"]), int(row["height"])
         images.append({"id": image_id, "file_name": fname, "width": w, "height": h,
@@ -202,12 +210,9 @@ def export_odvg(dataset_dir: str | Path, out: str | Path, overwrite: bool = Fals
             if not regions:  # a grounding record needs at least one region (Open-GroundingDino unpacks them)
                 skipped["no_regions"] += 1
                 continue
-            img = _image_bytes(row)
-            if img is None:
-                skipped["unreadable_image"] += 1
+            fname = _copy_image(row, out / "images", keys, skipped)
+            if fname is None:
                 continue
-            fname = f"{keys(row['key'])}.{img[1]}"
-            (out / "images" / fname).write_bytes(img[0])
             w, h = int(row["width"]), int(row["height"])
             rec = {
                 "filename": fname,
