@@ -6,7 +6,6 @@ rows, no duplicate and no missing keys, and no temp files left behind.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from tests.shard_checks import stats_without_timings
 from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.engines.local import run_local
 from vesl.pipeline.writer import committed_shards
@@ -80,13 +80,6 @@ def _consistent(out: Path) -> None:
     assert bad == []
 
 
-def _stats(out: Path) -> dict[str, dict]:
-    res = {}
-    for p in sorted(out.glob("*.stats.json")):
-        s = json.loads(p.read_text())
-        s.pop("timings")
-        res[p.name] = s
-    return res
 
 
 def test_sigkill_at_several_points_then_resume_equals_uninterrupted_run(tmp_path):
@@ -116,7 +109,7 @@ def test_sigkill_at_several_points_then_resume_equals_uninterrupted_run(tmp_path
     for p in sorted(ref.iterdir()):
         if not p.name.endswith(".stats.json"):
             assert (out / p.name).read_bytes() == p.read_bytes(), p.name
-    assert _stats(out) == _stats(ref)
+    assert stats_without_timings(out) == stats_without_timings(ref)
     keys: list[str] = []
     for name in committed_shards(out):
         keys += pq.read_table(out / f"{name}.parquet", columns=["key"]).column("key").to_pylist()

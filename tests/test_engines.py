@@ -7,7 +7,6 @@ images) is labeled with the tiny VLM captioner and tiny OWLv2 detector on all th
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import sys
 import tarfile
@@ -16,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from tests.shard_checks import stats_without_timings
 from vesl.pipeline.config import CaptionerConfig, DetectorConfig, LabelConfig
 from vesl.pipeline.engines.distributed import StageRunner
 from vesl.pipeline.wiring import build_stages
@@ -64,18 +64,11 @@ def _shard_files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("part-*.parquet"))}
 
 
-def _stats(out: Path) -> dict[str, dict]:
-    stats = {}
-    for p in sorted(out.glob("part-*.stats.json")):
-        s = json.loads(p.read_text())
-        s.pop("timings")
-        stats[p.name] = s
-    return stats
 
 
 def _assert_same_dataset(a: Path, b: Path) -> None:
     assert _shard_files(a) == _shard_files(b)  # rows and errors files, byte for byte
-    assert _stats(a) == _stats(b)  # stats identical apart from timings
+    assert stats_without_timings(a) == stats_without_timings(b)  # stats identical apart from timings
     assert (a / "manifest.json").read_bytes() == (b / "manifest.json").read_bytes()
 
 
