@@ -95,6 +95,19 @@ class PostProcess:
     nms_iou: float = 0.5
     min_box_size: float = 0.0
     max_regions: int = 50
+    boxes_per_phrase: int = 0  # 0: no limit
+
+
+def per_label_cap(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask keeping the first ``k`` rows of every label (rows already sorted by decreasing score)."""
+    keep = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+    if k <= 0 or labels.numel() == 0:
+        return keep
+    seen: dict[int, int] = {}
+    for i, lab in enumerate(labels.tolist()):
+        seen[lab] = seen.get(lab, 0) + 1
+        keep[i] = seen[lab] <= k
+    return keep
 
 
 def postprocess(
@@ -107,10 +120,13 @@ def postprocess(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clip, size-filter, NMS and cap one image's thresholded boxes (normalized xyxy of the original image).
 
+    With ``pp.boxes_per_phrase = k > 0`` only the ``k`` best boxes of each phrase survive (phrase
+    grounding: a phrase that names one object gets one box, however many patches fire on it).
     Returns ``(boxes, scores, labels)`` sorted by decreasing score, at most ``pp.max_regions`` rows.
     """
     boxes = clip01(boxes.float())
     keep = min_size_keep(boxes, width, height, pp.min_box_size)
     boxes, scores, labels = boxes[keep], scores[keep].float(), labels[keep]
-    order = nms_keep(boxes, scores, labels, pp.nms_iou, pp.nms)[: max(pp.max_regions, 0)]
+    order = nms_keep(boxes, scores, labels, pp.nms_iou, pp.nms)
+    order = order[per_label_cap(labels[order], pp.boxes_per_phrase)][: max(pp.max_regions, 0)]
     return boxes[order], scores[order], labels[order]

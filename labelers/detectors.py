@@ -230,7 +230,7 @@ class _HFDetector:
         self.resources = StageResources(
             batch_size=cfg.batch_size, concurrency=cfg.concurrency, num_gpus=cfg.num_gpus
         )
-        self.pp = PostProcess(cfg.nms, cfg.nms_iou, cfg.min_box_size, cfg.max_regions)
+        self.pp = PostProcess(cfg.nms, cfg.nms_iou, cfg.min_box_size, cfg.max_regions, cfg.boxes_per_phrase)
         self.model = None
         self.processor = None
         self.device: torch.device | None = None
@@ -310,6 +310,7 @@ class _HFDetector:
             "detector.nms_iou": str(self.cfg.nms_iou),
             "detector.min_box_size": str(self.cfg.min_box_size),
             "detector.max_regions": str(self.cfg.max_regions),
+            "detector.boxes_per_phrase": str(self.cfg.boxes_per_phrase),
         }
         if self.model is not None:
             prov["detector.dtype"] = str(self.dtype).removeprefix("torch.")

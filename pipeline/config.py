@@ -71,6 +71,7 @@ class DetectorConfig(_Strict):
     nms_iou: float = 0.5
     min_box_size: float = 0.0  # fraction of the shorter image side
     max_regions: int = 50
+    boxes_per_phrase: int = Field(0, ge=0)  # 0: no limit; 1: phrase grounding (one box per phrase)
     batch_size: int = 8
     concurrency: int = 1
     num_gpus: float = 0.0

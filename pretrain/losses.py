@@ -60,7 +60,8 @@ class ContrastiveLoss(nn.Module):
     """Symmetric InfoNCE over the valid rows of the global batch (open_clip's ClipLoss, with masks).
 
     With ``text_sim_threshold`` set, a negative whose text embedding has cosine > threshold with the
-    positive's text is removed from both softmax directions (CLOC's region loss).
+    positive's text is removed from both softmax directions (CLOC's region loss). ``dropped_share`` then
+    holds the share of negatives the last call removed: near 1 means the loss has almost nothing to learn.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0, world_size: int = 1,
@@ -71,6 +72,7 @@ class ContrastiveLoss(nn.Module):
         self.rank = rank
         self.world_size = world_size
         self.text_sim_threshold = text_sim_threshold
+        self.dropped_share: torch.Tensor | None = None
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, valid: torch.Tensor | None = None,
                 text_keys: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,6 +103,7 @@ class ContrastiveLoss(nn.Module):
         logits_b = logit_scale * rows_b @ ga.rows.T
         if gk is not None and self.text_sim_threshold is not None:
             drop = negative_mask(row_keys, gk.rows, labels, self.text_sim_threshold)
+            self.dropped_share = drop.sum() / max(drop.numel() - len(labels), 1)
             logits_a = logits_a.masked_fill(drop, float("-inf"))
             logits_b = logits_b.masked_fill(drop, float("-inf"))
         return (_sum_ce(logits_a, labels) + _sum_ce(logits_b, labels)) / (2 * norm)
@@ -181,5 +184,16 @@ class CLOCLoss(nn.Module):
             ground = self.ground(out["pred_boxes"], batch["region_boxes"], rv)
             losses.update(region=region, ground=ground)
             total = total + self.lam * (region + ground)
+            if self.region.dropped_share is not None:
+                losses["region_neg_dropped"] = self.region.dropped_share.detach()
         losses["loss"] = total
         return losses
+
+
+def filter_warning(dropped_share: float, threshold: float) -> str | None:
+    """The warning to print when the text-similarity filter removes most region negatives."""
+    if dropped_share < 0.5:
+        return None
+    return (f"warning: text_sim_threshold {threshold} removes {dropped_share:.0%} of the region negatives, so "
+            "L_region learns little; the text tower cannot tell the phrases apart yet (typical when it trains "
+            "from scratch on phrases one word apart): raise text_sim_threshold, e.g. 0.99")

@@ -247,7 +247,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
     import torch
 
     from vesl.pretrain.data import Preprocess, RegionTextLoader
-    from vesl.pretrain.losses import CLOCLoss
+    from vesl.pretrain.losses import CLOCLoss, filter_warning
     from vesl.pretrain.model import PrompterConfig, create_model
 
     if isinstance(config, (str, os.PathLike)):
@@ -322,6 +322,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
         last_saved = step
         t0 = t_last = time.perf_counter()
         seen_last = 0
+        warned = False
 
         def checkpoint() -> None:
             states = d.gather_object(loader.state)
@@ -358,6 +359,10 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
                     keys_log.flush()
                 vals = d.mean({k: float(v.detach()) for k, v in losses.items()})
                 if step % cfg.log_every == 0 or step == total:
+                    dropped = vals.get("region_neg_dropped", 0.0)
+                    if d.main and not warned and step > cfg.warmup and (w := filter_warning(dropped, cfg.text_sim_threshold)):
+                        print(w, file=sys.stderr, flush=True)
+                        warned = True
                     seen = d.sum_int(seen_last)
                     now = time.perf_counter()
                     sps = seen / max(now - t_last, 1e-9)

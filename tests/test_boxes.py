@@ -85,3 +85,28 @@ def test_postprocess_clips_filters_and_caps_by_score():
     assert float(b.max()) <= 1.0
     b, _, _ = postprocess(boxes, scores, labels, 640, 360, PostProcess(max_regions=0))
     assert b.shape == (0, 4)
+
+
+def test_boxes_per_phrase_keeps_the_best_non_overlapping_boxes_of_each_phrase():
+    # phrase 0 fires on three separate places (NMS keeps all three), phrase 1 on two
+    boxes = torch.tensor(
+        [[0.0, 0.0, 0.2, 0.2], [0.5, 0.5, 0.7, 0.7], [0.8, 0.0, 1.0, 0.2], [0.0, 0.6, 0.2, 0.8], [0.3, 0.3, 0.4, 0.4]]
+    )
+    scores = torch.tensor([0.2, 0.6, 0.3, 0.5, 0.1])
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    _, s, lab = postprocess(boxes, scores, labels, 100, 100, PostProcess())
+    assert lab.tolist() == [0, 1, 0, 0, 1]  # no cap: everything survives per-phrase NMS
+    _, s, lab = postprocess(boxes, scores, labels, 100, 100, PostProcess(boxes_per_phrase=1))
+    assert lab.tolist() == [0, 1] and torch.allclose(s, torch.tensor([0.6, 0.5]))
+    _, s, lab = postprocess(boxes, scores, labels, 100, 100, PostProcess(boxes_per_phrase=2, max_regions=3))
+    assert lab.tolist() == [0, 1, 0] and torch.allclose(s, torch.tensor([0.6, 0.5, 0.3]))
+
+
+def test_boxes_per_phrase_rejects_negative_values():
+    from pydantic import ValidationError
+
+    from vesl.pipeline.config import DetectorConfig
+
+    assert DetectorConfig(boxes_per_phrase=1).boxes_per_phrase == 1
+    with pytest.raises(ValidationError):
+        DetectorConfig(boxes_per_phrase=-1)

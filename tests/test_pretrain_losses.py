@@ -72,6 +72,19 @@ def test_text_similarity_filter_removes_exactly_the_intended_negatives():
     assert ours < unfiltered  # removing negatives can only lower the loss
 
 
+def test_filter_reports_the_share_of_dropped_negatives_and_warns_when_most_are_gone():
+    from vesl.pretrain.losses import filter_warning
+
+    t1, t2 = [1.0, 0.0, 0.0], [0.8, 0.6, 0.0]
+    keys = _unit([t1, t2, t1, t2])  # 0~2 and 1~3 identical: 4 of the 12 negatives go
+    loss = ContrastiveLoss(text_sim_threshold=0.9)
+    loss(A, B, torch.tensor(5.0, dtype=torch.float64), text_keys=keys)
+    assert loss.dropped_share.item() == pytest.approx(4 / 12)
+    assert filter_warning(4 / 12, 0.9) is None
+    msg = filter_warning(0.97, 0.9)
+    assert "97%" in msg and "0.99" in msg and "\n" not in msg
+
+
 def test_grounding_losses_match_reference():
     pred = torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.2, 0.3, 0.9, 0.8], [9.0, 9.0, 9.0, 9.0]], dtype=torch.float64)
     gt = torch.tensor([[0.0, 0.1, 0.4, 0.7], [0.2, 0.2, 0.8, 0.8], [0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)

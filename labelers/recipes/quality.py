@@ -116,6 +116,7 @@ def evaluate(
     detector: str,
     batch_size: int = 16,
     threshold: float = 0.1,
+    boxes_per_phrase: int = 0,
     detector_only: bool = True,
     n_examples: int = 3,
 ) -> LabelQuality:
@@ -129,7 +130,8 @@ def evaluate(
     cats = sorted(all_categories(), key=len, reverse=True)
     cfg = LabelConfig(
         captioner=CaptionerConfig(spec=f"hf:{captioner}", batch_size=batch_size),
-        detector=DetectorConfig(spec=f"owlv2:{detector}", batch_size=batch_size, threshold=threshold),
+        detector=DetectorConfig(spec=f"owlv2:{detector}", batch_size=batch_size, threshold=threshold,
+                                boxes_per_phrase=boxes_per_phrase),
     )
     stages = build_stages(cfg)
     q = LabelQuality(n_images=len(scenes), n_objects=sum(len(s.objects) for s in scenes))

@@ -347,17 +347,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=CaptionerRecipe.steps)
     p.add_argument("--batch-size", type=int, default=CaptionerRecipe.batch_size)
+    p.add_argument("--lr", type=float, default=CaptionerRecipe.lr)
     p.add_argument("--threads", type=int, default=CaptionerRecipe.threads)
     p.add_argument("--pool", type=int, default=CaptionerRecipe.pool)
     p.add_argument("--init", type=Path, default=None, help="continue from this checkpoint (a recipe output)")
     args = p.parse_args(argv)
     recipe = CaptionerRecipe(
-        seed=args.seed, steps=args.steps, batch_size=args.batch_size, threads=args.threads, pool=args.pool
+        seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr, threads=args.threads,
+        pool=args.pool,
     )
     stats = train(recipe, args.out, init=args.init)
     command = "python -m vesl.labelers.recipes.train_captioner " + shlex.join(
         ["--out", str(args.out), "--seed", str(args.seed), "--steps", str(args.steps),
-         "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--pool", str(args.pool)]
+         "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--threads", str(args.threads), "--pool", str(args.pool)]
         + (["--init", str(args.init)] if args.init else [])
     )
     record = {"config": asdict(recipe), "data": {"train_seed": recipe.data_seed,

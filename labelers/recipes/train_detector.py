@@ -377,6 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=DetectorRecipe.steps)
     p.add_argument("--batch-size", type=int, default=DetectorRecipe.batch_size)
+    p.add_argument("--lr", type=float, default=DetectorRecipe.lr)
     p.add_argument("--pool", type=int, default=DetectorRecipe.pool)
     p.add_argument("--threads", type=int, default=DetectorRecipe.threads)
     p.add_argument("--matches-per-object", type=int, default=DetectorRecipe.matches_per_object)
@@ -384,13 +385,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init", type=Path, default=None, help="continue from this checkpoint (a recipe output)")
     args = p.parse_args(argv)
     recipe = DetectorRecipe(
-        seed=args.seed, steps=args.steps, batch_size=args.batch_size, pool=args.pool, threads=args.threads,
+        seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr, pool=args.pool, threads=args.threads,
         matches_per_object=args.matches_per_object, hard_negative_rate=args.hard_negative_rate,
     )
     stats = train(recipe, args.out, init=args.init)
     command = "python -m vesl.labelers.recipes.train_detector " + shlex.join(
         ["--out", str(args.out), "--seed", str(args.seed), "--steps", str(args.steps),
-         "--batch-size", str(args.batch_size), "--pool", str(args.pool), "--threads", str(args.threads),
+         "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--pool", str(args.pool), "--threads", str(args.threads),
          "--matches-per-object", str(args.matches_per_object), "--hard-negative-rate", str(args.hard_negative_rate)]
         + (["--init", str(args.init)] if args.init else [])
     )
