@@ -97,9 +97,11 @@ def test_boxes_per_phrase_keeps_the_best_non_overlapping_boxes_of_each_phrase():
     _, s, lab = postprocess(boxes, scores, labels, 100, 100, PostProcess())
     assert lab.tolist() == [0, 1, 0, 0, 1]  # no cap: everything survives per-phrase NMS
     _, s, lab = postprocess(boxes, scores, labels, 100, 100, PostProcess(boxes_per_phrase=1))
-    assert lab.tolist() == [0, 1] and torch.allclose(s, torch.tensor([0.6, 0.5]))
+    assert lab.tolist() == [0, 1]
+    assert torch.allclose(s, torch.tensor([0.6, 0.5]))
     _, s, lab = postprocess(boxes, scores, labels, 100, 100, PostProcess(boxes_per_phrase=2, max_regions=3))
-    assert lab.tolist() == [0, 1, 0] and torch.allclose(s, torch.tensor([0.6, 0.5, 0.3]))
+    assert lab.tolist() == [0, 1, 0]
+    assert torch.allclose(s, torch.tensor([0.6, 0.5, 0.3]))
 
 
 def test_boxes_per_phrase_rejects_negative_values():

@@ -82,7 +82,9 @@ def test_filter_reports_the_share_of_dropped_negatives_and_warns_when_most_are_g
     assert loss.dropped_share.item() == pytest.approx(4 / 12)
     assert filter_warning(4 / 12, 0.9) is None
     msg = filter_warning(0.97, 0.9)
-    assert "97%" in msg and "0.99" in msg and "\n" not in msg
+    assert "97%" in msg
+    assert "0.99" in msg
+    assert "\n" not in msg
 
 
 def test_grounding_losses_match_reference():
