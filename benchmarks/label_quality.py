@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--captioner", default=str(ASSETS_DIR / "captioner"))
     p.add_argument("--detector", default=str(ASSETS_DIR / "detector"))
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--boxes-per-phrase", type=int, default=None,
+                   help="detector cap per phrase (default: what --profile demo uses)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
@@ -43,7 +45,12 @@ def main() -> None:
     n_obj = sum(len(s.objects) for s in scenes)
     alt_recall = sum(mentions(s.alt_text, o.color, o.shape) for s in scenes for o in s.objects) / n_obj
     t = time.perf_counter()
-    q = evaluate(scenes, args.captioner, args.detector, batch_size=args.batch_size)
+    from vesl.profiles import profile
+
+    bpp = args.boxes_per_phrase
+    if bpp is None:
+        bpp = profile("demo")["detector"].get("boxes_per_phrase", 0)
+    q = evaluate(scenes, args.captioner, args.detector, batch_size=args.batch_size, boxes_per_phrase=bpp)
     wall = time.perf_counter() - t
     s = q.summary()
 
@@ -51,7 +58,7 @@ def main() -> None:
         return "met" if v >= goal else "NOT met"
 
     print(f"label quality on {q.n_images} held-out scenes (world seed {args.seed}), {q.n_objects} objects")
-    print(f"  captioner {args.captioner}\n  detector  {args.detector}")
+    print(f"  captioner {args.captioner}\n  detector  {args.detector} (threshold 0.1, boxes_per_phrase {bpp})")
     print(f"caption object recall (color+shape named): {q.caption_object_recall:.3f}   "
           f"goal >= {GOALS['caption_object_recall']}: {ok(q.caption_object_recall, GOALS['caption_object_recall'])}")
     print(f"  baseline alt-text as caption:            {alt_recall:.3f}   "
