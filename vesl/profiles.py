@@ -52,7 +52,9 @@ def _demo() -> dict[str, Any]:
     captioner, detector = assets / "captioner", assets / "detector"
     out: dict[str, Any] = {"phrases": {"mode": "paper"}}
     out["captioner"] = {"spec": f"hf:{captioner}"} if captioner.is_dir() else {"spec": "alt_text"}
-    out["detector"] = {"spec": f"owlv2:{detector}"} if detector.is_dir() else {"spec": "none"}
+    # one box per phrase: every phrase of this world names one object, and the tiny detector's runner-up
+    # boxes are near-duplicates or other objects (precision 0.26 -> 0.79 on held-out scenes; recall 0.97 -> 0.72)
+    out["detector"] = {"spec": f"owlv2:{detector}", "boxes_per_phrase": 1} if detector.is_dir() else {"spec": "none"}
     return out
 
 
