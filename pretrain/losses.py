@@ -77,6 +77,7 @@ class ContrastiveLoss(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, valid: torch.Tensor | None = None,
                 text_keys: torch.Tensor | None = None) -> torch.Tensor:
         """a, b: (..., D) normalized pairs; valid: (...) bool; text_keys: (..., D) normalized texts for filtering."""
+        self.dropped_share = None
         d = a.shape[-1]
         a, b = a.reshape(-1, d), b.reshape(-1, d)
         keys = text_keys.reshape(-1, text_keys.shape[-1]) if text_keys is not None else None
