@@ -74,7 +74,10 @@ def _train(
 
 
 def _eval(
-    model: str = typer.Argument(..., help="export folder, run directory or checkpoint folder"),
+    model: str = typer.Argument(..., help="export folder, run directory or checkpoint folder; or an open_clip "
+                                "model name (with --pretrained) for the CLIP baselines"),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained",
+                                             help="open_clip pretrained tag or weights file for a plain open_clip model"),
     coco_annotations: Optional[str] = typer.Option(None, "--coco-annotations", help="COCO instances JSON"),
     coco_images: Optional[str] = typer.Option(None, "--coco-images", help="folder with the COCO images"),
     shards: Optional[list[str]] = typer.Option(None, "--shards", help="held-out region-text shards"),
@@ -91,7 +94,7 @@ def _eval(
     res = evaluate(model, coco_annotations=coco_annotations, coco_images=coco_images,
                    shards=(shards[0] if shards and len(shards) == 1 else shards) or None, out_json=out,
                    templates=tuple(template) if template else DEFAULT_TEMPLATES, batch_size=batch_size,
-                   max_images=max_images)
+                   max_images=max_images, pretrained=pretrained)
     typer.echo(format_table(res))
     if out:
         typer.echo(f"results: {out}")

@@ -108,8 +108,8 @@ def _recall(sim, gt_sets: list[set[int]], k: int) -> float:
 
 
 def shard_metrics(model, data: str | list[str], *, batch_size: int = 32, regions_per_image: int = 16,
-                  max_images: int | None = None) -> dict[str, float]:
-    """Retrieval and grounding metrics on held-out region-text shards."""
+                  max_images: int | None = None, regions: bool = True) -> dict[str, float]:
+    """Retrieval and grounding metrics on held-out region-text shards (``regions=False``: retrieval only)."""
     import torch
 
     from vesl.pretrain.data import Preprocess, RegionTextLoader, box_iou, letterbox_box
@@ -127,7 +127,7 @@ def shard_metrics(model, data: str | list[str], *, batch_size: int = 32, regions
             img_f.append(model.encode_image(batch["images"][iv]))
             txt_f.append(model.encode_text(batch["texts"][iv]))
             rv = batch["region_valid"] & iv.unsqueeze(1)
-            if rv.any():
+            if regions and rv.any():
                 reg = model.encode_regions(batch["images"], batch["region_boxes"])
                 reg_f.append(reg[rv])
                 b_idx = rv.nonzero()[:, 0]
@@ -171,28 +171,57 @@ def shard_metrics(model, data: str | list[str], *, batch_size: int = 32, regions
     return out
 
 
+def load_for_eval(model: str | os.PathLike, pretrained: str | None = None) -> tuple[Any, bool]:
+    """(model, whether its CLOC heads are trained): a vesl run/export/checkpoint, or with ``pretrained`` (or a
+    name that is no path) a plain open_clip model, whose Prompter and grounding head are untrained."""
+    from vesl.pretrain.export import load
+    from vesl.pretrain.model import create_model, register_model_configs
+
+    if pretrained is None and Path(model).exists():
+        return load(model), True
+    import open_clip
+
+    register_model_configs()
+    name = str(model)
+    if name not in open_clip.list_models():
+        raise UserError(f"{name} is neither an existing path nor an open_clip model name: pass a vesl run, export "
+                        "or checkpoint folder, or an open_clip model (see open_clip.list_models()) with --pretrained")
+    try:
+        return create_model(name, pretrained), False
+    except (RuntimeError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"open_clip could not build {name} with pretrained={pretrained!r}: {first}") from None
+
+
 def evaluate(model_or_path: Any, *, coco_annotations: str | None = None, coco_images: str | None = None,
              shards: str | list[str] | None = None, out_json: str | os.PathLike | None = None,
              templates: tuple[str, ...] = DEFAULT_TEMPLATES, batch_size: int = 32,
-             max_images: int | None = None) -> dict[str, Any]:
-    """Everything that was asked for, as one dict (also written to ``out_json`` when given)."""
-    import torch
+             max_images: int | None = None, pretrained: str | None = None) -> dict[str, Any]:
+    """Everything that was asked for, as one dict (also written to ``out_json`` when given).
 
-    from vesl.pretrain.export import load
+    A plain open_clip model (``pretrained`` given, or a model name) gets the CLIP baselines only: RoI-Align
+    and crop region classification, and image-text retrieval; its Prompter and grounding head are untrained.
+    """
+    import torch
 
     if coco_annotations is None and shards is None:
         raise UserError("nothing to evaluate: pass --coco-annotations with --coco-images, and/or --shards")
     if (coco_annotations is None) != (coco_images is None):
         raise UserError("--coco-annotations and --coco-images go together")
     torch.manual_seed(0)
-    model = load(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    if isinstance(model_or_path, (str, os.PathLike)):
+        model, heads = load_for_eval(model_or_path, pretrained)
+    else:
+        model, heads = model_or_path, True
     model.eval()
     results: dict[str, Any] = {}
     if coco_annotations:
+        methods = METHODS if heads else tuple(m for m in METHODS if m != "prompter")
         results["region_classification"] = region_classification(
-            model, coco_annotations, coco_images, templates=templates, batch_size=batch_size, max_images=max_images)
+            model, coco_annotations, coco_images, templates=templates, methods=methods, batch_size=batch_size,
+            max_images=max_images)
     if shards:
-        results["shards"] = shard_metrics(model, shards, batch_size=batch_size, max_images=max_images)
+        results["shards"] = shard_metrics(model, shards, batch_size=batch_size, max_images=max_images, regions=heads)
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(results, indent=2))

@@ -92,6 +92,38 @@ def test_export_loads_back_through_open_clip_and_vesl(overfit_run, tmp_path):
         assert torch.equal(exported.ground(img, txt), original.ground(img, txt))
 
 
+def test_eval_of_a_plain_open_clip_model_gives_the_clip_baselines_of_the_same_weights(overfit_run, tmp_path):
+    from tests.pretrain_data import write_coco
+    from vesl.pretrain.eval import evaluate
+    from vesl.pretrain.export import export_model
+
+    run, data = overfit_run
+    out = export_model(run, tmp_path / "export")
+    coco = write_coco(tmp_path / "coco", 6)
+    kw = {"coco_annotations": str(coco), "coco_images": str(coco.parent / "images"), "shards": str(data)}
+    ours = evaluate(str(run), **kw)
+    plain = evaluate(MODEL, pretrained=str(out / "open_clip_model.safetensors"), **kw)
+    assert set(plain["region_classification"]) == {"roi_align", "crop"}  # no Prompter: its weights are untrained
+    for m in ("roi_align", "crop"):
+        assert plain["region_classification"][m] == ours["region_classification"][m]
+    assert "region2text_R@10" not in plain["shards"]
+    for k in ("i2t_R@1", "t2i_R@5"):
+        assert plain["shards"][k] == ours["shards"][k]
+
+
+def test_eval_names_what_to_pass_for_an_unknown_model(tmp_path, monkeypatch, capsys):
+    from vesl.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["vesl", "eval", "no-such-model", "--coco-annotations", "a.json",
+                                      "--coco-images", str(tmp_path)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "neither an existing path nor an open_clip model name" in err
+    assert len(err.splitlines()) == 1
+
+
 def test_exact_resume_is_bitwise(tmp_path):
     """Kill after step 3 (mid-epoch, worker 1 due next), resume: steps 4..n match the uninterrupted run."""
     from vesl.pretrain.train import TrainConfig, train
