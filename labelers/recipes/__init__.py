@@ -69,6 +69,13 @@ def write_recipe_record(out: Path, name: str, command: str, record: dict[str, An
     (out / "RECIPE.md").write_text("\n".join(lines) + "\n")
 
 
+def save_checkpoint(model, processor, out: Path) -> None:
+    """Weights, config and processor in the ``from_pretrained`` layout the product loads."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
 def set_threads(n: int) -> None:
     import torch
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vesl.labelers.prompts import ALT_TEXT_FIELD, render_prompt
-from vesl.labelers.recipes import ASSETS_DIR, cpu_seconds, set_threads, write_recipe_record
+from vesl.labelers.recipes import ASSETS_DIR, cpu_seconds, save_checkpoint, set_threads, write_recipe_record
 from vesl.pipeline.config import DEFAULT_PROMPT
 
 SPECIAL_TOKENS = [
@@ -324,21 +324,15 @@ def train(recipe: CaptionerRecipe, out: Path, log=print, init: Path | None = Non
             log(f"step {step:5d} loss {ema:.4f} aux {aux_ema:.4f} lr {_lr_at(step, recipe):.2e} "
                 f"wall {time.time() - t0:.0f}s cpu {cpu_seconds() - c0:.0f}s")
         if recipe.save_every and (step + 1) % recipe.save_every == 0 and step + 1 < recipe.steps:
-            _save(model, processor, out.with_name(out.name + f".step{step + 1}"))
+            save_checkpoint(model, processor, out.with_name(out.name + f".step{step + 1}"))
     model.eval()
-    _save(model, processor, out)
+    save_checkpoint(model, processor, out)
     return {
         "params": n_params,
         "final_loss_ema": round(float(ema), 5),
         "wall_s": round(time.time() - t0, 1),
         "cpu_s": round(cpu_seconds() - c0, 1),
     }
-
-
-def _save(model, processor, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
 
 
 def main(argv: list[str] | None = None) -> None:

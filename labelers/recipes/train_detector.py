@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vesl.labelers.recipes import ASSETS_DIR, cpu_seconds, set_threads, write_recipe_record
+from vesl.labelers.recipes import ASSETS_DIR, cpu_seconds, save_checkpoint, set_threads, write_recipe_record
 
 
 @dataclass
@@ -55,8 +55,9 @@ class DetectorRecipe:
     max_query_tokens: int = 16
     vocab_size: int = 400
     # k > 1 repeats each object k times in the Hungarian match (k patches learn it: denser positives;
-    # their boxes all regress onto the object, so per-phrase NMS removes the extras at inference).
-    # The shipped model uses plain one-to-one matching (k = 1) and random negatives.
+    # their boxes all regress onto the object, so per-phrase NMS or boxes_per_phrase drops the extras).
+    # The shipped model's first stages use k = 1 and random negatives, its later ones k = 3 and a hard
+    # negative rate of 0.5 (see its RECIPE.md).
     matches_per_object: int = 1
     hard_negative_rate: float = 0.0  # share of negatives that share a colour or shape with an object
     save_every: int = 250
@@ -355,14 +356,9 @@ def train(recipe: DetectorRecipe, out: Path, log=print, init: Path | None = None
             log(f"step {step:5d} " + " ".join(f"{k} {v:.4f}" for k, v in ema.items())
                 + f" wall {time.time() - t0:.0f}s cpu {cpu_seconds() - c0:.0f}s")
         if recipe.save_every and (step + 1) % recipe.save_every == 0 and step + 1 < recipe.steps:
-            snap = out.with_name(out.name + f".step{step + 1}")
-            snap.mkdir(parents=True, exist_ok=True)
-            model.save_pretrained(snap)
-            processor.save_pretrained(snap)
+            save_checkpoint(model, processor, out.with_name(out.name + f".step{step + 1}"))
     model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    save_checkpoint(model, processor, out)
     return {
         "params": n_params,
         "final_loss_ema": {k: round(v, 5) for k, v in ema.items()},
