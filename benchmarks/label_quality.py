@@ -36,6 +36,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--boxes-per-phrase", type=int, default=None,
                    help="detector cap per phrase (default: what --profile demo uses)")
+    p.add_argument("--box-voting-iou", type=float, default=None,
+                   help="detector box voting IoU, 0 = off (default: what --profile demo uses)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
@@ -47,10 +49,11 @@ def main() -> None:
     t = time.perf_counter()
     from vesl.profiles import profile
 
-    bpp = args.boxes_per_phrase
-    if bpp is None:
-        bpp = profile("demo")["detector"].get("boxes_per_phrase", 0)
-    q = evaluate(scenes, args.captioner, args.detector, batch_size=args.batch_size, boxes_per_phrase=bpp)
+    demo_detector = profile("demo")["detector"]
+    bpp = demo_detector.get("boxes_per_phrase", 0) if args.boxes_per_phrase is None else args.boxes_per_phrase
+    vote = demo_detector.get("box_voting_iou", 0.0) if args.box_voting_iou is None else args.box_voting_iou
+    q = evaluate(scenes, args.captioner, args.detector, batch_size=args.batch_size, boxes_per_phrase=bpp,
+                 box_voting_iou=vote)
     wall = time.perf_counter() - t
     s = q.summary()
 
@@ -58,7 +61,8 @@ def main() -> None:
         return "met" if v >= goal else "NOT met"
 
     print(f"label quality on {q.n_images} held-out scenes (world seed {args.seed}), {q.n_objects} objects")
-    print(f"  captioner {args.captioner}\n  detector  {args.detector} (threshold 0.1, boxes_per_phrase {bpp})")
+    print(f"  captioner {args.captioner}\n  detector  {args.detector} (threshold 0.1, boxes_per_phrase {bpp}, "
+          f"box_voting_iou {vote})")
     print(f"caption object recall (color+shape named): {q.caption_object_recall:.3f}   "
           f"goal >= {GOALS['caption_object_recall']}: {ok(q.caption_object_recall, GOALS['caption_object_recall'])}")
     print(f"  baseline alt-text as caption:            {alt_recall:.3f}   "

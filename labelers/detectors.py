@@ -230,7 +230,8 @@ class _HFDetector:
         self.resources = StageResources(
             batch_size=cfg.batch_size, concurrency=cfg.concurrency, num_gpus=cfg.num_gpus
         )
-        self.pp = PostProcess(cfg.nms, cfg.nms_iou, cfg.min_box_size, cfg.max_regions, cfg.boxes_per_phrase)
+        self.pp = PostProcess(cfg.nms, cfg.nms_iou, cfg.min_box_size, cfg.max_regions, cfg.boxes_per_phrase,
+                              cfg.box_voting_iou)
         self.model = None
         self.processor = None
         self.device: torch.device | None = None
@@ -311,6 +312,7 @@ class _HFDetector:
             "detector.min_box_size": str(self.cfg.min_box_size),
             "detector.max_regions": str(self.cfg.max_regions),
             "detector.boxes_per_phrase": str(self.cfg.boxes_per_phrase),
+            "detector.box_voting_iou": str(self.cfg.box_voting_iou),
         }
         if self.model is not None:
             prov["detector.dtype"] = str(self.dtype).removeprefix("torch.")

@@ -72,6 +72,8 @@ class DetectorConfig(_Strict):
     min_box_size: float = 0.0  # fraction of the shorter image side
     max_regions: int = 50
     boxes_per_phrase: int = Field(0, ge=0)  # 0: no limit; 1: phrase grounding (one box per phrase)
+    # 0: off; t: each kept box becomes the score-weighted mean of its phrase's boxes with IoU >= t
+    box_voting_iou: float = Field(0.0, ge=0.0, le=1.0)
     batch_size: int = 8
     concurrency: int = 1
     num_gpus: float = 0.0

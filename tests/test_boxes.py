@@ -15,6 +15,7 @@ from vesl.labelers.boxes import (
     normalize,
     postprocess,
     square_pad_to_image,
+    vote_boxes,
     xyxy_to_cxcywh,
 )
 
@@ -102,6 +103,39 @@ def test_boxes_per_phrase_keeps_the_best_non_overlapping_boxes_of_each_phrase():
     _, s, lab = postprocess(boxes, scores, labels, 100, 100, PostProcess(boxes_per_phrase=2, max_regions=3))
     assert lab.tolist() == [0, 1, 0]
     assert torch.allclose(s, torch.tensor([0.6, 0.5, 0.3]))
+
+
+def test_box_voting_averages_the_overlapping_candidates_of_the_same_phrase_by_score():
+    boxes = torch.tensor(
+        [
+            [0.10, 0.10, 0.30, 0.30],  # phrase 0, the best candidate
+            [0.14, 0.14, 0.34, 0.34],  # phrase 0, overlaps it (IoU ~0.47): votes
+            [0.60, 0.60, 0.80, 0.80],  # phrase 0, elsewhere: does not vote
+            [0.12, 0.12, 0.32, 0.32],  # phrase 1 on the same spot: another phrase, does not vote
+        ]
+    )
+    scores = torch.tensor([0.6, 0.2, 0.5, 0.9])
+    labels = torch.tensor([0, 0, 0, 1])
+    voted = vote_boxes(boxes[:1], labels[:1], boxes, scores, labels, 0.3)
+    assert torch.allclose(voted, torch.tensor([[0.11, 0.11, 0.31, 0.31]]))  # (0.6 * 0.10 + 0.2 * 0.14) / 0.8
+    assert torch.equal(vote_boxes(boxes[:1], labels[:1], boxes, scores, labels, 0.5), boxes[:1])  # too far apart
+
+    b, s, lab = postprocess(boxes, scores, labels, 100, 100, PostProcess(boxes_per_phrase=1, box_voting_iou=0.3))
+    assert lab.tolist() == [1, 0]
+    assert torch.allclose(s, torch.tensor([0.9, 0.6]))  # scores are kept
+    assert torch.allclose(b, torch.tensor([[0.12, 0.12, 0.32, 0.32], [0.11, 0.11, 0.31, 0.31]]))
+    b_off, _, _ = postprocess(boxes, scores, labels, 100, 100, PostProcess(boxes_per_phrase=1))
+    assert torch.equal(b_off[1], boxes[0])
+
+
+def test_box_voting_iou_must_be_a_fraction():
+    from pydantic import ValidationError
+
+    from vesl.pipeline.config import DetectorConfig
+
+    assert DetectorConfig(box_voting_iou=0.3).box_voting_iou == 0.3
+    with pytest.raises(ValidationError):
+        DetectorConfig(box_voting_iou=1.5)
 
 
 def test_boxes_per_phrase_rejects_negative_values():

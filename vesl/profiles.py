@@ -54,7 +54,10 @@ def _demo() -> dict[str, Any]:
     out["captioner"] = {"spec": f"hf:{captioner}"} if captioner.is_dir() else {"spec": "alt_text"}
     # one box per phrase: every phrase of this world names one object, and the tiny detector's runner-up
     # boxes are near-duplicates or other objects (precision 0.26 -> 0.79 on held-out scenes; recall 0.97 -> 0.72)
-    out["detector"] = {"spec": f"owlv2:{detector}", "boxes_per_phrase": 1} if detector.is_dir() else {"spec": "none"}
+    # box voting: the kept box is the score-weighted mean of the phrase's overlapping candidates, since
+    # the detector fires on several neighbouring patches of an object (see DetectorConfig.box_voting_iou)
+    detector_cfg = {"spec": f"owlv2:{detector}", "boxes_per_phrase": 1, "box_voting_iou": 0.3}
+    out["detector"] = detector_cfg if detector.is_dir() else {"spec": "none"}
     return out
 
 

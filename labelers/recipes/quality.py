@@ -117,6 +117,8 @@ def evaluate(
     batch_size: int = 16,
     threshold: float = 0.1,
     boxes_per_phrase: int = 0,
+    box_voting_iou: float = 0.0,
+    nms: str = "per_phrase",
     detector_only: bool = True,
     n_examples: int = 3,
 ) -> LabelQuality:
@@ -131,7 +133,8 @@ def evaluate(
     cfg = LabelConfig(
         captioner=CaptionerConfig(spec=f"hf:{captioner}", batch_size=batch_size),
         detector=DetectorConfig(spec=f"owlv2:{detector}", batch_size=batch_size, threshold=threshold,
-                                boxes_per_phrase=boxes_per_phrase),
+                                boxes_per_phrase=boxes_per_phrase,
+                                box_voting_iou=box_voting_iou, nms=nms),
     )
     stages = build_stages(cfg)
     q = LabelQuality(n_images=len(scenes), n_objects=sum(len(s.objects) for s in scenes))
