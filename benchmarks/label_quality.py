@@ -49,11 +49,12 @@ def main() -> None:
     t = time.perf_counter()
     from vesl.profiles import profile
 
-    demo_detector = profile("demo")["detector"]
-    bpp = demo_detector.get("boxes_per_phrase", 0) if args.boxes_per_phrase is None else args.boxes_per_phrase
-    vote = demo_detector.get("box_voting_iou", 0.0) if args.box_voting_iou is None else args.box_voting_iou
-    q = evaluate(scenes, args.captioner, args.detector, batch_size=args.batch_size, boxes_per_phrase=bpp,
-                 box_voting_iou=vote)
+    options = {k: v for k, v in profile("demo")["detector"].items() if k != "spec"}
+    if args.boxes_per_phrase is not None:
+        options["boxes_per_phrase"] = args.boxes_per_phrase
+    if args.box_voting_iou is not None:
+        options["box_voting_iou"] = args.box_voting_iou
+    q = evaluate(scenes, args.captioner, args.detector, batch_size=args.batch_size, detector_options=options)
     wall = time.perf_counter() - t
     s = q.summary()
 
@@ -61,8 +62,7 @@ def main() -> None:
         return "met" if v >= goal else "NOT met"
 
     print(f"label quality on {q.n_images} held-out scenes (world seed {args.seed}), {q.n_objects} objects")
-    print(f"  captioner {args.captioner}\n  detector  {args.detector} (threshold 0.1, boxes_per_phrase {bpp}, "
-          f"box_voting_iou {vote})")
+    print(f"  captioner {args.captioner}\n  detector  {args.detector} (threshold 0.1, {options})")
     print(f"caption object recall (color+shape named): {q.caption_object_recall:.3f}   "
           f"goal >= {GOALS['caption_object_recall']}: {ok(q.caption_object_recall, GOALS['caption_object_recall'])}")
     print(f"  baseline alt-text as caption:            {alt_recall:.3f}   "

@@ -65,10 +65,9 @@ def test_demo_models_caption_and_ground_held_out_scenes():
     assert q.pipeline_box.recall >= 0.8, q.summary()  # every box the detector finds at the 0.1 threshold
     # as --profile demo labels (one voted box per phrase); loose bounds that guard against boxes unrelated
     # to the objects (the benchmark holds the 0.85 goals)
-    det = profile("demo")["detector"]
+    options = {k: v for k, v in profile("demo")["detector"].items() if k != "spec"}
     grounded = evaluate(make_scenes(20, seed=HELD_OUT_SEED), str(CAPTIONER), str(DETECTOR), batch_size=20,
-                        boxes_per_phrase=det["boxes_per_phrase"], box_voting_iou=det["box_voting_iou"],
-                        detector_only=False)  # fmt: skip
+                        detector_options=options, detector_only=False)  # fmt: skip
     assert grounded.pipeline_box.precision >= 0.7, grounded.summary()
     assert grounded.pipeline_box.recall >= 0.7, grounded.summary()
     assert grounded.pipeline_box.precision > q.pipeline_box.precision, (grounded.summary(), q.summary())

@@ -116,13 +116,14 @@ def evaluate(
     detector: str,
     batch_size: int = 16,
     threshold: float = 0.1,
-    boxes_per_phrase: int = 0,
-    box_voting_iou: float = 0.0,
-    nms: str = "per_phrase",
+    detector_options: dict | None = None,
     detector_only: bool = True,
     n_examples: int = 3,
 ) -> LabelQuality:
-    """Label ``scenes`` with ``hf:<captioner>`` + ``owlv2:<detector>`` through the product stages."""
+    """Label ``scenes`` with ``hf:<captioner>`` + ``owlv2:<detector>`` through the product stages.
+
+    ``detector_options``: further ``DetectorConfig`` fields (post-processing), e.g. the demo profile's.
+    """
     from vesl.pipeline.config import CaptionerConfig, DetectorConfig, LabelConfig
     from vesl.pipeline.stage import Phrase, Sample, apply_stage
     from vesl.pipeline.synth import categories as all_categories
@@ -133,8 +134,7 @@ def evaluate(
     cfg = LabelConfig(
         captioner=CaptionerConfig(spec=f"hf:{captioner}", batch_size=batch_size),
         detector=DetectorConfig(spec=f"owlv2:{detector}", batch_size=batch_size, threshold=threshold,
-                                boxes_per_phrase=boxes_per_phrase,
-                                box_voting_iou=box_voting_iou, nms=nms),
+                                **(detector_options or {})),
     )
     stages = build_stages(cfg)
     q = LabelQuality(n_images=len(scenes), n_objects=sum(len(s.objects) for s in scenes))
