@@ -27,6 +27,8 @@ def _train(
     regions_per_image: Optional[int] = typer.Option(None, "--regions-per-image", help="M [4]"),
     lam: Optional[float] = typer.Option(None, "--lambda", help="weight of L_region + L_ground [1.0]"),
     text_sim_threshold: Optional[float] = typer.Option(None, "--text-sim-threshold", help="[0.9]"),
+    region_loss_drop: Optional[float] = typer.Option(
+        None, "--region-loss-drop", help="leave out this share of the hardest region pairs (noisy labels) [0]"),
     ground_loss: Optional[str] = typer.Option(None, "--ground-loss", help="l2 | l1+giou [l2]"),
     prompter_pool: Optional[str] = typer.Option(None, "--prompter-pool", help="prompt | mean [prompt]"),
     box_bias: Optional[bool] = typer.Option(None, "--box-bias/--no-box-bias",
@@ -53,6 +55,7 @@ def _train(
         "pretrained": pretrained, "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
         "workers": workers, "lr": lr, "warmup": warmup, "weight_decay": weight_decay, "grad_clip": grad_clip,
         "regions_per_image": regions_per_image, "lam": lam, "text_sim_threshold": text_sim_threshold,
+        "region_loss_drop": region_loss_drop,
         "ground_loss": ground_loss, "prompter_pool": prompter_pool, "box_bias": box_bias, "clip_only": clip_only, "local_loss": local_loss,
         "gather_with_grad": gather_with_grad, "precision": precision, "grad_checkpointing": grad_checkpointing,
         "save_every": save_every, "resume": resume, "seed": seed, "log_every": log_every, "text_field": text_field,

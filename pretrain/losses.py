@@ -62,16 +62,22 @@ class ContrastiveLoss(nn.Module):
     With ``text_sim_threshold`` set, a negative whose text embedding has cosine > threshold with the
     positive's text is removed from both softmax directions (CLOC's region loss). ``dropped_share`` then
     holds the share of negatives the last call removed: near 1 means the loss has almost nothing to learn.
+
+    With ``drop_hardest = r > 0`` the share ``r`` of this process's pairs with the highest loss is left out
+    (the small-loss trick of noisy-label learning, as in Co-teaching): a pseudo-label whose phrase names
+    another object or whose box misses it costs far more than a right one, so dropping the worst pairs
+    drops mostly wrong labels.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0, world_size: int = 1,
-                 text_sim_threshold: float | None = None):
+                 text_sim_threshold: float | None = None, drop_hardest: float = 0.0):
         super().__init__()
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.rank = rank
         self.world_size = world_size
         self.text_sim_threshold = text_sim_threshold
+        self.drop_hardest = drop_hardest
         self.dropped_share: torch.Tensor | None = None
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, valid: torch.Tensor | None = None,
@@ -107,7 +113,18 @@ class ContrastiveLoss(nn.Module):
             self.dropped_share = drop.sum() / max(drop.numel() - len(labels), 1)
             logits_a = logits_a.masked_fill(drop, float("-inf"))
             logits_b = logits_b.masked_fill(drop, float("-inf"))
+        if self.drop_hardest > 0:
+            per_pair = (F.cross_entropy(logits_a, labels, reduction="none")
+                        + F.cross_entropy(logits_b, labels, reduction="none")) / 2  # fmt: skip
+            kept = small_loss_rows(per_pair.detach(), self.drop_hardest)
+            return per_pair[kept].sum() / (norm * len(kept) / len(per_pair))
         return (_sum_ce(logits_a, labels) + _sum_ce(logits_b, labels)) / (2 * norm)
+
+
+def small_loss_rows(losses: torch.Tensor, drop: float) -> torch.Tensor:
+    """Indices of the ``1 - drop`` share of rows with the smallest loss (at least one row)."""
+    k = max(1, round(len(losses) * (1.0 - drop)))
+    return torch.topk(losses, k, largest=False, sorted=False).indices
 
 
 def negative_mask(row_keys: torch.Tensor, all_keys: torch.Tensor, labels: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -162,13 +179,20 @@ class CLOCLoss(nn.Module):
     """L = L_clip + lam * (L_region + L_ground); region loss shares the CLIP temperature."""
 
     def __init__(self, lam: float = 1.0, text_sim_threshold: float = 0.9, ground_loss: str = "l2",
-                 local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0, world_size: int = 1):
+                 local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0, world_size: int = 1,
+                 region_loss_drop: float = 0.0):
         super().__init__()
         kw = {"local_loss": local_loss, "gather_with_grad": gather_with_grad, "rank": rank, "world_size": world_size}
         self.lam = lam
+        self.region_loss_drop = region_loss_drop
         self.clip = ContrastiveLoss(**kw)
         self.region = ContrastiveLoss(text_sim_threshold=text_sim_threshold, **kw)
         self.ground = GroundingLoss(ground_loss, rank, world_size)
+
+    def set_progress(self, step: int, total: int) -> None:
+        """Ramp the region loss's dropped share linearly over the first quarter of training (Co-teaching's
+        schedule): early on every pair is still hard, and the loss cannot yet tell wrong labels apart."""
+        self.region.drop_hardest = self.region_loss_drop * min(1.0, step / max(1, total // 4))
 
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         scale = out["logit_scale"]

@@ -54,6 +54,8 @@ class TrainConfig(BaseModel):
     regions_per_image: int = Field(4, ge=1)
     lam: float = Field(1.0, description="weight of L_region + L_ground")
     text_sim_threshold: float = Field(0.9, description="region negatives with text cosine above this are removed")
+    region_loss_drop: float = Field(0.0, ge=0.0, lt=1.0, description="share of region pairs with the highest loss "
+                                    "left out of L_region, for noisy pseudo-labels (0: paper-literal)")
     ground_loss: Literal["l2", "l1+giou"] = "l2"
     clip_only: bool = Field(False, description="train the CLIP baseline only (same data and steps)")
     local_loss: bool = False
@@ -311,7 +313,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
 
             ddp = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
         loss_fn = CLOCLoss(cfg.lam, cfg.text_sim_threshold, cfg.ground_loss, cfg.local_loss, cfg.gather_with_grad,
-                           d.rank, d.world_size)
+                           d.rank, d.world_size, cfg.region_loss_drop)
         writer = None
         if d.main and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -344,6 +346,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
                 with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     out = ddp(batch["images"], batch["texts"], batch["region_boxes"], batch["region_texts"],
                               batch["region_valid"], clip_only=cfg.clip_only)
+                loss_fn.set_progress(step, total)
                 losses = loss_fn(out, batch)
                 optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()

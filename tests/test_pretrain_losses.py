@@ -87,6 +87,54 @@ def test_filter_reports_the_share_of_dropped_negatives_and_warns_when_most_are_g
     assert "\n" not in msg
 
 
+def _ref_pair_losses(a, b, scale):
+    """Plain Python per-pair symmetric InfoNCE (row i's two directions averaged), no filter."""
+    n = len(a)
+    sim = [[scale * sum(x * y for x, y in zip(a[i], b[j], strict=True)) for j in range(n)] for i in range(n)]
+    out = []
+    for i in range(n):
+        row = -(sim[i][i] - math.log(sum(math.exp(sim[i][j]) for j in range(n))))
+        col = -(sim[i][i] - math.log(sum(math.exp(sim[j][i]) for j in range(n))))
+        out.append((row + col) / 2)
+    return out
+
+
+def test_drop_hardest_leaves_out_the_pairs_with_the_highest_loss():
+    # row 3's text points away from its region (a wrong label), so its pair has by far the highest loss
+    b_noisy = torch.cat([B[:3], _unit([[0.0, -1.0, 0.2]])])
+    scale = torch.tensor(5.0, dtype=torch.float64)
+    per = _ref_pair_losses(A.tolist(), b_noisy.tolist(), 5.0)
+    worst = max(range(4), key=lambda i: per[i])
+    assert worst == 3
+
+    loss = ContrastiveLoss(drop_hardest=0.25)
+    got = loss(A, b_noisy, scale).item()
+    assert got == pytest.approx(sum(per[i] for i in range(4) if i != worst) / 3, abs=1e-12)
+    assert ContrastiveLoss()(A, b_noisy, scale).item() == pytest.approx(sum(per) / 4, abs=1e-12)
+    assert ContrastiveLoss(drop_hardest=0.9)(A, b_noisy, scale).item() == pytest.approx(min(per), abs=1e-12)
+
+
+def test_region_loss_drop_ramps_over_the_first_quarter_and_spares_the_clip_loss():
+    loss = CLOCLoss(region_loss_drop=0.2)
+    loss.set_progress(0, 400)
+    assert loss.region.drop_hardest == 0.0
+    loss.set_progress(50, 400)
+    assert loss.region.drop_hardest == pytest.approx(0.1)
+    loss.set_progress(300, 400)
+    assert loss.region.drop_hardest == pytest.approx(0.2)
+    assert loss.clip.drop_hardest == 0.0
+
+
+def test_region_loss_drop_must_be_a_share_below_one():
+    from pydantic import ValidationError
+
+    from vesl.pretrain.train import TrainConfig
+
+    assert TrainConfig(data="x", region_loss_drop=0.2).region_loss_drop == 0.2
+    with pytest.raises(ValidationError):
+        TrainConfig(data="x", region_loss_drop=1.0)
+
+
 def test_grounding_losses_match_reference():
     pred = torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.2, 0.3, 0.9, 0.8], [9.0, 9.0, 9.0, 9.0]], dtype=torch.float64)
     gt = torch.tensor([[0.0, 0.1, 0.4, 0.7], [0.2, 0.2, 0.8, 0.8], [0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
