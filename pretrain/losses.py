@@ -63,10 +63,10 @@ class ContrastiveLoss(nn.Module):
     positive's text is removed from both softmax directions (CLOC's region loss). ``dropped_share`` then
     holds the share of negatives the last call removed: near 1 means the loss has almost nothing to learn.
 
-    With ``drop_hardest = r > 0`` the share ``r`` of this process's pairs with the highest loss is left out
-    (the small-loss trick of noisy-label learning, as in Co-teaching): a pseudo-label whose phrase names
-    another object or whose box misses it costs far more than a right one, so dropping the worst pairs
-    drops mostly wrong labels.
+    With ``drop_hardest = r > 0`` the share ``r`` of the pairs this call sums (the global batch, or this
+    process's rows with ``local_loss``) with the highest loss is left out: the small-loss trick of
+    noisy-label learning, as in Co-teaching. A pseudo-label whose phrase names another object, or whose box
+    misses it, costs far more than a right one, so the dropped pairs are mostly wrong labels.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0, world_size: int = 1,
