@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from vesl.errors import UserError
+from vesl.labelers.hub import is_local, pretrained_kwargs, unavailable_reason
 from vesl.labelers.prompts import prompt_hash, render_prompt
 from vesl.pipeline.config import CaptionerConfig
 from vesl.pipeline.stage import Sample, Stage, StageResources, fail
@@ -177,16 +178,6 @@ def resolve_dtype(dtype: str, device: str):
     return getattr(torch, _DTYPES[dtype])
 
 
-def _resolve_revision(model_id: str, revision: str | None) -> tuple[Any, str | None]:
-    """Pin the revision to one commit so every file of the load comes from it; also returns that commit."""
-    try:
-        from transformers.utils.hub import resolve_revision
-    except ImportError:  # older transformers: loads resolve on their own
-        return revision, None
-    pinned = resolve_revision(model_id, revision)
-    return pinned, getattr(pinned, "resolved", None)
-
-
 def control_tokens(processor) -> frozenset[str]:
     """Every special / added token of the processor's tokenizer, plus its image placeholders."""
     tok = getattr(processor, "tokenizer", processor)
@@ -207,10 +198,9 @@ def _load_error(model_id: str, exc: BaseException) -> UserError:
             f"captioner model {model_id!r} needs its own code from the hub; "
             "pass --trust-remote-code only if you trust that repository"
         )
-    if os.path.exists(model_id):
+    if is_local(model_id):
         return UserError(f"cannot load captioner model from local path {model_id!r}: {first}")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else first
+    why = unavailable_reason() or first
     return UserError(
         f"captioner model {model_id!r} is not a local directory and can't be fetched from the Hugging Face "
         f"hub ({why}); use --profile demo for the bundled offline models, or a local path: hf:/path/to/model"
@@ -242,8 +232,8 @@ class HFCaptioner(_Captioner):
         self.device = resolve_device(self.cfg.device)
         dtype = resolve_dtype(self.cfg.dtype, self.device)
         try:
-            revision, self._revision = _resolve_revision(self.model_id, self.cfg.revision)
-            kw = {"revision": revision, "trust_remote_code": self.trust_remote_code}
+            kw, self._revision = pretrained_kwargs(self.model_id, self.cfg.revision)
+            kw["trust_remote_code"] = self.trust_remote_code
             processor = AutoProcessor.from_pretrained(self.model_id, **kw)
             model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=dtype, **kw)
         except (OSError, ValueError) as exc:
@@ -508,9 +498,9 @@ class VLLMCaptioner(_Captioner):
         from vllm import LLM
 
         try:
-            revision, self._revision = _resolve_revision(self.model_id, self.cfg.revision)
+            kw, self._revision = pretrained_kwargs(self.model_id, self.cfg.revision)
             self._processor = AutoProcessor.from_pretrained(
-                self.model_id, revision=revision, trust_remote_code=self.trust_remote_code
+                self.model_id, trust_remote_code=self.trust_remote_code, **kw
             )
         except (OSError, ValueError) as exc:
             raise _load_error(self.model_id, exc) from exc

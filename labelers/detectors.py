@@ -17,7 +17,6 @@ The model-output -> regions steps are pure functions on tensors (``owlv2_regions
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 
 from vesl.errors import UserError
 from vesl.labelers.boxes import PostProcess, cxcywh_to_xyxy, postprocess, square_pad_to_image
+from vesl.labelers.hub import is_local, pretrained_kwargs, unavailable_reason
 from vesl.pipeline.config import DetectorConfig
 from vesl.pipeline.stage import Phrase, Region, Sample, StageResources, fail
 
@@ -201,22 +201,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _resolve_revision(model_id: str, revision: str | None) -> tuple[str | None, str | None]:
-    """Pin a hub revision to one commit (all files of the load come from it); returns it and the commit."""
-    if _is_local(model_id):
-        return revision, None
-    try:
-        from transformers.utils.hub import resolve_revision
-    except ImportError:  # older transformers resolve on their own
-        return revision, None
-    pinned = resolve_revision(model_id, revision)
-    return pinned, getattr(pinned, "resolved", None)
-
-
-def _is_local(model: str) -> bool:
-    return Path(model).expanduser().exists()
-
-
 class _HFDetector:
     """Shared loading, batching and provenance for the transformers detectors."""
 
@@ -251,26 +235,20 @@ class _HFDetector:
         model_cls, proc_cls = self._classes()
         self.device = resolve_device(self.cfg.device)
         self.dtype = resolve_dtype(self.cfg.dtype, self.device)
-        src = str(Path(self.model_id).expanduser()) if _is_local(self.model_id) else self.model_id
+        src = str(Path(self.model_id).expanduser()) if is_local(self.model_id) else self.model_id
         try:
-            revision, self._commit = _resolve_revision(src, self.cfg.revision)
-            kw = {"revision": revision} if revision else {}
+            kw, self._commit = pretrained_kwargs(src, self.cfg.revision)
             if self.trust_remote_code:
                 kw["trust_remote_code"] = True
             self.processor = proc_cls.from_pretrained(src, **kw)
             self.model = model_cls.from_pretrained(src, dtype=self.dtype, **kw).to(self.device).eval()
         except (OSError, ValueError) as exc:
-            if _is_local(self.model_id):
+            if is_local(self.model_id):
                 raise UserError(
                     f"can't load {self.kind} detector from {src}: {(str(exc).splitlines() or [repr(exc)])[0]} "
                     f"(the folder must hold a save_pretrained model and processor)"
                 ) from exc
-            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-            why = (
-                "HF_HUB_OFFLINE is set and it is not cached"
-                if offline
-                else "the hub is unreachable or the id is wrong"
-            )
+            why = unavailable_reason() or (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise UserError(
                 f"detector model {self.model_id!r} can't be loaded ({why}): use `--profile demo` or a local "
                 f"path (detector spec {self.kind}:/path/to/model)"
@@ -305,7 +283,7 @@ class _HFDetector:
             "detector.model": self.model_id,
             "detector.revision": self._commit
             or self.cfg.revision
-            or ("local" if _is_local(self.model_id) else "main"),
+            or ("local" if is_local(self.model_id) else "main"),
             "detector.threshold": str(self.cfg.threshold),
             "detector.nms": self.cfg.nms,
             "detector.nms_iou": str(self.cfg.nms_iou),
