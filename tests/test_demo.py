@@ -96,7 +96,8 @@ def test_cli_rejects_bad_size_in_one_line(tmp_path):
 def test_full_demo_tiny(tmp_path):
     lines: list[str] = []
     res = run_full_demo(
-        tmp_path, n=40, eval_n=10, steps=5, echo=lines.append, progress=False, train_kwargs={"workers": 0}
+        tmp_path, n=40, eval_n=10, steps=5, echo=lines.append, progress=False, train_kwargs={"workers": 0},
+        train_seed=3,
     )
     assert set(res.metrics) == {
         "clip_roi_align_macc",
@@ -107,7 +108,9 @@ def test_full_demo_tiny(tmp_path):
     assert all(0.0 <= v <= 1.0 for v in res.metrics.values())
     saved = json.loads((tmp_path / "full" / "results.json").read_text())
     assert saved["metrics"] == res.metrics
+    assert saved["train_seed"] == 3
     assert "goal: CLOC Prompter" in "\n".join(lines)
+    assert "one training seed, 3" in "\n".join(lines)
 
 
 def test_ground_truth_labels_go_through_the_engine(tmp_path):
