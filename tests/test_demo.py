@@ -23,6 +23,17 @@ def test_generate_input_is_deterministic_and_reused(tmp_path):
     assert len(generate_input(tmp_path / "a", n=3, seed=3, shard_size=2)) == 2  # different sample: rewritten
 
 
+def test_results_table_says_how_many_seeds_it_judges():
+    metrics = {"clip_roi_align_macc": 0.02, "clip_crop_macc": 0.10, "cloc_prompter_macc": 0.20, "cloc_grounding_acc": 0.02}
+    one, _ = results_table(metrics)
+    assert "one training seed, 0" in one
+    assert "--seeds 3" in one
+    three, met = results_table(metrics, (0, 1, 2), (16.9, 5.0, 5.6))
+    assert not met  # judged on the means: +10.0
+    assert "+10.0 points: NOT MET" in three
+    assert "margin per seed 0: +16.9, 1: +5.0, 2: +5.6" in three
+
+
 def test_results_table_goal():
     table, met = results_table(
         {
@@ -97,7 +108,7 @@ def test_full_demo_tiny(tmp_path):
     lines: list[str] = []
     res = run_full_demo(
         tmp_path, n=40, eval_n=10, steps=5, echo=lines.append, progress=False, train_kwargs={"workers": 0},
-        train_seed=3,
+        train_seed=3, seeds=2,
     )
     assert set(res.metrics) == {
         "clip_roi_align_macc",
@@ -108,9 +119,13 @@ def test_full_demo_tiny(tmp_path):
     assert all(0.0 <= v <= 1.0 for v in res.metrics.values())
     saved = json.loads((tmp_path / "full" / "results.json").read_text())
     assert saved["metrics"] == res.metrics
-    assert saved["train_seed"] == 3
+    assert saved["train_seeds"] == [3, 4]
+    assert [r["train_seed"] for r in saved["per_seed"]] == [3, 4]
+    for key, mean in res.metrics.items():  # the table shows the means of the two seeds' figures
+        assert mean == pytest.approx((res.per_seed[0][key] + res.per_seed[1][key]) / 2)
+    assert (tmp_path / "full" / "cloc-seed4").is_dir()
     assert "goal: CLOC Prompter" in "\n".join(lines)
-    assert "one training seed, 3" in "\n".join(lines)
+    assert "means over training seeds 3, 4" in "\n".join(lines)
 
 
 def test_ground_truth_labels_go_through_the_engine(tmp_path):
