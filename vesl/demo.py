@@ -307,6 +307,11 @@ def _evaluate(run_dir: Path, coco_json: Path, methods: tuple[str, ...], groundin
     return out
 
 
+def margin_points(metrics: dict[str, float]) -> float:
+    """CLOC Prompter's mAcc minus the best CLIP baseline's, in points."""
+    return 100 * (metrics["cloc_prompter_macc"] - max(metrics["clip_roi_align_macc"], metrics["clip_crop_macc"]))
+
+
 def results_table(
     metrics: dict[str, float], train_seeds: tuple[int, ...] = (0,), margins: tuple[float, ...] = ()
 ) -> tuple[str, bool]:
@@ -320,8 +325,7 @@ def results_table(
         ("CLOC Prompter", "mAcc", metrics["cloc_prompter_macc"]),
         ("CLOC grounding", "acc@IoU0.5", metrics["cloc_grounding_acc"]),
     ]
-    best_clip = max(metrics["clip_roi_align_macc"], metrics["clip_crop_macc"])
-    margin = 100 * (metrics["cloc_prompter_macc"] - best_clip)
+    margin = margin_points(metrics)
     met = margin >= GOAL_POINTS
     lines = [f"{'model + region embedding':<26}{'metric':<12}{'value':>7}", "-" * 45]
     lines += [f"{name:<26}{metric:<12}{100 * v:>6.1f}%" for name, metric, v in rows]
@@ -421,10 +425,7 @@ def run_full_demo(
         f"seed{'s' if seeds > 1 else ''} {', '.join(map(str, train_seeds))}) in {times['train']:.1f}s"
     )
     metrics = {k: sum(m[k] for m in per_seed) / len(per_seed) for k in per_seed[0]}
-    margins = tuple(
-        100 * (m["cloc_prompter_macc"] - max(m["clip_roi_align_macc"], m["clip_crop_macc"])) for m in per_seed
-    )
-    table, met = results_table(metrics, train_seeds, margins)
+    table, met = results_table(metrics, train_seeds, tuple(margin_points(m) for m in per_seed))
     echo(f"[4/4] zero-shot region classification with GT boxes on {eval_n} held-out scenes:")
     echo(table)
     record = {"metrics": metrics, "goal_met": met, "train_seeds": list(train_seeds),
