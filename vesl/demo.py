@@ -32,7 +32,7 @@ EVAL_SEED = 1002  # --full: the held-out COCO-format evaluation set
 DEMO_N = 200
 FULL_N = 2000
 FULL_EVAL_N = 300
-# ~2 x 2.5 min of training on 2 idle cores (tiny ViT, batch 32). Over 3 seeds, 600 steps beat 400: CLOC's
+# ~2 x 2 min of training on 2 idle cores (tiny ViT, batch 32). Over 3 seeds, 600 steps beat 400: CLOC's
 # margin over CLIP + crop went from +5.8 to +8.7 points (the noisy pseudo-labels need the longer run).
 FULL_STEPS = 600
 SHARD_SIZE = 100
