@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from vesl.errors import UserError
+from vesl.errors import UserError, first_line
 from vesl.labelers.hub import is_local, pretrained_kwargs, unavailable_reason
 from vesl.labelers.prompts import prompt_hash, render_prompt
 from vesl.pipeline.config import CaptionerConfig
@@ -192,7 +192,7 @@ def control_tokens(processor) -> frozenset[str]:
 
 def _load_error(model_id: str, exc: BaseException) -> UserError:
     """Turn a loading failure into one line that says what to do next."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    first = first_line(exc, 300)
     if "trust_remote_code" in str(exc):
         return UserError(
             f"captioner model {model_id!r} needs its own code from the hub; "

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from vesl.errors import UserError
+from vesl.errors import UserError, first_line
 from vesl.labelers.boxes import PostProcess, cxcywh_to_xyxy, postprocess, square_pad_to_image
 from vesl.labelers.hub import is_local, pretrained_kwargs, unavailable_reason
 from vesl.pipeline.config import DetectorConfig
@@ -245,10 +245,10 @@ class _HFDetector:
         except (OSError, ValueError) as exc:
             if is_local(self.model_id):
                 raise UserError(
-                    f"can't load {self.kind} detector from {src}: {(str(exc).splitlines() or [repr(exc)])[0]} "
+                    f"can't load {self.kind} detector from {src}: {first_line(exc)} "
                     f"(the folder must hold a save_pretrained model and processor)"
                 ) from exc
-            why = unavailable_reason() or (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            why = unavailable_reason() or first_line(exc, 300)
             raise UserError(
                 f"detector model {self.model_id!r} can't be loaded ({why}): use `--profile demo` or a local "
                 f"path (detector spec {self.kind}:/path/to/model)"

@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from vesl.errors import UserError
+from vesl.errors import UserError, first_line
 
 METHODS = ("prompter", "roi_align", "crop")
 DEFAULT_TEMPLATES = ("a {}",)
@@ -189,8 +189,7 @@ def load_for_eval(model: str | os.PathLike, pretrained: str | None = None) -> tu
     try:
         return create_model(name, pretrained), False
     except (RuntimeError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"open_clip could not build {name} with pretrained={pretrained!r}: {first}") from None
+        raise UserError(f"open_clip could not build {name} with pretrained={pretrained!r}: {first_line(exc)}") from None
 
 
 def evaluate(model_or_path: Any, *, coco_annotations: str | None = None, coco_images: str | None = None,
