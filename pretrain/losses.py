@@ -221,4 +221,4 @@ def filter_warning(dropped_share: float, threshold: float) -> str | None:
         return None
     return (f"warning: text_sim_threshold {threshold} removes {dropped_share:.0%} of the region negatives, so "
             "L_region learns little; the text tower cannot tell the phrases apart yet (typical when it trains "
-            "from scratch on phrases one word apart): raise text_sim_threshold, e.g. 0.99")
+            "from scratch on phrases one word apart): raise text_sim_threshold, e.g. 0.999")
