@@ -33,9 +33,9 @@ DEMO_N = 200
 FULL_N = 2000
 FULL_EVAL_N = 300
 # ~2 x 4 min of training on 2 idle cores (tiny ViT, batch 32). Means over 3 seeds of CLOC's margin over
-# CLIP + crop: +5.8 points at 400 steps, +8.7 at 600, +13.9 at 1,200 and +16.9 at 1,500 (the
-# 1,200 and 1,500 with text_sim_threshold 0.999). CLIP + crop stops gaining after ~600 steps; CLOC keeps learning from the
-# noisy pseudo-regions.
+# CLIP + crop: +5.8 points at 400 steps, +8.7 at 600, +13.9 at 1,200 and +16.9 at 1,500 (the last two with
+# text_sim_threshold 0.999). CLIP + crop stops gaining after ~600 steps; CLOC keeps learning from the noisy
+# pseudo-regions.
 FULL_STEPS = 1500
 SHARD_SIZE = 100
 GOAL_POINTS = 15.0
