@@ -91,6 +91,10 @@ class LabelConfig(_Strict):
     limit: int | None = None
     overwrite: bool = False
     seed: int = 0
+    # The numerical set-up of every stage worker, on every engine: torch's intra-op thread count. CPU
+    # matmuls and convolutions split their float sums by thread, so scores can differ in the last bits
+    # between thread counts; shards are byte-identical across engines and machines for equal values.
+    stage_threads: int = Field(1, ge=1, le=1024)
     trust_remote_code: bool = False  # applies to every model stage; off unless the user asks
     beam_runner: str = "DirectRunner"
     beam_options: list[str] = Field(default_factory=list)  # extra Beam pipeline options, passed through

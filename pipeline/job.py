@@ -142,6 +142,7 @@ def job_provenance(cfg: LabelConfig, stages: list[Stage]) -> dict[str, Any]:
         "vesl_version": __version__,
         "schema_version": SCHEMA_VERSION,
         "seed": cfg.seed,
+        "stage_threads": cfg.stage_threads,
         "decode": cfg.decode.model_dump(exclude={"batch_size"}),
         "captioner": {
             "spec": redact_spec(c.spec),
@@ -169,6 +170,20 @@ def job_provenance(cfg: LabelConfig, stages: list[Stage]) -> dict[str, Any]:
         },
         "stages": stage_prov,
     }
+
+
+def apply_stage_numerics(cfg: LabelConfig) -> None:
+    """Give this worker the job's numerical set-up; every engine calls it after ``setup()`` of its stages.
+
+    Torch's intra-op thread count decides how CPU kernels split their float sums, and each engine's
+    workers would otherwise inherit a different one (the local process: one per core; Ray actors: one;
+    spawned workers: what their parent chose). Stages that never imported torch need nothing.
+    """
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != cfg.stage_threads:
+        torch.set_num_threads(cfg.stage_threads)
 
 
 def read_batch_size(cfg: LabelConfig, stages: list[Stage]) -> int:

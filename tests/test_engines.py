@@ -120,6 +120,18 @@ def test_ray_local_matches_local(engines_input, reference, tmp_path, tiny_vlm_di
     assert ray_session.is_initialized()  # reused the session, did not stop it
 
 
+def test_ray_matches_local_at_two_stage_threads(engines_input, tmp_path, tiny_vlm_dir, tiny_owlv2_dir, ray_session):
+    """Byte identity holds for any equal ``stage_threads``, not only the default of one."""
+    from vesl.pipeline.engines.local import run_local
+    from vesl.pipeline.engines.ray_engine import run_ray
+
+    cfg = _cfg(engines_input, tmp_path / "local", tiny_vlm_dir, tiny_owlv2_dir, stage_threads=2)
+    assert run_local(cfg, progress=False)["failed"] == []
+    ray_cfg = cfg.model_copy(update={"output": str(tmp_path / "ray"), "engine": "ray"})
+    assert run_ray(ray_cfg, progress=False)["failed"] == []
+    _assert_same_dataset(tmp_path / "local", tmp_path / "ray")
+
+
 class _InterruptAt:
     """Wraps a stage (same name and provenance); raises KeyboardInterrupt on a sample of one input shard,
     as a Ctrl-C or a dying worker would stop the job there."""
@@ -228,3 +240,63 @@ def test_beam_local_runner_is_fnapi_and_unknown_runner_is_a_user_error(tmp_path)
     cfg = LabelConfig(inputs=["synth://2"], output=str(tmp_path), engine="beam", beam_runner="NoSuchRunner")
     with pytest.raises(UserError, match="NoSuchRunner"):
         run_beam(cfg, progress=False)
+
+
+class _ThreadProbe:
+    """Writes the torch intra-op thread count its worker runs with into each caption."""
+
+    name = "caption"
+
+    def __init__(self) -> None:
+        from vesl.pipeline.stage import StageResources
+
+        self.resources = StageResources(batch_size=2)
+
+    def setup(self) -> None:
+        import torch  # noqa: F401  (a model stage imports torch in setup)
+
+    def provenance(self):
+        return {}
+
+    def __call__(self, batch):
+        import torch
+
+        for s in batch:
+            s.caption, s.caption_source = f"threads={torch.get_num_threads()}", "vlm"
+        return batch
+
+
+def _probe_stages(cfg):
+    return [build_stages(cfg)[0], _ThreadProbe()]
+
+
+@pytest.mark.parametrize("engine", ["local", "local-2-workers", "beam", "ray"])
+def test_every_engine_runs_stages_with_the_configured_threads(engine, tmp_path, request):
+    """The numerical set-up is the config's, never the engine's or the machine's (Ray actors start with one
+    thread, the local process with one per core): the guarantee behind byte-identical shards."""
+    from vesl.pipeline.engines.beam_engine import run_beam
+    from vesl.pipeline.engines.local import run_local
+    from vesl.pipeline.engines.ray_engine import run_ray
+
+    if engine == "ray":
+        request.getfixturevalue("ray_session")
+    run = {"local": run_local, "beam": run_beam, "ray": run_ray}[engine.split("-")[0]]
+    cfg = LabelConfig(
+        inputs=["synth://4?seed=2&shard_size=2"],
+        output=str(tmp_path),
+        engine=engine.split("-")[0],
+        workers=2 if engine == "local-2-workers" else 1,
+        stage_threads=3,
+    )
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if before != 1 else 2)  # the driver's own count must not leak into the stages
+    try:
+        summary = run(cfg, stages_factory=_probe_stages, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert summary["failed"] == []
+    assert summary["rows"] == 4
+    captions = {r["caption"] for p in tmp_path.glob("part-*.parquet") if "errors" not in p.name for r in pq.read_table(p).to_pylist()}
+    assert captions == {"threads=3"}

@@ -44,6 +44,10 @@ def label(
     detector: Annotated[Optional[str], typer.Option(help="none | owlv2:<id or path> | grounding-dino:<id or path>")] = None,
     engine: Annotated[Optional[str], typer.Option(help="local | beam | ray")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Local engine: processes over shards")] = None,
+    stage_threads: Annotated[
+        Optional[int],
+        typer.Option(help="Torch threads per stage worker, on every engine; shards are byte-identical for equal values"),
+    ] = None,
     limit: Annotated[Optional[int], typer.Option(help="Label only the first N samples, in shard order")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Redo shards that are already committed")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML file of LabelConfig fields (flags override it)")] = None,
@@ -71,6 +75,7 @@ def label(
         ("output", output),
         ("engine", engine),
         ("workers", workers),
+        ("stage_threads", stage_threads),
         ("limit", limit),
         ("overwrite", overwrite),
         ("seed", seed),

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vesl.pipeline.config import LabelConfig
-from vesl.pipeline.job import ShardTask, commit_shard, job_provenance, read_task
+from vesl.pipeline.job import ShardTask, apply_stage_numerics, commit_shard, job_provenance, read_task
 from vesl.pipeline.stage import Sample, Stage, apply_stage, apply_stage_chunked
 from vesl.pipeline.writer import read_stats
 
@@ -90,6 +90,7 @@ class StageRunner:
     def setup(self) -> StageRunner:
         stage = self.factory(self.cfg)[self.position]
         stage.setup()
+        apply_stage_numerics(self.cfg)
         fn = getattr(stage, "provenance", None)
         self.provenance = {str(k): v for k, v in (fn() if callable(fn) else {}).items()}
         self.stage = stage

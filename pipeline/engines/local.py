@@ -27,6 +27,7 @@ from vesl.errors import UserError
 from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.job import (
     ShardTask,
+    apply_stage_numerics,
     commit_shard,
     job_provenance,
     job_summary,
@@ -185,6 +186,7 @@ def setup_stages(cfg: LabelConfig, stages_factory: StagesFactory) -> tuple[list[
         raise UserError("the stage list is empty")
     for s in stages:
         s.setup()
+    apply_stage_numerics(cfg)
     return stages, job_provenance(cfg, stages)
 
 
@@ -237,15 +239,11 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="vesl-parent-watch", daemon=True).start()
 
 
-def _worker_main(
-    cfg: LabelConfig, stages_factory: StagesFactory, task_q: Any, result_q: Any, threads: int, parent: int
-) -> None:
+def _worker_main(cfg: LabelConfig, stages_factory: StagesFactory, task_q: Any, result_q: Any, parent: int) -> None:
     pid = os.getpid()
     _exit_with_parent(parent)
     try:
         stages, provenance = setup_stages(cfg, stages_factory)
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(threads)
 
         def report(images: int, regions: int, errors: int) -> None:
             result_q.put((pid, "progress", (images, regions, errors)))
@@ -267,9 +265,8 @@ def _run_workers(
         task_q.put(t)
     for _ in range(n):
         task_q.put(None)
-    threads = max(1, (os.cpu_count() or 1) // n)
     procs = [
-        ctx.Process(target=_worker_main, args=(cfg, stages_factory, task_q, result_q, threads, os.getpid()), name=f"vesl-worker-{i}")
+        ctx.Process(target=_worker_main, args=(cfg, stages_factory, task_q, result_q, os.getpid()), name=f"vesl-worker-{i}")
         for i in range(n)
     ]
     for p in procs:
