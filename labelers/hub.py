@@ -55,11 +55,28 @@ def cache_only(model_id: str) -> bool:
     return not is_local(model_id) and (offline_mode() or not hub_reachable(hub_endpoint()))
 
 
+def _hide_weight_loading_bar(factory: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+    if kwargs.get("desc") == "Loading weights":
+        kwargs = {**kwargs, "disable": True}
+    return factory(*args, **kwargs)
+
+
+def quiet_weight_loading() -> None:
+    """Hide transformers' "Loading weights" bar, drawn for every model load between a job's own progress
+    lines; download bars stay. Shown again when transformers' verbosity is INFO (``vesl --verbose``)."""
+    from transformers.utils import logging as hf_logging
+
+    if hf_logging.get_verbosity() > hf_logging.INFO and getattr(hf_logging, "_tqdm_hook", None) is None:
+        hf_logging.set_tqdm_hook(_hide_weight_loading_bar)
+
+
 def pretrained_kwargs(model_id: str, revision: str | None) -> tuple[dict[str, Any], str | None]:
     """``from_pretrained`` keyword arguments for ``model_id``, and the commit they pin (None when unknown).
 
-    Pinning resolves the revision once so that every file of the load comes from the same commit.
+    Pinning resolves the revision once so that every file of the load comes from the same commit. Every
+    load asks for these first, so this is also where the per-load weight bar is hidden.
     """
+    quiet_weight_loading()
     if is_local(model_id):
         return ({"revision": revision} if revision else {}), None
     if cache_only(model_id):

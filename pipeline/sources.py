@@ -198,6 +198,35 @@ def read_shard(ref: ShardRef, cfg: SourceConfig, limit: int | None = None) -> It
             return
 
 
+def count_samples(ref: ShardRef, cfg: SourceConfig) -> int | None:
+    """The shard's sample count when it is cheap to know (for a progress total), else None.
+
+    Parquet: the footer's row count. Synthetic: its parameters. A local uncompressed tar: its member
+    headers, grouped into keys as the reader groups them (the data is seeked over, never read).
+    Compressed or remote tars and image folders: None, since counting them costs a read.
+    """
+    try:
+        if ref.kind == "synth":
+            n, _, size, part = _synth_params(ref.uri)
+            return len(range((part or 0) * size, min(((part or 0) + 1) * size, n)))
+        if ref.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            with fsspec.open(ref.uri, "rb") as f:
+                return pq.ParquetFile(f).metadata.num_rows
+        if ref.kind == "wds" and urlsplit(ref.uri).scheme in ("", "file"):
+            keys, last = 0, None
+            with tarfile.open(url_to_fs(ref.uri)[1], "r:") as tar:  # ReadError when compressed
+                for member in tar:
+                    k, ext = _split_member(member.name)
+                    if member.isfile() and ext and not posixpath.basename(k).startswith(".") and k != last:
+                        keys, last = keys + 1, k
+            return keys
+    except Exception:  # a progress total is never worth failing a job: the reader reports real faults
+        return None
+    return None
+
+
 def _error_sample(key: str, ref: ShardRef, index: int, error_type: str, message: str, **kw: Any) -> Sample:
     return fail(Sample(key=key, source_shard=ref.uri, index=index, **kw), READ_STAGE, message, error_type)
 

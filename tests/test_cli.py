@@ -197,3 +197,42 @@ def test_default_profile_offline_names_the_demo_profile(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "--profile demo" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_version_and_short_help():
+    from vesl import __version__
+
+    r = vesl("--version")
+    assert r.returncode == 0
+    assert r.stdout.strip() == f"vesl {__version__}"
+    for argv in (("-h",), ("label", "-h"), ("train", "-h")):
+        r = vesl(*argv)
+        assert r.returncode == 0, argv
+        assert "Usage:" in r.stdout
+
+
+def test_help_shows_defaults_and_plain_flags():
+    r = vesl("label", "--help")
+    assert "<bool>" not in r.stdout  # a flag takes no value
+    assert "[local]" in r.stdout  # --engine
+    assert "[1]" in r.stdout  # --workers, --stage-threads
+    text = " ".join(vesl("train", "--help").stdout.split())  # help wraps lines
+    assert "tiny-vit]" in text  # brackets are text, not markup (the help may wrap at the hyphen)
+    assert "[runs/vesl]" in text
+
+
+def test_label_output_is_ours_only(tmp_path):
+    """One progress bar with a total (an ETA), no per-model 'Loading weights' bars, no third-party INFO lines."""
+    src = tmp_path / "in"
+    assert vesl("synth", "--n", "12", "--seed", "3", "--out", str(src), "--format", "wds", "--shard-size", "6").returncode == 0
+    r = vesl("label", str(src), "--output", str(tmp_path / "local"), "--profile", "demo")
+    assert r.returncode == 0, r.stderr
+    assert "Loading weights" not in r.stderr
+    assert "/12 [" in r.stderr  # tqdm's "n/total [elapsed<remaining"
+    r = vesl("label", str(src), "--output", str(tmp_path / "beam"), *CHEAP, "--engine", "beam")
+    assert r.returncode == 0, r.stderr
+    noise = [line for line in r.stderr.splitlines() if "INFO" in line or "apitools" in line]
+    assert noise == []
+    r = vesl("--verbose", "label", str(src), "--output", str(tmp_path / "beam-v"), *CHEAP, "--engine", "beam")
+    assert r.returncode == 0, r.stderr
+    assert "INFO" in r.stderr  # --verbose brings them back

@@ -299,3 +299,27 @@ def test_reads_what_the_synth_writers_wrote(tmp_path, fmt):
     samples = [s for r in refs for s in read_shard(r, CFG)]
     assert [(s.key, s.image_bytes, s.alt_text) for s in samples] == [(x.key, x.image, x.alt_text) for x in scenes]
     assert all(s.ok for s in samples)
+
+
+def test_count_samples_matches_the_reader_where_cheap(tmp_path):
+    """The progress total: the counts equal what the reader yields; costly counts are None, never wrong."""
+    from vesl.pipeline.sources import count_samples
+    from vesl.pipeline.synth import make_scenes, write_parquet, write_webdataset
+
+    scenes = list(make_scenes(7, seed=4))
+    cfg = SourceConfig()
+    (tar,) = write_webdataset(scenes, tmp_path / "wds", shard_size=7)
+    with tarfile.open(tar) as t, tarfile.open(tmp_path / "extra.tar", "w") as out:  # plus a stray and a hidden file
+        for m in t.getmembers():
+            out.addfile(m, t.extractfile(m))
+        _add(out, "README", b"no part name")
+        _add(out, ".hidden.txt", b"x")
+    (pq_file,) = write_parquet(scenes, tmp_path / "pq", shard_size=7)
+    with tarfile.open(tmp_path / "gz.tar.gz", "w:gz") as out:
+        _add(out, "a.jpg", _jpeg())
+    for uri, kind in ((str(tar), "wds"), (str(tmp_path / "extra.tar"), "wds"), (str(pq_file), "parquet"),
+                      ("synth://7?seed=4&shard_size=5&part=1", "synth")):  # fmt: skip
+        ref = ShardRef(0, uri, kind)
+        assert count_samples(ref, cfg) == sum(1 for _ in read_shard(ref, cfg)), uri
+    assert count_samples(ShardRef(0, str(tmp_path / "gz.tar.gz"), "wds"), cfg) is None  # would cost a decompression
+    assert count_samples(ShardRef(0, str(tmp_path / "missing.tar"), "wds"), cfg) is None  # the reader reports it

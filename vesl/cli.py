@@ -18,8 +18,38 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags without a `<bool>` type, `[default]` brackets kept as written
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="VESL region-text labeling and CLOC pretraining.",
 )
+
+def _show_version(value: bool) -> None:
+    if value:
+        from vesl import __version__
+
+        typer.echo(f"vesl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show third-party INFO logs and model-loading bars"),
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True, help="Print the version and exit"),
+) -> None:
+    """VESL region-text labeling and CLOC pretraining."""
+    set_verbosity(verbose)
+
+
+def set_verbosity(verbose: bool) -> None:
+    """Third-party logs (Beam, Ray, transformers' weight-loading bars) stay quiet unless ``--verbose``.
+
+    Set through the environment, so that the workers an engine starts (local processes, Ray actors) inherit it.
+    """
+    import os
+
+    if verbose:
+        os.environ["VESL_VERBOSE"] = "1"
+        os.environ["TRANSFORMERS_VERBOSITY"] = "info"
 
 COMMAND_MODULES = (
     "vesl.label_cli",  # label, inspect, validate, synth
@@ -31,13 +61,7 @@ COMMAND_MODULES = (
 
 def _register_all() -> None:
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # area not built yet
-                continue
-            raise
-        module.register(app)
+        importlib.import_module(name).register(app)
 
 
 _register_all()

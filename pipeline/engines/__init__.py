@@ -6,10 +6,46 @@ imported only when asked for.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
 from typing import Any
 
 from vesl.errors import UserError
 from vesl.pipeline.config import LabelConfig
+
+
+def runtime_verbose() -> bool:
+    """``vesl --verbose`` (``VESL_VERBOSE=1``, inherited by spawned workers and Ray actors)."""
+    return os.environ.get("VESL_VERBOSE", "") not in ("", "0")
+
+
+def quiet_runtime_logs(*loggers: str) -> int:
+    """The engines' runtimes (Beam, Ray) log dozens of INFO lines per job, burying the job's own progress:
+    keep them at WARNING unless verbose. Returns the level set."""
+    level = logging.INFO if runtime_verbose() else logging.WARNING
+    for name in loggers:
+        logging.getLogger(name).setLevel(level)
+    return level
+
+
+def _not_apitools_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("apitools not found")
+
+
+@contextlib.contextmanager
+def _import_notices_dropped() -> Iterator[None]:
+    """Importing Beam logs a root WARNING that its (unused) BigQuery client is missing; drop that one."""
+    root = logging.getLogger()
+    if runtime_verbose():
+        yield
+        return
+    root.addFilter(_not_apitools_notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(_not_apitools_notice)
 
 
 def _missing(extra: str, what: str, exc: ModuleNotFoundError) -> UserError:
@@ -26,14 +62,15 @@ def run(cfg: LabelConfig, progress: bool = True) -> dict[str, Any]:
         return run_local(cfg, progress=progress)
     if cfg.engine == "beam":
         try:
-            from vesl.pipeline.engines.beam_engine import run_beam
+            with _import_notices_dropped():
+                from vesl.pipeline.engines.beam_engine import run_beam
         except ModuleNotFoundError as exc:
             raise _missing("beam", "Apache Beam", exc) from None
-        return run_beam(cfg)
+        return run_beam(cfg, progress=progress)
     if cfg.engine == "ray":
         try:
             from vesl.pipeline.engines.ray_engine import run_ray
         except ModuleNotFoundError as exc:
             raise _missing("ray", "Ray Data", exc) from None
-        return run_ray(cfg)
+        return run_ray(cfg, progress=progress)
     raise UserError(f"unknown engine {cfg.engine!r}: use local, beam or ray")

@@ -39,6 +39,7 @@ from apache_beam.utils import shared
 
 from vesl.errors import UserError
 from vesl.pipeline.config import LabelConfig
+from vesl.pipeline.engines import quiet_runtime_logs
 from vesl.pipeline.engines.distributed import (
     ShardEnd,
     StageRunner,
@@ -160,6 +161,9 @@ def run_beam(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, pro
     t0 = time.perf_counter()
     todo, skipped = start_job(cfg)
     run_id = uuid.uuid4().hex
+    if quiet_runtime_logs("apache_beam") > logging.INFO:
+        # vesl reports a failing stage setup itself, in one line; Beam would log its traceback first
+        logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
     options = PipelineOptions(list(cfg.beam_options))
     if todo:
         try:

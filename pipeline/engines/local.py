@@ -191,17 +191,35 @@ def setup_stages(cfg: LabelConfig, stages_factory: StagesFactory) -> tuple[list[
 
 
 class _Progress:
-    """tqdm bar with images/s (the bar's rate), regions/s and errors."""
+    """tqdm bar with images/s (the bar's rate), regions/s and errors.
 
-    def __init__(self, enabled: bool, shards: int, images: int | None) -> None:
+    The total (hence the ETA) is counted in a background thread from the shards' cheap counts
+    (``count_samples``), so a job over many shards starts at once; it stays open when one is unknown.
+    """
+
+    def __init__(self, enabled: bool, todo: list[ShardTask], source: Any) -> None:
         self.images = self.regions = self.errors = self.shards_done = 0
-        self.shards = shards
+        self.shards = len(todo)
         self.t0 = time.perf_counter()
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=images, unit="img", desc="label", file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=None, unit="img", desc="label", file=sys.stderr, dynamic_ncols=True)
+            threading.Thread(target=self._count, args=(todo, source), name="vesl-count", daemon=True).start()
+
+    def _count(self, todo: list[ShardTask], source: Any) -> None:
+        from vesl.pipeline.sources import count_samples
+
+        total = 0
+        for t in todo:
+            n = t.limit if t.limit is not None else count_samples(t.ref, source)
+            if n is None:
+                return
+            total += n
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
 
     def update(self, images: int, regions: int, errors: int) -> None:
         self.images += images
@@ -329,8 +347,7 @@ def run_local(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, pr
 
     t0 = time.perf_counter()
     todo, skipped = start_job(cfg)
-    total = sum(t.limit for t in todo) if todo and all(t.limit is not None for t in todo) else None
-    prog = _Progress(progress, len(todo), total)
+    prog = _Progress(progress, todo, cfg.source)
     n = min(cfg.workers, len(todo))
     try:
         if n <= 1:

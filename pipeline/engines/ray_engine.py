@@ -43,6 +43,7 @@ import numpy as np
 
 from vesl.errors import UserError
 from vesl.pipeline.config import LabelConfig
+from vesl.pipeline.engines import quiet_runtime_logs
 from vesl.pipeline.engines.distributed import (
     ShardEnd,
     StageRunner,
@@ -148,16 +149,21 @@ class _ShardCollector:
 def _init_ray(cfg: LabelConfig) -> bool:
     """Start or join Ray; returns True if this call started it (and so should stop it)."""
     import ray
+    import ray.data
 
+    level = quiet_runtime_logs("ray")
+    for handler in logging.getLogger("ray.data").handlers:  # its console; the session log file keeps INFO
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(level)
     if ray.is_initialized():
         return False
     if cfg.ray_address:
         try:
-            ray.init(address=cfg.ray_address)
+            ray.init(address=cfg.ray_address, logging_level=level)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(f"cannot join the Ray cluster at {cfg.ray_address!r} ({exc}): check --ray-address") from None
     else:
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=False, logging_level=level)
     return True
 
 
