@@ -1,4 +1,5 @@
-# The two commands a newcomer runs: `make demo` and `make test`. Both create .venv and install into it.
+# The two commands a newcomer runs: `make demo` and `make test`. Both create .venv and install into it
+# (-qq: pip's errors only; setuptools' notes about editable installs are not for the user).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,11 +12,11 @@ export TOKENIZERS_PARALLELISM ?= false
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -U pip setuptools wheel
+	$(BIN)/pip install -qq -U pip setuptools wheel
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 || $(BIN)/pip install -q 'torch>=2.4,<2.15' 'torchvision>=0.19,<0.30'
-	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	$(BIN)/pip install -qq torch==2.14.1 torchvision==0.29.1 || $(BIN)/pip install -qq 'torch>=2.4,<2.15' 'torchvision>=0.19,<0.30'
+	$(BIN)/pip install -qq -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 install: $(STAMP)

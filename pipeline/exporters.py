@@ -39,6 +39,8 @@ class ExportResult:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows left out
 
 
+COCO_ANNOTATIONS = "annotations.json"  # the COCO file name, for `vesl export` and `vesl synth` alike
+
 def _image_bytes(row: dict[str, Any]) -> tuple[bytes, str] | None:
     """Original bytes and a file extension from the decoded format; None when unreadable."""
     from PIL import Image
@@ -191,7 +193,7 @@ def export_coco(dataset_dir: str | Path, out: str | Path, overwrite: bool = Fals
         "annotations": anns,
         "categories": [{"id": cat_id[p], "name": p, "supercategory": "phrase"} for p in names],
     }
-    path = out / "annotations.json"
+    path = out / COCO_ANNOTATIONS
     path.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
     res.files, res.images, res.regions, res.skipped = [path], len(images), len(anns), dict(skipped)
     return res

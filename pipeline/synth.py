@@ -477,7 +477,7 @@ def write_parquet(
 
 
 def write_coco(scenes: Iterable[Scene], out_dir: str | Path) -> Path:
-    """COCO detection format for evaluation: ``images/KEY.jpg`` and ``instances.json``.
+    """COCO detection format for evaluation: ``images/KEY.jpg`` and ``annotations.json`` (as `vesl export` names it).
 
     Categories are all ``color shape`` names (ids 1..N, fixed across datasets). Boxes are pixel xywh.
     Each image entry also carries its GT ``caption`` and ``alt_text``.
@@ -513,8 +513,10 @@ def write_coco(scenes: Iterable[Scene], out_dir: str | Path) -> Path:
         "annotations": annotations,
         "categories": cats,
     }
-    path = out / "instances.json"
-    tmp = out / "instances.json.tmp"
+    from vesl.pipeline.exporters import COCO_ANNOTATIONS
+
+    path = out / COCO_ANNOTATIONS
+    tmp = out / f"{COCO_ANNOTATIONS}.tmp"
     tmp.write_text(json.dumps(doc))
     tmp.replace(path)
     return path

@@ -236,3 +236,15 @@ def test_label_output_is_ours_only(tmp_path):
     r = vesl("--verbose", "label", str(src), "--output", str(tmp_path / "beam-v"), *CHEAP, "--engine", "beam")
     assert r.returncode == 0, r.stderr
     assert "INFO" in r.stderr  # --verbose brings them back
+
+
+def test_readme_label_output_is_what_the_example_train_config_reads():
+    """The README labels into ``out/`` and then trains with ``pretrain/configs/cloc-tiny.yaml``."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    assert "vesl label data/ --output out/" in readme
+    assert "vesl train --config pretrain/configs/cloc-tiny.yaml" in readme
+    cfg = yaml.safe_load((root / "pretrain" / "configs" / "cloc-tiny.yaml").read_text())
+    assert cfg["data"].rstrip("/") == "out"

@@ -143,3 +143,31 @@ def test_cli_export(dataset, tmp_path):
     assert res.exit_code == 0, res.output
     assert "odvg:" in res.output
     assert (tmp_path / "o" / "odvg.jsonl").exists()
+
+
+def test_wds_meets_open_clip_train_reader_contract(dataset, tmp_path):
+    """open_clip_train reads tars with its own ``group_by_keys_nothrow`` over ``{"fname", "data", "__url__"}``
+    member records (what webdataset <= 0.2.86 yields; 1.x renamed them, hence its KeyError 'fname') and keeps
+    samples that pass ``filter_no_caption_or_no_image``. Fed those records from the exported tars, its own code
+    must keep every image with its caption."""
+    import tarfile
+
+    data = pytest.importorskip("open_clip_train.data")
+
+    res = export(dataset, "wds", tmp_path / "wds")
+    rows = {r["key"]: r for r in _rows(dataset)}
+
+    def members():
+        for url in res.files:
+            with tarfile.open(url) as tar:
+                for m in tar:
+                    if m.isfile():
+                        yield {"fname": m.name, "data": tar.extractfile(m).read(), "__url__": str(url)}
+
+    samples = [s for s in data.group_by_keys_nothrow(members()) if data.filter_no_caption_or_no_image(s)]
+    assert len(samples) == len(rows) == 12
+    for s in samples:
+        row = rows[json.loads(s["json"])["key"]]
+        assert s["txt"].decode() == row["caption"]
+        img = Image.open(io.BytesIO(next(s[e] for e in ("png", "jpg", "jpeg", "webp") if e in s))).convert("RGB")
+        assert img.size == (row["width"], row["height"])

@@ -199,6 +199,7 @@ def test_coco_loads_with_pycocotools(tmp_path):
     coco_mod = pytest.importorskip("pycocotools.coco")
     scenes = list(make_scenes(6, seed=99))
     path = write_coco(scenes, tmp_path)
+    assert path.name == "annotations.json"  # the name `vesl export --format coco` writes
     coco = coco_mod.COCO(str(path))
     names = [c["name"] for c in coco.loadCats(coco.getCatIds())]
     assert names == categories()
