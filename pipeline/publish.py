@@ -262,7 +262,8 @@ def features_yaml(schema: pa.Schema | None = None) -> list[dict[str, Any]]:
         return {"dtype": names.get(str(t), str(t))}
 
     schema = schema or region_text_schema()
-    return [{"name": f.name, **feature(f.type)} for f in schema]
+    # `image` holds encoded image bytes: the Image feature makes `datasets` decode it to PIL, as on the hub
+    return [{"name": f.name, **({"dtype": "image"} if f.name == "image" else feature(f.type))} for f in schema]
 
 
 def size_category(n: int) -> str:

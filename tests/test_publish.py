@@ -53,8 +53,12 @@ def test_card_front_matter_follows_hf_conventions(published):
     assert fm["configs"] == [
         {"config_name": "default", "data_files": [{"split": "train", "path": DATA_FILES_PATTERN}]}
     ]
-    # the features block is exactly what `datasets` itself derives from the Arrow schema
-    assert fm["dataset_info"]["features"] == Features.from_arrow_schema(region_text_schema())._to_yaml_list()
+    # the features block is what `datasets` itself derives from the Arrow schema, with `image` declared an Image
+    from datasets import Image as HFImage
+
+    expected = Features.from_arrow_schema(region_text_schema())
+    expected["image"] = HFImage()
+    assert fm["dataset_info"]["features"] == expected._to_yaml_list()
     assert fm["dataset_info"]["splits"][0]["num_examples"] == 12
 
 
@@ -173,6 +177,9 @@ def test_datasets_uses_the_card_config(published, tmp_path):
     ds = datasets.load_dataset(str(published), split="train", cache_dir=str(tmp_path / "hf"))
     assert ds.num_rows == 12
     assert ds.features["regions"].feature["box"].length == 4
+    assert isinstance(ds.features["image"], datasets.Image)  # decoded like any image dataset on the hub
+    first = ds[0]
+    assert first["image"].size == (first["width"], first["height"])
     # the packaged parquet loader with the card's pattern
     ds2 = datasets.load_dataset("parquet", data_dir=str(published), data_files=DATA_FILES_PATTERN,
                                 split="train", cache_dir=str(tmp_path / "hf2"))
