@@ -85,7 +85,7 @@ def _eval(
     coco_images: Optional[str] = typer.Option(None, "--coco-images", help="folder with the COCO images"),
     shards: Optional[list[str]] = typer.Option(None, "--shards", help="held-out region-text shards"),
     out: Optional[str] = typer.Option(None, "--out", help="write the results JSON here"),
-    template: Optional[list[str]] = typer.Option(None, "--template", help="class prompt template(s) ['a {}']"),
+    template: Optional[list[str]] = typer.Option(None, "--template", help="class prompt template(s), averaged per class ['a {}', 'a small {}', 'a large {}']"),
     batch_size: int = typer.Option(32, "--batch-size"),
     max_images: Optional[int] = typer.Option(None, "--max-images"),
 ) -> None:

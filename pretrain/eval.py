@@ -21,7 +21,10 @@ from typing import Any
 from vesl.errors import UserError, first_line
 
 METHODS = ("prompter", "roi_align", "crop")
-DEFAULT_TEMPLATES = ("a {}",)
+# Zero-shot class prompts, averaged per category as in CLIP's prompt ensembles. Region phrases are worded
+# "<article> <size> <name>" ("a small red circle"), so the ensemble covers both sizes; `vesl demo --full` uses
+# the same default, so `vesl eval` reproduces its table. Recorded in the results JSON.
+DEFAULT_TEMPLATES = ("a {}", "a small {}", "a large {}")
 
 
 def _chunks(seq: list, n: int):
@@ -213,7 +216,7 @@ def evaluate(model_or_path: Any, *, coco_annotations: str | None = None, coco_im
     else:
         model, heads = model_or_path, True
     model.eval()
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"templates": list(templates)}
     if coco_annotations:
         methods = METHODS if heads else tuple(m for m in METHODS if m != "prompter")
         results["region_classification"] = region_classification(
@@ -231,6 +234,7 @@ def format_table(results: dict[str, Any]) -> str:
     lines = []
     rc = results.get("region_classification")
     if rc:
+        lines.append(f"class templates: {' | '.join(results.get('templates', []))}")
         lines.append(f"{'region classification':<24}{'mAcc':>8}{'top-1':>8}{'regions':>9}")
         for m, r in rc.items():
             lines.append(f"{m:<24}{r['mAcc']:>8.1f}{r['top1']:>8.1f}{r['n']:>9d}")

@@ -28,10 +28,29 @@ INPUT = "synth://120?seed=5&shard_size=12"  # 10 input shards
 SHARDS = 10
 
 
-def _start(out: Path, *extra: str) -> subprocess.Popen:
+# `vesl label` with os.replace wrapped: the process SIGKILLs itself just before the rename whose source name
+# starts with KILL_BEFORE, i.e. at a chosen point of the commit protocol, with no timing involved.
+KILL_AT_RENAME = """
+import os, signal, sys
+from vesl.cli import main
+real, prefix = os.replace, os.environ["KILL_BEFORE"]
+def replace(src, dst, *a, **kw):
+    if os.path.basename(str(src)).startswith(prefix):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst, *a, **kw)
+os.replace = replace
+sys.argv[0] = "vesl"
+main()
+"""
+
+
+def _start(out: Path, *extra: str, kill_before: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [VESL] if kill_before is None else [sys.executable, "-c", KILL_AT_RENAME]
+    if kill_before is not None:
+        env["KILL_BEFORE"] = kill_before
     return subprocess.Popen(
-        [VESL, "label", INPUT, "--output", str(out), "--no-progress", "--captioner", "alt_text", "--detector", "none", *extra],
+        [*cmd, "label", INPUT, "--output", str(out), "--no-progress", "--captioner", "alt_text", "--detector", "none", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
@@ -88,19 +107,29 @@ def test_sigkill_at_several_points_then_resume_equals_uninterrupted_run(tmp_path
     assert len(committed_shards(ref)) == SHARDS
 
     out = tmp_path / "out"
-    # 1. right after the first commit (mid-way through the next shard)
-    assert _kill_when(_start(out), out, lambda names: _n_committed(names) >= 1)
+    # 1. with shard 1's parquet written and fsynced under its temp name, before its rename
+    proc = _start(out, kill_before=".part-00001.parquet.")
+    assert proc.wait(timeout=240) == -signal.SIGKILL
+    _wait_group_gone(proc.pid)
+    assert committed_shards(out) == ["part-00000"]
+    assert any(n.startswith(".part-00001.parquet.") and n.endswith(".tmp") for n in os.listdir(out))
     _consistent(out)
-    # 2. while a file is being written under its temp name (or, if that window is missed, after 3 commits)
-    killed = _kill_when(_start(out), out, lambda names: any(n.endswith(".tmp") for n in names) or _n_committed(names) >= 3)
-    assert killed
+    # 2. with shard 2's parquet files renamed into place but its stats (the commit marker) not yet written
+    proc = _start(out, kill_before=".part-00002.stats.json.")
+    assert proc.wait(timeout=240) == -signal.SIGKILL
+    _wait_group_gone(proc.pid)
+    assert committed_shards(out) == ["part-00000", "part-00001"]
+    assert (out / "part-00002.parquet").exists()
     _consistent(out)
-    # 3. with two worker processes, after 6 commits
+    # 3. right after a commit, mid-way through the next shard
+    assert _kill_when(_start(out), out, lambda names: _n_committed(names) >= 4)
+    _consistent(out)
+    # 4. with two worker processes, after 6 commits
     assert _kill_when(_start(out, "--workers", "2"), out, lambda names: _n_committed(names) >= 6)
     _consistent(out)
     assert len(committed_shards(out)) < SHARDS
 
-    # 4. finish
+    # 5. finish
     proc = _start(out)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode()

@@ -121,9 +121,13 @@ def test_odvg_lines_parse_as_grounding_records(dataset, tmp_path):
             )
             (s, e), = region["tokens_positive"]
             assert g["caption"][s:e] == region["phrase"] == want["phrase"]
-        # what Open-GroundingDino's VG mode builds from a record: phrases joined as the text prompt
-        prompt = " . ".join(sorted({r["phrase"] for r in g["regions"]})) + " ."
-        assert all(r["phrase"] in prompt for r in g["regions"])
+        # Open-GroundingDino's VG mode (datasets/odvg.py) joins the distinct phrases into the text prompt with
+        # " . " and labels each box by its phrase's position; the model later splits the prompt on the dots.
+        # That only round-trips when every phrase is non-empty, trimmed and free of the separator.
+        uni = list(dict.fromkeys(r["phrase"] for r in g["regions"]))
+        prompt = " . ".join(uni) + " ."
+        assert prompt.removesuffix(" .").split(" . ") == uni
+        assert all(p and p == p.strip() for p in uni)
 
 
 def test_export_refuses_bad_arguments(dataset, tmp_path):

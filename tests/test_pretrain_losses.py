@@ -83,7 +83,11 @@ def test_filter_reports_the_share_of_dropped_negatives_and_warns_when_most_are_g
     assert filter_warning(4 / 12, 0.9) is None
     msg = filter_warning(0.97, 0.9)
     assert "97%" in msg
-    assert "0.99" in msg
+    assert "text_sim_threshold 0.9 " in msg
+    import re
+
+    suggested = float(re.search(r"e\.g\. ([0-9.]+)", msg).group(1))
+    assert 0.9 < suggested < 1.0  # it suggests raising the threshold, to a value that still filters
     assert "\n" not in msg
 
 

@@ -111,6 +111,26 @@ def test_eval_of_a_plain_open_clip_model_gives_the_clip_baselines_of_the_same_we
         assert plain["shards"][k] == ours["shards"][k]
 
 
+def test_cli_eval_reproduces_the_demo_evaluation(overfit_run, tmp_path):
+    """One definition of region classification: `vesl eval` with its defaults gives `vesl demo --full`'s numbers."""
+    from tests.pretrain_data import write_coco
+    from vesl.demo import _evaluate
+    from vesl.pretrain.eval import METHODS
+
+    run, _ = overfit_run
+    coco = write_coco(tmp_path / "coco", 6)
+    out = tmp_path / "res.json"
+    r = subprocess.run([str(Path(sys.executable).parent / "vesl"), "eval", str(run), "--coco-annotations", str(coco),
+                        "--coco-images", str(coco.parent / "images"), "--out", str(out)],
+                       capture_output=True, text=True, check=False, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    cli = json.loads(out.read_text())
+    demo = _evaluate(run, coco, METHODS, grounding=False)
+    assert cli["templates"] == ["a {}", "a small {}", "a large {}"]
+    for m in METHODS:
+        assert cli["region_classification"][m]["mAcc"] == pytest.approx(100 * demo[f"{m}_macc"], abs=1e-9)
+
+
 def test_eval_names_what_to_pass_for_an_unknown_model(tmp_path, monkeypatch, capsys):
     from vesl.cli import main
 

@@ -39,8 +39,6 @@ FULL_EVAL_N = 300
 FULL_STEPS = 1500
 SHARD_SIZE = 100
 GOAL_POINTS = 15.0
-# Zero-shot class prompts, averaged per category as in CLIP's prompt ensembles; the same for every model.
-CLASS_TEMPLATES = ("a {}", "a small {}", "a large {}")
 
 Echo = Callable[[str], None]
 
@@ -298,13 +296,13 @@ def _evaluate(run_dir: Path, coco_json: Path, methods: tuple[str, ...], groundin
     import torch
 
     from vesl.pretrain import load
-    from vesl.pretrain.eval import region_classification
+    from vesl.pretrain.eval import DEFAULT_TEMPLATES, region_classification
 
     torch.manual_seed(0)
     model = load(run_dir)
     model.eval()
     rc = region_classification(
-        model, coco_json, coco_json.parent / "images", methods=methods, templates=CLASS_TEMPLATES
+        model, coco_json, coco_json.parent / "images", methods=methods, templates=DEFAULT_TEMPLATES
     )
     out = {f"{m}_macc": rc[m]["mAcc"] / 100.0 for m in methods}
     if grounding:

@@ -21,6 +21,13 @@ def mentions(caption: str, color: str, shape: str) -> bool:
     return re.search(rf"\b{re.escape(color)} {re.escape(shape)}s?\b", caption.lower()) is not None
 
 
+def named_categories(caption: str, colors: Sequence[str], shapes: Sequence[str]) -> list[str]:
+    """Every ``color shape`` the caption names, in order, with repeats: "a red circle and two red circles"
+    -> ["red circle", "red circle"]. What caption precision counts against the scene's objects."""
+    pattern = rf"\b({'|'.join(map(re.escape, colors))}) ({'|'.join(map(re.escape, shapes))})s?\b"
+    return [f"{c} {s}" for c, s in re.findall(pattern, caption.lower())]
+
+
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -85,6 +92,7 @@ class LabelQuality:
     n_images: int = 0
     n_objects: int = 0
     caption_object_recall: float = 0.0  # GT objects named with correct color and shape
+    caption_object_precision: float = 0.0  # `color shape` mentions that name an object of the scene
     caption_exact_recall: float = 0.0  # ... with the exact phrase (size too) and position words
     caption_errors: int = 0
     pipeline_box: Counts = field(default_factory=Counts)  # boxes vs GT boxes, IoU >= 0.5
@@ -124,8 +132,11 @@ def evaluate(
 
     ``detector_options``: further ``DetectorConfig`` fields (post-processing), e.g. the demo profile's.
     """
+    from collections import Counter
+
     from vesl.pipeline.config import CaptionerConfig, DetectorConfig, LabelConfig
     from vesl.pipeline.stage import Phrase, Sample, apply_stage
+    from vesl.pipeline.synth import COLORS, SHAPES
     from vesl.pipeline.synth import categories as all_categories
     from vesl.pipeline.wiring import build_stages
 
@@ -152,7 +163,7 @@ def evaluate(
             t = time.perf_counter()
             apply_stage(st, batch)
             q.seconds[st.name] = round(q.seconds.get(st.name, 0.0) + time.perf_counter() - t, 2)
-    named = exact = 0
+    named = exact = mentioned = mentioned_right = 0
     for s, sample in zip(scenes, samples, strict=True):
         if not sample.ok:
             q.caption_errors += 1
@@ -160,6 +171,10 @@ def evaluate(
             _count(q.pipeline_labeled, [], s, cats, True)
             continue
         cap = sample.caption or ""
+        said = Counter(named_categories(cap, list(COLORS), SHAPES))
+        there = Counter(o.category for o in s.objects)
+        mentioned += sum(said.values())
+        mentioned_right += sum(min(n, there[c]) for c, n in said.items())  # an object justifies one mention
         for o, r in zip(s.objects, s.regions, strict=True):
             named += mentions(cap, o.color, o.shape)
             pos = s.caption[r.char_end:].split(",")[0].split(" and ")[0].rstrip(".").strip()
@@ -171,6 +186,7 @@ def evaluate(
                                "regions": [(r.phrase, [round(v, 3) for v in r.box], round(r.score, 3))
                                            for r in sample.regions]})  # fmt: skip
     q.caption_object_recall = named / max(1, q.n_objects)
+    q.caption_object_precision = mentioned_right / mentioned if mentioned else 0.0
     q.caption_exact_recall = exact / max(1, q.n_objects)
     if detector_only:
         det, decode = stages[-1], stages[0]
