@@ -1,20 +1,29 @@
-"""Beam DirectRunner and Ray local against the local engine, same input, same stages, same output.
+"""Beam DirectRunner and Ray local against the local engine: fixed cost, per-image cost and scaling.
 
-Baseline: ``run_local`` (one process). Measured: ``run_beam`` (Beam's Python FnApiRunner in this
-process) and ``run_ray`` (local Ray, actor pools) with ``--workers 1`` and ``--workers 2``. Input:
-N synthetic scenes (default 200) written as img2dataset tars of 25; stages: decode, the tiny Qwen2-VL
-captioner and the tiny OWLv2 detector from tests/ (random weights: the cost is real, the labels are
-not), spaCy phrases. Wall time includes each engine's start-up (model setup in every worker; for Ray
-the actor start, with ``ray.init`` timed separately). Every engine's shards are checked to be
-byte-identical to the baseline's. Goal: Beam and Ray each <= 1.5x local.
+Baseline: ``run_local`` (one process). Measured: ``run_beam`` (Beam's Python FnApiRunner in this process) and
+``run_ray`` (local Ray, actor pools), and the local engine and Ray with 2 workers for the 1 -> 2 scaling.
+Stages: decode, the tiny Qwen2-VL captioner and the tiny OWLv2 detector from tests/ (random weights: the cost
+is real, the labels are not), spaCy phrases; every engine at ``stage_threads`` 1 (the same numerics), and every
+engine's shards are checked to be byte-identical to the baseline's.
 
-Usage: python benchmarks/engines.py [N_IMAGES]
+Method: each engine labels two input sizes (default 200 and 800 images, tars of 25). A warm-up run of each
+engine comes first; then ``--repeats`` rounds, the engine order rotating each round, and the median of each
+(engine, size) is kept, with the spread. A line through the two sizes splits each engine's wall time into a
+fixed cost (start-up: model loads in every worker, actor start, the streaming executor) and a per-image cost.
+``ray.init`` is timed once, separately, and is in no engine's figures.
+
+Goals (exit 1 when one is missed): Ray per-image <= 1.1x local, Ray fixed <= 5 s, Beam total <= 1.5x local at
+the larger size.
+
+Usage: python benchmarks/engines.py [--sizes 200,800] [--repeats 3]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -26,13 +35,29 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.tiny_vlm / tests.tiny_detectors
 
 SHARD_SIZE = 25
+GOALS = {"ray_per_image_ratio": 1.1, "ray_fixed_s": 5.0, "beam_total_ratio": 1.5}
 
 
 def _files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("part-*.parquet"))}
 
 
-def main(n: int = 200) -> None:
+def fit(points: dict[int, float]) -> tuple[float, float]:
+    """(fixed seconds, seconds per image) of the line through (size, wall) points."""
+    (n0, t0), (n1, t1) = sorted(points.items())[0], sorted(points.items())[-1]
+    per = (t1 - t0) / (n1 - n0)
+    return t0 - per * n0, per
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="200,800")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    sizes = sorted(int(x) for x in args.sizes.split(","))
+
+    import ray
+
     from tests.tiny_detectors import build_tiny_owlv2
     from tests.tiny_vlm import build_tiny_vlm
     from vesl.pipeline.config import CaptionerConfig, DetectorConfig, LabelConfig
@@ -44,54 +69,92 @@ def main(n: int = 200) -> None:
     root = Path(tempfile.mkdtemp(prefix="vesl-bench-engines-"))
     try:
         vlm, owl = build_tiny_vlm(root / "vlm"), build_tiny_owlv2(root / "owl")
-        write_webdataset(make_scenes(n, seed=0), root / "input", shard_size=SHARD_SIZE)
+        for n in sizes:
+            write_webdataset(make_scenes(n, seed=0), root / f"input-{n}", shard_size=SHARD_SIZE)
 
-        def cfg(name: str, **kw) -> LabelConfig:
-            return LabelConfig(
-                inputs=[str(root / "input")],
-                output=str(root / name),
+        engines = {
+            "local": (run_local, {"engine": "local"}),
+            "local-2-workers": (run_local, {"engine": "local", "workers": 2}),
+            "beam-direct": (run_beam, {"engine": "beam"}),
+            "ray-1-worker": (run_ray, {"engine": "ray", "workers": 1}),
+            "ray-2-workers": (run_ray, {"engine": "ray", "workers": 2}),
+        }
+
+        def run(name: str, n: int, tag: str) -> float:
+            fn, kw = engines[name]
+            out = root / f"{name}-{n}-{tag}"
+            c = LabelConfig(
+                inputs=[str(root / f"input-{n}")], output=str(out),
                 captioner=CaptionerConfig(spec=f"hf:{vlm}", max_new_tokens=16, batch_size=8, device="cpu"),
                 detector=DetectorConfig(spec=f"owlv2:{owl}", threshold=0.05, batch_size=8, device="cpu"),
                 **kw,
-            )
-
-        timings: dict[str, float] = {}
-
-        def timed(name: str, fn, c: LabelConfig) -> None:
+            )  # fmt: skip
             t = time.perf_counter()
             summary = fn(c, progress=False)
-            timings[name] = time.perf_counter() - t
+            wall = time.perf_counter() - t
             assert summary["failed"] == [], summary["failed"]
             assert summary["images"] == n, summary
-            print(f"  {name:<16} {timings[name]:7.1f} s  {n / timings[name]:6.2f} img/s  {summary['regions']} regions", flush=True)
+            return wall
 
-        print(f"{n} images, {n // SHARD_SIZE} shards, {os.cpu_count()} CPUs", flush=True)
-        timed("local", run_local, cfg("local"))
-        timed("beam-direct", run_beam, cfg("beam", engine="beam"))
-
-        import ray
-
+        print(f"sizes {sizes} images (tars of {SHARD_SIZE}), {os.cpu_count()} CPUs, stage_threads 1, "
+              f"{args.repeats} rounds after a warm-up", flush=True)
         t = time.perf_counter()
         ray.init(include_dashboard=False, log_to_driver=False)
         ray_init = time.perf_counter() - t
+        names = list(engines)
         try:
-            timed("ray-1-worker", run_ray, cfg("ray1", engine="ray", workers=1))
-            timed("ray-2-workers", run_ray, cfg("ray2", engine="ray", workers=2))
+            for name in names:  # warm-up: imports, page cache, Ray's worker pool
+                run(name, sizes[0], "warm")
+            walls: dict[tuple[str, int], list[float]] = {}
+            for r in range(args.repeats):
+                order = names[r % len(names):] + names[: r % len(names)]
+                for name in order:
+                    for n in sizes:
+                        walls.setdefault((name, n), []).append(run(name, n, f"r{r}"))
+                print(f"  round {r + 1}/{args.repeats} done", flush=True)
         finally:
             ray.shutdown()
 
-        ref = _files(root / "local")
-        for name in ("beam", "ray1", "ray2"):
-            assert _files(root / name) == ref, f"{name} shards differ from the local engine's"
+        for n in sizes:
+            ref = _files(root / f"local-{n}-r0")
+            for name in names[1:]:
+                assert _files(root / f"{name}-{n}-r0") == ref, f"{name} shards differ from the local engine's"
         print("all engines wrote byte-identical shards")
-        print(f"ray.init (not in the Ray times): {ray_init:.1f} s")
-        print(f"beam-direct / local:          {timings['beam-direct'] / timings['local']:.2f}x  (goal <= 1.5x)")
-        print(f"ray-1-worker / local:         {timings['ray-1-worker'] / timings['local']:.2f}x  (goal <= 1.5x)")
-        print(f"ray (init included) / local:  {(timings['ray-1-worker'] + ray_init) / timings['local']:.2f}x")
-        print(f"ray scaling, 1 -> 2 workers:  {timings['ray-1-worker'] / timings['ray-2-workers']:.2f}x speed-up")
+        print(f"ray.init (in no figure below): {ray_init:.1f} s\n")
+
+        med = {k: statistics.median(v) for k, v in walls.items()}
+        print(f"{'engine':<16}" + "".join(f"{f'{n} img (s)':>22}" for n in sizes) + f"{'fixed s':>10}{'ms/img':>9}")
+        fits = {}
+        for name in names:
+            fits[name] = fit({n: med[(name, n)] for n in sizes})
+            cells = "".join(f"{med[(name, n)]:>9.1f} ({min(walls[(name, n)]):.1f}-{max(walls[(name, n)]):.1f})"
+                            .rjust(22) for n in sizes)  # fmt: skip
+            print(f"{name:<16}{cells}{fits[name][0]:>10.1f}{1000 * fits[name][1]:>9.1f}")
+        big = sizes[-1]
+        ray_per = fits["ray-1-worker"][1] / fits["local"][1]
+        ray_fixed = fits["ray-1-worker"][0]
+        beam_total = med[("beam-direct", big)] / med[("local", big)]
+        print()
+        results = {
+            "ray_per_image_ratio": (ray_per, f"Ray per image / local per image: {ray_per:.2f}x"),
+            "ray_fixed_s": (ray_fixed, f"Ray fixed cost (ray.init excluded): {ray_fixed:.1f} s"),
+            "beam_total_ratio": (beam_total, f"Beam / local at {big} images: {beam_total:.2f}x"),
+        }
+        missed = []
+        for key, (value, text) in results.items():
+            met = value <= GOALS[key]
+            missed += [] if met else [key]
+            print(f"{text:<48} goal <= {GOALS[key]}: {'met' if met else 'NOT met'}")
+        for engine in ("local", "ray"):
+            one, two = f"{engine}-1-worker" if engine == "ray" else "local", f"{engine}-2-workers"
+            print(f"{engine} scaling 1 -> 2 workers at {big} images: {med[(one, big)] / med[(two, big)]:.2f}x speed-up")
+        if missed:
+            print(f"goals missed: {', '.join(missed)}", file=sys.stderr)
+            return 1
+        return 0
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 200)
+    sys.exit(main())

@@ -3,17 +3,23 @@
 Baseline: read -> decode -> model -> write, one shard after another in one thread (what a plain
 loop over the stages does). Measured: ``run_local`` (reader thread, decode threads, bounded queue).
 The model stage is a real torchvision ResNet-18 forward (random init, no download) at 224 px on
-CPU, standing in for a captioner/detector that keeps the main thread busy. Prints images/s of both
-and their ratio, measured in one run. Usage: python benchmarks/local_prefetch.py [N_IMAGES]
+CPU, standing in for a captioner/detector that keeps the main thread busy. Both use the same built
+stages and torch threads (``stage_threads`` 1). After a warm-up of each, they run ``REPEATS`` times in
+alternating order; the medians (with min-max) and their ratio are printed. Goal: prefetch >= 1.2x serial
+(exit 1 when missed). Usage: python benchmarks/local_prefetch.py [N_IMAGES]
 """
 
 from __future__ import annotations
 
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+REPEATS = 5
+GOAL = 1.2
 
 
 class ResNetStage:
@@ -76,7 +82,7 @@ def serial(cfg, st) -> float:
     return time.perf_counter() - t
 
 
-def main() -> None:
+def main() -> int:
     import torch
 
     from vesl.pipeline.config import LabelConfig
@@ -87,24 +93,38 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="vesl-bench-"))
     try:
         src = f"synth://{n}?seed=0&shard_size=48"
-        cfg_a = LabelConfig(inputs=[src], output=str(tmp / "serial"))
-        cfg_b = LabelConfig(inputs=[src], output=str(tmp / "prefetch"))
-        built, _ = setup_stages(cfg_a, stages)  # model init outside both timings; both use these stages
-        t_serial = serial(cfg_a, built)
-        t0 = time.perf_counter()
-        summary = run_local(cfg_b, lambda cfg: built, progress=False)
-        t_prefetch = time.perf_counter() - t0
+        built, _ = setup_stages(LabelConfig(inputs=[src], output=str(tmp / "x")), stages)  # model init outside
+
+        def run(kind: str, tag: str) -> float:
+            cfg = LabelConfig(inputs=[src], output=str(tmp / f"{kind}-{tag}"))
+            if kind == "serial":
+                return serial(cfg, built)
+            t0 = time.perf_counter()
+            run_local(cfg, lambda c: built, progress=False)
+            return time.perf_counter() - t0
+
+        run("serial", "warm")
+        run("prefetch", "warm")
+        times: dict[str, list[float]] = {"serial": [], "prefetch": []}
+        for r in range(REPEATS):
+            for kind in ("serial", "prefetch") if r % 2 == 0 else ("prefetch", "serial"):
+                times[kind].append(run(kind, str(r)))
         same = all(
-            (tmp / "serial" / p.name).read_bytes() == p.read_bytes()
-            for p in (tmp / "prefetch").glob("*.parquet")
+            (tmp / "serial-0" / p.name).read_bytes() == p.read_bytes() for p in (tmp / "prefetch-0").glob("*.parquet")
         )
-        print(f"images: {n}  (torch threads 1, ResNet-18 forward at 224 px as the model stage)")
-        print(f"serial loop (baseline): {n / t_serial:8.1f} images/s  ({t_serial:.2f} s)")
-        print(f"run_local prefetch:     {n / t_prefetch:8.1f} images/s  ({t_prefetch:.2f} s)")
-        print(f"speedup vs serial: {t_serial / t_prefetch:.2f}x   identical shards: {same}   rows: {summary['rows']}")
+        t_serial, t_prefetch = statistics.median(times["serial"]), statistics.median(times["prefetch"])
+        print(f"images: {n}  (torch threads 1, ResNet-18 forward at 224 px as the model stage; "
+              f"median of {REPEATS} alternating runs after a warm-up)")
+        for kind, t in (("serial loop (baseline)", t_serial), ("run_local prefetch", t_prefetch)):
+            key = "serial" if kind.startswith("serial") else "prefetch"
+            print(f"{kind:<23} {n / t:8.1f} images/s  ({t:.2f} s; {min(times[key]):.2f}-{max(times[key]):.2f})")
+        ratio = t_serial / t_prefetch
+        print(f"speedup vs serial: {ratio:.2f}x (goal >= {GOAL}x: {'met' if ratio >= GOAL else 'NOT met'})   "
+              f"identical shards: {same}")
+        return 0 if ratio >= GOAL and same else 1
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -121,11 +121,32 @@ def test_full_demo_tiny(tmp_path):
     assert saved["metrics"] == res.metrics
     assert saved["train_seeds"] == [3, 4]
     assert [r["train_seed"] for r in saved["per_seed"]] == [3, 4]
+    from vesl.pipeline.synth import TEST_SEEDS
+
+    assert saved["eval_split"] == "test"
+    assert [r["eval_seed"] for r in saved["per_seed"]] == list(TEST_SEEDS[:2])  # a fresh sealed world per seed
     for key, mean in res.metrics.items():  # the table shows the means of the two seeds' figures
         assert mean == pytest.approx((res.per_seed[0][key] + res.per_seed[1][key]) / 2)
     assert (tmp_path / "full" / "cloc-seed4").is_dir()
     assert "goal: CLOC Prompter" in "\n".join(lines)
     assert "means over training seeds 3, 4" in "\n".join(lines)
+
+
+def test_full_demo_refuses_a_bad_split_in_one_line(tmp_path):
+    from vesl.errors import UserError
+
+    with pytest.raises(UserError, match="--eval-split"):
+        run_full_demo(tmp_path, n=4, eval_n=2, steps=1, eval_split="train", echo=lambda _: None)
+    with pytest.raises(UserError, match="one per training seed"):
+        run_full_demo(tmp_path, n=4, eval_n=2, steps=1, seeds=99, echo=lambda _: None)
+
+
+def test_world_seed_splits_are_disjoint():
+    from vesl.pipeline.synth import TEST_SEEDS, TRAINING_SEEDS, VALIDATION_SEEDS
+
+    assert not set(TRAINING_SEEDS) & set(VALIDATION_SEEDS)
+    assert not set(TRAINING_SEEDS) & set(TEST_SEEDS)
+    assert not set(VALIDATION_SEEDS) & set(TEST_SEEDS)
 
 
 def test_ground_truth_labels_go_through_the_engine(tmp_path):
@@ -146,3 +167,12 @@ def test_ground_truth_labels_go_through_the_engine(tmp_path):
         assert r["caption"] == scene.caption
         assert [g["phrase"] for g in r["regions"]] == [o.phrase for o in scene.objects]
         assert r["regions"][0]["box"] == pytest.approx(list(scene.regions[0].box), abs=1e-6)
+
+
+def test_caption_precision_counts_invented_and_repeated_objects():
+    from vesl.labelers.recipes.quality import named_categories
+    from vesl.pipeline.synth import COLORS, SHAPES
+
+    cap = "A large red circle, two red circles and a blue star. The Green Heart is small."
+    assert named_categories(cap, list(COLORS), SHAPES) == ["red circle", "red circle", "blue star", "green heart"]
+    assert named_categories("a reddish circle, a red squares", list(COLORS), SHAPES) == ["red square"]

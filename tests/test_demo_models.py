@@ -1,7 +1,11 @@
 """The shipped demo models (vesl/assets/demo) load like hub models and really label the synthetic world.
 
-Held-out scenes come from a world seed the recipes never trained on. Bounds here are loose; the real
-goals are measured by benchmarks/label_quality.py.
+The goal check runs on the first 24 scenes of the first sealed test world. Its bounds sit below the
+spread measured on the test worlds (benchmarks/label_quality.py, 200 scenes on each of worlds 7001-7003:
+caption recall 0.907-0.910 and precision 0.911-0.915, phrase-aware box precision 0.823-0.850 and recall
+0.782-0.804; on the first 24 scenes of each world the figures ranged 0.90-0.93, 0.92-0.94, 0.81-0.87 and
+0.76-0.84), by enough for the sampling noise of 24 scenes: a regression in the demo models or in the
+stages fails here, a lucky scene does not pass a broken model.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import pytest
 from vesl.labelers.recipes import ASSETS_DIR
 
 CAPTIONER, DETECTOR = ASSETS_DIR / "captioner", ASSETS_DIR / "detector"
-HELD_OUT_SEED = 1004  # recipes train on worlds 0 (captioner) and 1 (detector)
+GOAL_SCENES = 24
+BOUNDS = {"caption_recall": 0.85, "caption_precision": 0.85, "box_precision": 0.75, "box_recall": 0.70}
 
 pytestmark = pytest.mark.skipif(
     not (CAPTIONER / "config.json").is_file() or not (DETECTOR / "config.json").is_file(),
@@ -50,24 +55,23 @@ def test_shipped_models_load_through_hf_and_owlv2_specs():
     assert type(det.model).__name__ == "Owlv2ForObjectDetection"
 
 
-def test_demo_models_caption_and_ground_held_out_scenes():
+def test_demo_models_meet_the_goal_check_on_test_scenes():
     import torch
 
     from vesl.labelers.recipes.quality import evaluate
-    from vesl.pipeline.synth import make_scenes
+    from vesl.pipeline.synth import TEST_SEEDS, make_scenes
     from vesl.profiles import profile
 
     torch.set_num_threads(2)
-    q = evaluate(make_scenes(20, seed=HELD_OUT_SEED), str(CAPTIONER), str(DETECTOR), batch_size=20,
-                 detector_only=False)  # fmt: skip
-    assert q.caption_errors == 0
-    assert q.caption_object_recall >= 0.8, q.examples
-    assert q.pipeline_box.recall >= 0.8, q.summary()  # every box the detector finds at the 0.1 threshold
-    # as --profile demo labels (one voted box per phrase); loose bounds that guard against boxes unrelated
-    # to the objects (the benchmark holds the 0.85 goals)
+    scenes = list(make_scenes(GOAL_SCENES, seed=TEST_SEEDS[0]))
+    raw = evaluate(scenes, str(CAPTIONER), str(DETECTOR), batch_size=GOAL_SCENES, detector_only=False)
+    assert raw.caption_errors == 0
+    assert raw.pipeline_box.recall >= 0.8, raw.summary()  # every box the detector finds at the 0.1 threshold
+    # as --profile demo labels (one voted box per phrase)
     options = {k: v for k, v in profile("demo")["detector"].items() if k != "spec"}
-    grounded = evaluate(make_scenes(20, seed=HELD_OUT_SEED), str(CAPTIONER), str(DETECTOR), batch_size=20,
-                        detector_options=options, detector_only=False)  # fmt: skip
-    assert grounded.pipeline_box.precision >= 0.7, grounded.summary()
-    assert grounded.pipeline_box.recall >= 0.7, grounded.summary()
-    assert grounded.pipeline_box.precision > q.pipeline_box.precision, (grounded.summary(), q.summary())
+    q = evaluate(scenes, str(CAPTIONER), str(DETECTOR), batch_size=GOAL_SCENES, detector_options=options,
+                 detector_only=False)  # fmt: skip
+    got = {"caption_recall": q.caption_object_recall, "caption_precision": q.caption_object_precision,
+           "box_precision": q.pipeline_labeled.precision, "box_recall": q.pipeline_labeled.recall}  # fmt: skip
+    assert all(got[k] >= BOUNDS[k] for k in BOUNDS), (got, q.examples)
+    assert q.pipeline_box.precision > raw.pipeline_box.precision, (q.summary(), raw.summary())

@@ -9,8 +9,10 @@ pairs, trains a tiny CLOC and a ``--clip-only`` baseline on them with the same d
 evaluates zero-shot region classification (GT boxes) on a held-out synthetic COCO set. The goal is the
 paper's central claim: CLOC's Prompter beats the best CLIP region baseline by at least 15 points of mAcc.
 
-Seeds: the demo worlds (``DEMO_SEED``, ``FULL_TRAIN_SEED``, ``EVAL_SEED``) are never used by the recipes
-that train the shipped tiny labelers, so the demo labels images those models have not seen.
+Seeds: the demo worlds (``DEMO_SEED``, ``FULL_TRAIN_SEED``) are never used by the recipes that train the
+shipped tiny labelers, so the demo labels images those models have not seen. ``--full`` evaluates each training
+seed on its own sealed test world (``synth.TEST_SEEDS``, never looked at while tuning); ``--eval-split
+validation`` evaluates on the validation worlds instead, which is the split to tune on.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from vesl.errors import UserError
 
 DEMO_SEED = 1000  # the bundled sample
 FULL_TRAIN_SEED = 1001  # --full: the web-like pairs that get labeled and trained on
-EVAL_SEED = 1002  # --full: the held-out COCO-format evaluation set
 DEMO_N = 200
 FULL_N = 2000
 FULL_EVAL_N = 300
@@ -352,7 +353,7 @@ def run_full_demo(
     eval_n: int = FULL_EVAL_N,
     steps: int = FULL_STEPS,
     seed: int = FULL_TRAIN_SEED,
-    eval_seed: int = EVAL_SEED,
+    eval_split: str = "test",
     profile: str = "demo",
     echo: Echo = typer.echo,
     progress: bool = True,
@@ -364,9 +365,11 @@ def run_full_demo(
     """Label web-like pairs, train CLOC and a CLIP baseline on them, and compare region recognition.
 
     ``seeds`` > 1 trains both models with seeds ``train_seed``, ``train_seed + 1``, ... and judges the means:
-    on noisy pseudo-labels a single run's margin moves by several points with the seed.
+    on noisy pseudo-labels a single run's margin moves by several points with the seed. Training seed ``i``
+    (counted from ``train_seed``) is evaluated on world ``i`` of ``eval_split`` (test: reported; validation:
+    for tuning), a fresh world per seed.
     """
-    from vesl.pipeline.synth import make_scenes, write_coco
+    from vesl.pipeline.synth import TEST_SEEDS, VALIDATION_SEEDS, make_scenes, write_coco
 
     if n < 1 or eval_n < 1 or steps < 1 or seeds < 1:
         raise UserError("--n, the eval size, the steps and --seeds must each be at least 1")
@@ -374,17 +377,25 @@ def run_full_demo(
         raise UserError(f"--labels must be vesl (pseudo-labels) or gt (oracle ground truth), got {labels!r}")
     if labels == "vesl" and (note := demo_models_note(profile)):
         echo(note)
-    if seed == eval_seed:
-        raise UserError("the evaluation seed must differ from the training seed (held-out scenes)")
+    worlds = {"test": TEST_SEEDS, "validation": VALIDATION_SEEDS}.get(eval_split)
+    if worlds is None:
+        raise UserError(f"--eval-split must be test (reported figures) or validation (for tuning), got {eval_split!r}")
+    if seeds > len(worlds):
+        raise UserError(f"--seeds {seeds}: there are {len(worlds)} {eval_split} worlds, one per training seed")
+    eval_seeds = worlds[:seeds]
+    if seed in eval_seeds:
+        raise UserError("the evaluation worlds must differ from the training world (held-out scenes)")
     out = Path(out) / "full"
     times: dict[str, float] = {}
 
     t = time.perf_counter()
     shards = generate_input(out / "input", n, seed)
-    coco_json = write_coco(make_scenes(eval_n, eval_seed), out / "eval_coco")
+    coco_jsons = [write_coco(make_scenes(eval_n, e), out / f"eval_coco-{e}") for e in eval_seeds]
+    coco_json = coco_jsons[0]
     times["generate"] = time.perf_counter() - t
     echo(
-        f"[1/4] {n} web-like pairs (seed {seed}, {len(shards)} shards); held-out COCO set of {eval_n} (seed {eval_seed})"
+        f"[1/4] {n} web-like pairs (seed {seed}, {len(shards)} shards); held-out COCO set of {eval_n} scenes per "
+        f"training seed ({eval_split} world{'s' if seeds > 1 else ''} {', '.join(map(str, eval_seeds))})"
     )
 
     t = time.perf_counter()
@@ -405,7 +416,7 @@ def run_full_demo(
     train_seeds = tuple(range(train_seed, train_seed + seeds))
     per_seed: list[dict[str, float]] = []
     times["train"] = times["eval"] = 0.0
-    for s in train_seeds:
+    for s, coco_json in zip(train_seeds, coco_jsons, strict=True):
         suffix = "" if seeds == 1 else f"-seed{s}"
         t = time.perf_counter()
         cloc_run = _train(labeled, out / f"cloc{suffix}", steps, seed=s, clip_only=False, **kw)
@@ -422,20 +433,22 @@ def run_full_demo(
             "cloc_grounding_acc": cloc_m["grounding_acc"],
         })  # fmt: skip
         if s == train_seeds[0]:
-            cloc_ckpt, clip_ckpt = cloc_run, clip_run
+            cloc_ckpt, clip_ckpt, first_coco = cloc_run, clip_run, coco_json
     echo(
         f"[3/4] trained CLOC and a --clip-only baseline ({steps} steps each, same data and seed; "
         f"seed{'s' if seeds > 1 else ''} {', '.join(map(str, train_seeds))}) in {times['train']:.1f}s"
     )
     metrics = {k: sum(m[k] for m in per_seed) / len(per_seed) for k in per_seed[0]}
     table, met = results_table(metrics, train_seeds, tuple(margin_points(m) for m in per_seed))
-    echo(f"[4/4] zero-shot region classification with GT boxes on {eval_n} held-out scenes:")
+    echo(f"[4/4] zero-shot region classification with GT boxes on {eval_n} held-out scenes per seed "
+         f"({eval_split} worlds):")
     echo(table)
-    record = {"metrics": metrics, "goal_met": met, "train_seeds": list(train_seeds),
-              "per_seed": [{"train_seed": s, **m} for s, m in zip(train_seeds, per_seed, strict=True)],
+    record = {"metrics": metrics, "goal_met": met, "train_seeds": list(train_seeds), "eval_split": eval_split,
+              "per_seed": [{"train_seed": s, "eval_seed": e, **m}
+                           for s, e, m in zip(train_seeds, eval_seeds, per_seed, strict=True)],
               "seconds": times}  # fmt: skip
     (out / "results.json").write_text(json.dumps(record, indent=2))
-    return FullDemoResult(labeled, coco_json, cloc_ckpt, clip_ckpt, metrics, met, table, times, record["per_seed"])
+    return FullDemoResult(labeled, first_coco, cloc_ckpt, clip_ckpt, metrics, met, table, times, record["per_seed"])
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -457,6 +470,9 @@ def register(app: typer.Typer) -> None:
         ),
         train_seed: int = typer.Option(0, "--train-seed", help="--full: seed of both trainings (init and order)."),
         seeds: int = typer.Option(1, "--seeds", help="--full: train with this many seeds from --train-seed; judge the means."),
+        eval_split: str = typer.Option(
+            "test", "--eval-split", help="--full: evaluate on the sealed test worlds, or on validation worlds to tune."
+        ),
     ) -> None:
         """Run the whole machinery offline on the synthetic world: synth -> label -> inspect -> gallery
         (and with --full: -> train CLOC and CLIP -> zero-shot region classification)."""
@@ -464,7 +480,7 @@ def register(app: typer.Typer) -> None:
         if full:
             res = run_full_demo(
                 out, n=FULL_N if n is None else n, eval_n=eval_n, steps=steps, profile=profile, labels=labels,
-                train_seed=train_seed, seeds=seeds,
+                train_seed=train_seed, seeds=seeds, eval_split=eval_split,
             )
             typer.echo(f"results: {out / 'full' / 'results.json'}")
             typer.echo(f"done in {time.perf_counter() - t:.0f}s; goal {'met' if res.goal_met else 'not met'}")
