@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="vesl-test-hf-modules-"))  # remote code tests
 
 
 @pytest.fixture(scope="session")

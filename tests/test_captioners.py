@@ -297,3 +297,29 @@ def test_label_end_to_end_with_alt_text_captioner(tmp_path):
     rows = _label_end_to_end(CaptionerConfig(spec="alt_text"), tmp_path)
     assert len(rows) == 4
     assert all(r["caption"] == r["alt_text"].strip() and r["caption_source"] == "alt_text" for r in rows)
+
+
+def test_remote_code_in_a_model_folder_never_runs_by_default(tiny_vlm_dir, tmp_path):
+    """A model folder whose config maps the model class to its own Python file: vesl's defaults never import
+    that file (transformers loads its built-in class instead); only --trust-remote-code does."""
+    import json
+
+    from vesl.pipeline.config import LabelConfig
+
+    assert LabelConfig().trust_remote_code is False
+    assert CaptionerConfig().trust_remote_code is False
+    model = tmp_path / "model"
+    shutil.copytree(tiny_vlm_dir, model)
+    marker = tmp_path / "remote-code-ran"
+    (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError('remote code ran')\n")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForImageTextToText": "evil.EvilModel"}
+    (model / "config.json").write_text(json.dumps(cfg))
+
+    stage = make_captioner(CaptionerConfig(spec=f"hf:{model}", max_new_tokens=2))
+    stage.setup()  # the built-in Qwen2-VL class
+    assert not marker.exists()
+    trusting = make_captioner(CaptionerConfig(spec=f"hf:{model}", max_new_tokens=2), trust_remote_code=True)
+    with pytest.raises(Exception, match="remote code ran"):  # the fixture really carries remote code
+        trusting.setup()
+    assert marker.exists()

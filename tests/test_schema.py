@@ -24,7 +24,7 @@ def _region(phrase="a red circle", start=0, end=12, box=(0.1, 0.2, 0.5, 0.6), sc
     return {"phrase": phrase, "char_start": start, "char_end": end, "box": list(box), "score": score}
 
 
-def _row(key="k0", regions=None, caption=CAPTION):
+def _row(key="k0", regions=None, caption=CAPTION, caption_source="vlm"):
     return {
         "key": key,
         "source_shard": "part-00000",
@@ -34,7 +34,7 @@ def _row(key="k0", regions=None, caption=CAPTION):
         "height": 48,
         "alt_text": "IMG_2231 stock vector",
         "caption": caption,
-        "caption_source": "vlm",
+        "caption_source": caption_source,
         "regions": [_region()] if regions is None else regions,
     }
 
@@ -75,6 +75,8 @@ def test_schema_json_names_every_field():
         ([_row(regions=[_region(start=1, end=13)])], "span_text"),
         ([_row(key="")], "empty_key"),
         ([_row(key="k0"), _row(key="k0")], "duplicate_key"),
+        ([_row(caption_source="web")], "caption_source"),
+        ([_row(regions=[{**_region(), "box": None}])], "box_shape"),
     ],
 )
 def test_validate_catches_each_violation(rows, kind):
@@ -116,3 +118,22 @@ def test_validate_directory_checks_duplicates_across_files_and_version(tmp_path)
 def test_validate_missing_path_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
         validate(tmp_path / "nope")
+
+
+def test_check_dataset_catches_missing_unreadable_and_wrong_errors_files(tmp_path):
+    """The dataset-level kinds: a file the stats list is gone, a shard is not Parquet, an errors file has
+    another schema. Each is found, named, and the other shards are still checked."""
+    from vesl.pipeline.config import LabelConfig
+    from vesl.pipeline.engines.local import run_local
+    from vesl.schemas.manifest import check_dataset
+
+    out = tmp_path / "out"
+    run_local(LabelConfig(inputs=["synth://9?seed=1&shard_size=3"], output=str(out)), progress=False)
+    assert check_dataset(out) == []
+    (out / "part-00000.errors.parquet").unlink()
+    (out / "part-00001.parquet").write_bytes(b"PAR1 not really")
+    pq.write_table(pa.table({"key": ["x"]}), out / "part-00002.errors.parquet")
+    found = {(v.kind, v.where) for v in check_dataset(out)}
+    assert ("missing_file", "part-00000") in found
+    assert ("unreadable", "part-00001.parquet") in found
+    assert ("errors_schema", "part-00002.errors.parquet") in found
