@@ -7,7 +7,6 @@ images) is labeled with the tiny VLM captioner and tiny OWLv2 detector on all th
 from __future__ import annotations
 
 import io
-import shutil
 import sys
 import tarfile
 from pathlib import Path
@@ -175,20 +174,21 @@ def test_started_on_local_interrupted_finished_on_beam(engines_input, reference,
 
 
 def test_started_on_beam_interrupted_finished_on_ray(engines_input, reference, tmp_path, tiny_vlm_dir, tiny_owlv2_dir, ray_session):
-    """The state a killed job leaves under the commit protocol: some shards committed, others with
-    their parquet written but no stats (the marker), and a stray temp file."""
+    """A Beam job covers the first two shards (``--limit``); then the state a killed job leaves under the
+    commit protocol (one shard's stats, the marker, gone; a stray temp file); Ray finishes the whole job."""
+    from vesl.pipeline.engines.beam_engine import run_beam
     from vesl.pipeline.engines.ray_engine import run_ray
 
-    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)  # bytes a Beam run writes (tested equal above)
-    for name in ("part-00000", "part-00002"):
-        (tmp_path / f"{name}.stats.json").unlink()
-    (tmp_path / "part-00002.errors.parquet").unlink()
+    cfg = _cfg(engines_input, tmp_path, tiny_vlm_dir, tiny_owlv2_dir, engine="beam", limit=2 * PER_SHARD)
+    summary = run_beam(cfg, progress=False)
+    assert summary["shards_written"] == 2
+    assert sorted(p.name for p in tmp_path.glob("*.stats.json")) == ["part-00000.stats.json", "part-00001.stats.json"]
+    (tmp_path / "part-00000.stats.json").unlink()
     (tmp_path / ".part-00000.parquet.deadbeef.tmp").write_bytes(b"half a file")
 
-    cfg = _cfg(engines_input, tmp_path, tiny_vlm_dir, tiny_owlv2_dir, engine="ray")
-    summary = run_ray(cfg, progress=False)
-    assert summary["shards_skipped"] == 2
-    assert summary["shards_written"] == 2
+    summary = run_ray(cfg.model_copy(update={"engine": "ray", "limit": None}), progress=False)
+    assert summary["shards_skipped"] == 1
+    assert summary["shards_written"] == N_SHARDS
     assert not list(tmp_path.glob(".*.tmp"))
     _assert_same_dataset(reference, tmp_path)
     keys = [r["key"] for p in sorted(tmp_path.glob("part-*.parquet")) if "errors" not in p.name for r in pq.read_table(p).to_pylist()]

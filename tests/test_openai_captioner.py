@@ -6,6 +6,7 @@ Every case ends as a caption or as an error row, never as a crashed batch; the A
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,9 +31,18 @@ SERVE_START_TIMEOUT_S = 180  # ~15 s on an idle machine; generous for a loaded C
 
 
 def _free_port() -> int:
+    """A port that was free a moment ago: only for a server that reports a failed bind (it is retried)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _refusing_port():
+    """A port bound to a socket that never listens: connections are refused, and no one else can take it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 def _samples(n: int = 3) -> list[Sample]:
@@ -62,18 +72,27 @@ def served_vlm(tiny_vlm_dir, tmp_path_factory):
     """`transformers serve DIR` on 127.0.0.1, started once for the module and always killed."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     env.pop(KEY_ENV, None)
-    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(tiny_vlm_dir),
-           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    attempts = 3  # the port may be taken between choosing it and the server's bind: then another one
+
+    def start() -> tuple[subprocess.Popen, int]:
+        port = _free_port()
+        cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(tiny_vlm_dir),
+               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+        with open(log_path, "wb") as log:
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), port
+
+    proc, port = start()
     try:
         deadline = time.monotonic() + SERVE_START_TIMEOUT_S
         while True:
             if proc.poll() is not None:
+                attempts -= 1
+                if attempts and "address already in use" in log_path.read_text().lower():
+                    proc, port = start()
+                    continue
                 pytest.fail(f"transformers serve exited early:\n{log_path.read_text()[-3000:]}")
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
@@ -213,14 +232,11 @@ def test_timeout_becomes_error_row():
         return 200, _completion("too late"), {}
 
     with _Server(slow) as srv:
-        t0 = time.monotonic()
         [s] = apply_stage(_stage(srv.url, timeout_s=0.3, max_retries=1), _samples(1))
-        elapsed = time.monotonic() - t0
-    assert s.error is not None
+    assert s.error is not None  # without the 0.3 s timeout the 3 s answer would have become the caption
     assert s.error.stage == "caption"
     assert s.error.error_type == "ReadTimeout"
     assert len(srv.requests) == 2  # a timeout is retried like a connection error
-    assert elapsed < 2.5  # two 0.3 s timeouts, not the server's 3 s
 
 
 @pytest.mark.parametrize(
@@ -242,11 +258,9 @@ def test_empty_completion_becomes_error_row():
 
 
 def test_server_down_gives_error_rows_not_a_crash():
-    port = _free_port()  # nothing listens there any more
-    stage = _stage(f"http://127.0.0.1:{port}/v1", max_retries=1, timeout_s=2)
-    t0 = time.monotonic()
-    batch = apply_stage(stage, _samples(3))
-    assert time.monotonic() - t0 < 10
+    with _refusing_port() as port:
+        stage = _stage(f"http://127.0.0.1:{port}/v1", max_retries=1, timeout_s=2)
+        batch = apply_stage(stage, _samples(3))
     assert [s.error.error_type for s in batch] == ["ConnectError"] * 3
     assert all(s.caption is None for s in batch)
 
