@@ -142,8 +142,10 @@ def inspect_dataset(out_dir: str | Path, top: int = 15) -> dict[str, Any]:
     errors_by_stage: Counter = Counter()
     sources: Counter = Counter()
     rows = errors = 0
+    timings: list[dict[str, Any]] = []
     for name in names:
         stats = read_stats(root, name) or {}
+        timings.append({"images": stats.get("input_count", 0), **stats.get("timings", {})})
         t = pq.read_table(root / stats["files"]["parquet"]["name"], columns=["caption_source", "regions"])
         rows += t.num_rows
         per_image += pc.list_value_length(t["regions"]).to_pylist()
@@ -177,6 +179,34 @@ def inspect_dataset(out_dir: str | Path, top: int = 15) -> dict[str, Any]:
         "regions_per_image_hist": hist,
         "score_quantiles": _quantiles(all_scores, (0.0, 0.1, 0.5, 0.9, 1.0)),
         "top_phrases": phrases.most_common(top),
+        "cost": cost_report(timings),
+    }
+
+
+def cost_report(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where a job's time went, from its shards' stats: each stage's seconds, images/s and share, and the
+    hours a million images would take per worker on the machine that ran it.
+
+    Stage seconds are the time each stage spent on the shard's samples, in the worker that ran it, so they
+    add up to one worker's busy time: a trial run of a few shards sizes a cluster job. Model loading, once per
+    worker, is not in them; the local engine overlaps decoding with the models, which the projection ignores.
+    """
+    images = sum(s.get("images", 0) for s in shards)
+    stage_s: dict[str, float] = {}
+    for s in shards:
+        for k, v in s.items():
+            if k not in ("images", "wall_s", "write_s", "engine", "run_id") and isinstance(v, (int, float)):
+                stage_s[k] = stage_s.get(k, 0.0) + float(v)
+    busy = sum(stage_s.values())
+    if not images or busy <= 0:
+        return {}
+    return {
+        "images": images,
+        "stages": {k: {"seconds": round(v, 3), "images_per_s": round(images / v, 2) if v > 0 else None,
+                       "share": round(v / busy, 4)} for k, v in sorted(stage_s.items(), key=lambda kv: -kv[1])},
+        "busy_seconds": round(busy, 3),
+        "seconds_per_image": round(busy / images, 5),
+        "hours_per_million_images_per_worker": round(busy / images * 1e6 / 3600, 2),
     }
 
 
@@ -202,6 +232,14 @@ def _print_report(r: dict[str, Any]) -> None:
         echo("top phrases:")
         for phrase, n in r["top_phrases"]:
             echo(f"  {n:>8}  {phrase}")
+    cost = r.get("cost")
+    if cost:
+        echo(f"cost       {cost['busy_seconds']} s of stage time for {cost['images']} images "
+             f"({1000 * cost['seconds_per_image']:.1f} ms per image)")
+        for stage, c in cost["stages"].items():
+            echo(f"  {stage:<10} {c['seconds']:>9.1f} s  {c['images_per_s'] or 0:>9.1f} img/s  {100 * c['share']:5.1f}%")
+        echo(f"  projected: {cost['hours_per_million_images_per_worker']} hours per million images per worker "
+             "on this machine (model loading not included)")
 
 
 def inspect(
