@@ -248,3 +248,19 @@ def test_readme_label_output_is_what_the_example_train_config_reads():
     assert "vesl train --config pretrain/configs/cloc-tiny.yaml" in readme
     cfg = yaml.safe_load((root / "pretrain" / "configs" / "cloc-tiny.yaml").read_text())
     assert cfg["data"].rstrip("/") == "out"
+
+
+def test_cost_report_adds_up_the_shards_stage_seconds():
+    from vesl.label_cli import cost_report
+
+    shards = [
+        {"images": 100, "decode": 1.0, "caption": 6.0, "detect": 3.0, "wall_s": 11.0, "engine": "ray", "run_id": "x"},
+        {"images": 100, "decode": 1.0, "caption": 6.0, "detect": 3.0, "wall_s": 10.5},
+    ]
+    c = cost_report(shards)
+    assert c["images"] == 200
+    assert c["busy_seconds"] == 20.0
+    assert list(c["stages"]) == ["caption", "detect", "decode"]  # largest share first
+    assert c["stages"]["caption"] == {"seconds": 12.0, "images_per_s": 16.67, "share": 0.6}
+    assert c["hours_per_million_images_per_worker"] == round(0.1 * 1e6 / 3600, 2)
+    assert cost_report([]) == {}
