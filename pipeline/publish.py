@@ -440,7 +440,7 @@ def publish(
             f"{len(uncommitted)} shard(s) are not committed (no .stats.json), e.g. {uncommitted[0]}; "
             "re-run the same `vesl label` command to finish them before publishing"
         )
-    violations = validate(d)
+    violations = validate(d)  # rows and, for a `vesl label` output, its commit files (as `vesl validate`)
     if violations:
         raise InvalidDataset(violations)
 

@@ -45,6 +45,7 @@ PARQUET_SUFFIX = ".parquet"
 ERRORS_SUFFIX = ".errors.parquet"
 STATS_SUFFIX = ".stats.json"
 TMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"^\.(part-.+|.+\.[0-9a-f]{32})\.tmp$")  # atomic_write_bytes' temp names
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # "<_io.BytesIO object at 0x7f..>" differs per process
 
 
@@ -168,7 +169,7 @@ def clean_temp_files(out_dir: str | os.PathLike) -> int:
     n = 0
     for path in fs.ls(root, detail=False):
         base = path.rstrip("/").rsplit("/", 1)[-1]
-        if base.startswith(".part-") and base.endswith(TMP_SUFFIX):
+        if _TEMP_NAME.match(base):
             fs.rm(path)
             n += 1
     return n

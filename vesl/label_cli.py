@@ -63,6 +63,9 @@ def label(
     from vesl.pipeline.engines import run
     from vesl.profiles import resolve_config
 
+    for flag, value in (("--limit", limit), ("--workers", workers)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
     paths, beam_options = _passthrough(list(inputs or []))
     ov: dict[str, Any] = {}
     if paths:
@@ -214,17 +217,14 @@ def inspect(
 
 def validate(directory: Annotated[Path, typer.Argument(help="A dataset directory or one shard file")]) -> None:
     """Check every row against schema v1 and the dataset's commit files; exit 1 listing every violation."""
-    from vesl.schemas.manifest import check_dataset
-    from vesl.schemas.region_text import validate as validate_rows
+    from vesl.schemas.region_text import validate as validate_dataset
 
     if not directory.exists():
         raise UserError(f"{directory} does not exist: pass a dataset directory or a .parquet shard")
     try:
-        violations = validate_rows(directory)
+        violations = validate_dataset(directory)  # rows, and the commit files of a `vesl label` output
     except FileNotFoundError as exc:
         raise UserError(f"{exc}: pass the --output directory of `vesl label`") from None
-    if directory.is_dir():
-        violations += check_dataset(directory)
     for v in violations:
         typer.echo(str(v))
     if violations:
