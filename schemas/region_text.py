@@ -168,7 +168,7 @@ def _read(where: str, source: Path | pa.Table) -> pa.Table | Violation:
         return source
     try:
         return pq.read_table(source)
-    except Exception as exc:  # noqa: BLE001 - truncated, not Parquet, unreadable: a finding, not a crash
+    except Exception as exc:
         line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         return Violation("unreadable", where, f"not a readable Parquet file ({type(exc).__name__}: {line})")
 
