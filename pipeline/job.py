@@ -104,9 +104,18 @@ def check_not_input(cfg: LabelConfig, refs: list[ShardRef]) -> None:
 
 
 def _count(ref: ShardRef, cfg: LabelConfig, at_most: int) -> int:
+    from vesl.errors import first_line
     from vesl.pipeline.sources import read_shard
 
-    return sum(1 for _ in itertools.islice(read_shard(ref, cfg.source), at_most))
+    try:
+        return sum(1 for _ in itertools.islice(read_shard(ref, cfg.source), at_most))
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(
+            f"input {ref.source} cannot be read to place the --limit cut ({type(exc).__name__}: {first_line(exc, 200)}); "
+            "fix or remove it, or run without --limit (a corrupt shard then fails alone)"
+        ) from None
 
 
 def shard_caps(refs: list[ShardRef], cfg: LabelConfig) -> dict[str, int | None]:

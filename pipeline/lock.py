@@ -113,7 +113,18 @@ def output_lock(out_dir: str) -> Iterator[str | None]:
     finally:
         release(path, run_id)
         if created:
-            try:
-                os.rmdir(out_dir)  # only succeeds when nothing was written
-            except OSError:
-                pass
+            _remove_if_unused(out_dir)
+
+
+def _remove_if_unused(out_dir: str) -> None:
+    """Remove a directory this job created if it holds no data (the job stopped before writing any)."""
+    from vesl.pipeline.job import JOB_FILE
+
+    try:
+        names = os.listdir(out_dir)
+        if set(names) <= {JOB_FILE}:
+            for name in names:
+                os.unlink(os.path.join(out_dir, name))
+            os.rmdir(out_dir)
+    except OSError:
+        pass

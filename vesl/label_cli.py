@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from vesl.errors import UserError
+from vesl.errors import UserError, first_line
 
 SYNTH_FORMATS = ("wds", "parquet", "coco")
 
@@ -63,9 +63,9 @@ def label(
     from vesl.pipeline.engines import run
     from vesl.profiles import resolve_config
 
-    for flag, value in (("--limit", limit), ("--workers", workers)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be >= 1, got {value}")
+    for flag, value, top in (("--limit", limit, 2**62), ("--workers", workers, 4096)):
+        if value is not None and not 1 <= value <= top:
+            raise UserError(f"{flag} must be between 1 and {top}, got {value}")
     paths, beam_options = _passthrough(list(inputs or []))
     ov: dict[str, Any] = {}
     if paths:
@@ -141,8 +141,15 @@ def inspect_dataset(out_dir: str | Path, top: int = 15) -> dict[str, Any]:
     sources: Counter = Counter()
     rows = errors = 0
     for name in names:
-        stats = read_stats(root, name) or {}
-        t = pq.read_table(root / stats["files"]["parquet"]["name"], columns=["caption_source", "regions"])
+        try:
+            stats = read_stats(root, name) or {}
+            t = pq.read_table(root / stats["files"]["parquet"]["name"], columns=["caption_source", "regions"])
+            stats["errors"], stats["errors_by_type"], stats["errors_by_stage"]
+        except Exception as exc:
+            raise UserError(
+                f"{root}: shard {name} cannot be read ({type(exc).__name__}: {first_line(exc, 200)}); "
+                f"`vesl validate {root}` lists the damage, rerun `vesl label` to redo it"
+            ) from None
         rows += t.num_rows
         per_image += pc.list_value_length(t["regions"]).to_pylist()
         flat = pc.list_flatten(t["regions"])
@@ -247,6 +254,9 @@ def synth(
         raise UserError(f"--format {fmt!r} is not supported: use one of {', '.join(SYNTH_FORMATS)}")
     if n < 1 or shard_size < 1:
         raise UserError("--n and --shard-size must be >= 1")
+    from vesl.pipeline.job import check_output_dir
+
+    check_output_dir(out, "--out")
     scenes = synthetic.make_scenes(n, seed)
     if fmt == "wds":
         paths = synthetic.write_webdataset(scenes, out, shard_size)

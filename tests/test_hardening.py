@@ -1,0 +1,485 @@
+"""Hostile inputs and user mistakes from the fault and security review (issue 14).
+
+Each test builds its fixture here (no file from outside the repository) and checks the guarantee:
+the input is never overwritten, links never lead out of it, one writer per output, a resume runs the
+job that wrote the shards, infrastructure failures never become data, and every mistake is one line.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from vesl.cli import main
+
+CHEAP = ("--captioner", "alt_text", "--detector", "none", "--no-progress")
+
+
+def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`vesl ARGS` in this process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["vesl", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    return int(e.value.code or 0), out.out, out.err
+
+
+def one_line_error(rc: int, err: str, *needles: str) -> None:
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def _png(color=(200, 30, 30), size=(32, 24)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _synth(monkeypatch, capsys, out: Path, fmt: str = "wds", n: int = 6, size: int = 3) -> Path:
+    rc, _, err = cli(monkeypatch, capsys, "synth", "--n", n, "--seed", 3, "--out", out, "--format", fmt, "--shard-size", size)
+    assert rc == 0, err
+    return out
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------ defect 1: output = input
+
+
+def test_output_equal_to_input_is_refused_and_the_input_kept(tmp_path, monkeypatch, capsys):
+    s = _synth(monkeypatch, capsys, tmp_path / "s", "parquet", n=6, size=6)
+    c = tmp_path / "c"
+    c.mkdir()
+    (c / "part-00000.parquet").write_bytes((s / "00000.parquet").read_bytes())
+    before = _tree(c)
+    rc, _, err = cli(monkeypatch, capsys, "label", c, "--output", c, *CHEAP)
+    one_line_error(rc, err, "inside the input directory")
+    assert _tree(c) == before  # nothing replaced, nothing added
+    # the input named as a file, output its folder
+    rc, _, err = cli(monkeypatch, capsys, "label", c / "part-00000.parquet", "--output", c, *CHEAP)
+    one_line_error(rc, err, "inside --output")
+    assert _tree(c) == before
+
+
+def test_output_inside_a_parquet_input_folder_is_refused(tmp_path, monkeypatch, capsys):
+    c = _synth(monkeypatch, capsys, tmp_path / "c", "parquet", n=6, size=3)
+    before = _tree(c)
+    rc, _, err = cli(monkeypatch, capsys, "label", c, "--output", c / "out", *CHEAP)
+    one_line_error(rc, err, "inside the input directory")
+    assert _tree(c) == before
+    assert not (c / "out").exists()
+
+
+# ------------------------------------------------------------------ defect 2: links out of the input
+
+
+def test_image_folder_never_follows_links_out_of_the_input(tmp_path, monkeypatch, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("the secret caption")
+    (outside / "secret.png").write_bytes(_png((1, 2, 3)))
+    tars = _synth(monkeypatch, capsys, tmp_path / "tars", "wds", n=3, size=3)
+    imgs = tmp_path / "in" / "imgs"
+    imgs.mkdir(parents=True)
+    (imgs / "a.png").write_bytes(_png())
+    (imgs / "a.txt").write_text("a red square")
+    (imgs / "b.png").write_bytes(_png((0, 0, 255)))
+    os.symlink(outside / "secret.txt", imgs / "b.txt")  # caption through a link
+    os.symlink(outside / "secret.png", imgs / "c.png")  # image through a link
+    (imgs / "c.txt").write_text("an outside image")
+    os.symlink(outside, imgs / "linked_dir")  # a folder of images through a link
+    os.symlink(next(tars.glob("*.tar")), tmp_path / "in" / "linked.tar")  # a tar through a link
+
+    from vesl.pipeline.config import SourceConfig
+    from vesl.pipeline.sources import list_shards, read_shard
+
+    refs = list_shards([str(tmp_path / "in")], SourceConfig())
+    assert [(r.kind, r.source) for r in refs] == [("folder", "in/imgs")]  # no linked tar, no linked folder
+    samples = {s.key: s for s in read_shard(refs[0], SourceConfig())}
+    assert samples["imgs/a"].ok
+    assert samples["imgs/a"].alt_text == "a red square"
+    for key in ("imgs/b", "imgs/c"):
+        assert samples[key].error.error_type == "PathOutsideInput"
+        assert samples[key].image_bytes is None
+    assert all("secret caption" not in (s.alt_text or "") for s in samples.values())
+
+    out = tmp_path / "out"
+    rc, _, err = cli(monkeypatch, capsys, "label", tmp_path / "in", "--output", out, *CHEAP)
+    assert rc == 0, err
+    rows = pq.read_table(out / "part-00000.parquet").to_pylist()
+    assert [r["key"] for r in rows] == ["imgs/a"]
+    assert (outside / "secret.png").read_bytes() not in [r["image"] for r in rows]
+    errors = pq.read_table(out / "part-00000.errors.parquet").to_pylist()
+    assert sorted(e["error_type"] for e in errors) == ["PathOutsideInput", "PathOutsideInput"]
+    assert all("secret caption" not in e["message"] for e in errors)
+
+
+def test_glob_matches_never_follow_links_out_of_the_glob_directory(tmp_path, monkeypatch, capsys):
+    tars = _synth(monkeypatch, capsys, tmp_path / "elsewhere", "wds", n=6, size=3)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "00000.tar").write_bytes((tars / "00000.tar").read_bytes())
+    os.symlink(tars / "00001.tar", data / "00001.tar")
+
+    from vesl.pipeline.config import SourceConfig
+    from vesl.pipeline.sources import list_shards
+
+    refs = list_shards([str(data / "*.tar")], SourceConfig())
+    assert [r.source for r in refs] == ["data/00000.tar"]
+
+
+# ------------------------------------------------------------------ defect 0: settings, infrastructure, publish
+
+
+def test_rerun_with_other_settings_is_refused_naming_the_difference(tmp_path, monkeypatch, capsys):
+    data = _synth(monkeypatch, capsys, tmp_path / "data")
+    out = tmp_path / "out"
+    rc, _, err = cli(monkeypatch, capsys, "label", data, "-o", out, *CHEAP)
+    assert rc == 0, err
+    committed = _tree(out)
+    rc, _, err = cli(monkeypatch, capsys, "label", data, "-o", out, *CHEAP, "--seed", "7")
+    one_line_error(rc, err, "seed is 0 there, 7 in this job", "--overwrite")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("decode:\n  keep_image_bytes: false\ndetector:\n  threshold: 0.5\n")
+    rc, _, err = cli(monkeypatch, capsys, "label", data, "-o", out, *CHEAP, "--config", cfg)
+    one_line_error(rc, err, "decode.keep_image_bytes is True there, False in this job", "and 1 more")
+    assert _tree(out) == committed
+    # the same settings resume; --overwrite relabels with the new ones
+    rc, out_text, err = cli(monkeypatch, capsys, "label", data, "-o", out, *CHEAP)
+    assert rc == 0, err
+    assert "0 shards written, 2 already committed" in out_text
+    rc, out_text, err = cli(monkeypatch, capsys, "label", data, "-o", out, *CHEAP, "--seed", "7", "--overwrite")
+    assert rc == 0, err
+    assert "2 shards written" in out_text
+
+
+def test_model_path_change_is_refused_though_only_its_name_is_published(tmp_path, monkeypatch, capsys):
+    from vesl.errors import UserError
+    from vesl.pipeline.config import LabelConfig
+    from vesl.pipeline.job import check_same_paths, job_provenance, write_job_file
+
+    a = tmp_path / "models_a" / "captioner"
+    a.mkdir(parents=True)
+    out = tmp_path / "out"
+    cfg = LabelConfig(inputs=["synth://3"], output=str(out), captioner={"spec": f"hf:{a}"},
+                      detector={"spec": f"owlv2:{tmp_path}/models_a/detector"})
+    prov = json.dumps(job_provenance(cfg, []))
+    assert str(tmp_path) not in prov
+    assert '"spec": "hf:captioner"' in prov
+    out.mkdir()
+    write_job_file(cfg)
+    (out / "part-00000.stats.json").write_text("{}")  # a committed shard
+    other = cfg.model_copy(update={"captioner": cfg.captioner.model_copy(update={"spec": f"hf:{tmp_path}/b/captioner"})})
+    with pytest.raises(UserError, match="captioner.spec"):
+        check_same_paths(other)
+    check_same_paths(cfg)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_fails_the_shard_and_the_rerun_retries(tmp_path, monkeypatch, capsys):
+    data = _synth(monkeypatch, capsys, tmp_path / "data", n=6, size=3)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("captioner:\n  max_retries: 0\n  timeout_s: 2\n")
+    dead = f"openai:http://127.0.0.1:{_free_port()}/v1#m"
+    out = tmp_path / "out"
+    args = ("label", data, "-o", out, "--captioner", dead, "--detector", "none", "--no-progress", "--config", cfg)
+    rc, text, err = cli(monkeypatch, capsys, *args)
+    assert rc == 1, text + err
+    assert "ConnectError" in err
+    assert not list(out.glob("*.stats.json"))  # nothing committed: no shard of ConnectError rows
+    assert "0 shards written" in text
+    rc, text, err = cli(monkeypatch, capsys, *args)  # the rerun retries (still down)
+    assert rc == 1
+    assert "0 shards written, 0 already committed" in text
+
+
+def test_publish_refuses_a_shard_whose_bytes_do_not_match_its_stats(tmp_path, monkeypatch, capsys):
+    data = _synth(monkeypatch, capsys, tmp_path / "data")
+    out = tmp_path / "out"
+    assert cli(monkeypatch, capsys, "label", data, "-o", out, *CHEAP)[0] == 0
+    shard = out / "part-00001.parquet"
+    pq.write_table(pq.read_table(shard).slice(0, 1), shard)  # valid rows, other bytes
+    rc, _, err = cli(monkeypatch, capsys, "validate", out)
+    assert rc == 1
+    rc, _, err = cli(monkeypatch, capsys, "publish", out, "--name", "x", "--license", "MIT")
+    assert rc == 2
+    assert "sha256" in err
+    assert not (out / "README.md").exists()
+
+
+# ------------------------------------------------------------------ defect 3: one writer, damaged shards redone
+
+
+def test_a_second_job_on_a_held_output_is_refused(tmp_path, monkeypatch, capsys):
+    from vesl.pipeline.lock import LOCK_NAME
+
+    data = _synth(monkeypatch, capsys, tmp_path / "data")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".part-00000.parquet.0123.tmp").write_bytes(b"the other job's temp file")
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": "abc123", "started": 0}
+    (out / LOCK_NAME).write_text(json.dumps(holder))
+    rc, _, err = cli(monkeypatch, capsys, "label", data, "-o", out, *CHEAP)
+    one_line_error(rc, err, "another vesl job", f"pid {os.getpid()}", "run abc123")
+    assert (out / ".part-00000.parquet.0123.tmp").exists()  # its temp file is left alone
+    assert not list(out.glob("*.stats.json"))
+
+    # a lock left by a dead process is taken over
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / LOCK_NAME).write_text(json.dumps({**holder, "pid": int(dead.stdout)}))
+    rc, _, err = cli(monkeypatch, capsys, "label", data, "-o", out, *CHEAP)
+    assert rc == 0, err
+    assert not (out / LOCK_NAME).exists()  # released at the end
+    assert len(list(out.glob("*.stats.json"))) == 2
+
+
+def test_two_concurrent_jobs_one_is_refused(tmp_path, monkeypatch, capsys):
+    from vesl.errors import UserError
+    from vesl.pipeline.lock import acquire, release
+
+    out = tmp_path / "out"
+    path, run_id = acquire(str(out))
+    with pytest.raises(UserError, match="another vesl job"):
+        acquire(str(out))
+    release(path, run_id)
+    path2, run_id2 = acquire(str(out))
+    assert run_id2 != run_id
+    release(path2, run_id2)
+
+
+def test_rerun_redoes_a_committed_shard_whose_bytes_changed(tmp_path, monkeypatch, capsys):
+    data = _synth(monkeypatch, capsys, tmp_path / "data")
+    out = tmp_path / "out"
+    assert cli(monkeypatch, capsys, "label", data, "-o", out, *CHEAP)[0] == 0
+    good = (out / "part-00000.parquet").read_bytes()
+    pq.write_table(pq.read_table(out / "part-00000.parquet").slice(0, 1), out / "part-00000.parquet")
+    rc, text, err = cli(monkeypatch, capsys, "label", data, "-o", out, *CHEAP)
+    assert rc == 0, err
+    assert "1 shards written, 1 already committed" in text
+    assert (out / "part-00000.parquet").read_bytes() == good
+    assert cli(monkeypatch, capsys, "validate", out)[0] == 0
+
+
+# ------------------------------------------------------------------ defects 6, 7: config ranges, output paths
+
+
+@pytest.mark.parametrize(
+    "yaml_text",
+    [
+        "phrases:\n  batch_size: -3\n",
+        "decode:\n  max_image_pixels: -1\n",
+        "decode:\n  max_caption_chars: -1\n",
+        "source:\n  image_extensions: []\n",
+        "decode:\n  batch_size: 0\n",
+        "captioner:\n  batch_size: 0\n",
+        "detector:\n  batch_size: -1\n",
+        "detector:\n  threshold: .nan\n",
+        "detector:\n  threshold: 1e400\n",
+        "captioner:\n  max_concurrent_requests: -4\n",
+        "phrases:\n  max_phrases: -1\n",
+    ],
+)
+def test_out_of_range_config_is_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys, yaml_text):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    out = tmp_path / "out"
+    rc, _, err = cli(monkeypatch, capsys, "label", "synth://3", "-o", out, *CHEAP, "--config", cfg)
+    one_line_error(rc, err, "invalid config")
+    assert not out.exists()
+
+
+def test_limit_out_of_range_is_one_line(tmp_path, monkeypatch, capsys):
+    for value in ("1e20", "100000000000000000000", "0"):
+        rc, _, err = cli(monkeypatch, capsys, "label", "synth://3", "-o", tmp_path / "out", *CHEAP, "--limit", value)
+        one_line_error(rc, err, "--limit")
+
+
+def test_output_path_mistakes_are_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    rc, _, err = cli(monkeypatch, capsys, "label", "synth://3", "-o", afile / "sub", *CHEAP)
+    one_line_error(rc, err, "is a file")
+    rc, _, err = cli(monkeypatch, capsys, "synth", "--n", "2", "--out", afile)
+    one_line_error(rc, err, "is a file")
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            rc, _, err = cli(monkeypatch, capsys, "label", "synth://3", "-o", ro / "out", *CHEAP)
+            one_line_error(rc, err, "not writable")
+        finally:
+            ro.chmod(0o700)
+
+
+def test_show_and_export_to_an_existing_file_are_one_line(tmp_path, monkeypatch, capsys):
+    from tests.region_dataset import write_synth_region_dataset
+
+    d = write_synth_region_dataset(tmp_path / "d", n_images=3)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    rc, _, err = cli(monkeypatch, capsys, "show", d, "--out", afile)
+    one_line_error(rc, err, "is a file")
+    rc, _, err = cli(monkeypatch, capsys, "export", d, "--format", "coco", "--out", afile)
+    one_line_error(rc, err, "is a file")
+
+
+def test_bad_model_spec_leaves_no_output_directory(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    rc, _, err = cli(monkeypatch, capsys, "label", "synth://3", "-o", out, "--captioner", "nope:x", "--detector", "none",
+                     "--no-progress")
+    one_line_error(rc, err, "captioner")
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ defects 5, 8: hostile samples, corrupt datasets
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_deeply_nested_sidecar_is_an_error_row_and_the_rest_commit(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    _tar(data / "00000.tar", [
+        ("a.png", _png()), ("a.txt", b"a red square"),
+        ("b.png", _png()), ("b.json", b"[" * 100_000),
+        ("c.png", _png()), ("c.txt", b"a blue square"),
+    ])
+    out = tmp_path / "out"
+    rc, _, err = cli(monkeypatch, capsys, "label", data, "-o", out, *CHEAP)
+    assert rc == 0, err
+    assert [r["key"] for r in pq.read_table(out / "part-00000.parquet").to_pylist()] == ["a", "c"]
+    [e] = pq.read_table(out / "part-00000.errors.parquet").to_pylist()
+    assert (e["key"], e["error_type"]) == ("b", "BadJson")
+
+
+def test_oversized_tar_member_is_skipped_unread(tmp_path):
+    from vesl.pipeline.config import SourceConfig
+    from vesl.pipeline.sources import list_shards, read_shard
+
+    _tar(tmp_path / "x.tar", [("a.png", _png()), ("a.txt", b"x" * 5000), ("b.png", _png()), ("b.txt", b"fine")])
+    cfg = SourceConfig(max_file_bytes=4096)
+    [ref] = list_shards([str(tmp_path / "x.tar")], cfg)
+    a, b = read_shard(ref, cfg)
+    assert a.error.error_type == "FileTooLarge"
+    assert "5000 bytes" in a.error.message
+    assert b.ok
+    assert b.alt_text == "fine"
+
+
+def test_truncated_parquet_is_a_finding_for_validate_and_one_line_elsewhere(tmp_path, monkeypatch, capsys):
+    data = _synth(monkeypatch, capsys, tmp_path / "data")
+    out = tmp_path / "out"
+    assert cli(monkeypatch, capsys, "label", data, "-o", out, *CHEAP)[0] == 0
+    shard = out / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:100])
+    from vesl.schemas import region_text
+
+    kinds = {v.kind for v in region_text.validate(out)}
+    assert {"unreadable", "sha256"} <= kinds
+    rc, text, _ = cli(monkeypatch, capsys, "validate", out)
+    assert rc == 1
+    assert "[unreadable]" in text
+    rc, _, err = cli(monkeypatch, capsys, "validate", out / "part-00000.stats.json")
+    assert rc == 1
+    for cmd in (("inspect", out), ("publish", out, "--name", "x", "--license", "MIT"),
+                ("export", out, "--format", "coco", "--out", tmp_path / "coco")):
+        rc, _, err = cli(monkeypatch, capsys, *cmd)
+        assert rc == 2, (cmd, err)
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith("error: ")
+    shard.unlink()
+    assert "missing_file" in {v.kind for v in region_text.validate(out)}
+    rc, _, err = cli(monkeypatch, capsys, "inspect", out)
+    one_line_error(rc, err, "part-00000.parquet")
+
+
+def test_truncated_tar_with_limit_is_one_line(tmp_path, monkeypatch, capsys):
+    data = _synth(monkeypatch, capsys, tmp_path / "data")
+    tar = data / "00000.tar"
+    tar.write_bytes(tar.read_bytes()[:700])
+    rc, _, err = cli(monkeypatch, capsys, "label", data, "-o", tmp_path / "out", *CHEAP, "--limit", "4")
+    assert rc in (1, 2), err
+    assert "Traceback" not in err
+    assert len([ln for ln in err.splitlines() if ln.startswith("error: ")]) <= 1
+
+
+# ------------------------------------------------------------------ no local paths in what is published
+
+
+def test_published_files_show_no_local_path(tmp_path, monkeypatch, capsys):
+    data = _synth(monkeypatch, capsys, tmp_path / "data")
+    out = tmp_path / "out"
+    assert cli(monkeypatch, capsys, "label", data, "-o", out, *CHEAP)[0] == 0
+    rc, _, err = cli(monkeypatch, capsys, "publish", out, "--name", "x", "--license", "MIT")
+    assert rc == 0, err
+    rows = pq.read_table(out / "part-00000.parquet").to_pylist()
+    assert {r["source_shard"] for r in rows} == {"data/00000.tar"}
+    needle = str(tmp_path).encode()
+    leaks = [p.name for p in out.rglob("*") if p.is_file() and not p.name.startswith(".") and needle in p.read_bytes()]
+    assert leaks == []
+    assert str(tmp_path) not in json.dumps(pq.read_schema(out / "part-00000.parquet").metadata[b"vesl.provenance"].decode())
+
+
+def test_card_escapes_html_and_markdown(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    _tar(data / "00000.tar", [("a.png", _png()), ("a.txt", b"the red circle</td></tr><script>alert(1)</script> | x")])
+    out = tmp_path / "out"
+    assert cli(monkeypatch, capsys, "label", data, "-o", out, *CHEAP)[0] == 0
+    rc, _, err = cli(monkeypatch, capsys, "publish", out, "--name", "<script>alert(2)</script>", "--license", "MIT")
+    assert rc == 0, err
+    card = (out / "README.md").read_text()
+    body = card.split("---", 2)[2]
+    assert "<script>" not in body
+    assert "&lt;script&gt;alert(2)&lt;/script&gt;" in body
+
+
+def test_card_tables_escape_hostile_phrases_and_error_types(tmp_path):
+    from vesl.pipeline.publish import publish
+    from vesl.pipeline.stage import Region, Sample, SampleError
+    from vesl.pipeline.writer import write_shard
+    from vesl.schemas.manifest import write_manifest
+
+    hostile = "the red circle</td></tr><script>alert(1)</script>"
+    caption = f"{hostile} | and more"
+    samples = [
+        Sample(key="a", source_shard="in/x.tar", index=0, image_bytes=_png(), width=32, height=24, alt_text="x",
+               caption=caption, caption_source="vlm", regions=[Region(hostile, 0, len(hostile), (0.1, 0.1, 0.5, 0.5), 0.9)]),
+        Sample(key="b", source_shard="in/x.tar", index=1,
+               error=SampleError("decode", "<img src=x onerror=alert(3)>", "bad")),
+    ]
+    write_shard(tmp_path, "part-00000", "in/x.tar", samples, {"captioner": {"spec": "<b>x</b>"}})
+    write_manifest(tmp_path)
+    card = publish(tmp_path, name="n", license_id="MIT").card.read_text()
+    body = card.split("---", 2)[2]
+    for raw in ("<script>", "</td>", "<img", "<b>"):
+        assert raw not in body
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in body
