@@ -255,8 +255,61 @@ def check_same_settings(cfg: LabelConfig, stats: dict[str, Any]) -> None:
 JOB_FILE = ".vesl-job.json"  # hidden: what resume needs that a published dataset must not show
 
 
+_COMPARED_PATHS = ("captioner.spec", "detector.spec")
+
+
 def _private_settings(cfg: LabelConfig) -> dict[str, Any]:
-    return {"captioner.spec": redact(cfg.captioner.spec), "detector.spec": redact(cfg.detector.spec)}
+    return {"captioner.spec": redact(cfg.captioner.spec), "detector.spec": redact(cfg.detector.spec),
+            "input_roots": input_roots(cfg.inputs)}
+
+
+def input_roots(inputs: list[str]) -> list[str]:
+    """Real local directories the inputs name (a directory, a glob's fixed directory, a file's folder):
+    where a dataset's ``image_uri`` values may point."""
+    from vesl.pipeline.sources import _glob_root
+
+    roots = []
+    for raw in inputs:
+        if "://" in raw:
+            continue
+        path = os.path.abspath(raw)
+        if any(c in path for c in "*?["):
+            path = _glob_root(path)
+        elif not os.path.isdir(path):
+            path = os.path.dirname(path)
+        roots.append(os.path.realpath(path))
+    return sorted(set(roots))
+
+
+def image_uri_roots(dataset_dir: str | os.PathLike) -> list[str]:
+    """Where ``show``/``export`` may read a row's ``image_uri``: the dataset directory and the input
+    roots its job recorded (in the hidden job file, never published)."""
+    roots = [os.path.realpath(dataset_dir)]
+    try:
+        with open(os.path.join(dataset_dir, JOB_FILE), encoding="utf-8") as f:
+            stored = json.load(f)
+        roots += [r for r in stored.get("input_roots", []) if isinstance(r, str)]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return roots
+
+
+def image_uri_allowed(uri: str, roots: list[str]) -> bool:
+    """A local path inside one of ``roots`` (links resolved); URLs never."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    elif "://" in uri:
+        return False
+    real = os.path.realpath(uri)
+    return any(real == r or real.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def confine_row(row: dict[str, Any], roots: list[str] | None) -> dict[str, Any]:
+    """``row`` without an ``image_uri`` outside ``roots`` (None: any allowed), so nothing reads it."""
+    uri = row.get("image_uri")
+    if roots is None or row.get("image") is not None or not uri or image_uri_allowed(uri, roots):
+        return row
+    return {**row, "image_uri": None}
 
 
 def check_same_paths(cfg: LabelConfig) -> None:
@@ -272,7 +325,9 @@ def check_same_paths(cfg: LabelConfig) -> None:
         return
     if not isinstance(stored, dict) or not committed_any(cfg.output):
         return
-    diffs = settings_difference(stored, _private_settings(cfg))
+    current = _private_settings(cfg)
+    diffs = settings_difference({k: stored.get(k) for k in _COMPARED_PATHS if k in stored},
+                                {k: current[k] for k in _COMPARED_PATHS if k in stored})
     if diffs:
         raise _differs(cfg, diffs)
 

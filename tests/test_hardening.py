@@ -483,3 +483,44 @@ def test_card_tables_escape_hostile_phrases_and_error_types(tmp_path):
     for raw in ("<script>", "</td>", "<img", "<b>"):
         assert raw not in body
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in body
+
+
+# ------------------------------------------------------------------ risks: image_uri confinement in show/export
+
+
+def test_show_and_export_read_image_uris_only_inside_the_dataset_and_its_inputs(tmp_path, monkeypatch, capsys):
+    from vesl.pipeline.stage import Sample
+    from vesl.pipeline.writer import write_shard
+    from vesl.schemas.manifest import write_manifest
+
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(_png((9, 9, 9)))
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "inside.png").write_bytes(_png((1, 200, 1)))
+    uris = [str(d / "inside.png"), str(outside), f"http://127.0.0.1:{_free_port()}/x.png"]
+    samples = [Sample(key=f"k{i}", source_shard="x", index=i, image_uri=u, width=32, height=24, alt_text="a",
+                      caption="a", caption_source="alt_text") for i, u in enumerate(uris)]
+    write_shard(d, "part-00000", "x", samples, {}, keep_image_bytes=False)
+    write_manifest(d)
+    rc, text, err = cli(monkeypatch, capsys, "export", d, "--format", "coco", "--out", tmp_path / "coco")
+    assert rc == 0, err
+    assert "1 images" in text
+    assert [p.read_bytes() for p in (tmp_path / "coco" / "images").iterdir()] == [(d / "inside.png").read_bytes()]
+    rc, text, err = cli(monkeypatch, capsys, "export", d, "--format", "coco", "--out", tmp_path / "coco2",
+                        "--allow-any-image-uri")
+    assert rc == 0, err
+    assert "2 images" in text  # the outside file now; the URL is unreachable
+
+    # a job's own inputs are allowed: an image folder labeled without keeping the bytes
+    imgs = tmp_path / "in" / "imgs"
+    imgs.mkdir(parents=True)
+    (imgs / "a.png").write_bytes(_png())
+    (imgs / "a.txt").write_text("a red square")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("decode:\n  keep_image_bytes: false\n")
+    out = tmp_path / "out"
+    assert cli(monkeypatch, capsys, "label", tmp_path / "in", "-o", out, *CHEAP, "--config", cfg)[0] == 0
+    rc, text, err = cli(monkeypatch, capsys, "export", out, "--format", "wds", "--out", tmp_path / "wds")
+    assert rc == 0, err
+    assert "1 images" in text
