@@ -524,3 +524,96 @@ def test_show_and_export_read_image_uris_only_inside_the_dataset_and_its_inputs(
     rc, text, err = cli(monkeypatch, capsys, "export", out, "--format", "wds", "--out", tmp_path / "wds")
     assert rc == 0, err
     assert "1 images" in text
+
+
+# ------------------------------------------------------------------ defects 4, 9: the trainer
+
+
+def _train_cfg(root: Path, **kw):
+    from vesl.pretrain.train import TrainConfig
+
+    base = {"data": str(root / "data"), "out": str(root / "run"), "model": "vesl-micro-vit", "batch_size": 4,
+            "workers": 0, "epochs": 1, "lr": 1e-3, "warmup": 0, "log_every": 1, "save_every": 1000,
+            "tensorboard": False}
+    return TrainConfig(**{**base, **kw})
+
+
+def test_usable_box_drops_non_finite_inverted_and_out_of_range():
+    from vesl.pretrain.data import usable_box
+
+    assert usable_box([0.1, 0.1, 0.5, 0.5])
+    for bad in ([0, 0, float("inf"), 1], [0, 0, float("nan"), 1], [0.5, 0, 0.1, 1], [0, 0, 1e30, 1],
+                [-1e30, 0, 0.5, 1], [0.2, 0.2, 0.2, 0.5], None):
+        assert not usable_box(bad)
+
+
+def test_trainer_never_trains_on_an_inf_box(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.pretrain_data import write_shards
+    from vesl.pretrain.train import train
+
+    torch.set_num_threads(1)
+    [p] = write_shards(tmp_path / "data", 8, n_files=1, row_group_size=8)
+    rows = pq.read_table(p).to_pylist()
+    rows[0]["regions"][0]["box"] = [0.0, 0.0, float("inf"), 1.0]
+    pq.write_table(pq.read_table(p).from_pylist(rows, schema=pq.read_schema(p)), p)
+    run = train(_train_cfg(tmp_path, max_steps=2))
+    logged = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert all(np_finite(r["loss"]) for r in logged)
+    [ck] = list((run / "checkpoints").iterdir())
+    weights = load_file(str(ck / "model.safetensors"))
+    assert all(bool(torch.isfinite(t).all()) for t in weights.values())
+
+
+def np_finite(v: float) -> bool:
+    import math
+
+    return math.isfinite(v)
+
+
+def test_a_non_finite_loss_stops_with_one_line_and_no_checkpoint(tmp_path):
+    import torch
+
+    from tests.pretrain_data import write_shards
+    from vesl.errors import UserError
+    from vesl.pretrain.train import train
+
+    torch.set_num_threads(1)
+    write_shards(tmp_path / "data", 16, n_files=1, row_group_size=4)
+    with pytest.raises(UserError, match="not finite") as e:
+        train(_train_cfg(tmp_path, lr=1e38, max_steps=4, grad_clip=0))
+    assert len(str(e.value).splitlines()) == 1
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_trainer_input_errors_are_one_line(tmp_path):
+    import pickle
+
+    import torch
+
+    from tests.pretrain_data import write_shards
+    from vesl.errors import UserError
+    from vesl.pretrain.train import load_optimizer_state, load_weights, train
+
+    [p] = write_shards(tmp_path / "data", 4, n_files=1)
+    good = p.read_bytes()
+    p.write_bytes(good[: len(good) // 2])
+    with pytest.raises(UserError, match="not a readable Parquet file") as e:
+        train(_train_cfg(tmp_path, max_steps=1))
+    assert str(p) in str(e.value)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    fake = tmp_path / "model.safetensors"
+    fake.write_bytes(pickle.dumps({"w": Payload()}))
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        load_weights(torch.nn.Linear(2, 2), fake)
+    opt = tmp_path / "optimizer.pt"
+    torch.save({"optimizer": Payload()}, opt)
+    with pytest.raises(UserError, match="tensors-only optimizer state"):
+        load_optimizer_state(opt, "cpu")
+    assert not (tmp_path / "pwned").exists()
