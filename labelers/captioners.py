@@ -126,11 +126,8 @@ class _Captioner:
 
     def __getstate__(self) -> dict:
         # Engines pickle stages to ship them to workers; loaded models, clients and keys stay behind.
-        state = {k: (None if k in ("_model", "_processor", "_llm", "_client", "_secret") else v)
-                 for k, v in self.__dict__.items()}
-        if "_breaker" in state:
-            state["_breaker"] = _Breaker(self.cfg.breaker_failures, self.cfg.breaker_cooldown_s)
-        return state
+        return {k: (None if k in ("_model", "_processor", "_llm", "_client", "_secret") else v)
+                for k, v in self.__dict__.items()}
 
     def _prompts(self, items: list[tuple[Sample, Any]], control_tokens: frozenset[str] = frozenset()) -> list[str]:
         return [render_prompt(self.cfg.prompt_template, s.alt_text, control_tokens) for s, _ in items]
@@ -512,6 +509,12 @@ class _Breaker:
         self._opened_at: float | None = None
         self._last = ""
         self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {"threshold": self.threshold, "cooldown_s": self.cooldown_s}  # a worker starts closed
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["threshold"], state["cooldown_s"])
 
     def open_because(self) -> str | None:
         with self._lock:

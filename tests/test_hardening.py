@@ -617,3 +617,22 @@ def test_trainer_input_errors_are_one_line(tmp_path):
     with pytest.raises(UserError, match="tensors-only optimizer state"):
         load_optimizer_state(opt, "cpu")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_distributed_writer_never_commits_a_shard_hit_by_an_infrastructure_failure(tmp_path):
+    """Beam and Ray commit through write_items: an infrastructure failure leaves the shard uncommitted."""
+    from vesl.pipeline.config import LabelConfig
+    from vesl.pipeline.engines.distributed import ShardEnd, write_items
+    from vesl.pipeline.job import ShardTask
+    from vesl.pipeline.sources import ShardRef
+    from vesl.pipeline.stage import Sample, SampleError
+
+    cfg = LabelConfig(inputs=["synth://2"], output=str(tmp_path / "out"))
+    task = ShardTask(ShardRef(0, "synth://2?seed=0&shard_size=2&part=0", "synth"))
+    ok = Sample(key="a", source_shard="s", index=0, width=4, height=4, caption="a", caption_source="alt_text")
+    down = Sample(key="b", source_shard="s", index=1,
+                  error=SampleError("caption", "ConnectError", "connection refused", infrastructure=True))
+    result = write_items(cfg, "part-00000", [[ok, down], ShardEnd(task, 2)], "ray")
+    assert not result["ok"]
+    assert "infrastructure failure" in result["error"]
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.stats.json"))
