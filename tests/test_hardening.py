@@ -636,3 +636,44 @@ def test_distributed_writer_never_commits_a_shard_hit_by_an_infrastructure_failu
     assert not result["ok"]
     assert "infrastructure failure" in result["error"]
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.stats.json"))
+
+
+def test_show_fetches_no_url_unless_allowed(tmp_path, monkeypatch, capsys):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from vesl.pipeline.stage import Sample
+    from vesl.pipeline.writer import write_shard
+    from vesl.schemas.manifest import write_manifest
+
+    hits = []
+    png = _png((5, 5, 250))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        d = tmp_path / "d"
+        url = f"http://127.0.0.1:{srv.server_address[1]}/x.png"
+        write_shard(d, "part-00000", "x", [Sample(key="k", source_shard="x", image_uri=url, width=32, height=24,
+                                                 alt_text="a", caption="a", caption_source="alt_text")], {},
+                    keep_image_bytes=False)
+        write_manifest(d)
+        rc, _, err = cli(monkeypatch, capsys, "show", d, "--out", tmp_path / "g")
+        assert rc == 0, err
+        assert hits == []
+        rc, _, err = cli(monkeypatch, capsys, "show", d, "--out", tmp_path / "g2", "--allow-any-image-uri")
+        assert rc == 0, err
+        assert hits
+        assert set(hits) == {"/x.png"}
+    finally:
+        srv.shutdown()
