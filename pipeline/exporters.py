@@ -95,7 +95,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 def _rows(dataset_dir: Path, allow_any_image_uri: bool = False) -> Iterator[dict[str, Any]]:
     """The dataset's rows; an ``image_uri`` outside the dataset and its job's inputs is dropped (the
     row is then skipped as unreadable) unless ``allow_any_image_uri``."""
-    from vesl.pipeline.job import confine_row, image_uri_roots
+    from vesl.pipeline.confine import confine_row, image_uri_roots
     from vesl.pipeline.publish import iter_rows
 
     roots = None if allow_any_image_uri else image_uri_roots(dataset_dir)

@@ -222,7 +222,7 @@ def render_gallery(
     A row's ``image_uri`` is read only inside the dataset and its job's inputs, unless
     ``allow_any_image_uri`` (other rows show a placeholder).
     """
-    from vesl.pipeline.job import confine_row, image_uri_roots
+    from vesl.pipeline.confine import confine_row, image_uri_roots
 
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from vesl import __version__
 from vesl.errors import UserError
 from vesl.pipeline.config import LabelConfig
+from vesl.pipeline.confine import JOB_FILE, check_not_input, check_output_dir, input_roots
 from vesl.pipeline.writer import read_stats, write_shard
 from vesl.redact import redact
 from vesl.schemas.region_text import SCHEMA_VERSION
@@ -54,53 +55,6 @@ def check_job(cfg: LabelConfig) -> None:
         raise UserError(f"--limit must be >= 1, got {cfg.limit}")
     if "://" not in cfg.output:
         check_output_dir(cfg.output, "--output")
-
-
-def check_output_dir(path: str | os.PathLike, flag: str = "--output") -> None:
-    """One line, before any work, for an output directory that cannot be written: it (or a parent)
-    is a file, or the nearest existing directory is not writable."""
-    p = os.path.abspath(os.fspath(path))
-    if os.path.exists(p) and not os.path.isdir(p):
-        raise UserError(f"{flag} {path} is a file: pass a directory (new or from an earlier run)")
-    probe = p
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe):
-        raise UserError(f"{flag} {path}: {probe} is a file, not a directory; pick another output path")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: {probe} is not writable by this user; pick a writable output path")
-
-
-def check_not_input(cfg: LabelConfig, refs: list[ShardRef]) -> None:
-    """The output must never overwrite or be read as an input: refuse an output directory that is an
-    input, lies inside an input directory, or holds an input shard."""
-    if "://" in cfg.output:
-        return
-    out = os.path.realpath(cfg.output)
-
-    def under(path: str, root: str) -> bool:
-        return path == root or path.startswith(root.rstrip("/") + "/")
-
-    for raw in cfg.inputs:
-        if "://" in raw:
-            continue
-        real = os.path.realpath(raw)
-        if os.path.isdir(real) and under(out, real):
-            raise UserError(
-                f"--output {cfg.output} is inside the input directory {raw}: its shards would be read as "
-                "inputs (or overwrite them); pick an output directory outside the inputs"
-            )
-    for ref in refs:
-        if "://" in ref.uri:
-            continue
-        if under(os.path.realpath(ref.uri), out):
-            raise UserError(
-                f"input {ref.source} lies inside --output {cfg.output}: labeling would overwrite it; "
-                "pick an output directory outside the inputs"
-            )
 
 
 def _count(ref: ShardRef, cfg: LabelConfig, at_most: int) -> int:
@@ -252,64 +206,12 @@ def check_same_settings(cfg: LabelConfig, stats: dict[str, Any]) -> None:
         raise _differs(cfg, diffs)
 
 
-JOB_FILE = ".vesl-job.json"  # hidden: what resume needs that a published dataset must not show
-
-
 _COMPARED_PATHS = ("captioner.spec", "detector.spec")
 
 
 def _private_settings(cfg: LabelConfig) -> dict[str, Any]:
     return {"captioner.spec": redact(cfg.captioner.spec), "detector.spec": redact(cfg.detector.spec),
             "input_roots": input_roots(cfg.inputs)}
-
-
-def input_roots(inputs: list[str]) -> list[str]:
-    """Real local directories the inputs name (a directory, a glob's fixed directory, a file's folder):
-    where a dataset's ``image_uri`` values may point."""
-    from vesl.pipeline.sources import _glob_root
-
-    roots = []
-    for raw in inputs:
-        if "://" in raw:
-            continue
-        path = os.path.abspath(raw)
-        if any(c in path for c in "*?["):
-            path = _glob_root(path)
-        elif not os.path.isdir(path):
-            path = os.path.dirname(path)
-        roots.append(os.path.realpath(path))
-    return sorted(set(roots))
-
-
-def image_uri_roots(dataset_dir: str | os.PathLike) -> list[str]:
-    """Where ``show``/``export`` may read a row's ``image_uri``: the dataset directory and the input
-    roots its job recorded (in the hidden job file, never published)."""
-    roots = [os.path.realpath(dataset_dir)]
-    try:
-        with open(os.path.join(dataset_dir, JOB_FILE), encoding="utf-8") as f:
-            stored = json.load(f)
-        roots += [r for r in stored.get("input_roots", []) if isinstance(r, str)]
-    except (OSError, ValueError, AttributeError):
-        pass
-    return roots
-
-
-def image_uri_allowed(uri: str, roots: list[str]) -> bool:
-    """A local path inside one of ``roots`` (links resolved); URLs never."""
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
-    elif "://" in uri:
-        return False
-    real = os.path.realpath(uri)
-    return any(real == r or real.startswith(r.rstrip("/") + "/") for r in roots)
-
-
-def confine_row(row: dict[str, Any], roots: list[str] | None) -> dict[str, Any]:
-    """``row`` without an ``image_uri`` outside ``roots`` (None: any allowed), so nothing reads it."""
-    uri = row.get("image_uri")
-    if roots is None or row.get("image") is not None or not uri or image_uri_allowed(uri, roots):
-        return row
-    return {**row, "image_uri": None}
 
 
 def check_same_paths(cfg: LabelConfig) -> None:

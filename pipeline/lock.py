@@ -118,7 +118,7 @@ def output_lock(out_dir: str) -> Iterator[str | None]:
 
 def _remove_if_unused(out_dir: str) -> None:
     """Remove a directory this job created if it holds no data (the job stopped before writing any)."""
-    from vesl.pipeline.job import JOB_FILE
+    from vesl.pipeline.confine import JOB_FILE
 
     try:
         names = os.listdir(out_dir)

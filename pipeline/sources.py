@@ -148,7 +148,7 @@ def _kind_of_file(path: str) -> str | None:
     return None
 
 
-def _glob_root(path: str) -> str:
+def glob_root(path: str) -> str:
     """The fixed directory of a glob: ``/data/in/*/x*.tar`` -> ``/data/in``."""
     head = path[: min(path.index(c) for c in "*?[" if c in path)]
     return posixpath.dirname(head) if not head.endswith("/") else head.rstrip("/") or "/"
@@ -160,7 +160,7 @@ def _expand(raw: str, cfg: SourceConfig) -> list[tuple[str, str, str]]:
         return [(u, k, "") for u, k in _expand_synth(raw)]
     fs, path = url_to_fs(raw)
     if any(c in path for c in "*?["):
-        root = _glob_root(path)
+        root = glob_root(path)
         matches = sorted(fs.glob(path))
         if not matches:
             raise UserError(f"glob {raw!r} matches nothing: check the pattern")

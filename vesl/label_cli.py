@@ -254,7 +254,7 @@ def synth(
         raise UserError(f"--format {fmt!r} is not supported: use one of {', '.join(SYNTH_FORMATS)}")
     if n < 1 or shard_size < 1:
         raise UserError("--n and --shard-size must be >= 1")
-    from vesl.pipeline.job import check_output_dir
+    from vesl.pipeline.confine import check_output_dir
 
     check_output_dir(out, "--out")
     scenes = synthetic.make_scenes(n, seed)

@@ -50,8 +50,8 @@ def show_cmd(
     ),
 ) -> None:
     """Render an HTML gallery and a PNG contact sheet (boxes, phrases, highlighted captions); prints the path."""
+    from vesl.pipeline.confine import check_output_dir
     from vesl.pipeline.gallery import render_gallery
-    from vesl.pipeline.job import check_output_dir
 
     check_output_dir(out or Path(dataset_dir) / "gallery", "--out")
     page, png = render_gallery(
@@ -71,8 +71,8 @@ def export_cmd(
     ),
 ) -> None:
     """Export to WebDataset, COCO or ODVG (Grounding DINO) after validating the data."""
+    from vesl.pipeline.confine import check_output_dir
     from vesl.pipeline.exporters import export
-    from vesl.pipeline.job import check_output_dir
     from vesl.pipeline.publish import InvalidDataset
 
     check_output_dir(out, "--out")
