@@ -677,3 +677,36 @@ def test_show_fetches_no_url_unless_allowed(tmp_path, monkeypatch, capsys):
         assert set(hits) == {"/x.png"}
     finally:
         srv.shutdown()
+
+
+def test_cuda_out_of_memory_on_one_sample_fails_the_shard_not_the_sample():
+    """OOM on a batch is retried per sample; OOM on a single sample is the device's failure."""
+    import torch
+
+    from vesl.pipeline.stage import Sample, StageResources, apply_stage, infrastructure_failure
+
+    class Stage:
+        name = "detect"
+        resources = StageResources(batch_size=4)
+
+        def __init__(self, max_ok: int):
+            self.max_ok = max_ok
+
+        def __call__(self, batch):
+            if len(batch) > self.max_ok:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            for s in batch:
+                s.caption = "done"
+            return batch
+
+    samples = [Sample(key=f"k{i}", source_shard="s", index=i) for i in range(3)]
+    apply_stage(Stage(max_ok=1), samples)  # the batch is too big, one at a time fits
+    assert all(s.ok and s.caption == "done" for s in samples)
+    assert infrastructure_failure(samples) is None
+
+    samples = [Sample(key=f"k{i}", source_shard="s", index=i) for i in range(3)]
+    apply_stage(Stage(max_ok=0), samples)  # not even one sample fits
+    broken = infrastructure_failure(samples)
+    assert broken is not None
+    assert broken.error_type == "OutOfMemoryError"
+    assert all(s.error.infrastructure for s in samples)
