@@ -39,7 +39,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from vesl.errors import UserError
 from vesl.pipeline.config import SourceConfig
-from vesl.pipeline.stage import Sample, fail
+from vesl.pipeline.stage import SOURCE_PATH_KEY, Sample, fail
 
 READ_STAGE = "read"
 SYNTH_SCHEME = "synth://"
@@ -455,7 +455,8 @@ def _parquet_sample(
         if resolved is None:
             return _error_sample(
                 key, ref, row, "PathOutsideInput",
-                f"image path {rel!r} leaves the parquet file's directory {base_dir}; only files under it are read",
+                f"image path {rel!r} leaves the parquet file's directory {source_label(base_dir, ref.root)}; "
+                "only files under it are read",
                 alt_text=alt_text,
             )
         uri = _uri(fs, resolved)
@@ -465,7 +466,9 @@ def _parquet_sample(
             with fs.open(resolved, "rb") as f:
                 data = f.read()
         except OSError as exc:
-            return _error_sample(key, ref, row, "ReadError", f"cannot read image {rel!r}: {exc}", alt_text=alt_text)
+            return _error_sample(key, ref, row, "ReadError", f"cannot read image {rel!r}: {_os_reason(exc)}", alt_text=alt_text)
+    if uri is not None:
+        meta[SOURCE_PATH_KEY] = source_label(uri, ref.root)
     return Sample(key=key, source_shard=ref.source, index=row, image_bytes=data, image_uri=uri, alt_text=alt_text, meta=meta)
 
 
@@ -530,12 +533,17 @@ def _read_folder(ref: ShardRef, cfg: SourceConfig) -> Iterator[Sample]:
         try:
             data = fs.cat_file(img_path)
         except OSError as exc:
-            yield _error_sample(key, ref, index, "ReadError", f"cannot read {posixpath.basename(img_path)}: {exc}", alt_text=alt_text)
+            yield _error_sample(key, ref, index, "ReadError", f"cannot read {posixpath.basename(img_path)}: {_os_reason(exc)}", alt_text=alt_text)
             continue
         yield Sample(
             key=key, source_shard=ref.source, index=index, image_bytes=data, image_uri=_uri(fs, img_path),
-            alt_text=alt_text, meta={"format": images[0]},
+            alt_text=alt_text, meta={"format": images[0], SOURCE_PATH_KEY: source_label(img_path, ref.root or path)},
         )
+
+
+def _os_reason(exc: OSError) -> str:
+    """An OSError without the absolute path it names (error rows are published)."""
+    return exc.strerror or type(exc).__name__
 
 
 def _too_big(fs: fsspec.AbstractFileSystem, path: str, cfg: SourceConfig, size: int | None = None) -> bool:

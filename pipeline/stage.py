@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+# Sample.meta key set by the sources: the image file relative to the input's parent. The writer stores it
+# as ``image_uri`` when the image bytes are kept, so published rows never show the local file system.
+SOURCE_PATH_KEY = "source_path"
+
 
 @dataclass(frozen=True)
 class Phrase:

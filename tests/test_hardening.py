@@ -710,3 +710,23 @@ def test_cuda_out_of_memory_on_one_sample_fails_the_shard_not_the_sample():
     assert broken is not None
     assert broken.error_type == "OutOfMemoryError"
     assert all(s.error.infrastructure for s in samples)
+
+
+def test_image_folder_rows_show_no_local_path_when_bytes_are_kept(tmp_path, monkeypatch, capsys):
+    imgs = tmp_path / "in" / "imgs"
+    imgs.mkdir(parents=True)
+    (imgs / "a.png").write_bytes(_png())
+    (imgs / "a.txt").write_text("a red square")
+    out = tmp_path / "out"
+    assert cli(monkeypatch, capsys, "label", tmp_path / "in", "-o", out, *CHEAP)[0] == 0
+    [row] = pq.read_table(out / "part-00000.parquet").to_pylist()
+    assert (row["source_shard"], row["image_uri"]) == ("in/imgs", "in/imgs/a.png")
+    needle = str(tmp_path).encode()
+    assert [p.name for p in out.iterdir() if not p.name.startswith(".") and needle in p.read_bytes()] == []
+    # without the bytes the row keeps the full path: loading the image needs it
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("decode:\n  keep_image_bytes: false\n")
+    assert cli(monkeypatch, capsys, "label", tmp_path / "in", "-o", tmp_path / "out2", *CHEAP, "--config", cfg)[0] == 0
+    [row] = pq.read_table(tmp_path / "out2" / "part-00000.parquet").to_pylist()
+    assert row["image"] is None
+    assert row["image_uri"] == str(imgs / "a.png")
