@@ -730,3 +730,18 @@ def test_image_folder_rows_show_no_local_path_when_bytes_are_kept(tmp_path, monk
     [row] = pq.read_table(tmp_path / "out2" / "part-00000.parquet").to_pylist()
     assert row["image"] is None
     assert row["image_uri"] == str(imgs / "a.png")
+
+
+def test_query_and_url_credentials_never_reach_provenance_or_the_job_file(tmp_path):
+    from vesl.labelers.captioners import make_captioner
+    from vesl.pipeline.config import LabelConfig
+    from vesl.pipeline.job import job_provenance, write_job_file
+
+    spec = "openai:https://user:secretpw@host:8443/v1?api_key=querysecret&x=1#m"
+    cfg = LabelConfig(inputs=["synth://3"], output=str(tmp_path), captioner={"spec": spec})
+    text = json.dumps(job_provenance(cfg, [make_captioner(cfg.captioner)]))
+    write_job_file(cfg)
+    text += (tmp_path / ".vesl-job.json").read_text()
+    assert "secretpw" not in text
+    assert "querysecret" not in text
+    assert "api_key=***" in text
