@@ -83,7 +83,7 @@ def source_label(uri: str, root: str) -> str:
         return posixpath.basename(uri.rstrip("/")) or uri
     parent = posixpath.dirname(posixpath.normpath(root).rstrip("/"))
     rel = posixpath.relpath(posixpath.normpath(uri), parent or "/")
-    return rel if not rel.startswith("..") else posixpath.basename(uri.rstrip("/"))
+    return rel if rel != "." and not rel.startswith("..") else posixpath.basename(uri.rstrip("/")) or uri
 
 
 def _strip_credentials(uri: str) -> str:
