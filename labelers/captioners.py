@@ -24,11 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from vesl.errors import UserError, first_line
+from vesl.errors import InfrastructureError, UserError, first_line
 from vesl.labelers.hub import is_local, pretrained_kwargs, unavailable_reason
 from vesl.labelers.prompts import prompt_hash, render_prompt
 from vesl.pipeline.config import CaptionerConfig
 from vesl.pipeline.stage import Sample, Stage, StageResources, fail
+from vesl.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def make_captioner(cfg: CaptionerConfig, trust_remote_code: bool = False, *, see
         return AltTextCaptioner(cfg)
     backend, sep, target = spec.partition(":")
     if not sep or not target.strip():
-        raise UserError(f"unknown captioner spec {spec!r}: {SPEC_HELP}")
+        raise UserError(f"unknown captioner spec {redact(spec)!r}: {SPEC_HELP}")
     target = target.strip()
     if backend == "hf":
         return HFCaptioner(cfg, target, trust_remote_code=trust)
@@ -52,13 +53,13 @@ def make_captioner(cfg: CaptionerConfig, trust_remote_code: bool = False, *, see
         base_url, _, model = target.partition("#")
         if not model.strip() or not base_url.startswith(("http://", "https://")):
             raise UserError(
-                f"bad openai captioner spec {spec!r}: write openai:<base_url>#<model>, "
+                f"bad openai captioner spec {redact(spec)!r}: write openai:<base_url>#<model>, "
                 "e.g. openai:http://127.0.0.1:8000/v1#Qwen/Qwen2.5-VL-3B-Instruct"
             )
         return OpenAICaptioner(cfg, base_url, model.strip(), seed=seed)
     if backend == "vllm":
         return VLLMCaptioner(cfg, target, trust_remote_code=trust, seed=seed)
-    raise UserError(f"unknown captioner backend {backend!r} in {spec!r}: {SPEC_HELP}")
+    raise UserError(f"unknown captioner backend {backend!r} in {redact(spec)!r}: {SPEC_HELP}")
 
 
 def _resources(cfg: CaptionerConfig) -> StageResources:
@@ -288,15 +289,20 @@ class HFCaptioner(_Captioner):
 
 
 class RequestFailed(Exception):
-    """A caption request that still failed after its retries; ``error_type`` names the last cause."""
+    """A caption request that still failed after its retries; ``error_type`` names the last cause.
 
-    def __init__(self, message: str, error_type: str):
+    ``infrastructure``: the server was unreachable, timed out or answered 429/5xx to every attempt,
+    so the failure says nothing about the sample (its shard is not committed; a rerun retries it).
+    """
+
+    def __init__(self, message: str, error_type: str, infrastructure: bool = False):
         super().__init__(message)
         self.error_type = error_type
+        self.infrastructure = infrastructure
 
 
-def _redact_url(url: str) -> str:
-    """Drop user:password from a URL before it goes into provenance or logs."""
+def _strip_userinfo(url: str) -> str:
+    """Drop user:password from a URL: never sent (httpx would turn it into Basic auth) nor shown."""
     parts = urlsplit(url)
     if parts.username or parts.password:
         netloc = parts.hostname or ""
@@ -304,6 +310,11 @@ def _redact_url(url: str) -> str:
             netloc += f":{parts.port}"
         return urlunsplit(parts._replace(netloc=netloc))
     return url
+
+
+def _redact_url(url: str) -> str:
+    """A URL fit for provenance and logs: no userinfo, no secret query parameters."""
+    return redact(_strip_userinfo(url))
 
 
 def encode_image_data_url(image, quality: int = 95) -> str:
@@ -344,13 +355,15 @@ class OpenAICaptioner(_Captioner):
         backoff_max_s: float = 30.0,
     ):
         super().__init__(cfg, model)
-        self.base_url = base_url.rstrip("/")
+        # only the key the user configured (cfg.api_key_env) authenticates: URL credentials are dropped
+        self.base_url = _strip_userinfo(base_url.rstrip("/"))
         self.url = self.base_url + "/chat/completions"
         self.seed = seed
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self._client = None
         self._secret: str | None = None
+        self._breaker = _Breaker(cfg.breaker_failures, cfg.breaker_cooldown_s)
 
     def setup(self) -> None:
         if self._client is not None:
@@ -386,6 +399,11 @@ class OpenAICaptioner(_Captioner):
         workers = min(max(1, self.cfg.max_concurrent_requests), len(items))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vesl-caption") as pool:
             results = list(pool.map(self._caption_or_error, items, prompts))
+        down = next((e for _, e in results if getattr(e, "infrastructure", False)), None)
+        if down is not None:  # the server, not the samples: the shard must not commit
+            exc = InfrastructureError(f"captioner server {_redact_url(self.base_url)}: {down}")
+            exc.error_type = down.error_type
+            raise exc
         for (s, _), (text, err) in zip(items, results, strict=True):
             if err is not None:
                 fail(s, STAGE_NAME, err, getattr(err, "error_type", None))
@@ -397,10 +415,13 @@ class OpenAICaptioner(_Captioner):
         try:
             return self.caption(item[0].key, item[1], prompt), None
         except Exception as exc:  # becomes this sample's error row
-            return None, RequestFailed(self._scrub(str(exc)), getattr(exc, "error_type", type(exc).__name__))
+            return None, RequestFailed(
+                self._scrub(str(exc)), getattr(exc, "error_type", type(exc).__name__), getattr(exc, "infrastructure", False)
+            )
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._secret, "***") if self._secret else text
+        """No credential of any form (the key, Basic/Bearer values a server echoes, URL secrets)."""
+        return redact(text, self._secret)
 
     def payload(self, image, prompt: str) -> dict:
         return {
@@ -434,6 +455,12 @@ class OpenAICaptioner(_Captioner):
         rng = random.Random(f"{self.seed}:{key}")  # per-sample jitter: deterministic and thread-safe
         attempts = max(0, self.cfg.max_retries) + 1
         for attempt in range(attempts):
+            open_because = self._breaker.open_because()
+            if open_because is not None:  # every recent request failed: don't hammer a dead server
+                raise RequestFailed(
+                    f"circuit open: the last {self._breaker.threshold} requests failed ({open_because})",
+                    "CircuitOpen", infrastructure=True,
+                )
             retry_after = None
             try:
                 resp = self._client.post(self.url, json=body)
@@ -441,15 +468,18 @@ class OpenAICaptioner(_Captioner):
                 error_type, message = type(exc).__name__, f"{type(exc).__name__}: {exc}"
             else:
                 if resp.is_success:
+                    self._breaker.success()
                     return self._parse(resp)
                 error_type = f"HTTP{resp.status_code}"
                 message = f"HTTP {resp.status_code} from {_redact_url(self.url)}: {resp.text[:300]}"
                 if resp.status_code != 429 and resp.status_code < 500:
+                    self._breaker.success()  # the server answered: it is up
                     raise RequestFailed(self._scrub(message), error_type)
                 retry_after = _retry_after(resp.headers.get("retry-after"))
             message = self._scrub(message)
             if attempt + 1 >= attempts:
-                raise RequestFailed(f"{message} (after {attempts} attempts)", error_type)
+                self._breaker.failure(message[:200])
+                raise RequestFailed(f"{message} (after {attempts} attempts)", error_type, infrastructure=True)
             delay = self.backoff(attempt, rng, retry_after)
             log.warning("caption request for %s failed (%s); retry %d/%d in %.2fs",
                         key, message[:200], attempt + 1, attempts - 1, delay)
@@ -464,6 +494,49 @@ class OpenAICaptioner(_Captioner):
                 self._scrub(f"malformed chat completion ({type(exc).__name__}: {exc}): {resp.text[:200]}"),
                 "BadResponse",
             ) from None
+
+
+class _Breaker:
+    """Circuit breaker: after ``threshold`` requests in a row failed for the infrastructure (each after
+    its retries), further requests fail at once for ``cooldown_s``; then one is let through again."""
+
+    def __init__(self, threshold: int, cooldown_s: float):
+        import threading
+
+        self.threshold = max(1, int(threshold))
+        self.cooldown_s = cooldown_s
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._last = ""
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {"threshold": self.threshold, "cooldown_s": self.cooldown_s}  # a worker starts closed
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["threshold"], state["cooldown_s"])
+
+    def open_because(self) -> str | None:
+        with self._lock:
+            if self._opened_at is None:
+                return None
+            if time.monotonic() - self._opened_at >= self.cooldown_s:
+                self._opened_at = None  # half-open: the next request probes the server
+                self._failures = self.threshold - 1
+                return None
+            return self._last
+
+    def failure(self, message: str) -> None:
+        with self._lock:
+            self._failures += 1
+            self._last = message
+            if self._failures >= self.threshold:
+                self._opened_at = time.monotonic()
+
+    def success(self) -> None:
+        with self._lock:
+            self._failures = 0
+            self._opened_at = None
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -94,10 +94,15 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _rows(dataset_dir: Path) -> Iterator[dict[str, Any]]:
+def _rows(dataset_dir: Path, allow_any_image_uri: bool = False) -> Iterator[dict[str, Any]]:
+    """The dataset's rows; an ``image_uri`` outside the dataset and its job's inputs is dropped (the
+    row is then skipped as unreadable) unless ``allow_any_image_uri``."""
+    from vesl.pipeline.confine import confine_row, image_uri_roots
     from vesl.pipeline.publish import iter_rows
 
-    yield from iter_rows(dataset_dir)
+    roots = None if allow_any_image_uri else image_uri_roots(dataset_dir)
+    for row in iter_rows(dataset_dir):
+        yield confine_row(row, roots)
 
 
 def _regions_json(regions: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -114,14 +119,14 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def export_wds(dataset_dir: str | Path, out: str | Path, shard_size: int = 1000, overwrite: bool = False) -> ExportResult:
+def export_wds(dataset_dir: str | Path, out: str | Path, shard_size: int = 1000, overwrite: bool = False, allow_any_image_uri: bool = False) -> ExportResult:
     """WebDataset tars ``00000.tar``...; each sample is image + ``.txt`` caption + ``.json`` regions."""
     out = Path(out)
     _prepare_out(out, overwrite)
     res, skipped, keys = ExportResult(out), Counter(), _Keys()
     tar, in_tar = None, 0
     try:
-        for row in _rows(Path(dataset_dir)):
+        for row in _rows(Path(dataset_dir), allow_any_image_uri):
             img = _image_bytes(row)
             if img is None:
                 skipped["unreadable_image"] += 1
@@ -161,14 +166,14 @@ def _copy_image(row: dict, images_dir: Path, keys: _Keys, skipped: Counter) -> s
     return fname
 
 
-def export_coco(dataset_dir: str | Path, out: str | Path, overwrite: bool = False) -> ExportResult:
+def export_coco(dataset_dir: str | Path, out: str | Path, overwrite: bool = False, allow_any_image_uri: bool = False) -> ExportResult:
     """COCO instances JSON (``annotations.json``) with ``images/``; categories are the distinct phrases."""
     out = Path(out)
     _prepare_out(out, overwrite)
     (out / "images").mkdir(exist_ok=True)
     res, skipped, keys = ExportResult(out), Counter(), _Keys()
     images, anns = [], []
-    for row in _rows(Path(dataset_dir)):
+    for row in _rows(Path(dataset_dir), allow_any_image_uri):
         fname = _copy_image(row, out / "images", keys, skipped)
         if fname is None:
             continue
@@ -199,7 +204,7 @@ def export_coco(dataset_dir: str | Path, out: str | Path, overwrite: bool = Fals
     return res
 
 
-def export_odvg(dataset_dir: str | Path, out: str | Path, overwrite: bool = False) -> ExportResult:
+def export_odvg(dataset_dir: str | Path, out: str | Path, overwrite: bool = False, allow_any_image_uri: bool = False) -> ExportResult:
     """``odvg.jsonl`` (one grounding record per image with regions) and ``images/`` (the dataset root)."""
     out = Path(out)
     _prepare_out(out, overwrite)
@@ -207,7 +212,7 @@ def export_odvg(dataset_dir: str | Path, out: str | Path, overwrite: bool = Fals
     res, skipped, keys = ExportResult(out), Counter(), _Keys()
     path = out / "odvg.jsonl"
     with open(path, "w", encoding="utf-8") as f:
-        for row in _rows(Path(dataset_dir)):
+        for row in _rows(Path(dataset_dir), allow_any_image_uri):
             regions = row["regions"] or []
             if not regions:  # a grounding record needs at least one region (Open-GroundingDino unpacks them)
                 skipped["no_regions"] += 1
@@ -236,7 +241,9 @@ def export_odvg(dataset_dir: str | Path, out: str | Path, overwrite: bool = Fals
     return res
 
 
-def export(dataset_dir: str | Path, fmt: str, out: str | Path, overwrite: bool = False) -> ExportResult:
+def export(
+    dataset_dir: str | Path, fmt: str, out: str | Path, overwrite: bool = False, allow_any_image_uri: bool = False
+) -> ExportResult:
     """Validate the dataset, then export it as ``fmt`` (one of :data:`FORMATS`)."""
     from vesl.pipeline.publish import InvalidDataset, data_shards
     from vesl.schemas.region_text import validate
@@ -248,7 +255,7 @@ def export(dataset_dir: str | Path, fmt: str, out: str | Path, overwrite: bool =
     if violations:
         raise InvalidDataset(violations, action="export")
     if fmt == "wds":
-        return export_wds(dataset_dir, out, overwrite=overwrite)
+        return export_wds(dataset_dir, out, overwrite=overwrite, allow_any_image_uri=allow_any_image_uri)
     if fmt == "coco":
-        return export_coco(dataset_dir, out, overwrite=overwrite)
-    return export_odvg(dataset_dir, out, overwrite=overwrite)
+        return export_coco(dataset_dir, out, overwrite=overwrite, allow_any_image_uri=allow_any_image_uri)
+    return export_odvg(dataset_dir, out, overwrite=overwrite, allow_any_image_uri=allow_any_image_uri)

@@ -215,14 +215,22 @@ def render_gallery(
     query: str | None = None,
     cell: int = 256,
     max_side: int = 512,
+    allow_any_image_uri: bool = False,
 ) -> tuple[Path, Path]:
-    """Render the first ``n`` images (with ``query``: those with a matching phrase); returns (html, png)."""
+    """Render the first ``n`` images (with ``query``: those with a matching phrase); returns (html, png).
+
+    A row's ``image_uri`` is read only inside the dataset and its job's inputs, unless
+    ``allow_any_image_uri`` (other rows show a placeholder).
+    """
+    from vesl.pipeline.confine import confine_row, image_uri_roots
+
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
     if query is not None and not query.strip():
         raise UserError("--query is empty; pass a phrase such as --query 'red circle', or leave it out")
     d, out = Path(dataset_dir), Path(out_dir)
-    rows = list(_select(d, n, query))
+    roots = None if allow_any_image_uri else image_uri_roots(d)
+    rows = [confine_row(r, roots) for r in _select(d, n, query)]
     if not rows and query is None:
         raise UserError(f"{d} has no rows to show (every sample failed?); see the errors files or `vesl inspect {d}`")
     if not rows:

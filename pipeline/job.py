@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
+import posixpath
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vesl import __version__
 from vesl.errors import UserError
 from vesl.pipeline.config import LabelConfig
+from vesl.pipeline.confine import JOB_FILE, check_not_input, check_output_dir, input_roots
 from vesl.pipeline.writer import read_stats, write_shard
+from vesl.redact import redact
 from vesl.schemas.region_text import SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -40,7 +44,7 @@ class ShardTask:
 
 
 def check_job(cfg: LabelConfig) -> None:
-    """Raise a one-line UserError for a job that cannot run."""
+    """Raise a one-line UserError for a job that cannot run (before any work is done)."""
     if not cfg.inputs:
         raise UserError("no inputs: pass one or more INPUT paths/globs (or `inputs:` in the --config file)")
     if not cfg.output:
@@ -49,14 +53,23 @@ def check_job(cfg: LabelConfig) -> None:
         raise UserError(f"--workers must be >= 1, got {cfg.workers}")
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError(f"--limit must be >= 1, got {cfg.limit}")
-    if "://" not in cfg.output and os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
-        raise UserError(f"--output {cfg.output} is a file: pass a directory (new or from an earlier run)")
+    if "://" not in cfg.output:
+        check_output_dir(cfg.output, "--output")
 
 
 def _count(ref: ShardRef, cfg: LabelConfig, at_most: int) -> int:
+    from vesl.errors import first_line
     from vesl.pipeline.sources import read_shard
 
-    return sum(1 for _ in itertools.islice(read_shard(ref, cfg.source), at_most))
+    try:
+        return sum(1 for _ in itertools.islice(read_shard(ref, cfg.source), at_most))
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(
+            f"input {ref.source} cannot be read to place the --limit cut ({type(exc).__name__}: {first_line(exc, 200)}); "
+            "fix or remove it, or run without --limit (a corrupt shard then fails alone)"
+        ) from None
 
 
 def shard_caps(refs: list[ShardRef], cfg: LabelConfig) -> dict[str, int | None]:
@@ -101,26 +114,162 @@ def plan_shards(cfg: LabelConfig) -> tuple[list[ShardTask], list[ShardRef]]:
                 "label them into separate --output directories"
             )
         seen[ref.name] = ref.uri
+    check_not_input(cfg, refs)
     caps = shard_caps(refs, cfg) if cfg.limit is not None else None
     todo: list[ShardTask] = []
     skipped: list[ShardRef] = []
+    checked: set[str] = set()
     for ref in refs:
         if caps is not None and ref.name not in caps:
             continue  # after the --limit cut
         cap = caps[ref.name] if caps is not None else None
         stats = None if cfg.overwrite else read_stats(cfg.output, ref.name)
-        if stats is not None and stats.get("sample_limit") == cap:
+        if stats is not None and stats.get("sample_limit") == cap and shard_intact(cfg.output, stats):
+            if stats.get("provenance_sha256") not in checked:  # one footer read per distinct provenance
+                check_same_settings(cfg, stats)
+                checked.add(stats.get("provenance_sha256"))
             skipped.append(ref)
         else:
             todo.append(ShardTask(ref, cap))
+    if not cfg.overwrite:
+        check_same_paths(cfg)
     return todo, skipped
 
 
-def redact_spec(spec: str) -> str:
-    """A model spec without URL credentials (``openai:https://user:key@host#m``) for the metadata."""
-    import re
+def shard_intact(out_dir: str, stats: dict[str, Any]) -> bool:
+    """Whether the committed files still hold the bytes their stats describe (size and sha256).
 
-    return re.sub(r"(https?://)[^/@#]*@", r"\1", spec)
+    A shard changed after its commit (a second writer, a copy gone wrong) is redone by the rerun.
+    """
+    import fsspec
+
+    files = stats.get("files")
+    if not isinstance(files, dict) or not files:
+        return False
+    fs, root = fsspec.core.url_to_fs(str(out_dir))
+    for meta in files.values():
+        path = f"{root.rstrip('/')}/{meta.get('name')}"
+        try:
+            if fs.size(path) != meta.get("bytes"):
+                return False
+            h = hashlib.sha256()
+            with fs.open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except (OSError, TypeError):
+            return False
+        if h.hexdigest() != meta.get("sha256"):
+            return False
+    return True
+
+
+_NOT_COMPARED = ("vesl_version", "stages")  # versions and resolved model revisions may move; settings may not
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def settings_difference(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(setting, stored value, current value) for every setting that differs, sorted by name."""
+    missing = object()
+    a = _flat({k: v for k, v in stored.items() if k not in _NOT_COMPARED})
+    b = _flat(json.loads(json.dumps({k: v for k, v in current.items() if k not in _NOT_COMPARED})))
+    return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(a.keys() | b.keys()) if a.get(k, missing) != b.get(k, missing)]
+
+
+def _differs(cfg: LabelConfig, diffs: list[tuple[str, Any, Any]]) -> UserError:
+    key, old, new = diffs[0]
+    show = lambda v: "(unset)" if not isinstance(v, (str, int, float, bool, list, type(None))) else repr(v)  # noqa: E731
+    more = f" (and {len(diffs) - 1} more setting(s))" if len(diffs) > 1 else ""
+    return UserError(
+        f"{cfg.output} was labeled with other settings: {key} is {show(old)} there, {show(new)} in this job{more}; "
+        "rerun with the same settings to resume, pass --overwrite to relabel, or pick a new --output"
+    )
+
+
+def check_same_settings(cfg: LabelConfig, stats: dict[str, Any]) -> None:
+    """A resume must run the job that wrote the committed shards: refuse, naming the first difference."""
+    from vesl.schemas.manifest import read_shard_provenance
+
+    try:
+        stored = read_shard_provenance(cfg.output, stats["files"]["parquet"]["name"])
+    except Exception:
+        return
+    diffs = settings_difference(stored, job_settings(cfg))
+    if diffs:
+        raise _differs(cfg, diffs)
+
+
+_COMPARED_PATHS = ("captioner.spec", "detector.spec")
+
+
+def _private_settings(cfg: LabelConfig) -> dict[str, Any]:
+    return {"captioner.spec": redact(cfg.captioner.spec), "detector.spec": redact(cfg.detector.spec),
+            "input_roots": input_roots(cfg.inputs)}
+
+
+def check_same_paths(cfg: LabelConfig) -> None:
+    """Model specs as the user wrote them (local paths included) must match the last job's: the
+    public provenance keeps only a model directory's name."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(cfg.output))
+    try:
+        with fs.open(f"{root.rstrip('/')}/{JOB_FILE}", "rb") as f:
+            stored = json.loads(f.read())
+    except (OSError, ValueError):
+        return
+    if not isinstance(stored, dict) or not committed_any(cfg.output):
+        return
+    current = _private_settings(cfg)
+    diffs = settings_difference({k: stored.get(k) for k in _COMPARED_PATHS if k in stored},
+                                {k: current[k] for k in _COMPARED_PATHS if k in stored})
+    if diffs:
+        raise _differs(cfg, diffs)
+
+
+def committed_any(out_dir: str) -> bool:
+    from vesl.pipeline.writer import committed_shards
+
+    return bool(committed_shards(out_dir))
+
+
+def write_job_file(cfg: LabelConfig) -> None:
+    from vesl.pipeline.writer import atomic_write_bytes
+
+    data = (json.dumps(_private_settings(cfg), sort_keys=True, indent=2) + "\n").encode()
+    atomic_write_bytes(cfg.output, JOB_FILE, data)
+
+
+def redact_spec(spec: str) -> str:
+    """A model spec without credentials (``openai:https://user:key@host?api_key=...#m``)."""
+    return redact(spec)
+
+
+def public_spec(spec: str) -> str:
+    """A model spec as published: no credentials, and a local model directory by its name only
+    (``hf:/home/me/models/captioner`` -> ``hf:captioner``), so the data never shows the file system."""
+    spec = redact(spec)
+    backend, sep, target = spec.partition(":")
+    if sep and target and "://" not in target and _is_local_path(target):
+        return f"{backend}:{posixpath.basename(target.rstrip('/')) or target}"
+    return spec
+
+
+def _is_local_path(value: str) -> bool:
+    return os.path.isabs(value) or value.startswith(("./", "../", "~")) or os.path.exists(value)
+
+
+def _public_value(value: Any) -> Any:
+    if isinstance(value, str) and "://" not in value and os.path.isabs(value):
+        return posixpath.basename(value.rstrip("/")) or value
+    return redact(value) if isinstance(value, str) else value
 
 
 def _short_hash(text: str) -> str:
@@ -131,21 +280,26 @@ def job_provenance(cfg: LabelConfig, stages: list[Stage]) -> dict[str, Any]:
     """What produced the data: written into every shard's metadata.
 
     Only settings that change the output are included (no batch sizes, devices or concurrency), so
-    the same job run on another engine or machine writes byte-identical shards.
+    the same job run on another engine or machine writes byte-identical shards. Local paths appear
+    by name only and credentials never (see ``public_spec``).
     """
-    c, p, d = cfg.captioner, cfg.phrases, cfg.detector
     stage_prov = {}
     for s in stages:
         fn = getattr(s, "provenance", None)
-        stage_prov[s.name] = {str(k): v for k, v in (fn() if callable(fn) else {}).items()}
+        stage_prov[s.name] = {str(k): _public_value(v) for k, v in (fn() if callable(fn) else {}).items()}
+    return {"vesl_version": __version__, **job_settings(cfg), "stages": stage_prov}
+
+
+def job_settings(cfg: LabelConfig) -> dict[str, Any]:
+    """The settings part of the provenance: what a resume must match."""
+    c, p, d = cfg.captioner, cfg.phrases, cfg.detector
     return {
-        "vesl_version": __version__,
         "schema_version": SCHEMA_VERSION,
         "seed": cfg.seed,
         "stage_threads": cfg.stage_threads,
         "decode": cfg.decode.model_dump(exclude={"batch_size"}),
         "captioner": {
-            "spec": redact_spec(c.spec),
+            "spec": public_spec(c.spec),
             "prompt_template_sha256": _short_hash(c.prompt_template),
             "max_new_tokens": c.max_new_tokens,
             "revision": c.revision,
@@ -158,7 +312,7 @@ def job_provenance(cfg: LabelConfig, stages: list[Stage]) -> dict[str, Any]:
             "spacy_model": p.spacy_model,
         },
         "detector": {
-            "spec": d.spec,
+            "spec": public_spec(d.spec),
             "threshold": d.threshold,
             "text_threshold": d.text_threshold,
             "nms": d.nms,
@@ -168,7 +322,6 @@ def job_provenance(cfg: LabelConfig, stages: list[Stage]) -> dict[str, Any]:
             "revision": d.revision,
             "dtype": d.dtype,
         },
-        "stages": stage_prov,
     }
 
 
@@ -204,6 +357,20 @@ def read_task(task: ShardTask, cfg: LabelConfig) -> Iterator[Sample]:
     return itertools.islice(read_shard(task.ref, cfg.source), task.limit)
 
 
+def check_committable(samples: list[Sample]) -> None:
+    """Raise ``InfrastructureError`` if any sample failed because of the infrastructure."""
+    from vesl.errors import InfrastructureError
+    from vesl.pipeline.stage import infrastructure_failure
+
+    broken = infrastructure_failure(samples)
+    if broken is not None:
+        n = sum(1 for s in samples if s.error is not None and s.error.infrastructure)
+        raise InfrastructureError(
+            f"{n} sample(s) hit an infrastructure failure in stage {broken.stage} ({broken.error_type}: "
+            f"{broken.message[:300]}); not committed: fix the service or device, then rerun to retry"
+        )
+
+
 def commit_shard(
     cfg: LabelConfig,
     task: ShardTask,
@@ -213,12 +380,14 @@ def commit_shard(
 ) -> dict[str, Any]:
     """Write and commit the output shard of ``task`` from all its processed samples (any order).
 
-    The one call every engine makes per shard, so engines write byte-identical files.
+    The one call every engine makes per shard, so engines write byte-identical files. A shard with an
+    infrastructure failure is never committed: ``InfrastructureError`` (a rerun retries it).
     """
+    check_committable(samples)
     return write_shard(
         cfg.output,
         task.name,
-        task.ref.uri,
+        task.ref.source,
         samples,
         provenance,
         timings,
@@ -235,6 +404,8 @@ def start_job(cfg: LabelConfig) -> tuple[list[ShardTask], list[ShardRef]]:
     if "://" not in cfg.output:
         os.makedirs(cfg.output, exist_ok=True)
     clean_temp_files(cfg.output)
+    if todo:
+        write_job_file(cfg)
     return todo, skipped
 
 

@@ -292,8 +292,16 @@ def _flatten(d: Any, prefix: str = "") -> list[tuple[str, str]]:
     return [(prefix, json.dumps(d) if not isinstance(d, str) else d)]
 
 
+def _md_text(s: Any) -> str:
+    """Text for a markdown heading or paragraph: HTML escaped (no raw tags reach the rendered card)."""
+    import html
+
+    return html.escape(str(s), quote=False).replace("\n", " ")
+
+
 def _md_cell(s: Any) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
+    """Text for a markdown table cell: HTML escaped, pipes escaped, one line."""
+    return _md_text(s).replace("|", "\\|")
 
 
 def render_card(
@@ -329,7 +337,7 @@ def render_card(
         },
     }
     lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
-    lines += [f"# {name}", ""]
+    lines += [f"# {_md_text(name)}", ""]
     if description:
         lines += [description.strip(), ""]
     lines += [
@@ -441,7 +449,7 @@ def publish(
             f"{len(uncommitted)} shard(s) are not committed (no .stats.json), e.g. {uncommitted[0]}; "
             "re-run the same `vesl label` command to finish them before publishing"
         )
-    violations = validate(d)
+    violations = validate(d)  # rows and, for a `vesl label` output, its commit files (as `vesl validate`)
     if violations:
         raise InvalidDataset(violations)
 

@@ -29,7 +29,7 @@ import os
 import posixpath
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -39,7 +39,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from vesl.errors import UserError
 from vesl.pipeline.config import SourceConfig
-from vesl.pipeline.stage import Sample, fail
+from vesl.pipeline.stage import SOURCE_PATH_KEY, Sample, fail
 
 READ_STAGE = "read"
 SYNTH_SCHEME = "synth://"
@@ -51,15 +51,57 @@ PARQUET_BATCH_ROWS = 256  # rows per read batch: memory stays bounded by one bat
 
 @dataclass(frozen=True)
 class ShardRef:
-    """One input shard. ``index`` names the output shard; ``uri`` is what gets read."""
+    """One input shard. ``index`` names the output shard; ``uri`` is what gets read.
+
+    ``root`` is what the user named (a directory, a glob's fixed directory, or the file itself):
+    nothing outside it is read, and ``source`` (what the output rows and stats record) is the
+    shard's path relative to the root's parent, so a published dataset never shows the
+    publisher's file system.
+    """
 
     index: int
     uri: str
     kind: str  # "wds" | "parquet" | "folder" | "synth"
+    root: str = field(default="", compare=False)
 
     @property
     def name(self) -> str:
         return f"part-{self.index:05d}"
+
+    @property
+    def source(self) -> str:
+        """The shard as the output records it: relative to the parent of the input root (a local path),
+        else the URI without credentials."""
+        return source_label(self.uri, self.root)
+
+
+def source_label(uri: str, root: str) -> str:
+    """``/data/in/x.tar`` named through ``/data/in`` -> ``in/x.tar``; remote URIs lose only credentials."""
+    if "://" in uri:
+        return _strip_credentials(uri)
+    if not root:
+        return posixpath.basename(uri.rstrip("/")) or uri
+    parent = posixpath.dirname(posixpath.normpath(root).rstrip("/"))
+    rel = posixpath.relpath(posixpath.normpath(uri), parent or "/")
+    return rel if rel != "." and not rel.startswith("..") else posixpath.basename(uri.rstrip("/")) or uri
+
+
+def _strip_credentials(uri: str) -> str:
+    import re
+
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", uri)
+
+
+def inside(real_root: str, path: str) -> bool:
+    """Whether ``path`` (already resolved) is ``real_root`` or lies under it."""
+    return path == real_root or path.startswith(real_root.rstrip("/") + "/")
+
+
+def _escapes(fs: fsspec.AbstractFileSystem, root: str, path: str) -> bool:
+    """A local path whose real location (symlinks followed) is outside the real ``root``."""
+    if not root or not isinstance(fs, LocalFileSystem):
+        return False
+    return not inside(os.path.realpath(root), os.path.realpath(path))
 
 
 # ---------------------------------------------------------------- listing
@@ -74,16 +116,16 @@ def list_shards(inputs: list[str], cfg: SourceConfig) -> list[ShardRef]:
     """
     if not inputs:
         raise UserError("no inputs given: name at least one tar, parquet file, image folder, glob or synth://N")
-    found: list[tuple[str, str]] = []
+    found: list[tuple[str, str, str]] = []
     for raw in inputs:
         found += _expand(str(raw), cfg)
     seen: set[str] = set()
     refs: list[ShardRef] = []
-    for uri, kind in found:
+    for uri, kind, root in found:
         if uri in seen:
             continue
         seen.add(uri)
-        refs.append(ShardRef(len(refs), uri, kind))
+        refs.append(ShardRef(len(refs), uri, kind, root))
     if not refs:
         raise UserError(f"inputs {inputs} contain no shards: expected .tar, .parquet, image folders or synth://N")
     first_parquet = next((r for r in refs if r.kind == "parquet"), None)
@@ -106,23 +148,33 @@ def _kind_of_file(path: str) -> str | None:
     return None
 
 
-def _expand(raw: str, cfg: SourceConfig) -> list[tuple[str, str]]:
+def glob_root(path: str) -> str:
+    """The fixed directory of a glob: ``/data/in/*/x*.tar`` -> ``/data/in``."""
+    head = path[: min(path.index(c) for c in "*?[" if c in path)]
+    return posixpath.dirname(head) if not head.endswith("/") else head.rstrip("/") or "/"
+
+
+def _expand(raw: str, cfg: SourceConfig) -> list[tuple[str, str, str]]:
+    """(uri, kind, root) of every shard ``raw`` names; links that lead out of the root are skipped."""
     if raw.startswith(SYNTH_SCHEME):
-        return _expand_synth(raw)
+        return [(u, k, "") for u, k in _expand_synth(raw)]
     fs, path = url_to_fs(raw)
     if any(c in path for c in "*?["):
+        root = glob_root(path)
         matches = sorted(fs.glob(path))
         if not matches:
             raise UserError(f"glob {raw!r} matches nothing: check the pattern")
-        out: list[tuple[str, str]] = []
+        out: list[tuple[str, str, str]] = []
         for m in matches:
+            if _escapes(fs, root, m):
+                continue  # a symlink out of the glob's directory: never read
             if fs.isdir(m):
-                out += _expand_dir(fs, m, cfg)
+                out += [(u, k, root) for u, k in _expand_dir(fs, m, cfg, root)]
             elif (kind := _kind_of_file(m)) is not None:
-                out.append((_uri(fs, m), kind))
+                out.append((_uri(fs, m), kind, root))
         return out
     if fs.isdir(path):
-        out = _expand_dir(fs, path, cfg)
+        out = [(u, k, path) for u, k in _expand_dir(fs, path, cfg, path)]
         if not out:
             raise UserError(f"directory {raw!r} holds no .tar, .parquet or images ({', '.join(cfg.image_extensions)})")
         return out
@@ -131,7 +183,7 @@ def _expand(raw: str, cfg: SourceConfig) -> list[tuple[str, str]]:
     kind = _kind_of_file(path)
     if kind is None:
         raise UserError(f"don't know how to read {raw!r}: give a .tar, .parquet, an image folder or synth://N")
-    return [(_uri(fs, path), kind)]
+    return [(_uri(fs, path), kind, path)]
 
 
 def _is_image(name: str, cfg: SourceConfig) -> bool:
@@ -139,10 +191,17 @@ def _is_image(name: str, cfg: SourceConfig) -> bool:
     return ext in {e.lower().lstrip(".") for e in cfg.image_extensions}
 
 
-def _expand_dir(fs: fsspec.AbstractFileSystem, path: str, cfg: SourceConfig) -> list[tuple[str, str]]:
+def _expand_dir(fs: fsspec.AbstractFileSystem, path: str, cfg: SourceConfig, confine: str) -> list[tuple[str, str]]:
+    """Shards under ``path``; files and folders whose real location leaves ``confine`` are skipped."""
     tars, parquets, image_dirs = [], [], []
-    for root, _dirs, files in fs.walk(path):
-        names = sorted(files)
+    visited: set[str] = set()
+    for root, dirs, files in fs.walk(path):
+        real = os.path.realpath(root) if isinstance(fs, LocalFileSystem) else root
+        if _escapes(fs, confine, root) or real in visited:  # a link out of the input, or a link loop
+            dirs[:] = []
+            continue
+        visited.add(real)
+        names = sorted(f for f in files if not _escapes(fs, confine, posixpath.join(root, f)))
         tars += [posixpath.join(root, f) for f in names if _kind_of_file(f) == "wds"]
         parquets += [posixpath.join(root, f) for f in names if _kind_of_file(f) == "parquet"]
         if any(_is_image(f, cfg) for f in names):
@@ -228,7 +287,7 @@ def count_samples(ref: ShardRef, cfg: SourceConfig) -> int | None:
 
 
 def _error_sample(key: str, ref: ShardRef, index: int, error_type: str, message: str, **kw: Any) -> Sample:
-    return fail(Sample(key=key, source_shard=ref.uri, index=index, **kw), READ_STAGE, message, error_type)
+    return fail(Sample(key=key, source_shard=ref.source, index=index, **kw), READ_STAGE, message, error_type)
 
 
 def _decode_caption(raw: bytes | str | None) -> str:
@@ -262,6 +321,7 @@ def _read_tar(ref: ShardRef, cfg: SourceConfig) -> Iterator[Sample]:
     index = 0
     key: str | None = None
     parts: dict[str, bytes] = {}
+    too_big: str | None = None
     with fsspec.open(ref.uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
@@ -271,27 +331,34 @@ def _read_tar(ref: ShardRef, cfg: SourceConfig) -> Iterator[Sample]:
                 continue  # no part name (stray file) or hidden file: not a sample part
             if k != key:
                 if key is not None:
-                    yield _tar_sample(ref, index, key, parts, image_exts, seen)
+                    yield _tar_sample(ref, index, key, parts, image_exts, seen, too_big)
                     index += 1
-                key, parts = k, {}
+                key, parts, too_big = k, {}, None
+            if member.size > cfg.max_file_bytes:  # checked on the header: the member is skipped, never read
+                too_big = too_big or _too_big_message(member.name, member.size, cfg)
+                continue
             fobj = tar.extractfile(member)
             parts[ext] = fobj.read() if fobj is not None else b""
         if key is not None:
-            yield _tar_sample(ref, index, key, parts, image_exts, seen)
+            yield _tar_sample(ref, index, key, parts, image_exts, seen, too_big)
 
 
 def _tar_sample(
-    ref: ShardRef, index: int, key: str, parts: dict[str, bytes], image_exts: list[str], seen: set[str]
+    ref: ShardRef, index: int, key: str, parts: dict[str, bytes], image_exts: list[str], seen: set[str],
+    too_big: str | None = None,
 ) -> Sample:
     if key in seen:
         return _error_sample(key, ref, index, "DuplicateKey", f"key {key!r} appears twice in the tar (members not grouped)")
     seen.add(key)
+    if too_big is not None:
+        return _error_sample(key, ref, index, "FileTooLarge", too_big)
     meta: dict[str, Any] = {}
     if "json" in parts:
         try:
             meta["json"] = json.loads(parts["json"])
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return _error_sample(key, ref, index, "BadJson", f"{key}.json is not valid JSON: {exc}")
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            return _error_sample(key, ref, index, "BadJson", f"{key}.json is not valid JSON: {why}")
     try:
         if "txt" in parts:
             alt_text = _decode_caption(parts["txt"])
@@ -308,7 +375,7 @@ def _tar_sample(
             f"{key} has {sorted(parts)} but no image ({'/'.join(image_exts)})", alt_text=alt_text, meta=meta,
         )
     meta["format"] = ext
-    return Sample(key=key, source_shard=ref.uri, index=index, image_bytes=parts[ext], alt_text=alt_text, meta=meta)
+    return Sample(key=key, source_shard=ref.source, index=index, image_bytes=parts[ext], alt_text=alt_text, meta=meta)
 
 
 # ---- Parquet (img2dataset parquet output, HF image datasets, path columns)
@@ -417,26 +484,36 @@ def _parquet_sample(
         if resolved is None:
             return _error_sample(
                 key, ref, row, "PathOutsideInput",
-                f"image path {rel!r} leaves the parquet file's directory {base_dir}; only files under it are read",
+                f"image path {rel!r} leaves the parquet file's directory {source_label(base_dir, ref.root)}; "
+                "only files under it are read",
                 alt_text=alt_text,
             )
         uri = _uri(fs, resolved)
+        if _too_big(fs, resolved, cfg):
+            return _error_sample(key, ref, row, "FileTooLarge", _too_big_message(rel, fs.size(resolved), cfg), alt_text=alt_text)
         try:
             with fs.open(resolved, "rb") as f:
                 data = f.read()
         except OSError as exc:
-            return _error_sample(key, ref, row, "ReadError", f"cannot read image {rel!r}: {exc}", alt_text=alt_text)
-    return Sample(key=key, source_shard=ref.uri, index=row, image_bytes=data, image_uri=uri, alt_text=alt_text, meta=meta)
+            return _error_sample(key, ref, row, "ReadError", f"cannot read image {rel!r}: {_os_reason(exc)}", alt_text=alt_text)
+    if uri is not None:
+        meta[SOURCE_PATH_KEY] = source_label(uri, ref.root)
+    return Sample(key=key, source_shard=ref.source, index=row, image_bytes=data, image_uri=uri, alt_text=alt_text, meta=meta)
 
 
 # ---- image folders with sidecar .txt
 
 
 def _read_folder(ref: ShardRef, cfg: SourceConfig) -> Iterator[Sample]:
-    """Images in one folder, captions from ``stem.txt`` next to them; key is ``folder/stem``."""
+    """Images in one folder, captions from ``stem.txt`` next to them; key is ``folder/stem``.
+
+    A file whose real location (symlinks followed) is outside the input root is never read: it
+    becomes a ``PathOutsideInput`` error row, as a Parquet path column's escapes do.
+    """
     fs, path = url_to_fs(ref.uri)
     folder = posixpath.basename(path.rstrip("/"))
     groups: dict[str, dict[str, str]] = {}
+    sizes: dict[str, int] = {}
     for entry in fs.ls(path, detail=True):
         full = entry["name"]
         name = posixpath.basename(full)
@@ -449,9 +526,21 @@ def _read_folder(ref: ShardRef, cfg: SourceConfig) -> Iterator[Sample]:
         if ext == "txt" or _is_image(name, cfg):
             groups.setdefault(stem, {})
             groups[stem][ext] = full
+            sizes[full] = int(entry.get("size") or 0)
     for index, stem in enumerate(sorted(groups)):
         parts = groups[stem]
         key = f"{folder}/{stem}"
+        outside = sorted(posixpath.basename(p) for p in parts.values() if _escapes(fs, ref.root or path, p))
+        if outside:
+            yield _error_sample(
+                key, ref, index, "PathOutsideInput",
+                f"{outside[0]} is a link to a file outside the input {source_label(ref.root or path, '')}; only files under it are read",
+            )
+            continue
+        too_big = [p for p in parts.values() if _too_big(fs, p, cfg, sizes.get(p))]
+        if too_big:
+            yield _error_sample(key, ref, index, "FileTooLarge", _too_big_message(posixpath.basename(too_big[0]), fs.size(too_big[0]), cfg))
+            continue
         images = sorted(e for e in parts if e != "txt")
         alt_text = ""
         if "txt" in parts:
@@ -473,12 +562,30 @@ def _read_folder(ref: ShardRef, cfg: SourceConfig) -> Iterator[Sample]:
         try:
             data = fs.cat_file(img_path)
         except OSError as exc:
-            yield _error_sample(key, ref, index, "ReadError", f"cannot read {img_path}: {exc}", alt_text=alt_text)
+            yield _error_sample(key, ref, index, "ReadError", f"cannot read {posixpath.basename(img_path)}: {_os_reason(exc)}", alt_text=alt_text)
             continue
         yield Sample(
-            key=key, source_shard=ref.uri, index=index, image_bytes=data, image_uri=_uri(fs, img_path),
-            alt_text=alt_text, meta={"format": images[0]},
+            key=key, source_shard=ref.source, index=index, image_bytes=data, image_uri=_uri(fs, img_path),
+            alt_text=alt_text, meta={"format": images[0], SOURCE_PATH_KEY: source_label(img_path, ref.root or path)},
         )
+
+
+def _os_reason(exc: OSError) -> str:
+    """An OSError without the absolute path it names (error rows are published)."""
+    return exc.strerror or type(exc).__name__
+
+
+def _too_big(fs: fsspec.AbstractFileSystem, path: str, cfg: SourceConfig, size: int | None = None) -> bool:
+    if size is None or (size == 0 and isinstance(fs, LocalFileSystem)):
+        try:
+            size = fs.size(path)
+        except OSError:
+            return False  # the read reports it
+    return (size or 0) > cfg.max_file_bytes
+
+
+def _too_big_message(name: str, size: int | None, cfg: SourceConfig) -> str:
+    return f"{name} is {size} bytes, over the limit of {cfg.max_file_bytes} (source.max_file_bytes); it was not read"
 
 
 # ---- synthetic scenes
@@ -491,4 +598,4 @@ def _read_synth(ref: ShardRef, cfg: SourceConfig) -> Iterator[Sample]:
     start = (part or 0) * size
     for index, i in enumerate(range(start, min(start + size, n))):
         scene = make_scene(seed, i)
-        yield Sample(key=scene.key, source_shard=ref.uri, index=index, image_bytes=scene.image, alt_text=scene.alt_text)
+        yield Sample(key=scene.key, source_shard=ref.source, index=index, image_bytes=scene.image, alt_text=scene.alt_text)

@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+# Sample.meta key set by the sources: the image file relative to the input's parent. The writer stores it
+# as ``image_uri`` when the image bytes are kept, so published rows never show the local file system.
+SOURCE_PATH_KEY = "source_path"
+
 
 @dataclass(frozen=True)
 class Phrase:
@@ -32,11 +36,15 @@ class Region:
 
 @dataclass(frozen=True)
 class SampleError:
-    """Why a sample left the flow; becomes one row of ``part-XXXXX.errors.parquet``."""
+    """Why a sample left the flow; becomes one row of ``part-XXXXX.errors.parquet``.
+
+    ``infrastructure``: the service or device failed, not the sample; such a shard is never committed.
+    """
 
     stage: str
     error_type: str
     message: str
+    infrastructure: bool = False
 
 
 @dataclass
@@ -102,22 +110,45 @@ def fail(sample: Sample, stage: str, exc: BaseException | str, error_type: str |
     return sample
 
 
+def fail_infrastructure(samples: list[Sample], stage: str, exc: BaseException) -> None:
+    """Mark ``samples`` as hit by an infrastructure failure: their shard will not commit."""
+    message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:2000]
+    for s in samples:
+        if s.ok:
+            s.error = SampleError(stage, getattr(exc, "error_type", type(exc).__name__), message, infrastructure=True)
+            s.image = None
+
+
+def infrastructure_failure(samples: list[Sample]) -> SampleError | None:
+    """The first infrastructure failure among ``samples`` (None: the shard may commit)."""
+    return next((s.error for s in samples if s.error is not None and s.error.infrastructure), None)
+
+
 def apply_stage(stage: Stage, batch: list[Sample]) -> list[Sample]:
     """Run ``stage`` on the ok samples of ``batch``, isolating failures to the samples that cause them.
 
     If the batched call raises, each sample is retried alone so one bad sample never costs its
-    neighbours. Order and length of ``batch`` are preserved.
+    neighbours. An infrastructure failure (``InfrastructureError``; a CUDA out-of-memory on a single
+    sample) is not the sample's fault: it marks the batch so that its shard is not committed.
+    Order and length of ``batch`` are preserved.
     """
+    from vesl.errors import InfrastructureError, is_infrastructure
+
     todo = [s for s in batch if s.ok]
     if not todo:
         return batch
     try:
         stage(todo)
+    except InfrastructureError as exc:
+        fail_infrastructure(todo, stage.name, exc)
     except Exception:
         for s in todo:
             try:
                 stage([s])
             except Exception as exc:  # every failure becomes an error row
+                if is_infrastructure(exc):
+                    fail_infrastructure(todo, stage.name, exc)
+                    break
                 fail(s, stage.name, exc)
     return batch
 

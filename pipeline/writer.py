@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vesl import __version__
-from vesl.pipeline.stage import Sample
+from vesl.pipeline.stage import SOURCE_PATH_KEY, Sample
 from vesl.schemas.region_text import ERRORS_SCHEMA, SCHEMA_VERSION, region_text_schema
 
 ROW_GROUP_SIZE = 512
@@ -45,6 +45,7 @@ PARQUET_SUFFIX = ".parquet"
 ERRORS_SUFFIX = ".errors.parquet"
 STATS_SUFFIX = ".stats.json"
 TMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"^\.(part-.+|.+\.[0-9a-f]{32})\.tmp$")  # atomic_write_bytes' temp names
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # "<_io.BytesIO object at 0x7f..>" differs per process
 
 
@@ -168,10 +169,18 @@ def clean_temp_files(out_dir: str | os.PathLike) -> int:
     n = 0
     for path in fs.ls(root, detail=False):
         base = path.rstrip("/").rsplit("/", 1)[-1]
-        if base.startswith(".part-") and base.endswith(TMP_SUFFIX):
+        if _TEMP_NAME.match(base):
             fs.rm(path)
             n += 1
     return n
+
+
+def _image_uri(s: Sample, keep_image_bytes: bool) -> str | None:
+    """Where the image came from. With its bytes in the row, the path relative to the input's parent
+    (no local file system in published data); without them, the full URI, which loading needs."""
+    if keep_image_bytes and s.image_bytes is not None:
+        return s.meta.get(SOURCE_PATH_KEY, s.image_uri)
+    return s.image_uri
 
 
 def _row(s: Sample, keep_image_bytes: bool) -> dict[str, Any]:
@@ -181,7 +190,7 @@ def _row(s: Sample, keep_image_bytes: bool) -> dict[str, Any]:
         "key": s.key,
         "source_shard": s.source_shard,
         "image": s.image_bytes if keep_image_bytes else None,
-        "image_uri": s.image_uri,
+        "image_uri": _image_uri(s, keep_image_bytes),
         "width": int(s.width),
         "height": int(s.height),
         "alt_text": s.alt_text,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vesl.errors import UserError
+from vesl.errors import UserError, first_line
 
 COLUMNS = ("key", "image", "image_uri", "width", "height", "alt_text", "caption", "regions")
 
@@ -137,8 +137,14 @@ def scan_units(paths: list[str], storage_options: dict | None = None) -> list[Un
     units = []
     for p in paths:
         fs, root = _fs(p, storage_options)
-        with fs.open(root, "rb") as f:
-            md = pq.ParquetFile(f).metadata
+        try:
+            with fs.open(root, "rb") as f:
+                md = pq.ParquetFile(f).metadata
+        except Exception as exc:
+            raise UserError(
+                f"training shard {p} is not a readable Parquet file ({type(exc).__name__}: {first_line(exc, 200)}); "
+                "check it with `vesl validate`, then relabel or remove it"
+            ) from None
         units += [Unit(p, i, md.row_group(i).num_rows) for i in range(md.num_row_groups) if md.row_group(i).num_rows > 0]
     return units
 
@@ -162,9 +168,20 @@ def assign_units(units: list[Unit], seed: int, epoch: int, world_size: int, num_
 # ---- samples and batches ----------------------------------------------------------------------------
 
 
+def usable_box(box: Any) -> bool:
+    """A box a loss can take: four finite values in [0, 1] with x0 < x1 and y0 < y1 (NaN, inf, inverted,
+    empty and out-of-range boxes are dropped, never trained on)."""
+    if box is None or len(box) != 4:
+        return False
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in (x0, y0, x1, y1)):
+        return False
+    return x1 > x0 and y1 > y0
+
+
 def sample_regions(key: str, regions: list[dict], m: int, seed: int, epoch: int) -> list[dict]:
     """Up to ``m`` regions, drawn deterministically from (seed, epoch, key) so any rank layout agrees."""
-    good = [r for r in regions if r["box"] is not None and r["box"][2] > r["box"][0] and r["box"][3] > r["box"][1]]
+    good = [r for r in regions if usable_box(r["box"])]
     if len(good) <= m:
         return good
     rng = np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])

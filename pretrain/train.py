@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from vesl.errors import UserError
+from vesl.errors import UserError, first_line
 
 
 class TrainConfig(BaseModel):
@@ -212,7 +212,27 @@ def save_checkpoint(ck_dir: Path, model, optimizer, state: dict[str, Any], keep:
 def load_weights(model, path: str | os.PathLike) -> None:
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(path)))
+    try:
+        weights = load_file(str(path))
+    except Exception as exc:
+        raise UserError(
+            f"{path} is not a readable safetensors file ({type(exc).__name__}: {first_line(exc, 200)}); "
+            "resume from another checkpoint, or start without --resume"
+        ) from None
+    model.load_state_dict(weights)
+
+
+def load_optimizer_state(path: str | os.PathLike, device) -> dict:
+    """``optimizer.pt`` of a checkpoint, tensors only (``weights_only``); one line when it is not that."""
+    import torch
+
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise UserError(
+            f"{path} is not a tensors-only optimizer state ({type(exc).__name__}: {first_line(exc, 200)}); "
+            "resume from another checkpoint, or start without --resume"
+        ) from None
 
 
 # ---- the loop --------------------------------------------------------------------------------------
@@ -298,7 +318,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
                 if state["world_size"] != d.world_size:
                     raise UserError(f"{ck} was saved with {state['world_size']} processes; resume with the same number")
                 load_weights(model, ck / "model.safetensors")
-                opt = torch.load(ck / "optimizer.pt", map_location=d.device, weights_only=True)
+                opt = load_optimizer_state(ck / "optimizer.pt", d.device)
                 optimizer.load_state_dict(opt["optimizer"])
                 step = state["step"]
                 loader_resume = state["loader"][d.rank]
@@ -348,6 +368,11 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
                               batch["region_valid"], clip_only=cfg.clip_only)
                 loss_fn.set_progress(step, total)
                 losses = loss_fn(out, batch)
+                if d.sum_int(0 if bool(torch.isfinite(losses["loss"].detach())) else 1):  # every rank stops
+                    raise UserError(
+                        f"step {step + 1}: the loss is {float(losses['loss'].detach())} (not finite); stopped without "
+                        "saving a checkpoint: check the data with `vesl validate`, or lower lr"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()
                 if cfg.grad_clip:

@@ -35,7 +35,7 @@ def _writer():
     return writer
 
 
-def _read_provenance(out_dir: str | os.PathLike, filename: str) -> dict[str, Any]:
+def read_shard_provenance(out_dir: str | os.PathLike, filename: str) -> dict[str, Any]:
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(str(out_dir))
@@ -57,7 +57,7 @@ def build_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
         files = stats["files"]
         prov_id = stats["provenance_sha256"]
         if prov_id not in provenances:
-            provenances[prov_id] = _read_provenance(out_dir, files["parquet"]["name"])
+            provenances[prov_id] = read_shard_provenance(out_dir, files["parquet"]["name"])
         shards.append(
             {
                 "name": name,
@@ -115,8 +115,15 @@ def check_dataset(out_dir: str | os.PathLike) -> list[Violation]:
         if name not in committed:
             out.append(Violation("uncommitted", p.name, f"no {name}{w.STATS_SUFFIX}: rerun `vesl label` to finish it"))
     for name in sorted(committed):
-        stats = w.read_stats(out_dir, name)
-        for kind, meta in stats.get("files", {}).items():
+        try:
+            stats = w.read_stats(out_dir, name)
+            files = stats.get("files")
+            if not isinstance(files, dict) or not all(isinstance(m, dict) and "name" in m for m in files.values()):
+                raise ValueError("no 'files' entry naming the shard's files")
+        except (ValueError, AttributeError, OSError) as exc:
+            out.append(Violation("stats", name + w.STATS_SUFFIX, f"unreadable commit file ({exc}): rerun `vesl label --overwrite`"))
+            continue
+        for kind, meta in files.items():
             f = root / meta["name"]
             if not f.exists():
                 out.append(Violation("missing_file", name, f"{meta['name']} listed in stats is missing"))
@@ -139,6 +146,12 @@ def check_dataset(out_dir: str | os.PathLike) -> list[Violation]:
     manifest = root / MANIFEST_NAME
     if not manifest.exists():
         out.append(Violation("manifest", MANIFEST_NAME, "missing: rerun `vesl label` (it writes the manifest last)"))
-    elif json.loads(manifest.read_text()) != build_manifest(out_dir):
+        return out
+    try:
+        stale = json.loads(manifest.read_text()) != build_manifest(out_dir)
+    except Exception as exc:
+        out.append(Violation("manifest", MANIFEST_NAME, f"cannot be checked ({type(exc).__name__}): rerun `vesl label`"))
+        return out
+    if stale:
         out.append(Violation("manifest", MANIFEST_NAME, "out of date with the committed shards: rerun `vesl label`"))
     return out

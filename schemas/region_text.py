@@ -148,7 +148,7 @@ def _check_rows(table: pa.Table, where: str, seen: Counter) -> list[Violation]:
     return out
 
 
-def _tables(path_or_table: str | Path | pa.Table) -> list[tuple[str, pa.Table]]:
+def _tables(path_or_table: str | Path | pa.Table) -> list[tuple[str, Path | pa.Table]]:
     if isinstance(path_or_table, pa.Table):
         return [("<table>", path_or_table)]
     p = Path(path_or_table)
@@ -160,18 +160,43 @@ def _tables(path_or_table: str | Path | pa.Table) -> list[tuple[str, pa.Table]]:
         files = [p]
     else:
         raise FileNotFoundError(f"{p} does not exist")
-    return [(f.name, pq.read_table(f)) for f in files]
+    return [(f.name, f) for f in files]
+
+
+def _read(where: str, source: Path | pa.Table) -> pa.Table | Violation:
+    if isinstance(source, pa.Table):
+        return source
+    try:
+        return pq.read_table(source)
+    except Exception as exc:
+        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        return Violation("unreadable", where, f"not a readable Parquet file ({type(exc).__name__}: {line})")
 
 
 def validate(path_or_table: str | Path | pa.Table) -> list[Violation]:
-    """Every violation of schema v1 in a table, a shard file, or a dataset directory (empty list = valid)."""
+    """Every violation of schema v1 in a table, a shard file, or a dataset directory (empty list = valid).
+
+    For a directory written by `vesl label` (one with ``*.stats.json`` commit files) the commit files
+    are checked too (hashes, missing or uncommitted shards, the manifest), as `vesl validate` does.
+    A file that cannot be read is a violation, never an exception.
+    """
     out: list[Violation] = []
     seen: Counter = Counter()
-    for where, table in _tables(path_or_table):
+    for where, source in _tables(path_or_table):
+        table = _read(where, source)
+        if isinstance(table, Violation):
+            out.append(table)
+            continue
         meta = table.schema.metadata or {}
         version = meta.get(SCHEMA_VERSION_KEY.encode())
         if where != "<table>" and version != SCHEMA_VERSION.encode():
             out.append(Violation("schema_version", where, f"file metadata {SCHEMA_VERSION_KEY}={version!r}, expected {SCHEMA_VERSION!r}"))
-        out += _check_types(table, where)
-        out += _check_rows(table, where, seen)
+        types = _check_types(table, where)
+        out += types
+        if not types:  # row checks need the right column types
+            out += _check_rows(table, where, seen)
+    if not isinstance(path_or_table, pa.Table) and Path(path_or_table).is_dir() and any(Path(path_or_table).glob("*.stats.json")):
+        from vesl.schemas.manifest import check_dataset  # lazily: manifest imports this module
+
+        out += check_dataset(path_or_table)
     return out

@@ -7,6 +7,7 @@ tests don't depend on the labeling pipeline.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
@@ -16,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from vesl.pipeline.writer import provenance_sha256
+from vesl.schemas.manifest import write_manifest
 from vesl.schemas.region_text import ERRORS_SCHEMA, region_text_schema
 
 PROVENANCE = {
@@ -87,7 +90,6 @@ def write_region_dataset(
     rng = random.Random(seed)
     width, height = size
     schema = region_text_schema(PROVENANCE)
-    manifest = {"schema_version": "1", "provenance": PROVENANCE, "shards": []}
     per_shard = (n_images + n_shards - 1) // n_shards
     for shard in range(n_shards):
         name = f"part-{shard:05d}"
@@ -120,10 +122,14 @@ def write_region_dataset(
             ][: shard + 1]
         pq.write_table(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), out / f"{name}.errors.parquet")
         stats = {"shard": name, "rows": len(rows), "errors": len(errors),
-                 "regions": sum(len(r["regions"]) for r in rows)}
+                 "regions": sum(len(r["regions"]) for r in rows), "source_uri": f"input-{shard:05d}.tar",
+                 "sample_limit": None, "provenance_sha256": provenance_sha256(PROVENANCE),
+                 "files": {kind: {"name": f.name, "bytes": f.stat().st_size,
+                                  "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+                           for kind, f in (("parquet", out / f"{name}.parquet"),
+                                           ("errors", out / f"{name}.errors.parquet"))}}
         (out / f"{name}.stats.json").write_text(json.dumps(stats, sort_keys=True))
-        manifest["shards"].append({"name": f"{name}.parquet", "rows": len(rows)})
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    write_manifest(out)  # the commit files `vesl label` writes, so publish's dataset checks pass
     return out
 
 
@@ -152,4 +158,5 @@ def write_synth_region_dataset(out_dir: str | Path, n_images: int = 8, seed: int
         samples.append(Sample(key=f"broken-{shard}", source_shard=f"synth-{shard:05d}", index=len(chunk),
                               error=SampleError("decode", "UnidentifiedImageError", "cannot identify image file")))
         write_shard(out, shard_name(shard), f"synth-{shard:05d}", samples, provenance)
+    write_manifest(out)
     return out

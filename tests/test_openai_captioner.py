@@ -218,10 +218,12 @@ def test_429_honours_retry_after_then_succeeds():
     assert elapsed >= 0.3
 
 
-def test_persistent_5xx_becomes_error_row_after_max_retries():
+def test_persistent_5xx_is_an_infrastructure_failure_after_max_retries():
+    """5xx after every retry is the server's failure, not the sample's: marked so the shard won't commit."""
     with _Server(lambda n, h: (503, b"overloaded", {})) as srv:
         batch = apply_stage(_stage(srv.url, max_retries=2), _samples(2))
     assert [s.error.error_type for s in batch] == ["HTTP503", "HTTP503"]
+    assert all(s.error.infrastructure for s in batch)
     assert all("after 3 attempts" in s.error.message for s in batch)
     assert len(srv.requests) == 6
 
@@ -236,6 +238,7 @@ def test_timeout_becomes_error_row():
     assert s.error is not None  # without the 0.3 s timeout the 3 s answer would have become the caption
     assert s.error.stage == "caption"
     assert s.error.error_type == "ReadTimeout"
+    assert s.error.infrastructure
     assert len(srv.requests) == 2  # a timeout is retried like a connection error
 
 
@@ -257,12 +260,53 @@ def test_empty_completion_becomes_error_row():
     assert s.error.error_type == "EmptyCaption"
 
 
-def test_server_down_gives_error_rows_not_a_crash():
+def test_server_down_is_an_infrastructure_failure_not_a_crash():
     with _refusing_port() as port:
         stage = _stage(f"http://127.0.0.1:{port}/v1", max_retries=1, timeout_s=2)
         batch = apply_stage(stage, _samples(3))
     assert [s.error.error_type for s in batch] == ["ConnectError"] * 3
+    assert all(s.error.infrastructure for s in batch)  # the shard will not commit
     assert all(s.caption is None for s in batch)
+
+
+def test_circuit_breaker_stops_requests_to_a_dead_server():
+    """After `breaker_failures` requests in a row failed, the rest fail at once without a request."""
+    with _Server(lambda n, h: (503, b"down", {})) as srv:
+        stage = _stage(srv.url, max_retries=1, max_concurrent_requests=1, breaker_failures=2)
+        batch = apply_stage(stage, _samples(6))
+        assert len(srv.requests) == 4  # 2 requests x 2 attempts, then the circuit is open
+        assert all(s.error.infrastructure for s in batch)
+        assert "HTTP 503" in stage._breaker.open_because()
+        again = apply_stage(stage, _samples(2))  # still open: no request at all
+        assert len(srv.requests) == 4
+        assert all(s.error.infrastructure for s in again)
+
+
+def test_url_credentials_are_never_sent_and_only_the_configured_key_is():
+    """user:password in the URL would make httpx send Basic auth (and drop the Bearer key)."""
+    seen = []
+
+    def echo(n, handler):
+        seen.append(handler.headers.get("authorization"))
+        return 400, f'{{"echo": "{handler.headers.get("authorization")}"}}'.encode(), {}
+
+    with _Server(echo) as srv:
+        url = srv.url.replace("http://", "http://user:secretpw@") + "?api_key=querysecret"
+        stage = _stage(url)
+        [s] = apply_stage(stage, _samples(1))
+    assert seen == [f"Bearer {SECRET}"]
+    for leaked in ("secretpw", "querysecret", SECRET, "dXNlcjpzZWNyZXRwdw"):
+        assert leaked not in s.error.message
+        assert leaked not in json.dumps(stage.provenance())
+
+
+def test_spec_without_model_does_not_print_the_password():
+    from vesl.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        make_captioner(CaptionerConfig(spec="openai:http://user:secretpw@host:1/v1?api_key=k123"))
+    assert "secretpw" not in str(e.value)
+    assert "k123" not in str(e.value)
 
 
 def test_api_key_never_in_error_messages_or_logs(caplog):

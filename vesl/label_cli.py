@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from vesl.errors import UserError
+from vesl.errors import UserError, first_line
 
 SYNTH_FORMATS = ("wds", "parquet", "coco")
 
@@ -67,6 +67,9 @@ def label(
     from vesl.pipeline.engines import run
     from vesl.profiles import resolve_config
 
+    for flag, value, top in (("--limit", limit, 2**62), ("--workers", workers, 4096)):
+        if value is not None and not 1 <= value <= top:
+            raise UserError(f"{flag} must be between 1 and {top}, got {value}")
     paths, beam_options = _passthrough(list(inputs or []))
     ov: dict[str, Any] = {}
     if paths:
@@ -144,9 +147,16 @@ def inspect_dataset(out_dir: str | Path, top: int = 15) -> dict[str, Any]:
     rows = errors = 0
     timings: list[dict[str, Any]] = []
     for name in names:
-        stats = read_stats(root, name) or {}
+        try:
+            stats = read_stats(root, name) or {}
+            t = pq.read_table(root / stats["files"]["parquet"]["name"], columns=["caption_source", "regions"])
+            stats["errors"], stats["errors_by_type"], stats["errors_by_stage"]
+        except Exception as exc:
+            raise UserError(
+                f"{root}: shard {name} cannot be read ({type(exc).__name__}: {first_line(exc, 200)}); "
+                f"`vesl validate {root}` lists the damage, rerun `vesl label` to redo it"
+            ) from None
         timings.append({"images": stats.get("input_count", 0), **stats.get("timings", {})})
-        t = pq.read_table(root / stats["files"]["parquet"]["name"], columns=["caption_source", "regions"])
         rows += t.num_rows
         per_image += pc.list_value_length(t["regions"]).to_pylist()
         flat = pc.list_flatten(t["regions"])
@@ -257,17 +267,14 @@ def inspect(
 
 def validate(directory: Annotated[Path, typer.Argument(help="A dataset directory or one shard file")]) -> None:
     """Check every row against schema v1 and the dataset's commit files; exit 1 listing every violation."""
-    from vesl.schemas.manifest import check_dataset
-    from vesl.schemas.region_text import validate as validate_rows
+    from vesl.schemas.region_text import validate as validate_dataset
 
     if not directory.exists():
         raise UserError(f"{directory} does not exist: pass a dataset directory or a .parquet shard")
     try:
-        violations = validate_rows(directory)
+        violations = validate_dataset(directory)  # rows, and the commit files of a `vesl label` output
     except FileNotFoundError as exc:
         raise UserError(f"{exc}: pass the --output directory of `vesl label`") from None
-    if directory.is_dir():
-        violations += check_dataset(directory)
     for v in violations:
         typer.echo(str(v))
     if violations:
@@ -290,6 +297,9 @@ def synth(
         raise UserError(f"--format {fmt!r} is not supported: use one of {', '.join(SYNTH_FORMATS)}")
     if n < 1 or shard_size < 1:
         raise UserError("--n and --shard-size must be >= 1")
+    from vesl.pipeline.confine import check_output_dir
+
+    check_output_dir(out, "--out")
     scenes = synthetic.make_scenes(n, seed)
     if fmt == "wds":
         paths = synthetic.write_webdataset(scenes, out, shard_size)

@@ -45,11 +45,18 @@ def show_cmd(
     n: int = typer.Option(50, "--n", help="How many images to render."),
     query: Optional[str] = typer.Option(None, "--query", help="Only images with a region matching this phrase."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the gallery (default DIR/gallery)."),
+    allow_any_image_uri: bool = typer.Option(
+        False, "--allow-any-image-uri", help="Read image_uri values outside the dataset and its inputs (URLs too)."
+    ),
 ) -> None:
     """Render an HTML gallery and a PNG contact sheet (boxes, phrases, highlighted captions); prints the path."""
+    from vesl.pipeline.confine import check_output_dir
     from vesl.pipeline.gallery import render_gallery
 
-    page, png = render_gallery(dataset_dir, out or Path(dataset_dir) / "gallery", n=n, query=query)
+    check_output_dir(out or Path(dataset_dir) / "gallery", "--out")
+    page, png = render_gallery(
+        dataset_dir, out or Path(dataset_dir) / "gallery", n=n, query=query, allow_any_image_uri=allow_any_image_uri
+    )
     typer.echo(str(page))
     typer.echo(str(png))
 
@@ -59,13 +66,18 @@ def export_cmd(
     fmt: str = typer.Option(..., "--format", help="wds (WebDataset tars), coco (instances JSON) or odvg (JSONL)."),
     out: Path = typer.Option(..., "--out", help="Output directory (must be new or empty)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
+    allow_any_image_uri: bool = typer.Option(
+        False, "--allow-any-image-uri", help="Read image_uri values outside the dataset and its inputs (URLs too)."
+    ),
 ) -> None:
     """Export to WebDataset, COCO or ODVG (Grounding DINO) after validating the data."""
+    from vesl.pipeline.confine import check_output_dir
     from vesl.pipeline.exporters import export
     from vesl.pipeline.publish import InvalidDataset
 
+    check_output_dir(out, "--out")
     try:
-        res = export(dataset_dir, fmt, out, overwrite=overwrite)
+        res = export(dataset_dir, fmt, out, overwrite=overwrite, allow_any_image_uri=allow_any_image_uri)
     except InvalidDataset as exc:
         _print_violations(exc)
         raise

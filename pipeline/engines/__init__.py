@@ -55,7 +55,19 @@ def _missing(extra: str, what: str, exc: ModuleNotFoundError) -> UserError:
 
 
 def run(cfg: LabelConfig, progress: bool = True) -> dict[str, Any]:
-    """Run a labeling job on the engine ``cfg.engine``; returns the engine's summary dict."""
+    """Run a labeling job on the engine ``cfg.engine``; returns the engine's summary dict.
+
+    The output directory is checked first and locked for the whole job (one writer per output).
+    """
+    from vesl.pipeline.job import check_job
+    from vesl.pipeline.lock import output_lock
+
+    check_job(cfg)
+    with output_lock(cfg.output):
+        return _run(cfg, progress)
+
+
+def _run(cfg: LabelConfig, progress: bool) -> dict[str, Any]:
     if cfg.engine == "local":
         from vesl.pipeline.engines.local import run_local
 

@@ -29,8 +29,16 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from vesl.errors import InfrastructureError
 from vesl.pipeline.config import LabelConfig
-from vesl.pipeline.job import ShardTask, apply_stage_numerics, commit_shard, job_provenance, read_task
+from vesl.pipeline.job import (
+    ShardTask,
+    apply_stage_numerics,
+    check_committable,
+    commit_shard,
+    job_provenance,
+    read_task,
+)
 from vesl.pipeline.stage import Sample, Stage, apply_stage, apply_stage_chunked
 from vesl.pipeline.writer import read_stats
 
@@ -155,6 +163,10 @@ def write_items(cfg: LabelConfig, name: str, items: Iterable[Item], engine: str,
         return {"shard": name, "ok": False, "error": end.error}
     if len(samples) != end.count:
         return {"shard": name, "ok": False, "error": f"read {end.count} samples but {len(samples)} reached the writer"}
+    try:
+        check_committable(samples)
+    except InfrastructureError as exc:
+        return {"shard": name, "ok": False, "error": str(exc)}
     provenance = job_provenance(cfg, [_RecordedStage(k, v) for k, v in end.provenance.items()])
     seconds: dict[str, float] = {}
     for s in samples:

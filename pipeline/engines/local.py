@@ -23,11 +23,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from vesl.errors import UserError
+from vesl.errors import InfrastructureError, UserError
 from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.job import (
     ShardTask,
     apply_stage_numerics,
+    check_committable,
     commit_shard,
     job_provenance,
     job_summary,
@@ -35,7 +36,7 @@ from vesl.pipeline.job import (
     read_task,
     start_job,
 )
-from vesl.pipeline.stage import Sample, Stage, apply_stage, apply_stage_chunked
+from vesl.pipeline.stage import Sample, Stage, apply_stage, apply_stage_chunked, infrastructure_failure
 from vesl.pipeline.wiring import build_stages
 
 PREFETCH_BATCHES = 4  # decoded batches waiting for the models, per process
@@ -130,6 +131,8 @@ def process_tasks(
             name, fut = pending.pop(0)
             try:
                 yield {"shard": name, "ok": True, "stats": fut.result()}
+            except InfrastructureError as exc:
+                yield {"shard": name, "ok": False, "error": str(exc)}
             except Exception as exc:  # e.g. the output filesystem failed: shard stays uncommitted
                 yield {"shard": name, "ok": False, "error": f"write failed: {type(exc).__name__}: {exc}"}
 
@@ -162,6 +165,16 @@ def process_tasks(
                 if report is not None:
                     ok = [s for s in batch if s.ok]
                     report(len(batch), sum(len(s.regions) for s in ok), len(batch) - len(ok))
+                if infrastructure_failure(batch) is not None:
+                    # the service or device is down: this shard fails, and the job stops here rather
+                    # than fail every remaining shard the same way (rerun to retry them all)
+                    del states[task.name]
+                    try:
+                        check_committable(batch)
+                    except InfrastructureError as exc:
+                        yield {"shard": task.name, "ok": False, "error": str(exc)}
+                    yield from finished(block=True)
+                    return
             elif kind == "end":
                 del states[task.name]
                 while len(pending) >= MAX_PENDING_WRITES:
