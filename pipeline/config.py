@@ -42,7 +42,7 @@ class DecodeConfig(_Strict):
 
 
 class CaptionerConfig(_Strict):
-    spec: str = "alt_text"  # alt_text | hf:<id or path> | openai:<base_url>#<model> | vllm:<model>
+    spec: str = "alt_text"  # alt_text | hf:<id or path> | openai:<base_url>#<model> | vllm:<model> | keep
     prompt_template: str = DEFAULT_PROMPT
     max_new_tokens: int = Field(128, ge=1)
     batch_size: int = Field(8, ge=1)

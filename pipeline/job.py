@@ -106,6 +106,12 @@ def plan_shards(cfg: LabelConfig) -> tuple[list[ShardTask], list[ShardRef]]:
     refs = list_shards(list(cfg.inputs), cfg.source)
     if not refs:
         raise UserError(f"no input shards found in {cfg.inputs}: check the paths (tar, parquet, image folder, synth://)")
+    unlabeled = next((r for r in refs if r.kind != "vesl"), None)
+    if cfg.captioner.spec.strip().lower() == "keep" and unlabeled is not None:
+        raise UserError(
+            f"--captioner keep reuses the captions of a labeled vesl dataset, and {unlabeled.source} is not one "
+            "(no .stats.json beside it): give the --output directory of an earlier `vesl label`, or a captioner"
+        )
     seen: dict[str, str] = {}
     for ref in refs:
         if ref.name in seen:

@@ -148,6 +148,16 @@ def _kind_of_file(path: str) -> str | None:
     return None
 
 
+def _labeled_kind(fs: fsspec.AbstractFileSystem, path: str, kind: str | None) -> str | None:
+    """``vesl`` for a committed shard of a labeled vesl dataset (its ``.stats.json`` sits beside it): such a
+    dataset is itself an input, e.g. to re-ground its stored captions (``--captioner keep``)."""
+    if kind != "parquet":
+        return kind
+    if path.lower().endswith(".errors.parquet"):
+        return None  # a labeled dataset's error rows are never input
+    return "vesl" if fs.exists(path[: -len(".parquet")] + ".stats.json") else kind
+
+
 def glob_root(path: str) -> str:
     """The fixed directory of a glob: ``/data/in/*/x*.tar`` -> ``/data/in``."""
     head = path[: min(path.index(c) for c in "*?[" if c in path)]
@@ -170,7 +180,7 @@ def _expand(raw: str, cfg: SourceConfig) -> list[tuple[str, str, str]]:
                 continue  # a symlink out of the glob's directory: never read
             if fs.isdir(m):
                 out += [(u, k, root) for u, k in _expand_dir(fs, m, cfg, root)]
-            elif (kind := _kind_of_file(m)) is not None:
+            elif (kind := _labeled_kind(fs, m, _kind_of_file(m))) is not None:
                 out.append((_uri(fs, m), kind, root))
         return out
     if fs.isdir(path):
@@ -180,7 +190,7 @@ def _expand(raw: str, cfg: SourceConfig) -> list[tuple[str, str, str]]:
         return out
     if not fs.exists(path):
         raise UserError(f"input {raw!r} does not exist: check the path")
-    kind = _kind_of_file(path)
+    kind = _labeled_kind(fs, path, _kind_of_file(path))
     if kind is None:
         raise UserError(f"don't know how to read {raw!r}: give a .tar, .parquet, an image folder or synth://N")
     return [(_uri(fs, path), kind, path)]
@@ -208,8 +218,11 @@ def _expand_dir(fs: fsspec.AbstractFileSystem, path: str, cfg: SourceConfig, con
             image_dirs.append(root)
     if tars:
         return [(_uri(fs, p), "wds") for p in sorted(tars)]
+    labeled = [(p, _labeled_kind(fs, p, "parquet")) for p in sorted(parquets)]
+    if any(k == "vesl" for _, k in labeled):  # a labeled dataset: its committed shards only
+        return [(_uri(fs, p), k) for p, k in labeled if k == "vesl"]
     if parquets:
-        return [(_uri(fs, p), "parquet") for p in sorted(parquets)]
+        return [(_uri(fs, p), k) for p, k in labeled if k is not None]
     return [(_uri(fs, p), "folder") for p in sorted(image_dirs)]
 
 
@@ -246,7 +259,8 @@ def read_shard(ref: ShardRef, cfg: SourceConfig, limit: int | None = None) -> It
 
     ``limit`` stops after that many samples (error samples count too, so the cut is stable).
     """
-    readers = {"wds": _read_tar, "parquet": _read_parquet, "folder": _read_folder, "synth": _read_synth}
+    readers = {"wds": _read_tar, "parquet": _read_parquet, "vesl": _read_labeled, "folder": _read_folder,
+               "synth": _read_synth}
     if ref.kind not in readers:
         raise UserError(f"unknown shard kind {ref.kind!r} for {ref.uri}")
     if limit is not None and limit <= 0:
@@ -268,7 +282,7 @@ def count_samples(ref: ShardRef, cfg: SourceConfig) -> int | None:
         if ref.kind == "synth":
             n, _, size, part = _synth_params(ref.uri)
             return len(range((part or 0) * size, min(((part or 0) + 1) * size, n)))
-        if ref.kind == "parquet":
+        if ref.kind in ("parquet", "vesl"):
             import pyarrow.parquet as pq
 
             with fsspec.open(ref.uri, "rb") as f:
@@ -499,6 +513,35 @@ def _parquet_sample(
     if uri is not None:
         meta[SOURCE_PATH_KEY] = source_label(uri, ref.root)
     return Sample(key=key, source_shard=ref.source, index=row, image_bytes=data, image_uri=uri, alt_text=alt_text, meta=meta)
+
+
+# ---- labeled vesl datasets (re-grounding their stored captions)
+
+KEPT_CAPTION_KEY = "kept_caption"  # Sample.meta: (caption, caption_source) of the labeled row
+
+
+def _read_labeled(ref: ShardRef, cfg: SourceConfig) -> Iterator[Sample]:
+    """Rows of a labeled shard: the stored image bytes and alt-text, the stored caption in the meta, and the
+    row's own ``source_shard`` (where the image came from)."""
+    import pyarrow.parquet as pq
+
+    fs, path = url_to_fs(ref.uri)
+    columns = ["key", "source_shard", "image", "alt_text", "caption", "caption_source"]
+    row = 0
+    with fs.open(path, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+            for r in batch.to_pylist():
+                if not r["image"]:
+                    yield _error_sample(
+                        r["key"], ref, row, "MissingImage",
+                        "the labeled row stores no image bytes (it was labeled with decode.keep_image_bytes false): "
+                        "label the source shards again instead", alt_text=r["alt_text"] or "",
+                    )
+                else:
+                    yield Sample(key=r["key"], source_shard=r["source_shard"] or ref.source, index=row,
+                                 image_bytes=r["image"], alt_text=r["alt_text"] or "",
+                                 meta={KEPT_CAPTION_KEY: (r["caption"], r["caption_source"])})  # fmt: skip
+                row += 1
 
 
 # ---- image folders with sidecar .txt

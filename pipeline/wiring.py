@@ -21,11 +21,13 @@ def build_stages(cfg: LabelConfig) -> list[Stage]:
     from vesl.pipeline.decode import DecodeStage
 
     trust = cfg.trust_remote_code
-    stages: list[Stage] = [
-        DecodeStage(cfg.decode),
-        make_captioner(cfg.captioner, trust_remote_code=trust, seed=cfg.seed),
-        PhraseStage(cfg.phrases),
-    ]
+    if cfg.captioner.spec.strip().lower() == "keep":  # re-ground stored captions: no captioner model at all
+        from vesl.pipeline.keep import KeepCaption, original_captioner
+
+        captioner: Stage = KeepCaption(original_captioner(list(cfg.inputs)))
+    else:
+        captioner = make_captioner(cfg.captioner, trust_remote_code=trust, seed=cfg.seed)
+    stages: list[Stage] = [DecodeStage(cfg.decode), captioner, PhraseStage(cfg.phrases)]
     if cfg.detector.spec.strip().lower() == "none":
         return stages  # skip importing the detector module (torch, torchvision) for a phrases-only job
     from vesl.labelers.detectors import make_detector

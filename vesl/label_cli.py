@@ -39,7 +39,7 @@ def label(
         typer.Argument(help="Input shards: WebDataset tars, Parquet files, image folders, globs or synth://N?seed=S"),
     ] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output dataset directory (local or fsspec URL)")] = None,
-    captioner: Annotated[Optional[str], typer.Option(help="alt_text | hf:<id or path> | openai:<base_url>#<model> | vllm:<model>")] = None,
+    captioner: Annotated[Optional[str], typer.Option(help="alt_text | hf:<id or path> | openai:<base_url>#<model> | vllm:<model> | keep (a labeled dataset's captions)")] = None,
     phrases: Annotated[Optional[str], typer.Option(help="Phrase extraction mode: paper | noun_chunks [profile's]")] = None,
     detector: Annotated[Optional[str], typer.Option(help="none | owlv2:<id or path> | grounding-dino:<id or path>")] = None,
     engine: Annotated[Optional[str], typer.Option(help="local | beam | ray [local]")] = None,
