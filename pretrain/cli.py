@@ -104,14 +104,21 @@ def _eval(
 
 
 def _export(
-    source: str = typer.Argument(..., help="run directory or checkpoint folder"),
-    out: str = typer.Option(..., "--out", help="export folder (open_clip local-dir layout + CLOC heads)"),
+    source: str = typer.Argument(..., help="run directory, checkpoint folder or export folder"),
+    out: str = typer.Option(..., "--out", help="export folder (must be new or empty unless --overwrite)"),
+    format: str = typer.Option("open_clip", "--format",
+                               help="open_clip (local-dir layout) | hf (transformers CLIPModel folder) [open_clip]"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an export already in --out"),
 ) -> None:
-    """Export an open_clip-compatible checkpoint, with the Prompter and grounding head beside it."""
+    """Export the CLIP towers (open_clip or transformers CLIPModel layout), with the Prompter and grounding head beside it."""
     from vesl.pretrain.export import export_model
 
-    path = export_model(source, out)
-    typer.echo(f"exported to {path}; open_clip.create_model('local-dir:{path}') or vesl.pretrain.load('{path}')")
+    path = export_model(source, out, format=format, overwrite=overwrite)
+    if format == "hf":
+        typer.echo(f"exported to {path}; transformers.CLIPModel.from_pretrained('{path}') (or CLIPVisionModel), "
+                   f"vesl.pretrain.hf.CLOCRegionModel.from_pretrained('{path}') for regions and grounding")
+    else:
+        typer.echo(f"exported to {path}; open_clip.create_model('local-dir:{path}') or vesl.pretrain.load('{path}')")
 
 
 def register(app: typer.Typer) -> None:

@@ -18,7 +18,7 @@ Image preprocessing. vesl letterboxes: the long side goes to the model size (asp
 the top left and the rest is the mean colour. The exported ``CLIPImageProcessor`` does the same with
 ``size={"max_height": S, "max_width": S}``, no center crop, and ``do_pad`` to S x S after normalizing (so the
 padding is 0 = the mean colour). Differences: transformers floors the short side where vesl rounds it
-(at most one pixel), and its default torchvision backend resizes with torch's bicubic kernel rather than
+(at most one pixel), pads with the exact mean where vesl pads with the mean rounded to 8 bits, and its default torchvision backend resizes with torch's bicubic kernel rather than
 PIL's (``CLIPImageProcessorPil`` uses PIL's, like vesl).
 
 Tokenizer. The ids are open_clip's up to and including the end token. open_clip pads with 0 and the export
@@ -307,7 +307,12 @@ def load_open_clip_from_hf(path: Path, device: str = "cpu"):
     import torch
     from safetensors.torch import load_file
 
-    from vesl.pretrain.model import CLOCModel, PrompterConfig, _quiet_random_init_warning, register_model_configs
+    from vesl.pretrain.model import (
+        CLOCModel,
+        PrompterConfig,
+        _quiet_random_init_warning,
+        register_model_configs,
+    )
 
     cfg = json.loads((path / VESL_CONFIG).read_text())
     register_model_configs()
