@@ -84,12 +84,14 @@ def _eval(
     coco_annotations: Optional[str] = typer.Option(None, "--coco-annotations", help="COCO instances JSON"),
     coco_images: Optional[str] = typer.Option(None, "--coco-images", help="folder with the COCO images"),
     shards: Optional[list[str]] = typer.Option(None, "--shards", help="held-out region-text shards"),
+    refexp: Optional[str] = typer.Option(None, "--refexp", help="referring expressions, RefCOCO-style JSONL "
+                                         "(`vesl synth --format refexp`)"),
     out: Optional[str] = typer.Option(None, "--out", help="write the results JSON here"),
     template: Optional[list[str]] = typer.Option(None, "--template", help="class prompt template(s) ['a {}']"),
     batch_size: int = typer.Option(32, "--batch-size"),
     max_images: Optional[int] = typer.Option(None, "--max-images"),
 ) -> None:
-    """Zero-shot region classification (Prompter / RoI-Align / crop), retrieval and grounding."""
+    """Zero-shot region classification (Prompter / RoI-Align / crop), retrieval, grounding and referring expressions."""
     from vesl.pretrain.eval import DEFAULT_TEMPLATES, evaluate, format_table
 
     if template and any("{}" not in t for t in template):
@@ -97,7 +99,7 @@ def _eval(
     res = evaluate(model, coco_annotations=coco_annotations, coco_images=coco_images,
                    shards=(shards[0] if shards and len(shards) == 1 else shards) or None, out_json=out,
                    templates=tuple(template) if template else DEFAULT_TEMPLATES, batch_size=batch_size,
-                   max_images=max_images, pretrained=pretrained)
+                   max_images=max_images, pretrained=pretrained, refexp=refexp)
     typer.echo(format_table(res))
     if out:
         typer.echo(f"results: {out}")
