@@ -144,3 +144,14 @@ def test_refexp_file_errors_are_one_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text("[]\n{}\n")
     with pytest.raises(UserError, match="no usable referring expression"):
         evaluate("vesl-tiny-vit", refexp=tmp_path / "bad.jsonl")
+
+
+def test_demo_rec_table_judges_the_best_clip_ranking():
+    from vesl.demo import rec_table
+
+    m = {"rec_clip_roi_align": 0.52, "rec_clip_crop": 0.47, "rec_cloc_prompter": 0.70, "rec_cloc_ground": 0.1,
+         "rec_chance": 0.37}
+    table = rec_table(m, 300)
+    assert "+18.0 points" in table
+    assert "NOT MET" in table
+    assert "(target +20: MET)" in rec_table({**m, "rec_cloc_prompter": 0.75}, 300)

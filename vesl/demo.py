@@ -317,6 +317,48 @@ def margin_points(metrics: dict[str, float]) -> float:
     return 100 * (metrics["cloc_prompter_macc"] - max(metrics["clip_roi_align_macc"], metrics["clip_crop_macc"]))
 
 
+REC_GOAL_POINTS = 20.0
+
+
+def _evaluate_refexp(run_dir: Path, refexp_jsonl: Path, methods: tuple[str, ...]) -> dict[str, float]:
+    """REC acc@0.5 (fractions) of ``methods`` on the held-out referring expressions (the code behind
+    ``vesl eval --refexp``)."""
+    import torch
+
+    from vesl.pretrain import load
+    from vesl.pretrain.eval import refexp_metrics
+
+    torch.manual_seed(0)
+    model = load(run_dir)
+    model.eval()
+    res = refexp_metrics(model, refexp_jsonl, methods=methods)
+    return {**{m: res[m]["acc@0.5"] / 100.0 for m in methods}, "chance": res["chance"]["acc@0.5"] / 100.0}
+
+
+def rec_margin_points(metrics: dict[str, float]) -> float:
+    """CLOC Prompter ranking minus the best CLIP ranking baseline on referring expressions, in points."""
+    return 100 * (metrics["rec_cloc_prompter"] - max(metrics["rec_clip_roi_align"], metrics["rec_clip_crop"]))
+
+
+def rec_table(metrics: dict[str, float], n: int) -> str:
+    """The REC rows (acc@0.5) printed under region classification."""
+    rows = [
+        ("CLIP + RoI-Align ranking", metrics["rec_clip_roi_align"]),
+        ("CLIP + crop ranking", metrics["rec_clip_crop"]),
+        ("CLOC Prompter ranking", metrics["rec_cloc_prompter"]),
+        ("CLOC grounding (no cand.)", metrics["rec_cloc_ground"]),
+        ("random candidate", metrics["rec_chance"]),
+    ]
+    margin = rec_margin_points(metrics)
+    lines = [f"referring expressions ({n} held-out, look-alikes told apart by size or position):",
+             f"{'model + method':<26}{'metric':<12}{'value':>7}", "-" * 45]
+    lines += [f"{name:<26}{'acc@IoU0.5':<12}{100 * v:>6.1f}%" for name, v in rows]
+    lines.append("-" * 45)
+    lines.append(f"REC: CLOC Prompter vs best CLIP ranking {margin:+.1f} points (target +{REC_GOAL_POINTS:.0f}: "
+                 f"{'MET' if margin >= REC_GOAL_POINTS else 'NOT MET'})")
+    return "\n".join(lines)
+
+
 def results_table(
     metrics: dict[str, float], train_seeds: tuple[int, ...] = (0,), margins: tuple[float, ...] = ()
 ) -> tuple[str, bool]:
@@ -368,7 +410,7 @@ def run_full_demo(
     ``seeds`` > 1 trains both models with seeds ``train_seed``, ``train_seed + 1``, ... and judges the means:
     on noisy pseudo-labels a single run's margin moves by several points with the seed.
     """
-    from vesl.pipeline.synth import make_scenes, write_coco
+    from vesl.pipeline.synth import make_refexp, make_scenes, write_coco, write_refexp
 
     if n < 1 or eval_n < 1 or steps < 1 or seeds < 1:
         raise UserError("--n, the eval size, the steps and --seeds must each be at least 1")
@@ -384,9 +426,10 @@ def run_full_demo(
     t = time.perf_counter()
     shards = generate_input(out / "input", n, seed)
     coco_json = write_coco(make_scenes(eval_n, eval_seed), out / "eval_coco")
+    refexp_jsonl = write_refexp((make_refexp(eval_seed, i) for i in range(eval_n)), out / "eval_refexp")
     times["generate"] = time.perf_counter() - t
     echo(
-        f"[1/4] {n} web-like pairs (seed {seed}, {len(shards)} shards); held-out COCO set of {eval_n} (seed {eval_seed})"
+        f"[1/4] {n} web-like pairs (seed {seed}, {len(shards)} shards); held-out COCO set and REC set of {eval_n} each (seed {eval_seed})"
     )
 
     t = time.perf_counter()
@@ -416,12 +459,17 @@ def run_full_demo(
         t = time.perf_counter()
         clip_m = _evaluate(clip_run, coco_json, ("roi_align", "crop"), grounding=False)
         cloc_m = _evaluate(cloc_run, coco_json, ("prompter",), grounding=True)
+        rec_clip = _evaluate_refexp(clip_run, refexp_jsonl, ("roi_align", "crop"))
+        rec_cloc = _evaluate_refexp(cloc_run, refexp_jsonl, ("ground", "prompter"))
         times["eval"] += time.perf_counter() - t
         per_seed.append({
             "clip_roi_align_macc": clip_m["roi_align_macc"],
             "clip_crop_macc": clip_m["crop_macc"],
             "cloc_prompter_macc": cloc_m["prompter_macc"],
             "cloc_grounding_acc": cloc_m["grounding_acc"],
+            "rec_clip_roi_align": rec_clip["roi_align"], "rec_clip_crop": rec_clip["crop"],
+            "rec_cloc_prompter": rec_cloc["prompter"], "rec_cloc_ground": rec_cloc["ground"],
+            "rec_chance": rec_cloc["chance"],
         })  # fmt: skip
         if s == train_seeds[0]:
             cloc_ckpt, clip_ckpt = cloc_run, clip_run
@@ -433,9 +481,10 @@ def run_full_demo(
     table, met = results_table(metrics, train_seeds, tuple(margin_points(m) for m in per_seed))
     echo(f"[4/4] zero-shot region classification with GT boxes on {eval_n} held-out scenes:")
     echo(table)
+    echo(rec_table(metrics, eval_n))
     record = {"metrics": metrics, "goal_met": met, "train_seeds": list(train_seeds),
               "per_seed": [{"train_seed": s, **m} for s, m in zip(train_seeds, per_seed, strict=True)],
-              "seconds": times}  # fmt: skip
+              "rec_margin_points": rec_margin_points(metrics), "seconds": times}  # fmt: skip
     (out / "results.json").write_text(json.dumps(record, indent=2))
     return FullDemoResult(labeled, coco_json, cloc_ckpt, clip_ckpt, metrics, met, table, times, record["per_seed"])
 
