@@ -130,7 +130,8 @@ def test_full_demo_tiny(tmp_path):
         assert mean == pytest.approx((res.per_seed[0][key] + res.per_seed[1][key]) / 2)
     assert (tmp_path / "full" / "cloc-seed4").is_dir()
     assert "goal: CLOC Prompter" in "\n".join(lines)
-    assert "CLOC Prompter ranking" in "\n".join(lines) and "REC: CLOC Prompter vs best CLIP ranking" in "\n".join(lines)
+    assert "CLOC Prompter ranking" in "\n".join(lines)
+    assert "REC: CLOC Prompter vs best CLIP ranking" in "\n".join(lines)
     assert len((tmp_path / "full" / "eval_refexp" / "refexp.jsonl").read_text().splitlines()) == 10
     assert "means over training seeds 3, 4" in "\n".join(lines)
 
