@@ -281,7 +281,8 @@ def refexp_metrics(model, path: str | os.PathLike, *, methods: tuple[str, ...] =
                 crops = []
                 for i, cs in zip(ranked, cands, strict=True):
                     for c in cs:
-                        crops.append(pre(pils[i].crop((int(c[0]), int(c[1]), int(round(c[2])), int(round(c[3]))))))
+                        x0, y0 = int(c[0]), int(c[1])
+                        crops.append(pre(pils[i].crop((x0, y0, max(int(round(c[2])), x0 + 1), max(int(round(c[3])), y0 + 1)))))
                 feats["crop"] = list(model.encode_image(torch.stack(crops)).split([len(cs) for cs in cands]))
             for m, per_item in feats.items():
                 for k, (f, cs) in enumerate(zip(per_item, cands, strict=True)):

@@ -98,12 +98,15 @@ def _model_cfg(model) -> tuple[dict, str]:
     return model_cfg, name
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
+def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out} is not empty; pass a new --out folder (or --overwrite to replace the export in it)")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} is not empty; pass a new --out folder (or --overwrite to replace the export in it)")
+
+
+def _clear_out(out: Path) -> None:
+    if out.exists():
         for name in _EXPORT_FILES:
             (out / name).unlink(missing_ok=True)
 
@@ -120,13 +123,16 @@ def export_model(source: str | os.PathLike, out_dir: str | os.PathLike, format: 
     if format not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     out = Path(out_dir)
-    _prepare_out(out, overwrite)
+    _check_out(out, overwrite)
     model = load(source)
     model_cfg, name = _model_cfg(model)
     if format == "hf":
-        from vesl.pretrain.hf import export_hf
+        from vesl.pretrain.hf import check_mappable, export_hf
 
+        check_mappable(model.clip)  # the one-line reason before anything in --out is touched
+        _clear_out(out)
         return export_hf(model, out, model_cfg, name)
+    _clear_out(out)
     out.mkdir(parents=True, exist_ok=True)
     pp = preprocess_cfg(model)
     oc = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": pp["mean"], "std": pp["std"], "size": pp["size"]}}
