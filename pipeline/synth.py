@@ -528,3 +528,116 @@ def write_coco(scenes: Iterable[Scene], out_dir: str | Path) -> Path:
     tmp.write_text(json.dumps(doc))
     tmp.replace(path)
     return path
+
+
+# ----------------------------------------------------------------------------- referring expressions
+
+
+@dataclass(frozen=True)
+class RefExp:
+    """One referring expression: ``scene.objects[target]`` is the object ``expression`` names."""
+
+    scene: Scene
+    target: int
+    expression: str
+
+
+def referring_expression(o: SceneObject) -> str:
+    """``the small red circle at the top left``: size, colour, shape and the caption's position words."""
+    return f"the {o.size} {o.color} {o.shape} {_POSITIONS[_position(o.box)]}"
+
+
+def _place(rng: random.Random, w: int, h: int, color: str, shape: str, size: str,
+           placed: list, avoid: set[tuple[str, tuple[int, int]]]) -> tuple | None:
+    lo, hi = SIZES[size]
+    for _attempt in range(80):
+        r = rng.uniform(lo, hi) * min(w, h) / 2
+        cx, cy = rng.uniform(r + 2, w - r - 2), rng.uniform(r + 2, h - r - 2)
+        mask = _draw_mask(shape, cx, cy, r, (w, h))
+        bbox = mask.getbbox()
+        if bbox is None:
+            continue
+        box = (bbox[0] / w, bbox[1] / h, bbox[2] / w, bbox[3] / h)
+        if (size, _position(box)) in avoid:
+            continue
+        if all(_compatible(box, color, p[3], p[0], w, h) for p in placed):
+            return color, shape, size, box, mask
+    return None
+
+
+def make_refexp(seed: int, index: int) -> RefExp:
+    """Scene ``index`` of the REC world ``seed``: 2-3 look-alikes (same colour and shape) that differ only by
+    size or position, plus 0-2 other objects; the expression names one look-alike by size and position.
+
+    Every look-alike has its own (size, 3x3 position cell), so the expression names exactly one object; in
+    about half the scenes all look-alikes have the same size and only the position words tell them apart.
+    """
+    for attempt in range(100):
+        rng = random.Random(f"refexp-{seed}-{index}-{attempt}")
+        nrng = np.random.default_rng(rng.getrandbits(64))
+        w, h = rng.randint(MIN_SIDE, MAX_SIDE), rng.randint(MIN_SIDE, MAX_SIDE)
+        canvas_arr, bg_word = _background(rng, nrng, w, h)
+        cats = rng.sample([(c, s) for c in COLORS for s in SHAPES], 1 + rng.randint(0, 2))
+        (color, shape), others = cats[0], cats[1:]
+        n_alike = rng.choice((2, 2, 3))
+        same_size = rng.random() < 0.5
+        sizes = [rng.choice(tuple(SIZES))] * n_alike if same_size else [rng.choice(tuple(SIZES)) for _ in range(n_alike)]
+        placed: list = []
+        taken: set = set()
+        for size in sizes:
+            p = _place(rng, w, h, color, shape, size, placed, taken)
+            if p is not None:
+                placed.append(p)
+                taken.add((size, _position(p[3])))
+        if len(placed) < 2:
+            continue
+        for c, s in others:
+            p = _place(rng, w, h, c, s, rng.choice(tuple(SIZES)), placed, set())
+            if p is not None:
+                placed.append(p)
+        canvas = Image.fromarray(canvas_arr, "RGB")
+        for c, _shape, _size, _box, mask in sorted(placed, key=lambda p: -(p[3][2] - p[3][0])):
+            jitter = tuple(max(0, min(255, v + rng.randint(-10, 10))) for v in COLORS[c])
+            canvas.paste(jitter, (0, 0), mask)
+        objects = [SceneObject(c, s, z, b) for c, s, z, b, _ in placed]
+        target_obj = objects[rng.randrange(sum(o.category == f"{color} {shape}" for o in objects))]
+        objects.sort(key=lambda o: (*_position(o.box), o.box[0], o.box[1]))
+        caption, regions = _caption(objects)
+        buf = io.BytesIO()
+        canvas.save(buf, format="JPEG", quality=JPEG_QUALITY, optimize=False, progressive=False, subsampling=0)
+        scene = Scene(key=f"{index:09d}", image=buf.getvalue(), image_format="jpg", width=w, height=h,
+                      alt_text=_alt_text(rng, objects, bg_word), caption=caption, regions=regions, objects=objects)
+        return RefExp(scene, objects.index(target_obj), referring_expression(target_obj))
+    raise RuntimeError(f"could not place look-alikes for refexp scene {seed}/{index}")  # pragma: no cover
+
+
+def _pixel_xywh(box: tuple[float, ...], w: int, h: int) -> list[int]:
+    x0, y0, x1, y1 = round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def write_refexp(refexps: Iterable[RefExp], out_dir: str | Path) -> Path:
+    """RefCOCO-style JSONL for referring-expression comprehension: ``images/KEY.jpg`` and ``refexp.jsonl``.
+
+    One line per expression: ``image`` (path relative to the JSONL), ``expression``, ``bbox`` (pixel
+    ``[x, y, w, h]`` of the target), ``candidates`` (every object box of the image, the target included),
+    plus ``id``, ``width``, ``height`` and the target's ``category``.
+    """
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for r in refexps:
+        s = r.scene
+        file_name = f"{s.key}.{s.image_format}"
+        (out / "images" / file_name).write_bytes(s.image)
+        lines.append(json.dumps({
+            "id": int(s.key), "image": f"images/{file_name}", "expression": r.expression,
+            "bbox": _pixel_xywh(s.objects[r.target].box, s.width, s.height),
+            "candidates": [_pixel_xywh(o.box, s.width, s.height) for o in s.objects],
+            "width": s.width, "height": s.height, "category": s.objects[r.target].category,
+        }))  # fmt: skip
+    path = out / "refexp.jsonl"
+    tmp = out / "refexp.jsonl.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path

@@ -84,12 +84,14 @@ def _eval(
     coco_annotations: Optional[str] = typer.Option(None, "--coco-annotations", help="COCO instances JSON"),
     coco_images: Optional[str] = typer.Option(None, "--coco-images", help="folder with the COCO images"),
     shards: Optional[list[str]] = typer.Option(None, "--shards", help="held-out region-text shards"),
+    refexp: Optional[str] = typer.Option(None, "--refexp", help="referring expressions, RefCOCO-style JSONL "
+                                         "(`vesl synth --format refexp`)"),
     out: Optional[str] = typer.Option(None, "--out", help="write the results JSON here"),
     template: Optional[list[str]] = typer.Option(None, "--template", help="class prompt template(s), averaged per class ['a {}', 'a small {}', 'a large {}']"),
     batch_size: int = typer.Option(32, "--batch-size"),
     max_images: Optional[int] = typer.Option(None, "--max-images"),
 ) -> None:
-    """Zero-shot region classification (Prompter / RoI-Align / crop), retrieval and grounding."""
+    """Zero-shot region classification (Prompter / RoI-Align / crop), retrieval, grounding and referring expressions."""
     from vesl.pretrain.eval import DEFAULT_TEMPLATES, evaluate, format_table
 
     if template and any("{}" not in t for t in template):
@@ -97,21 +99,28 @@ def _eval(
     res = evaluate(model, coco_annotations=coco_annotations, coco_images=coco_images,
                    shards=(shards[0] if shards and len(shards) == 1 else shards) or None, out_json=out,
                    templates=tuple(template) if template else DEFAULT_TEMPLATES, batch_size=batch_size,
-                   max_images=max_images, pretrained=pretrained)
+                   max_images=max_images, pretrained=pretrained, refexp=refexp)
     typer.echo(format_table(res))
     if out:
         typer.echo(f"results: {out}")
 
 
 def _export(
-    source: str = typer.Argument(..., help="run directory or checkpoint folder"),
-    out: str = typer.Option(..., "--out", help="export folder (open_clip local-dir layout + CLOC heads)"),
+    source: str = typer.Argument(..., help="run directory, checkpoint folder or export folder"),
+    out: str = typer.Option(..., "--out", help="export folder (must be new or empty unless --overwrite)"),
+    format: str = typer.Option("open_clip", "--format",
+                               help="open_clip (local-dir layout) | hf (transformers CLIPModel folder) [open_clip]"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an export already in --out"),
 ) -> None:
-    """Export an open_clip-compatible checkpoint, with the Prompter and grounding head beside it."""
+    """Export the CLIP towers (open_clip or transformers CLIPModel layout), with the Prompter and grounding head beside it."""
     from vesl.pretrain.export import export_model
 
-    path = export_model(source, out)
-    typer.echo(f"exported to {path}; open_clip.create_model('local-dir:{path}') or vesl.pretrain.load('{path}')")
+    path = export_model(source, out, format=format, overwrite=overwrite)
+    if format == "hf":
+        typer.echo(f"exported to {path}; transformers.CLIPModel.from_pretrained('{path}') (or CLIPVisionModel), "
+                   f"vesl.pretrain.hf.CLOCRegionModel.from_pretrained('{path}') for regions and grounding")
+    else:
+        typer.echo(f"exported to {path}; open_clip.create_model('local-dir:{path}') or vesl.pretrain.load('{path}')")
 
 
 def register(app: typer.Typer) -> None:

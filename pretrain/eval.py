@@ -8,6 +8,10 @@ per-class accuracies; top-1 is the overall accuracy.
 On held-out region-text shards: image-text retrieval R@1/R@5 (both directions), region-text retrieval
 R@10 (box-prompted region -> phrase, over the set of distinct phrases; and phrase -> region), and
 grounding accuracy (share of ``ground`` boxes with IoU >= 0.5), next to the trivial whole-image box.
+
+Referring-expression comprehension (REC) on a RefCOCO-style JSONL (``vesl synth --format refexp`` writes one;
+see the README for converting RefCOCO/+/g): acc@0.5 of the grounding head (no candidates), and of ranking the
+candidate boxes against the expression with the Prompter, RoI-Align and crop-and-encode.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 from vesl.errors import UserError, first_line
 
 METHODS = ("prompter", "roi_align", "crop")
+REC_METHODS = ("ground", "prompter", "roi_align", "crop")
 # Zero-shot class prompts, averaged per category as in CLIP's prompt ensembles. Region phrases are worded
 # "<article> <size> <name>" ("a small red circle"), so the ensemble covers both sizes; `vesl demo --full` uses
 # the same default, so `vesl eval` reproduces its table. Recorded in the results JSON.
@@ -174,6 +179,125 @@ def shard_metrics(model, data: str | list[str], *, batch_size: int = 32, regions
     return out
 
 
+def _xywh_ok(b: Any) -> bool:
+    return (isinstance(b, (list, tuple)) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
+            and b[2] > 0 and b[3] > 0)
+
+
+def read_refexp(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+    """(valid items, error rows) of a REC JSONL; each bad line becomes an error row ({"line", "error"}).
+
+    A line holds ``image`` (a path relative to the JSONL's folder, or absolute), ``expression``, ``bbox``
+    (pixel ``[x, y, w, h]``) and ``candidates`` (a list of such boxes; optional for the grounding head).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"referring-expression file {p} not found; write one with `vesl synth --format refexp`")
+    items, errors = [], []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as exc:
+            errors.append({"line": i, "error": f"not JSON: {exc.msg}"})
+            continue
+        if not isinstance(d, dict):
+            errors.append({"line": i, "error": "not a JSON object"})
+            continue
+        problem = None
+        if not isinstance(d.get("image"), str) or not d["image"]:
+            problem = "no image path"
+        elif not isinstance(d.get("expression"), str) or not d["expression"].strip():
+            problem = "no expression"
+        elif not _xywh_ok(d.get("bbox")):
+            problem = "bbox is not a pixel [x, y, w, h] with w, h > 0"
+        elif "candidates" in d and (not isinstance(d["candidates"], list)
+                                    or not all(_xywh_ok(c) for c in d["candidates"])):
+            problem = "candidates is not a list of pixel [x, y, w, h] boxes"
+        elif not (p.parent / d["image"]).is_file():
+            problem = f"image {d['image']} not found"
+        if problem:
+            errors.append({"line": i, "error": problem})
+            continue
+        items.append({**d, "line": i, "path": p.parent / d["image"]})
+    return items, errors
+
+
+def _xywh_to_xyxy(b: list[float]) -> list[float]:
+    return [b[0], b[1], b[0] + b[2], b[1] + b[3]]
+
+
+def refexp_metrics(model, path: str | os.PathLike, *, methods: tuple[str, ...] = REC_METHODS, batch_size: int = 32,
+                   max_items: int | None = None) -> dict[str, Any]:
+    """REC acc@0.5 per method, the chance level of picking a candidate at random, and the error rows."""
+    import torch
+    from PIL import Image
+
+    from vesl.pretrain.data import Preprocess, box_iou, letterbox_box, unletterbox_box
+
+    items, errors = read_refexp(path)
+    items = items[:max_items]
+    if not items:
+        raise UserError(f"{path} holds no usable referring expression ({len(errors)} bad line(s); first: "
+                        f"{errors[0]['error'] if errors else 'empty file'})")
+    pre = Preprocess.from_model(model)
+    hits: dict[str, list[bool]] = {m: [] for m in methods}
+    chance: list[float] = []
+    with torch.no_grad():
+        for chunk in _chunks(items, batch_size):
+            pils, ok = [], []
+            for it in chunk:
+                try:
+                    pils.append(Image.open(it["path"]).convert("RGB"))
+                    ok.append(it)
+                except OSError as exc:
+                    errors.append({"line": it["line"], "error": f"unreadable image: {first_line(exc)}"})
+            if not ok:
+                continue
+            batch = torch.stack([pre(im) for im in pils])
+            texts = [it["expression"] for it in ok]
+            targets = [_xywh_to_xyxy(it["bbox"]) for it in ok]
+            if "ground" in methods:
+                pred = model.ground(batch, texts).tolist()
+                for p, im, t in zip(pred, pils, targets, strict=True):
+                    w, h = im.size
+                    x0, y0, x1, y1 = unletterbox_box(p, w, h, pre.size)
+                    hits["ground"].append(box_iou([x0 * w, y0 * h, x1 * w, y1 * h], t) >= 0.5)
+            ranked = [i for i, it in enumerate(ok) if it.get("candidates")]
+            rank_methods = [m for m in methods if m != "ground"]
+            if not ranked or not rank_methods:
+                continue
+            cands = [[_xywh_to_xyxy(c) for c in ok[i]["candidates"]] for i in ranked]
+            chance += [100.0 * sum(box_iou(c, targets[i]) >= 0.5 for c in cs) / len(cs) for i, cs in zip(ranked, cands, strict=True)]
+            sub = batch[ranked]
+            canvas = [torch.tensor([letterbox_box([c[0] / pils[i].width, c[1] / pils[i].height, c[2] / pils[i].width,
+                                                   c[3] / pils[i].height], pils[i].width, pils[i].height, pre.size)
+                                    for c in cs]) for i, cs in zip(ranked, cands, strict=True)]
+            text = model.encode_text([texts[i] for i in ranked])
+            feats: dict[str, list] = {}
+            if "prompter" in rank_methods:
+                feats["prompter"] = model.encode_regions(sub, canvas)
+            if "roi_align" in rank_methods:
+                feats["roi_align"] = model.roi_align_regions(sub, canvas)
+            if "crop" in rank_methods:
+                crops = []
+                for i, cs in zip(ranked, cands, strict=True):
+                    for c in cs:
+                        x0, y0 = int(c[0]), int(c[1])
+                        crops.append(pre(pils[i].crop((x0, y0, max(int(round(c[2])), x0 + 1), max(int(round(c[3])), y0 + 1)))))
+                feats["crop"] = list(model.encode_image(torch.stack(crops)).split([len(cs) for cs in cands]))
+            for m, per_item in feats.items():
+                for k, (f, cs) in enumerate(zip(per_item, cands, strict=True)):
+                    best = int((f @ text[k]).argmax())
+                    hits[m].append(box_iou(cs[best], targets[ranked[k]]) >= 0.5)
+    out: dict[str, Any] = {m: {"acc@0.5": 100.0 * sum(v) / len(v), "n": len(v)} for m, v in hits.items() if v}
+    out["chance"] = {"acc@0.5": sum(chance) / len(chance) if chance else 0.0, "n": len(chance)}
+    out["errors"] = len(errors)
+    out["error_rows"] = errors[:20]
+    return out
+
+
 def load_for_eval(model: str | os.PathLike, pretrained: str | None = None) -> tuple[Any, bool]:
     """(model, whether its CLOC heads are trained): a vesl run/export/checkpoint, or with ``pretrained`` (or a
     name that is no path) a plain open_clip model, whose Prompter and grounding head are untrained."""
@@ -198,7 +322,8 @@ def load_for_eval(model: str | os.PathLike, pretrained: str | None = None) -> tu
 def evaluate(model_or_path: Any, *, coco_annotations: str | None = None, coco_images: str | None = None,
              shards: str | list[str] | None = None, out_json: str | os.PathLike | None = None,
              templates: tuple[str, ...] = DEFAULT_TEMPLATES, batch_size: int = 32,
-             max_images: int | None = None, pretrained: str | None = None) -> dict[str, Any]:
+             max_images: int | None = None, pretrained: str | None = None,
+             refexp: str | os.PathLike | None = None) -> dict[str, Any]:
     """Everything that was asked for, as one dict (also written to ``out_json`` when given).
 
     A plain open_clip model (``pretrained`` given, or a model name) gets the CLIP baselines only: RoI-Align
@@ -206,8 +331,8 @@ def evaluate(model_or_path: Any, *, coco_annotations: str | None = None, coco_im
     """
     import torch
 
-    if coco_annotations is None and shards is None:
-        raise UserError("nothing to evaluate: pass --coco-annotations with --coco-images, and/or --shards")
+    if coco_annotations is None and shards is None and refexp is None:
+        raise UserError("nothing to evaluate: pass --coco-annotations with --coco-images, --shards and/or --refexp")
     if (coco_annotations is None) != (coco_images is None):
         raise UserError("--coco-annotations and --coco-images go together")
     torch.manual_seed(0)
@@ -224,6 +349,9 @@ def evaluate(model_or_path: Any, *, coco_annotations: str | None = None, coco_im
             max_images=max_images)
     if shards:
         results["shards"] = shard_metrics(model, shards, batch_size=batch_size, max_images=max_images, regions=heads)
+    if refexp:
+        methods = REC_METHODS if heads else tuple(m for m in REC_METHODS if m in ("roi_align", "crop"))
+        results["refexp"] = refexp_metrics(model, refexp, methods=methods, batch_size=batch_size, max_items=max_images)
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(results, indent=2))
@@ -245,4 +373,17 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"{'held-out shards':<24}{'value':>8}")
         for k, v in sh.items():
             lines.append(f"{k:<24}{v:>8.1f}")
+    rx = results.get("refexp")
+    if rx:
+        if lines:
+            lines.append("")
+        lines.append(f"{'referring expressions':<24}{'acc@0.5':>8}{'n':>9}")
+        names = {"ground": "ground (no candidates)", "prompter": "prompter ranking", "roi_align": "roi_align ranking",
+                 "crop": "crop ranking", "chance": "random candidate"}
+        for m in (*REC_METHODS, "chance"):
+            if m in rx:
+                lines.append(f"{names[m]:<24}{rx[m]['acc@0.5']:>8.1f}{rx[m]['n']:>9d}")
+        if rx.get("errors"):
+            lines.append(f"{rx['errors']} bad line(s) skipped, e.g. line {rx['error_rows'][0]['line']}: "
+                         f"{rx['error_rows'][0]['error']}")
     return "\n".join(lines)

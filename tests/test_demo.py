@@ -115,6 +115,11 @@ def test_full_demo_tiny(tmp_path):
         "clip_crop_macc",
         "cloc_prompter_macc",
         "cloc_grounding_acc",
+        "rec_clip_roi_align",
+        "rec_clip_crop",
+        "rec_cloc_prompter",
+        "rec_cloc_ground",
+        "rec_chance",
     }
     assert all(0.0 <= v <= 1.0 for v in res.metrics.values())
     saved = json.loads((tmp_path / "full" / "results.json").read_text())
@@ -129,6 +134,9 @@ def test_full_demo_tiny(tmp_path):
         assert mean == pytest.approx((res.per_seed[0][key] + res.per_seed[1][key]) / 2)
     assert (tmp_path / "full" / "cloc-seed4").is_dir()
     assert "goal: CLOC Prompter" in "\n".join(lines)
+    assert "CLOC Prompter ranking" in "\n".join(lines)
+    assert "REC: CLOC Prompter vs best CLIP ranking" in "\n".join(lines)
+    assert len((tmp_path / "full" / "eval_refexp" / "refexp.jsonl").read_text().splitlines()) == 10
     assert "means over training seeds 3, 4" in "\n".join(lines)
 
 

@@ -316,6 +316,48 @@ def margin_points(metrics: dict[str, float]) -> float:
     return 100 * (metrics["cloc_prompter_macc"] - max(metrics["clip_roi_align_macc"], metrics["clip_crop_macc"]))
 
 
+REC_GOAL_POINTS = 20.0
+
+
+def _evaluate_refexp(run_dir: Path, refexp_jsonl: Path, methods: tuple[str, ...]) -> dict[str, float]:
+    """REC acc@0.5 (fractions) of ``methods`` on the held-out referring expressions (the code behind
+    ``vesl eval --refexp``)."""
+    import torch
+
+    from vesl.pretrain import load
+    from vesl.pretrain.eval import refexp_metrics
+
+    torch.manual_seed(0)
+    model = load(run_dir)
+    model.eval()
+    res = refexp_metrics(model, refexp_jsonl, methods=methods)
+    return {**{m: res[m]["acc@0.5"] / 100.0 for m in methods}, "chance": res["chance"]["acc@0.5"] / 100.0}
+
+
+def rec_margin_points(metrics: dict[str, float]) -> float:
+    """CLOC Prompter ranking minus the best CLIP ranking baseline on referring expressions, in points."""
+    return 100 * (metrics["rec_cloc_prompter"] - max(metrics["rec_clip_roi_align"], metrics["rec_clip_crop"]))
+
+
+def rec_table(metrics: dict[str, float], n: int) -> str:
+    """The REC rows (acc@0.5) printed under region classification."""
+    rows = [
+        ("CLIP + RoI-Align ranking", metrics["rec_clip_roi_align"]),
+        ("CLIP + crop ranking", metrics["rec_clip_crop"]),
+        ("CLOC Prompter ranking", metrics["rec_cloc_prompter"]),
+        ("CLOC grounding (no cand.)", metrics["rec_cloc_ground"]),
+        ("random candidate", metrics["rec_chance"]),
+    ]
+    margin = rec_margin_points(metrics)
+    lines = [f"referring expressions ({n} held-out, look-alikes told apart by size or position):",
+             f"{'model + method':<26}{'metric':<12}{'value':>7}", "-" * 45]
+    lines += [f"{name:<26}{'acc@IoU0.5':<12}{100 * v:>6.1f}%" for name, v in rows]
+    lines.append("-" * 45)
+    lines.append(f"REC: CLOC Prompter vs best CLIP ranking {margin:+.1f} points (target +{REC_GOAL_POINTS:.0f}: "
+                 f"{'MET' if margin >= REC_GOAL_POINTS else 'NOT MET'})")
+    return "\n".join(lines)
+
+
 def results_table(
     metrics: dict[str, float], train_seeds: tuple[int, ...] = (0,), margins: tuple[float, ...] = ()
 ) -> tuple[str, bool]:
@@ -369,7 +411,14 @@ def run_full_demo(
     (counted from ``train_seed``) is evaluated on world ``i`` of ``eval_split`` (test: reported; validation:
     for tuning), a fresh world per seed.
     """
-    from vesl.pipeline.synth import TEST_SEEDS, VALIDATION_SEEDS, make_scenes, write_coco
+    from vesl.pipeline.synth import (
+        TEST_SEEDS,
+        VALIDATION_SEEDS,
+        make_refexp,
+        make_scenes,
+        write_coco,
+        write_refexp,
+    )
 
     if n < 1 or eval_n < 1 or steps < 1 or seeds < 1:
         raise UserError("--n, the eval size, the steps and --seeds must each be at least 1")
@@ -391,11 +440,11 @@ def run_full_demo(
     t = time.perf_counter()
     shards = generate_input(out / "input", n, seed)
     coco_jsons = [write_coco(make_scenes(eval_n, e), out / f"eval_coco-{e}") for e in eval_seeds]
-    coco_json = coco_jsons[0]
+    refexp_jsonls = [write_refexp((make_refexp(e, i) for i in range(eval_n)), out / f"eval_refexp-{e}") for e in eval_seeds]
     times["generate"] = time.perf_counter() - t
     echo(
-        f"[1/4] {n} web-like pairs (seed {seed}, {len(shards)} shards); held-out COCO set of {eval_n} scenes per "
-        f"training seed ({eval_split} world{'s' if seeds > 1 else ''} {', '.join(map(str, eval_seeds))})"
+        f"[1/4] {n} web-like pairs (seed {seed}, {len(shards)} shards); held-out COCO and REC sets of {eval_n} each "
+        f"per training seed ({eval_split} world{'s' if seeds > 1 else ''} {', '.join(map(str, eval_seeds))})"
     )
 
     t = time.perf_counter()
@@ -416,7 +465,7 @@ def run_full_demo(
     train_seeds = tuple(range(train_seed, train_seed + seeds))
     per_seed: list[dict[str, float]] = []
     times["train"] = times["eval"] = 0.0
-    for s, coco_json in zip(train_seeds, coco_jsons, strict=True):
+    for s, coco_json, refexp_jsonl in zip(train_seeds, coco_jsons, refexp_jsonls, strict=True):
         suffix = "" if seeds == 1 else f"-seed{s}"
         t = time.perf_counter()
         cloc_run = _train(labeled, out / f"cloc{suffix}", steps, seed=s, clip_only=False, **kw)
@@ -425,12 +474,17 @@ def run_full_demo(
         t = time.perf_counter()
         clip_m = _evaluate(clip_run, coco_json, ("roi_align", "crop"), grounding=False)
         cloc_m = _evaluate(cloc_run, coco_json, ("prompter",), grounding=True)
+        rec_clip = _evaluate_refexp(clip_run, refexp_jsonl, ("roi_align", "crop"))
+        rec_cloc = _evaluate_refexp(cloc_run, refexp_jsonl, ("ground", "prompter"))
         times["eval"] += time.perf_counter() - t
         per_seed.append({
             "clip_roi_align_macc": clip_m["roi_align_macc"],
             "clip_crop_macc": clip_m["crop_macc"],
             "cloc_prompter_macc": cloc_m["prompter_macc"],
             "cloc_grounding_acc": cloc_m["grounding_acc"],
+            "rec_clip_roi_align": rec_clip["roi_align"], "rec_clip_crop": rec_clip["crop"],
+            "rec_cloc_prompter": rec_cloc["prompter"], "rec_cloc_ground": rec_cloc["ground"],
+            "rec_chance": rec_cloc["chance"],
         })  # fmt: skip
         if s == train_seeds[0]:
             cloc_ckpt, clip_ckpt, first_coco = cloc_run, clip_run, coco_json
@@ -443,10 +497,11 @@ def run_full_demo(
     echo(f"[4/4] zero-shot region classification with GT boxes on {eval_n} held-out scenes per seed "
          f"({eval_split} worlds):")
     echo(table)
+    echo(rec_table(metrics, eval_n))
     record = {"metrics": metrics, "goal_met": met, "train_seeds": list(train_seeds), "eval_split": eval_split,
               "per_seed": [{"train_seed": s, "eval_seed": e, **m}
                            for s, e, m in zip(train_seeds, eval_seeds, per_seed, strict=True)],
-              "seconds": times}  # fmt: skip
+              "rec_margin_points": rec_margin_points(metrics), "seconds": times}  # fmt: skip
     (out / "results.json").write_text(json.dumps(record, indent=2))
     return FullDemoResult(labeled, first_coco, cloc_ckpt, clip_ckpt, metrics, met, table, times, record["per_seed"])
 

@@ -15,7 +15,7 @@ import typer
 
 from vesl.errors import UserError, first_line
 
-SYNTH_FORMATS = ("wds", "parquet", "coco")
+SYNTH_FORMATS = ("wds", "parquet", "coco", "refexp")
 
 
 def _passthrough(inputs: list[str]) -> tuple[list[str], list[str]]:
@@ -287,7 +287,7 @@ def synth(
     out: Annotated[Path, typer.Option("--out", help="Output directory")],
     n: Annotated[int, typer.Option("--n", help="Number of scenes")] = 200,
     seed: Annotated[int, typer.Option(help="Same seed, same bytes")] = 0,
-    fmt: Annotated[str, typer.Option("--format", help="wds | parquet | coco")] = "wds",
+    fmt: Annotated[str, typer.Option("--format", help="wds | parquet | coco | refexp (RefCOCO-style JSONL)")] = "wds",
     shard_size: Annotated[int, typer.Option(help="Scenes per shard (wds and parquet)")] = 100,
 ) -> None:
     """Generate synthetic scenes with ground-truth captions and boxes (input data or COCO eval set)."""
@@ -300,6 +300,10 @@ def synth(
     from vesl.pipeline.confine import check_output_dir
 
     check_output_dir(out, "--out")
+    if fmt == "refexp":
+        path = synthetic.write_refexp((synthetic.make_refexp(seed, i) for i in range(n)), out)
+        typer.echo(f"wrote {n} referring expressions to {path} (seed {seed}); evaluate with `vesl eval MODEL --refexp {path}`")
+        return
     scenes = synthetic.make_scenes(n, seed)
     if fmt == "wds":
         paths = synthetic.write_webdataset(scenes, out, shard_size)
