@@ -109,14 +109,14 @@ def test_sigkill_at_several_points_then_resume_equals_uninterrupted_run(tmp_path
     out = tmp_path / "out"
     # 1. with shard 1's parquet written and fsynced under its temp name, before its rename
     proc = _start(out, kill_before=".part-00001.parquet.")
-    assert proc.wait(timeout=240) == -signal.SIGKILL
+    assert proc.wait(timeout=240) == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
     _wait_group_gone(proc.pid)
     assert committed_shards(out) == ["part-00000"]
     assert any(n.startswith(".part-00001.parquet.") and n.endswith(".tmp") for n in os.listdir(out))
     _consistent(out)
     # 2. with shard 2's parquet files renamed into place but its stats (the commit marker) not yet written
     proc = _start(out, kill_before=".part-00002.stats.json.")
-    assert proc.wait(timeout=240) == -signal.SIGKILL
+    assert proc.wait(timeout=240) == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
     _wait_group_gone(proc.pid)
     assert committed_shards(out) == ["part-00000", "part-00001"]
     assert (out / "part-00002.parquet").exists()
