@@ -113,6 +113,8 @@ def main() -> None:
         "FLOPs counted": flops > 0,
         "loss moved": final != first.item(),
     }
+    if cuda and bf16:
+        checks["MFU goal >= 40%"] = mfu >= 0.40
     print("self-check: " + ", ".join(f"{k}: {'ok' if v else 'FAILED'}" for k, v in checks.items()))
     if not all(checks.values()):
         raise SystemExit(1)
