@@ -219,7 +219,7 @@ def main() -> int:
 
         torch.set_num_threads(args.threads)
         print(json.dumps(CASES[args.case](Path(args.root), args)))
-        return
+        return 0
     with tempfile.TemporaryDirectory(prefix="vesl-bench-") as tmp:
         root = Path(tmp)
         make_data(root, args.images)
