@@ -136,7 +136,7 @@ def test_full_demo_tiny(tmp_path):
     assert "goal: CLOC Prompter" in "\n".join(lines)
     assert "CLOC Prompter ranking" in "\n".join(lines)
     assert "REC: CLOC Prompter vs best CLIP ranking" in "\n".join(lines)
-    assert len((tmp_path / "full" / "eval_refexp" / "refexp.jsonl").read_text().splitlines()) == 10
+    assert len((tmp_path / "full" / f"eval_refexp-{TEST_SEEDS[0]}" / "refexp.jsonl").read_text().splitlines()) == 10
     assert "means over training seeds 3, 4" in "\n".join(lines)
 
 
