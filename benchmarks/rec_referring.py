@@ -66,7 +66,7 @@ def main() -> None:
     from vesl.pretrain.eval import refexp_metrics
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="bench-out/rec_referring")
+    p.add_argument("--out", default="demo-out/rec_referring", help="work folder (ignored by git)")
     p.add_argument("--n", type=int, default=2000, help="training scenes (world seed 1001, as demo --full)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seed", type=int, default=0, help="training seed")
