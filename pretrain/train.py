@@ -52,11 +52,17 @@ class TrainConfig(BaseModel):
     eps: float = 1e-6
     grad_clip: float | None = Field(1.0, description="max global grad norm (null: off)")
     regions_per_image: int = Field(4, ge=1)
-    lam: float = Field(1.0, description="weight of L_region + L_ground")
+    lam: float = Field(1.0, ge=0, description="the paper's shared factor lambda of the region and grounding terms")
+    region_weight: float = Field(1.0, ge=0, description="weight of L_region inside lambda (1 in the paper)")
+    ground_weight: float = Field(1.0, ge=0, description="weight of L_ground inside lambda (1 in the paper)")
     text_sim_threshold: float = Field(0.9, description="region negatives with text cosine above this are removed")
     region_loss_drop: float = Field(0.0, ge=0.0, lt=1.0, description="share of region pairs with the highest loss "
                                     "left out of L_region, for noisy pseudo-labels (0: paper-literal)")
     ground_loss: Literal["l2", "l1+giou"] = "l2"
+    ground_l1_weight: float = Field(5.0, ge=0, description="--ground-loss l1+giou: weight of L1 (DETR's 5)")
+    ground_giou_weight: float = Field(2.0, ge=0, description="--ground-loss l1+giou: weight of 1 - GIoU (DETR's 2)")
+    ground_head: Literal["locate", "mlp"] = Field("locate", description="locate: soft-argmax over the text prompt's "
+                                                  "patch attention plus offset and size; mlp: the paper's MLP")
     clip_only: bool = Field(False, description="train the CLIP baseline only (same data and steps)")
     local_loss: bool = False
     gather_with_grad: bool = False
@@ -126,15 +132,16 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
-        if not self.enabled:
-            return values
-        import torch
-        import torch.distributed as dist
+    def mean_rows(self, t):
+        """(S, K) device tensor -> its mean over the ranks as S lists of K floats (one host read)."""
+        if self.enabled:
+            import torch
+            import torch.distributed as dist
 
-        t = torch.tensor([values[k] for k in values], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return {k: float(v) / self.world_size for k, v in zip(values, t.tolist(), strict=True)}
+            t = t.to(torch.float64)
+            dist.all_reduce(t)
+            t = t / self.world_size
+        return t.tolist()
 
     def sum_int(self, n: int) -> int:
         if not self.enabled:
@@ -250,7 +257,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
 
     from vesl.pretrain.data import Preprocess, RegionTextLoader
     from vesl.pretrain.losses import CLOCLoss, filter_warning
-    from vesl.pretrain.model import PrompterConfig, create_model
+    from vesl.pretrain.model import PrompterConfig, create_model, prepare_texts
 
     if isinstance(config, (str, os.PathLike)):
         config = load_config(config)
@@ -269,7 +276,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
         try:
             model = create_model(cfg.model, cfg.pretrained, PrompterConfig(pool=cfg.prompter_pool, patch_pos=cfg.patch_pos,
-                                                                   box_bias=cfg.box_bias),
+                                                                   box_bias=cfg.box_bias, ground_head=cfg.ground_head),
                                  seed=cfg.seed, device=d.device)
         except RuntimeError as exc:
             if "not found" in str(exc) or "not a known tag" in str(exc):
@@ -313,7 +320,8 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
 
             ddp = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
         loss_fn = CLOCLoss(cfg.lam, cfg.text_sim_threshold, cfg.ground_loss, cfg.local_loss, cfg.gather_with_grad,
-                           d.rank, d.world_size, cfg.region_loss_drop)
+                           d.rank, d.world_size, cfg.region_loss_drop, cfg.region_weight, cfg.ground_weight,
+                           cfg.ground_l1_weight, cfg.ground_giou_weight)
         writer = None
         if d.main and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -325,8 +333,29 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
         t0 = t_last = time.perf_counter()
         seen_last = 0
         warned = False
+        # Loss values stay on the device until a log step, a checkpoint or the end: then one read brings back
+        # every pending step's values (and one all-reduce averages them over the ranks), so the steps between
+        # never wait on the device. log.jsonl still gets one line per step.
+        pending: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
+
+        def flush() -> dict[str, float]:
+            if not pending:
+                return {}
+            keys = list(pending[0][1])
+            stacked = torch.stack([torch.stack([v[k].detach().float() for k in keys]) for _, v in pending])
+            rows = d.mean_rows(stacked)
+            last: dict[str, float] = {}
+            for (meta, _), row in zip(pending, rows, strict=True):
+                last = dict(zip(keys, row, strict=True))
+                if log:
+                    log.write(json.dumps({**meta, **last}) + "\n")
+            if log:
+                log.flush()
+            pending.clear()
+            return last
 
         def checkpoint() -> None:
+            flush()
             states = d.gather_object(loader.state)
             if d.main:
                 meta = {"step": step, "epoch": epoch, "world_size": d.world_size, "num_workers": cfg.workers,
@@ -338,6 +367,9 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
         while epoch < cfg.epochs and not stop and step < total:
             for batch in loader.epoch(epoch, loader_resume):
                 loader_resume = None
+                seen_last += int(batch["image_valid"].sum())  # still on the host: no device read
+                if not cfg.clip_only:
+                    batch.update(prepare_texts(batch["texts"], batch["region_texts"], batch["region_valid"]))
                 batch = _to(batch, d.device)
                 lr = cosine_lr(step, cfg.lr, cfg.warmup, total)
                 for g in optimizer.param_groups:
@@ -345,7 +377,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
                 model.train()
                 with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     out = ddp(batch["images"], batch["texts"], batch["region_boxes"], batch["region_texts"],
-                              batch["region_valid"], clip_only=cfg.clip_only)
+                              batch["region_valid"], clip_only=cfg.clip_only, phrase_index=batch.get("phrase_index"))
                 loss_fn.set_progress(step, total)
                 losses = loss_fn(out, batch)
                 optimizer.zero_grad(set_to_none=True)
@@ -356,12 +388,13 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
                 with torch.no_grad():
                     model.logit_scale.clamp_(0, math.log(100))
                 step += 1
-                seen_last += int(batch["image_valid"].sum())
                 if keys_log:
                     keys_log.write(json.dumps({"step": step, "keys": batch["keys"]}) + "\n")
                     keys_log.flush()
-                vals = d.mean({k: float(v.detach()) for k, v in losses.items()})
+                pending.append(({"step": step, "epoch": epoch, "lr": lr, "t": time.perf_counter() - t0},
+                                {k: v.detach() for k, v in losses.items()}))
                 if step % cfg.log_every == 0 or step == total:
+                    vals = flush()
                     dropped = vals.get("region_neg_dropped", 0.0)
                     if d.main and not warned and step > cfg.warmup and (w := filter_warning(dropped, cfg.text_sim_threshold)):
                         print(w, file=sys.stderr, flush=True)
@@ -379,10 +412,6 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
                                 writer.add_scalar(f"train/{k}", v, step)
                             writer.add_scalar("train/lr", lr, step)
                             writer.add_scalar("train/samples_per_s", sps, step)
-                if log:
-                    rec = {"step": step, "epoch": epoch, "lr": lr, **vals, "t": time.perf_counter() - t0}
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
                 if step % cfg.save_every == 0:
                     checkpoint()
                     last_saved = step
@@ -391,6 +420,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
                     break
             else:
                 epoch += 1
+        flush()
         if step != last_saved:
             checkpoint()
         for f in (log, keys_log):

@@ -149,10 +149,11 @@ def test_grounding_losses_match_reference():
         hull = (max(p[2], g[2]) - min(p[0], g[0])) * (max(p[3], g[3]) - min(p[1], g[1]))
         return inter / union - (hull - union) / hull
 
-    l1g = GroundingLoss("l1+giou")(pred, gt, valid).item()
-    ref = sum(sum(abs(p - g) for p, g in zip(pr, gr, strict=True)) + 1 - giou(pr, gr)
-              for pr, gr in zip(pred[:2].tolist(), gt[:2].tolist(), strict=True)) / 2
-    assert l1g == pytest.approx(ref, abs=1e-6)
+    for w1, wg in ((5.0, 2.0), (1.0, 1.0)):  # DETR's weights (the default), and unit weights
+        l1g = GroundingLoss("l1+giou", l1_weight=w1, giou_weight=wg)(pred, gt, valid).item()
+        ref = sum(w1 * sum(abs(p - g) for p, g in zip(pr, gr, strict=True)) + wg * (1 - giou(pr, gr))
+                  for pr, gr in zip(pred[:2].tolist(), gt[:2].tolist(), strict=True)) / 2
+        assert l1g == pytest.approx(ref, abs=1e-6)
 
 
 @pytest.fixture(scope="module")
