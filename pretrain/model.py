@@ -357,7 +357,7 @@ class CLOCModel(nn.Module):
         batch moves to the device): ``texts`` trimmed, ``region_texts`` the distinct phrases and
         ``phrase_index`` (B, M) where each region's phrase is. Then the forward never waits on the device.
         """
-        if phrase_index is None and not clip_only and region_valid is not None:
+        if phrase_index is None and region_valid is not None:
             prep = prepare_texts(texts, region_texts, region_valid)
             texts, region_texts, phrase_index = prep["texts"], prep["region_texts"], prep["phrase_index"]
         pooled, tokens = self.image_tokens(images)

@@ -247,6 +247,15 @@ def make_optimizer(model, cfg: TrainConfig):
         return torch.optim.AdamW(groups, **kw)
 
 
+def host_prepare(batch: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """What the step needs read from the batch, read while it is still on the host: its number of valid images,
+    and the text inputs in the form that lets the forward run without host reads (``prepare_texts``)."""
+    from vesl.pretrain.model import prepare_texts
+
+    n_valid = int(batch["image_valid"].sum())
+    return n_valid, {**batch, **prepare_texts(batch["texts"], batch["region_texts"], batch["region_valid"])}
+
+
 def _to(batch: dict[str, Any], device) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
 
@@ -257,7 +266,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
 
     from vesl.pretrain.data import Preprocess, RegionTextLoader
     from vesl.pretrain.losses import CLOCLoss, filter_warning
-    from vesl.pretrain.model import PrompterConfig, create_model, prepare_texts
+    from vesl.pretrain.model import PrompterConfig, create_model
 
     if isinstance(config, (str, os.PathLike)):
         config = load_config(config)
@@ -367,9 +376,8 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
         while epoch < cfg.epochs and not stop and step < total:
             for batch in loader.epoch(epoch, loader_resume):
                 loader_resume = None
-                seen_last += int(batch["image_valid"].sum())  # still on the host: no device read
-                if not cfg.clip_only:
-                    batch.update(prepare_texts(batch["texts"], batch["region_texts"], batch["region_valid"]))
+                n_valid, batch = host_prepare(batch)
+                seen_last += n_valid
                 batch = _to(batch, d.device)
                 lr = cosine_lr(step, cfg.lr, cfg.warmup, total)
                 for g in optimizer.param_groups:
