@@ -94,4 +94,5 @@ def test_steps_between_log_steps_make_no_host_reads(tmp_path, monkeypatch, clip_
     made = {s + 1: per_step[s + 1] - per_step[s] for s in range(steps)}
     quiet = {s: n for s, n in made.items() if s % 5 and s != 12}
     assert sum(quiet.values()) == 0, (quiet, reads.seen)
-    assert made[5] > 0 and made[10] > 0  # the log steps read their values: the counter sees them
+    assert made[5] > 0  # the log steps read their values: the counter sees them
+    assert made[10] > 0
