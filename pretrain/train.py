@@ -397,6 +397,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
             cfg.data, batch_size=cfg.batch_size, tokenizer=model.tokenizer, preprocess=Preprocess.from_model(model),
             regions_per_image=cfg.regions_per_image, num_workers=workers, rank=d.rank, world_size=d.world_size,
             seed=cfg.seed, text_field=cfg.text_field, storage_options=cfg.storage_options, with_regions=not cfg.clip_only,
+            pin_memory=d.device.type == "cuda",
         )
         steps_per_epoch = [loader.steps_per_epoch(e) for e in range(cfg.epochs)]
         total = sum(steps_per_epoch)
