@@ -30,6 +30,8 @@ def _train(
     ground_weight: Optional[float] = typer.Option(None, "--ground-weight", help="weight of L_ground inside --lambda [10; paper 1]"),
     ground_head: Optional[str] = typer.Option(
         None, "--ground-head", help="locate (soft-argmax over the text prompt's patch attention) | mlp (paper) [locate]"),
+    ground_cell_weight: Optional[float] = typer.Option(
+        None, "--ground-cell-weight", help="--ground-head locate: weight of the centre-cell cross-entropy [1; 0 off]"),
     ground_l1_weight: Optional[float] = typer.Option(None, "--ground-l1-weight", help="--ground-loss l1+giou: L1 weight [5]"),
     ground_giou_weight: Optional[float] = typer.Option(
         None, "--ground-giou-weight", help="--ground-loss l1+giou: GIoU weight [2]"),
@@ -65,6 +67,7 @@ def _train(
         "workers": workers, "lr": lr, "warmup": warmup, "weight_decay": weight_decay, "grad_clip": grad_clip,
         "regions_per_image": regions_per_image, "lam": lam, "region_weight": region_weight,
         "ground_weight": ground_weight, "ground_head": ground_head, "ground_l1_weight": ground_l1_weight,
+        "ground_cell_weight": ground_cell_weight,
         "ground_giou_weight": ground_giou_weight, "overwrite": overwrite, "text_sim_threshold": text_sim_threshold,
         "region_loss_drop": region_loss_drop,
         "ground_loss": ground_loss, "prompter_pool": prompter_pool, "box_bias": box_bias, "clip_only": clip_only, "local_loss": local_loss,

@@ -219,17 +219,39 @@ class GroundingLoss(nn.Module):
         return per_box.sum() / (total.clamp_min(1) / self.world_size)
 
 
+class CellLoss(nn.Module):
+    """Cross-entropy of the text prompt's patch logits against the cell that holds the region's centre, as a
+    mean over the valid regions of the global batch (the locate head's direct signal to find the object)."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.rank = rank
+        self.world_size = world_size
+
+    def forward(self, logits: torch.Tensor, cells: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        v = valid.reshape(-1).bool()
+        x = logits.reshape(-1, logits.shape[-1]).float()
+        x = torch.where(v.unsqueeze(-1), x, torch.zeros((), device=x.device))
+        ce = F.cross_entropy(x, cells.reshape(-1).clamp(0, x.shape[-1] - 1), reduction="none")
+        per = torch.where(v, ce, torch.zeros((), device=x.device))
+        total = _global_count(v, self.world_size)
+        return per.sum() / (total.clamp_min(1) / self.world_size)
+
+
 class CLOCLoss(nn.Module):
-    """L = L_clip + lam * (region_weight * L_region + ground_weight * L_ground); the region loss shares the CLIP
-    temperature. ``lam`` is the paper's shared factor; the two weights (1 and 1 in the paper) balance the terms.
-    The logged ``region`` and ``ground`` values are the unweighted terms."""
+    """L = L_clip + lam * (region_weight * L_region + ground_weight * L_ground + cell_weight * L_cell); the region
+    loss shares the CLIP temperature. ``lam`` is the paper's shared factor; the weights (1 and 1 in the paper,
+    which has no L_cell) balance the terms. ``L_cell`` exists only with the locate grounding head. The logged
+    ``region``, ``ground`` and ``ground_cell`` values are the unweighted terms."""
 
     def __init__(self, lam: float = 1.0, text_sim_threshold: float = 0.9, ground_loss: str = "l2",
                  local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0, world_size: int = 1,
                  region_loss_drop: float = 0.0, region_weight: float = 1.0, ground_weight: float = 1.0,
-                 l1_weight: float = L1_WEIGHT, giou_weight: float = GIOU_WEIGHT):
+                 l1_weight: float = L1_WEIGHT, giou_weight: float = GIOU_WEIGHT, cell_weight: float = 1.0):
         super().__init__()
         kw = {"local_loss": local_loss, "gather_with_grad": gather_with_grad, "rank": rank, "world_size": world_size}
+        self.cell_weight = cell_weight
+        self.cell = CellLoss(rank, world_size)
         self.lam = lam
         self.region_weight = region_weight
         self.ground_weight = ground_weight
@@ -258,6 +280,10 @@ class CLOCLoss(nn.Module):
             ground = self.ground(out["pred_boxes"], batch["region_boxes"], rv)
             losses.update(region=region, ground=ground)
             total = total + self.lam * (self.region_weight * region + self.ground_weight * ground)
+            if "ground_logits" in out and self.cell_weight > 0:
+                cell = self.cell(out["ground_logits"], out["ground_cells"], rv)
+                losses["ground_cell"] = cell
+                total = total + self.lam * self.cell_weight * cell
             if self.region.dropped_share is not None:
                 losses["region_neg_dropped"] = self.region.dropped_share.detach()
         losses["loss"] = total

@@ -384,6 +384,12 @@ class CLOCModel(nn.Module):
         out["region_features"] = F.normalize(y[:, :m], dim=-1)
         out["region_text_features"] = phr_bm
         out["pred_boxes"] = self.ground_head(y[:, m:], logits[:, m:]).float()
+        if self.prompter_cfg.ground_head == "locate":
+            # which patch cell holds each region's centre: the target of the text prompt's attention
+            gh, gw = self.grid
+            centre = ((boxes[..., :2] + boxes[..., 2:]) / 2).clamp(0, 1 - 1e-6)
+            out["ground_logits"] = logits[:, m:].float()
+            out["ground_cells"] = (centre[..., 1] * gh).long() * gw + (centre[..., 0] * gw).long()
         return out
 
     def config_dict(self) -> dict[str, Any]:

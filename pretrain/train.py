@@ -60,6 +60,8 @@ class TrainConfig(BaseModel):
     region_loss_drop: float = Field(0.0, ge=0.0, lt=1.0, description="share of region pairs with the highest loss "
                                     "left out of L_region, for noisy pseudo-labels (0: paper-literal)")
     ground_loss: Literal["l2", "l1+giou"] = "l2"
+    ground_cell_weight: float = Field(1.0, ge=0, description="--ground-head locate: weight of the cross-entropy that "
+                                      "points the text prompt's attention at the cell holding the box centre (0: off)")
     ground_l1_weight: float = Field(5.0, ge=0, description="--ground-loss l1+giou: weight of L1 (DETR's 5)")
     ground_giou_weight: float = Field(2.0, ge=0, description="--ground-loss l1+giou: weight of 1 - GIoU (DETR's 2)")
     ground_head: Literal["locate", "mlp"] = Field("locate", description="locate: soft-argmax over the text prompt's "
@@ -432,7 +434,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
             ddp = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
         loss_fn = CLOCLoss(cfg.lam, cfg.text_sim_threshold, cfg.ground_loss, cfg.local_loss, cfg.gather_with_grad,
                            d.rank, d.world_size, cfg.region_loss_drop, cfg.region_weight, cfg.ground_weight,
-                           cfg.ground_l1_weight, cfg.ground_giou_weight)
+                           cfg.ground_l1_weight, cfg.ground_giou_weight, cfg.ground_cell_weight)
         writer = None
         if d.main and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

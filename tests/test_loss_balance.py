@@ -11,7 +11,7 @@ import torch
 
 MODEL = "vesl-micro-vit"
 W = 2
-TERMS = ("clip", "region", "ground")
+TERMS = ("clip", "region", "ground", "ground_cell")
 MODES = {"global": {}, "global+gather_with_grad": {"gather_with_grad": True},
          "local_loss+gather_with_grad": {"local_loss": True, "gather_with_grad": True}}
 
