@@ -206,7 +206,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
                            seed=cfg.seed)
     opt = make_optimizer(model, cfg)
     loss_fn = CLOCLoss(cfg.lam, cfg.text_sim_threshold, cfg.ground_loss, region_weight=cfg.region_weight,
-                       ground_weight=cfg.ground_weight)
+                       ground_weight=cfg.ground_weight, cell_weight=cfg.ground_cell_weight)
     for step in range(1, n + 1):
         epoch = log[step]["epoch"]
         parts = [builder.build([rows[k] for k in keys[r][step - 1]["keys"]], epoch) for r in (0, 1)]
