@@ -25,7 +25,16 @@ def _train(
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="[0.2]"),
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="max grad norm [1.0]"),
     regions_per_image: Optional[int] = typer.Option(None, "--regions-per-image", help="M [4]"),
-    lam: Optional[float] = typer.Option(None, "--lambda", help="weight of L_region + L_ground [1.0]"),
+    lam: Optional[float] = typer.Option(None, "--lambda", help="the paper's shared factor of L_region and L_ground [1.0]"),
+    region_weight: Optional[float] = typer.Option(None, "--region-weight", help="weight of L_region inside --lambda [1.0]"),
+    ground_weight: Optional[float] = typer.Option(None, "--ground-weight", help="weight of L_ground inside --lambda [1]"),
+    ground_head: Optional[str] = typer.Option(
+        None, "--ground-head", help="locate (soft-argmax over the text prompt's patch attention) | mlp (paper) [locate]"),
+    ground_cell_weight: Optional[float] = typer.Option(
+        None, "--ground-cell-weight", help="--ground-head locate: weight of the centre-cell cross-entropy [0: off]"),
+    ground_l1_weight: Optional[float] = typer.Option(None, "--ground-l1-weight", help="--ground-loss l1+giou: L1 weight [5]"),
+    ground_giou_weight: Optional[float] = typer.Option(
+        None, "--ground-giou-weight", help="--ground-loss l1+giou: GIoU weight [2]"),
     text_sim_threshold: Optional[float] = typer.Option(None, "--text-sim-threshold", help="[0.9]"),
     region_loss_drop: Optional[float] = typer.Option(
         None, "--region-loss-drop", help="leave out this share of the hardest region pairs (noisy labels) [0]"),
@@ -40,6 +49,8 @@ def _train(
     grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing"),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="checkpoint every N steps [100]"),
     resume: Optional[str] = typer.Option(None, "--resume", help="'latest' or a checkpoint folder"),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite",
+                                             help="train into a run directory that holds an earlier run, deleting it"),
     seed: Optional[int] = typer.Option(None, "--seed", help="[0]"),
     log_every: Optional[int] = typer.Option(None, "--log-every", help="[10]"),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="caption | alt_text [caption]"),
@@ -54,7 +65,10 @@ def _train(
         "data": (data[0] if data and len(data) == 1 else data) or None, "out": out, "model": model,
         "pretrained": pretrained, "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
         "workers": workers, "lr": lr, "warmup": warmup, "weight_decay": weight_decay, "grad_clip": grad_clip,
-        "regions_per_image": regions_per_image, "lam": lam, "text_sim_threshold": text_sim_threshold,
+        "regions_per_image": regions_per_image, "lam": lam, "region_weight": region_weight,
+        "ground_weight": ground_weight, "ground_head": ground_head, "ground_l1_weight": ground_l1_weight,
+        "ground_cell_weight": ground_cell_weight,
+        "ground_giou_weight": ground_giou_weight, "overwrite": overwrite, "text_sim_threshold": text_sim_threshold,
         "region_loss_drop": region_loss_drop,
         "ground_loss": ground_loss, "prompter_pool": prompter_pool, "box_bias": box_bias, "clip_only": clip_only, "local_loss": local_loss,
         "gather_with_grad": gather_with_grad, "precision": precision, "grad_checkpointing": grad_checkpointing,

@@ -305,7 +305,8 @@ class RegionTextLoader:
     def __init__(self, data: str | list[str], *, batch_size: int, tokenizer, preprocess: Preprocess,
                  regions_per_image: int = 4, num_workers: int = 2, rank: int = 0, world_size: int = 1,
                  seed: int = 0, text_field: str = "caption", storage_options: dict | None = None,
-                 with_regions: bool = True):
+                 with_regions: bool = True, pin_memory: bool = False):
+        self.pin_memory = pin_memory  # page-locked batches (CUDA), so the trainer's non_blocking copies overlap
         self.paths = list_shards(data, storage_options)
         self.units = scan_units(self.paths, storage_options)
         self.num_rows = sum(u.num_rows for u in self.units)
@@ -354,7 +355,8 @@ class RegionTextLoader:
         self.state = {"epoch": epoch, "step": step, "cursors": [list(c) for c in cursors], "next_worker": nxt}
         if self.num_workers > 0:
             it = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                                  prefetch_factor=2, persistent_workers=False))
+                                                  prefetch_factor=2, persistent_workers=False,
+                                                  pin_memory=self.pin_memory))
         else:
             it = iter(stream)
         for batch in it:

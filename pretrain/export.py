@@ -59,7 +59,7 @@ def load(path: str | os.PathLike, device: str = "cpu"):
 
             return load_open_clip_from_hf(p, device=device)
         clip = open_clip.create_model(f"local-dir:{p.resolve()}", device=device)
-        model = CLOCModel(clip, f"local-dir:{p.resolve()}", PrompterConfig(**cfg["prompter"]))
+        model = CLOCModel(clip, f"local-dir:{p.resolve()}", PrompterConfig.from_saved(cfg["prompter"]))
         heads = load_file(str(p / HEADS_WEIGHTS))
         missing = model.load_state_dict(heads, strict=False)
         if missing.unexpected_keys or any(not k.startswith("clip.") for k in missing.missing_keys):
@@ -67,7 +67,7 @@ def load(path: str | os.PathLike, device: str = "cpu"):
         return model.to(device).eval()
     ck = _checkpoint_dir(p)
     meta = json.loads((ck / "state.json").read_text())["model"]
-    model = create_model(meta["model_name"], None, PrompterConfig(**meta["prompter"]), seed=None, device=device)
+    model = create_model(meta["model_name"], None, PrompterConfig.from_saved(meta["prompter"]), seed=None, device=device)
     with torch.no_grad():
         model.load_state_dict(load_file(str(ck / "model.safetensors"), device=str(device)))
     return model.eval()

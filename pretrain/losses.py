@@ -1,13 +1,21 @@
-"""CLOC losses: L = L_clip + lambda * (L_region + L_ground).
+"""CLOC losses: L = L_clip + lambda * (w_region * L_region + w_ground * L_ground).
 
-Every input row comes with a validity mask. Rows are compacted with the mask *before* any gather or loss,
-so the values in padded rows cannot reach a loss or a gradient. Ranks may hold different numbers of valid
-rows: :func:`gather_rows` exchanges counts first and pads only the transport buffer (with zeros), which
-is sliced away again before use.
+Every input row comes with a validity mask. Shapes stay fixed (no boolean indexing, no counts read back to
+the host), so a training step never waits on the device: padded rows are replaced by zeros with
+``torch.where`` before any product or gather (their values cannot reach a loss or a gradient, NaN included),
+their logit columns are masked out and their loss rows are weighted 0. The number of valid rows stays a
+device tensor.
 
-Normalization follows open_clip's semantics while staying exact with uneven counts: with ``local_loss``
-each rank sums its own rows and divides by ``global_count / world_size``, so DDP's gradient averaging
-gives the gradient of the global mean; without it every rank computes the full global loss.
+**Balance across processes.** DDP averages gradients over the W processes, so each process's loss must have
+W times the gradient of its share of the global mean. Then 1 process and W processes give the same gradients
+for the same global batch, term by term:
+
+- ``local_loss``: each rank sums its own rows and divides by ``global_count / W`` (exact with
+  ``gather_with_grad``; without it the other ranks' rows are constants, open_clip's approximation);
+- global loss (default): every rank computes the whole global loss, but only its own rows carry a graph, so
+  its feature gradients are scaled by W (and the shared temperature's, which every rank sees in full, is not);
+- with ``gather_with_grad`` the gather's backward already sums the gradients of every rank's copy;
+- the grounding loss sums this rank's rows and divides by ``global_count / W``.
 """
 
 from __future__ import annotations
@@ -21,39 +29,51 @@ from torch import nn
 
 @dataclass
 class Gathered:
-    rows: torch.Tensor  # (N_global, D) valid rows of every rank, rank order
+    rows: torch.Tensor  # (W * N, D) the rows of every rank, rank order (padded rows are zeros)
+    valid: torch.Tensor  # (W * N,) bool
     offset: int  # where this rank's rows start
-    count: int  # this rank's rows
-    total: int
+    count: int  # this rank's rows (valid or not)
 
 
-def gather_rows(x: torch.Tensor, *, gather_with_grad: bool, rank: int, world_size: int) -> Gathered:
-    """All-gather already-compacted rows (uneven counts allowed) in rank order."""
-    n = x.shape[0]
-    if world_size == 1:
-        return Gathered(x, 0, n, n)
+def _all_gather(x: torch.Tensor, *, with_grad: bool, rank: int, world_size: int) -> torch.Tensor:
     import torch.distributed as dist
 
-    counts_t = torch.zeros(world_size, dtype=torch.long, device=x.device)
-    counts_t[rank] = n
-    dist.all_reduce(counts_t)
-    counts = counts_t.tolist()
-    top = max(counts)
-    buf = torch.cat([x, x.new_zeros(top - n, *x.shape[1:])]) if top > n else x
-    if gather_with_grad:
+    if with_grad:
         import torch.distributed.nn as dist_nn
 
-        parts = list(dist_nn.all_gather(buf.contiguous()))
-    else:
-        parts = [torch.zeros_like(buf) for _ in range(world_size)]
-        dist.all_gather(parts, buf.contiguous())
-        parts[rank] = buf  # keep the local rows' graph, as open_clip does
-    rows = torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
-    return Gathered(rows, sum(counts[:rank]), n, sum(counts))
+        return torch.cat(list(dist_nn.all_gather(x.contiguous())))
+    parts = [torch.zeros_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    parts[rank] = x  # keep the local rows' graph, as open_clip does
+    return torch.cat(parts)
 
 
-def _sum_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, labels, reduction="sum")
+def gather_rows(x: torch.Tensor, valid: torch.Tensor, *, gather_with_grad: bool, rank: int,
+                world_size: int) -> Gathered:
+    """All-gather fixed-shape rows (N, D) and their mask (N,) in rank order; padded rows become zeros first."""
+    n = x.shape[0]
+    x = torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    if world_size == 1:
+        return Gathered(x, valid, 0, n)
+    rows = _all_gather(x, with_grad=gather_with_grad, rank=rank, world_size=world_size)
+    v = _all_gather(valid.to(torch.uint8), with_grad=False, rank=rank, world_size=world_size).bool()
+    return Gathered(rows, v, rank * n, n)
+
+
+def _global_count(valid: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Valid rows over every rank, as a float device tensor (no host read)."""
+    total = valid.sum().to(torch.float32)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        total = total.clone()
+        dist.all_reduce(total)
+    return total
+
+
+def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` in the forward pass, ``factor`` times its gradient in the backward pass."""
+    return x if factor == 1 else x * factor + (x * (1 - factor)).detach()
 
 
 class ContrastiveLoss(nn.Module):
@@ -86,45 +106,61 @@ class ContrastiveLoss(nn.Module):
         self.dropped_share = None
         d = a.shape[-1]
         a, b = a.reshape(-1, d), b.reshape(-1, d)
-        keys = text_keys.reshape(-1, text_keys.shape[-1]) if text_keys is not None else None
-        if valid is not None:
-            v = valid.reshape(-1).bool()
-            a, b = a[v], b[v]
-            keys = keys[v] if keys is not None else None
-        kw = {"gather_with_grad": self.gather_with_grad, "rank": self.rank, "world_size": self.world_size}
-        ga, gb = gather_rows(a, **kw), gather_rows(b, **kw)
-        gk = gather_rows(keys.detach(), gather_with_grad=False, rank=self.rank, world_size=self.world_size) if keys is not None else None
-        if ga.total == 0:
-            return (a.sum() + b.sum()) * 0.0 + logit_scale * 0.0
+        v = valid.reshape(-1).bool() if valid is not None else torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
+        keys = text_keys.reshape(-1, text_keys.shape[-1]).detach() if text_keys is not None else None
+        w = self.world_size
+        if w > 1 and not self.local_loss and not self.gather_with_grad:
+            # every rank computes the whole loss with a graph on its own rows only: after DDP's mean, the
+            # feature gradients would be 1/W of the global loss's (the temperature's, seen whole by every rank,
+            # would not)
+            a, b = _scale_grad(a, w), _scale_grad(b, w)
+        kw = {"gather_with_grad": self.gather_with_grad, "rank": self.rank, "world_size": w}
+        ga, gb = gather_rows(a, v, **kw), gather_rows(b, v, **kw)
+        gk = gather_rows(keys, v, gather_with_grad=False, rank=self.rank, world_size=w) if keys is not None else None
+        total = ga.valid.sum().to(torch.float32)  # the gathered masks: the same on every rank
         if self.local_loss:
-            rows_a, rows_b = a, b
+            rows_a, rows_b, row_valid = ga.rows[ga.offset:ga.offset + ga.count], gb.rows[gb.offset:gb.offset + gb.count], v
             labels = torch.arange(ga.count, device=a.device) + ga.offset
-            row_keys = keys
-            norm = ga.total / self.world_size
+            row_keys = gk.rows[gk.offset:gk.offset + gk.count] if gk is not None else None
+            norm = total / w
         else:
-            rows_a, rows_b = ga.rows, gb.rows
-            labels = torch.arange(ga.total, device=a.device)
+            rows_a, rows_b, row_valid = ga.rows, gb.rows, ga.valid
+            labels = torch.arange(ga.rows.shape[0], device=a.device)
             row_keys = gk.rows if gk is not None else None
-            norm = ga.total
-        logits_a = logit_scale * rows_a @ gb.rows.T
-        logits_b = logit_scale * rows_b @ ga.rows.T
+            norm = total
+        # padded columns: -inf; padded rows: all-zero logits (a finite loss, weighted 0)
+        drop = ~ga.valid.unsqueeze(0).expand(len(labels), -1)
         if gk is not None and self.text_sim_threshold is not None:
-            drop = negative_mask(row_keys, gk.rows, labels, self.text_sim_threshold)
-            self.dropped_share = drop.sum() / max(drop.numel() - len(labels), 1)
-            logits_a = logits_a.masked_fill(drop, float("-inf"))
-            logits_b = logits_b.masked_fill(drop, float("-inf"))
+            sim_drop = negative_mask(row_keys, gk.rows, labels, self.text_sim_threshold)
+            pair_valid = row_valid.unsqueeze(1) & ga.valid.unsqueeze(0)
+            n_neg = (pair_valid.sum() - row_valid.sum()).to(torch.float32)
+            self.dropped_share = (sim_drop & pair_valid).sum() / n_neg.clamp_min(1)
+            drop = drop | sim_drop
+        keep_row = row_valid.unsqueeze(1)
+        neg_inf = torch.tensor(float("-inf"), device=a.device)
+        zero = torch.zeros((), device=a.device)
+        logits_a = torch.where(keep_row, (logit_scale * rows_a @ gb.rows.T).masked_fill(drop, neg_inf), zero)
+        logits_b = torch.where(keep_row, (logit_scale * rows_b @ ga.rows.T).masked_fill(drop, neg_inf), zero)
+        per_pair = (F.cross_entropy(logits_a, labels, reduction="none")
+                    + F.cross_entropy(logits_b, labels, reduction="none")) / 2  # fmt: skip
+        weight = row_valid.to(per_pair.dtype)
         if self.drop_hardest > 0:
-            per_pair = (F.cross_entropy(logits_a, labels, reduction="none")
-                        + F.cross_entropy(logits_b, labels, reduction="none")) / 2  # fmt: skip
-            kept = small_loss_rows(per_pair.detach(), self.drop_hardest)
-            return per_pair[kept].sum() / (norm * len(kept) / len(per_pair))
-        return (_sum_ce(logits_a, labels) + _sum_ce(logits_b, labels)) / (2 * norm)
+            kept = small_loss_mask(per_pair.detach(), row_valid, self.drop_hardest)
+            n_rows = row_valid.sum().to(per_pair.dtype)
+            # the kept pairs' mean, scaled to the same normalization as without dropping
+            weight = kept.to(per_pair.dtype) * n_rows / kept.sum().to(per_pair.dtype).clamp_min(1)
+        loss = (per_pair * weight).sum() / norm.clamp_min(1)
+        return loss + logit_scale * 0.0  # keeps the temperature in the graph when no row is valid
 
 
-def small_loss_rows(losses: torch.Tensor, drop: float) -> torch.Tensor:
-    """Indices of the ``1 - drop`` share of rows with the smallest loss (at least one row)."""
-    k = max(1, round(len(losses) * (1.0 - drop)))
-    return torch.topk(losses, k, largest=False, sorted=False).indices
+def small_loss_mask(losses: torch.Tensor, valid: torch.Tensor, drop: float) -> torch.Tensor:
+    """True for the ``1 - drop`` share of the valid rows with the smallest loss (at least one row), on device."""
+    n = valid.sum()
+    k = torch.round(n.to(torch.float64) * (1.0 - drop)).clamp_min(1).to(n.dtype)
+    masked = torch.where(valid, losses, torch.tensor(float("inf"), dtype=losses.dtype, device=losses.device))
+    order = torch.argsort(masked, stable=True)
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+    return (rank < k) & valid
 
 
 def negative_mask(row_keys: torch.Tensor, all_keys: torch.Tensor, labels: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -140,12 +176,18 @@ def box_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((pred - target) ** 2).sum(-1)
 
 
-def box_l1_giou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+L1_WEIGHT, GIOU_WEIGHT = 5.0, 2.0  # DETR's box-loss weights (Carion et al., 2020), also used by OWL-ViT
+
+
+def box_l1_giou(pred: torch.Tensor, target: torch.Tensor, l1_weight: float = L1_WEIGHT,
+                giou_weight: float = GIOU_WEIGHT) -> torch.Tensor:
+    """Per-box ``l1_weight * L1(corners) + giou_weight * (1 - GIoU)``."""
     from torchvision.ops import generalized_box_iou_loss
 
     p = torch.stack([torch.minimum(pred[:, 0], pred[:, 2]), torch.minimum(pred[:, 1], pred[:, 3]),
                      torch.maximum(pred[:, 0], pred[:, 2]), torch.maximum(pred[:, 1], pred[:, 3])], -1)
-    return (pred - target).abs().sum(-1) + generalized_box_iou_loss(p, target, reduction="none")
+    return (l1_weight * (pred - target).abs().sum(-1)
+            + giou_weight * generalized_box_iou_loss(p, target, reduction="none"))  # fmt: skip
 
 
 GROUND_LOSSES = {"l2": box_l2, "l1+giou": box_l1_giou}
@@ -154,40 +196,69 @@ GROUND_LOSSES = {"l2": box_l2, "l1+giou": box_l1_giou}
 class GroundingLoss(nn.Module):
     """Mean over the valid regions of the global batch (no gather needed: only the count is shared)."""
 
-    def __init__(self, kind: str = "l2", rank: int = 0, world_size: int = 1):
+    def __init__(self, kind: str = "l2", rank: int = 0, world_size: int = 1, l1_weight: float = L1_WEIGHT,
+                 giou_weight: float = GIOU_WEIGHT):
         super().__init__()
         if kind not in GROUND_LOSSES:
             raise ValueError(f"grounding loss must be one of {sorted(GROUND_LOSSES)}, got {kind!r}")
+        self.kind = kind
         self.fn = GROUND_LOSSES[kind]
+        self.kw = {"l1_weight": l1_weight, "giou_weight": giou_weight} if kind == "l1+giou" else {}
         self.rank = rank
         self.world_size = world_size
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         v = valid.reshape(-1).bool()
-        p, t = pred.reshape(-1, 4)[v].float(), target.reshape(-1, 4)[v].float()
-        total = torch.tensor(float(p.shape[0]), device=p.device)
-        if self.world_size > 1:
-            import torch.distributed as dist
+        p, t = pred.reshape(-1, 4).float(), target.reshape(-1, 4).float()
+        ok = v.unsqueeze(-1)
+        # padded rows: a constant pair of unit boxes (finite loss, weight 0, no gradient to their values)
+        unit = torch.tensor([0.0, 0.0, 1.0, 1.0], device=p.device)
+        p, t = torch.where(ok, p, unit), torch.where(ok, t, unit)
+        per_box = torch.where(v, self.fn(p, t, **self.kw), torch.zeros((), device=p.device))
+        total = _global_count(v, self.world_size)
+        return per_box.sum() / (total.clamp_min(1) / self.world_size)
 
-            dist.all_reduce(total)
-        if total.item() == 0:
-            return pred.sum() * 0.0
-        return self.fn(p, t).sum() / (total / self.world_size)
+
+class CellLoss(nn.Module):
+    """Cross-entropy of the text prompt's patch logits against the cell that holds the region's centre, as a
+    mean over the valid regions of the global batch (the locate head's direct signal to find the object)."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.rank = rank
+        self.world_size = world_size
+
+    def forward(self, logits: torch.Tensor, cells: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        v = valid.reshape(-1).bool()
+        x = logits.reshape(-1, logits.shape[-1]).float()
+        x = torch.where(v.unsqueeze(-1), x, torch.zeros((), device=x.device))
+        ce = F.cross_entropy(x, cells.reshape(-1).clamp(0, x.shape[-1] - 1), reduction="none")
+        per = torch.where(v, ce, torch.zeros((), device=x.device))
+        total = _global_count(v, self.world_size)
+        return per.sum() / (total.clamp_min(1) / self.world_size)
 
 
 class CLOCLoss(nn.Module):
-    """L = L_clip + lam * (L_region + L_ground); region loss shares the CLIP temperature."""
+    """L = L_clip + lam * (region_weight * L_region + ground_weight * L_ground + cell_weight * L_cell); the region
+    loss shares the CLIP temperature. ``lam`` is the paper's shared factor; the weights (1 and 1 in the paper,
+    which has no L_cell) balance the terms. ``L_cell`` exists only with the locate grounding head. The logged
+    ``region``, ``ground`` and ``ground_cell`` values are the unweighted terms."""
 
     def __init__(self, lam: float = 1.0, text_sim_threshold: float = 0.9, ground_loss: str = "l2",
                  local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0, world_size: int = 1,
-                 region_loss_drop: float = 0.0):
+                 region_loss_drop: float = 0.0, region_weight: float = 1.0, ground_weight: float = 1.0,
+                 l1_weight: float = L1_WEIGHT, giou_weight: float = GIOU_WEIGHT, cell_weight: float = 0.0):
         super().__init__()
         kw = {"local_loss": local_loss, "gather_with_grad": gather_with_grad, "rank": rank, "world_size": world_size}
+        self.cell_weight = cell_weight
+        self.cell = CellLoss(rank, world_size)
         self.lam = lam
+        self.region_weight = region_weight
+        self.ground_weight = ground_weight
         self.region_loss_drop = region_loss_drop
         self.clip = ContrastiveLoss(**kw)
         self.region = ContrastiveLoss(text_sim_threshold=text_sim_threshold, **kw)
-        self.ground = GroundingLoss(ground_loss, rank, world_size)
+        self.ground = GroundingLoss(ground_loss, rank, world_size, l1_weight, giou_weight)
 
     def set_progress(self, step: int, total: int) -> None:
         """Ramp the region loss's dropped share linearly over the first quarter of training (Co-teaching's
@@ -208,7 +279,11 @@ class CLOCLoss(nn.Module):
                                  text_keys=out["region_text_features"].float())
             ground = self.ground(out["pred_boxes"], batch["region_boxes"], rv)
             losses.update(region=region, ground=ground)
-            total = total + self.lam * (region + ground)
+            total = total + self.lam * (self.region_weight * region + self.ground_weight * ground)
+            if "ground_logits" in out and self.cell_weight > 0:
+                cell = self.cell(out["ground_logits"], out["ground_cells"], rv)
+                losses["ground_cell"] = cell
+                total = total + self.lam * self.cell_weight * cell
             if self.region.dropped_share is not None:
                 losses["region_neg_dropped"] = self.region.dropped_share.detach()
         losses["loss"] = total

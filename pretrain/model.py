@@ -23,6 +23,7 @@ from torch import nn
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 POOL_MODES = ("prompt", "mean")
+GROUND_HEADS = ("locate", "mlp")
 
 
 @dataclass
@@ -36,6 +37,12 @@ class PrompterConfig:
     positions live in one space. ``box_bias`` (on by default; not in the paper) adds ``log`` of how much of
     each patch a box covers to the box prompt's attention logits, so attention starts inside the box and
     region learning is much faster on small data; ``box_bias=False`` is the paper-literal Prompter.
+
+    ``ground_head="locate"`` (default; not in the paper) reads the box out of the text prompt's attention: the
+    soft-argmax of its prompt-to-patch attention logits over the patch-cell centres gives the box centre, and
+    the MLP adds a sub-cell offset and predicts the size. The attention itself then gets the gradient that
+    locates the object. ``ground_head="mlp"`` is the paper-literal head: the MLP regresses all four numbers
+    from the region embedding alone.
     """
 
     pool: str = "prompt"
@@ -43,10 +50,18 @@ class PrompterConfig:
     box_bias: bool = True
     n_freqs: int = 16
     ground_hidden: int = 0  # 0: 2 x embed_dim
+    ground_head: str = "locate"
 
     def __post_init__(self) -> None:
         if self.pool not in POOL_MODES:
             raise ValueError(f"prompter pool must be one of {POOL_MODES}, got {self.pool!r}")
+        if self.ground_head not in GROUND_HEADS:
+            raise ValueError(f"grounding head must be one of {GROUND_HEADS}, got {self.ground_head!r}")
+
+    @classmethod
+    def from_saved(cls, d: dict[str, Any]) -> PrompterConfig:
+        """A config stored with a checkpoint or export; those saved before ``ground_head`` existed used the MLP."""
+        return cls(**{"ground_head": "mlp", **d})
 
 
 def register_model_configs() -> None:
@@ -123,47 +138,79 @@ class Prompter(nn.Module):
         cover = iw * ih / ((c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1]))
         return torch.log(cover.clamp_min(1e-3))
 
-    def forward(self, tokens: torch.Tensor, prompts: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def patch_logits(self, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """Prompt-to-patch attention logits (B, R, N) of tokens ``x`` that already hold their cell encoding."""
+        w = self.width
+        q_p = self.qkv(self.ln_1(prompts))[..., :w]
+        k_x = self.qkv(self.ln_1(x))[..., w : 2 * w]
+        return torch.einsum("brd,bnd->brn", q_p, k_x) * w**-0.5
+
+    def forward(self, tokens: torch.Tensor, prompts: torch.Tensor, bias: torch.Tensor | None = None,
+                with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """tokens (B, N, W) patch tokens, prompts (B, R, W) -> region embeddings (B, R, E), not normalized.
 
-        ``bias`` (B, R, N) is added to the prompt-to-patch attention logits (see ``box_bias``).
+        ``bias`` (B, R, N) is added to the prompt-to-patch attention logits (see ``box_bias``). With
+        ``with_logits`` also returns those logits before the bias (B, R, N), for the grounding read-out.
         """
         x = self._tokens(tokens)
         if self.cfg.pool == "mean":
-            return self._forward_mean(x, prompts)
+            y = self._forward_mean(x, prompts, bias)
+            return (y, self.patch_logits(x, prompts)) if with_logits else y
         w = self.width
         q_p, k_p, v_p = self.qkv(self.ln_1(prompts)).split(w, dim=-1)
         _, k_x, v_x = self.qkv(self.ln_1(x)).split(w, dim=-1)
         scale = w**-0.5
         s_self = (q_p * k_p).sum(-1, keepdim=True) * scale  # (B, R, 1): the prompt attends to itself
-        s_x = torch.einsum("brd,bnd->brn", q_p, k_x) * scale  # (B, R, N)
-        if bias is not None:
-            s_x = s_x + bias.to(s_x.dtype)
+        logits = torch.einsum("brd,bnd->brn", q_p, k_x) * scale  # (B, R, N)
+        s_x = logits + bias.to(logits.dtype) if bias is not None else logits
         attn = torch.cat([s_self, s_x], dim=-1).softmax(dim=-1)
         o = attn[..., :1] * v_p + torch.einsum("brn,bnd->brd", attn[..., 1:], v_x)
         h = prompts + self.out_proj(o)
         h = h + self.mlp(self.ln_2(h))
-        return self.proj(self.ln_post(h))
+        y = self.proj(self.ln_post(h))
+        return (y, logits) if with_logits else y
 
-    def _forward_mean(self, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    def _forward_mean(self, x: torch.Tensor, prompts: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         b, r, w = prompts.shape
         n = x.shape[1]
         seq = torch.cat([prompts.reshape(b * r, 1, w), x.unsqueeze(1).expand(b, r, n, w).reshape(b * r, n, w)], 1)
         q, k, v = self.qkv(self.ln_1(seq)).split(w, dim=-1)
-        h = seq + self.out_proj(F.scaled_dot_product_attention(q, k, v))
+        mask = None
+        if bias is not None:  # the same bias as in "prompt" pooling: on the prompt row's logits to the patches
+            mask = q.new_zeros(b * r, 1 + n, 1 + n)
+            mask[:, 0, 1:] = bias.reshape(b * r, n).to(q.dtype)
+        h = seq + self.out_proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
         h = h + self.mlp(self.ln_2(h))
         return self.proj(self.ln_post(h.mean(dim=1))).reshape(b, r, -1)
 
 
 class GroundingHead(nn.Module):
-    """2-layer GELU MLP: text-prompted region embedding -> box (x0, y0, x1, y1), via a sigmoid (cx, cy, w, h)."""
+    """Text-prompted region embedding (and the prompt's patch logits) -> box (x0, y0, x1, y1).
 
-    def __init__(self, embed_dim: int, hidden: int):
+    ``kind="mlp"``: a 2-layer GELU MLP regresses a sigmoid (cx, cy, w, h), as in the paper.
+    ``kind="locate"``: the centre is the soft-argmax of the patch logits over the cell centres (with a learned
+    temperature), plus an offset of at most one cell from the same MLP; the MLP's other two outputs give the size.
+    """
+
+    def __init__(self, embed_dim: int, hidden: int, grid: tuple[int, int] = (1, 1), kind: str = "mlp"):
         super().__init__()
+        self.kind = kind
         self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, 4))
+        if kind == "locate":
+            cells = grid_cell_boxes(grid)
+            self.register_buffer("cell_centres", (cells[:, :2] + cells[:, 2:]) / 2, persistent=False)
+            self.register_buffer("cell_size", torch.tensor([1.0 / grid[1], 1.0 / grid[0]]), persistent=False)
+            self.log_temp = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cxcywh_to_xyxy(self.mlp(x).sigmoid())
+    def forward(self, x: torch.Tensor, patch_logits: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.mlp(x)
+        if self.kind == "mlp":
+            return cxcywh_to_xyxy(out.sigmoid())
+        if patch_logits is None:
+            raise ValueError("the locate grounding head needs the prompt's patch logits")
+        p = (patch_logits.float() * self.log_temp.exp()).softmax(dim=-1)
+        centre = p @ self.cell_centres + out[..., :2].float().tanh() * self.cell_size
+        return cxcywh_to_xyxy(torch.cat([centre, out[..., 2:].float().sigmoid()], dim=-1))
 
 
 class CLOCModel(nn.Module):
@@ -185,7 +232,8 @@ class CLOCModel(nn.Module):
         self.grid = tuple(visual.grid_size)
         self.image_size = tuple(visual.image_size)
         self.prompter = Prompter(width, embed_dim, self.grid, self.prompter_cfg)
-        self.ground_head = GroundingHead(embed_dim, self.prompter_cfg.ground_hidden or 2 * embed_dim)
+        self.ground_head = GroundingHead(embed_dim, self.prompter_cfg.ground_hidden or 2 * embed_dim, self.grid,
+                                         self.prompter_cfg.ground_head)
         self._tokenizer = None
 
     # ---- open_clip towers -------------------------------------------------------------------------
@@ -220,12 +268,13 @@ class CLOCModel(nn.Module):
         """texts: token ids (T, L) or a list of strings."""
         return self.clip.encode_text(self._as_tokens(texts), normalize=normalize)
 
-    def _encode_text_fast(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _encode_text_fast(self, tokens: torch.Tensor, trimmed: bool = False) -> torch.Tensor:
         """encode_text on the shortest prefix that holds every sequence's end token (normalized).
 
         With a causal mask and end-token pooling, positions after the end token cannot change the output, so
         dropping the common padding tail gives the same embedding at a fraction of the cost for short phrases.
-        Falls back to open_clip's encode_text for towers where that does not hold.
+        ``trimmed``: the caller already cut the tokens (:func:`trim_tokens`, on the host), so the length is not
+        read back from the device. Falls back to open_clip's encode_text for towers where that does not hold.
         """
         clip = self.clip
         usable = (
@@ -236,7 +285,7 @@ class CLOCModel(nn.Module):
         )
         if not usable:
             return self.encode_text(tokens)
-        n = int(tokens.argmax(dim=-1).max()) + 1
+        n = tokens.shape[1] if trimmed else int(tokens.argmax(dim=-1).max()) + 1
         t = tokens[:, :n]
         cast = clip.transformer.get_cast_dtype()
         x = clip.token_embedding(t).to(cast) + clip.positional_embedding[:n].to(cast)
@@ -271,8 +320,8 @@ class CLOCModel(nn.Module):
         """One text per image (list of B strings or (B, L) ids) -> boxes (B, 4) on the model canvas."""
         text = self.encode_text(texts)
         _, tokens = self.image_tokens(images)
-        y = self.prompter(tokens, self.prompter.text_prompt(text).unsqueeze(1))
-        return self.ground_head(y[:, 0])
+        y, logits = self.prompter(tokens, self.prompter.text_prompt(text).unsqueeze(1), with_logits=True)
+        return self.ground_head(y[:, 0], logits[:, 0])
 
     def roi_align_regions(self, images: torch.Tensor, boxes: list[torch.Tensor], output_size: int = 2) -> list[torch.Tensor]:
         """CLIP baseline: RoI-Align on the patch-token grid, average, project with the ViT head, normalize."""
@@ -300,36 +349,76 @@ class CLOCModel(nn.Module):
         region_texts: torch.Tensor | None = None,
         region_valid: torch.Tensor | None = None,
         clip_only: bool = False,
+        phrase_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Features for the losses. Padded regions are replaced by constants before any computation."""
+        """Features for the losses. Padded regions are replaced by constants before any computation.
+
+        With ``phrase_index`` the text inputs come from :func:`prepare_texts` (run on the host before the
+        batch moves to the device): ``texts`` trimmed, ``region_texts`` the distinct phrases and
+        ``phrase_index`` (B, M) where each region's phrase is. Then the forward never waits on the device.
+        """
+        if phrase_index is None and region_valid is not None:
+            prep = prepare_texts(texts, region_texts, region_valid)
+            texts, region_texts, phrase_index = prep["texts"], prep["region_texts"], prep["phrase_index"]
         pooled, tokens = self.image_tokens(images)
         out = {
             "image_features": F.normalize(pooled, dim=-1),
-            "text_features": self._encode_text_fast(texts),
+            "text_features": self._encode_text_fast(texts, trimmed=phrase_index is not None),
             "logit_scale": self.logit_scale.exp(),
         }
         if clip_only or region_valid is None:
             return out
-        b, m = region_valid.shape
+        m = region_valid.shape[1]
         valid = region_valid.bool()
         whole = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=region_boxes.dtype, device=region_boxes.device)
         boxes = torch.where(valid.unsqueeze(-1), region_boxes, whole)
         # only valid rows are encoded, each distinct phrase once
-        uniq, inverse = torch.unique(region_texts[valid], dim=0, return_inverse=True)
-        phr = self._encode_text_fast(uniq)[inverse]
-        phr_bm = phr.new_zeros(b, m, phr.shape[-1]).index_put((valid,), phr)
+        phr = self._encode_text_fast(region_texts, trimmed=True)
+        phr_bm = torch.where(valid.unsqueeze(-1), phr[phrase_index.clamp_min(0)], torch.zeros((), dtype=phr.dtype,
+                                                                                             device=phr.device))
         prompts = torch.cat([self.prompter.box_prompt(boxes), self.prompter.text_prompt(phr_bm)], dim=1)
         bias = self._box_bias(boxes)
         if bias is not None:
             bias = torch.cat([bias, torch.zeros_like(bias)], dim=1)  # text prompts attend freely
-        y = self.prompter(tokens, prompts.to(tokens.dtype), bias)
+        y, logits = self.prompter(tokens, prompts.to(tokens.dtype), bias, with_logits=True)
         out["region_features"] = F.normalize(y[:, :m], dim=-1)
         out["region_text_features"] = phr_bm
-        out["pred_boxes"] = self.ground_head(y[:, m:]).float()
+        out["pred_boxes"] = self.ground_head(y[:, m:], logits[:, m:]).float()
+        if self.prompter_cfg.ground_head == "locate":
+            # which patch cell holds each region's centre: the target of the text prompt's attention
+            gh, gw = self.grid
+            centre = ((boxes[..., :2] + boxes[..., 2:]) / 2).clamp(0, 1 - 1e-6)
+            out["ground_logits"] = logits[:, m:].float()
+            out["ground_cells"] = (centre[..., 1] * gh).long() * gw + (centre[..., 0] * gw).long()
         return out
 
     def config_dict(self) -> dict[str, Any]:
         return {"model_name": self.model_name, "prompter": asdict(self.prompter_cfg)}
+
+
+def trim_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Token ids (..., L) cut after the last end token of any row (the end token has the highest id)."""
+    if tokens.numel() == 0:
+        return tokens
+    return tokens[..., : int(tokens.argmax(dim=-1).max()) + 1]
+
+
+def prepare_texts(texts: torch.Tensor, region_texts: torch.Tensor, region_valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The text inputs of ``CLOCModel.forward`` in the form that needs no host read on the device.
+
+    Run it where the batch still lives (the host): captions trimmed, the distinct phrases of the valid regions
+    (at least one row, trimmed) and ``phrase_index`` (B, M): each region's row among them, -1 for padding.
+    """
+    valid = region_valid.bool()
+    flat = region_texts.reshape(-1, region_texts.shape[-1])
+    v = valid.reshape(-1)
+    if bool(v.any()):
+        uniq, inverse = torch.unique(flat[v], dim=0, return_inverse=True)
+    else:
+        uniq, inverse = flat[:1], torch.zeros(0, dtype=torch.long, device=flat.device)
+    index = torch.full(v.shape, -1, dtype=torch.long, device=flat.device)
+    index[v] = inverse
+    return {"texts": trim_tokens(texts), "region_texts": trim_tokens(uniq), "phrase_index": index.view(valid.shape)}
 
 
 class _quiet_random_init_warning:

@@ -52,11 +52,20 @@ class TrainConfig(BaseModel):
     eps: float = 1e-6
     grad_clip: float | None = Field(1.0, description="max global grad norm (null: off)")
     regions_per_image: int = Field(4, ge=1)
-    lam: float = Field(1.0, description="weight of L_region + L_ground")
+    lam: float = Field(1.0, ge=0, description="the paper's shared factor lambda of the region and grounding terms")
+    region_weight: float = Field(1.0, ge=0, description="weight of L_region inside lambda (1 in the paper)")
+    ground_weight: float = Field(1.0, ge=0, description="weight of L_ground inside lambda (1, as in the paper; see the "
+                                 "README for what larger weights bought and cost on validation worlds of the demo)")
     text_sim_threshold: float = Field(0.9, description="region negatives with text cosine above this are removed")
     region_loss_drop: float = Field(0.0, ge=0.0, lt=1.0, description="share of region pairs with the highest loss "
                                     "left out of L_region, for noisy pseudo-labels (0: paper-literal)")
     ground_loss: Literal["l2", "l1+giou"] = "l2"
+    ground_cell_weight: float = Field(0.0, ge=0, description="--ground-head locate: weight of the cross-entropy that "
+                                      "points the text prompt's attention at the cell holding the box centre (0: off)")
+    ground_l1_weight: float = Field(5.0, ge=0, description="--ground-loss l1+giou: weight of L1 (DETR's 5)")
+    ground_giou_weight: float = Field(2.0, ge=0, description="--ground-loss l1+giou: weight of 1 - GIoU (DETR's 2)")
+    ground_head: Literal["locate", "mlp"] = Field("locate", description="locate: soft-argmax over the text prompt's "
+                                                  "patch attention plus offset and size; mlp: the paper's MLP")
     clip_only: bool = Field(False, description="train the CLIP baseline only (same data and steps)")
     local_loss: bool = False
     gather_with_grad: bool = False
@@ -65,6 +74,8 @@ class TrainConfig(BaseModel):
     save_every: int = Field(100, ge=1, description="checkpoint every N steps (and at the end)")
     keep_checkpoints: int = Field(2, ge=1)
     resume: str | None = Field(None, description="'latest' or a checkpoint directory")
+    overwrite: bool = Field(False, description="train into a run directory that holds an earlier run, deleting its "
+                            "config, logs, TensorBoard events and checkpoints")
     seed: int = 0
     log_every: int = Field(10, ge=1)
     tensorboard: bool = True
@@ -89,7 +100,67 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Trai
     raw.update({k: v for k, v in overrides.items() if v is not None})
     if "data" not in raw:
         raise UserError("no training data: pass --data DIR (region-text shards) or set `data:` in the config file")
-    return TrainConfig(**raw)
+    return _validated(raw)
+
+
+def _validated(raw: dict[str, Any]) -> TrainConfig:
+    """TrainConfig(**raw), with a one-line error that names `vesl train --help`."""
+    from pydantic import ValidationError
+
+    try:
+        return TrainConfig(**raw)
+    except ValidationError as exc:
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
+        raise UserError("invalid train config: " + "; ".join(parts) + " (check the YAML file or flags; see "
+                        "`vesl train --help`)") from None
+
+
+RUN_FILES = ("config.yaml", "log.jsonl", "tb", "checkpoints")
+
+
+def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> bool:
+    """Whether ``run_dir`` holds an earlier run that ``--overwrite`` must clear; refuses one without either flag.
+
+    Training into it silently would append to its log, add TensorBoard events and overwrite its checkpoints.
+    """
+    found = [n for n in RUN_FILES if (run_dir / n).exists()]
+    if not found or resume:
+        return False
+    if not overwrite:
+        raise UserError(f"{run_dir} already holds a run ({', '.join(found)}): pass --resume latest to continue it, "
+                        "--overwrite to start again there, or another --out")
+    return True
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Delete what an earlier run wrote (only the names vesl writes there)."""
+    for n in RUN_FILES:
+        p = run_dir / n
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    for p in run_dir.glob("keys-rank*.jsonl"):
+        p.unlink()
+
+
+def fit_workers(units: int, workers: int, world_size: int) -> tuple[int, str | None]:
+    """Loader workers per process that the data can feed (each needs a data unit), and a note when fewer."""
+    if units >= world_size * max(workers, 1) or workers == 0:
+        return workers, None
+    fit = units // world_size
+    return fit, (f"note: {units} data unit{'s' if units != 1 else ''} (row groups) for {workers} loader workers per "
+                 f"process x {world_size}; using --workers {fit} (write more row groups, e.g. smaller "
+                 "--shard-size, for parallel loading)")
+
+
+def fit_warmup(warmup: int, total: int) -> tuple[int, str | None]:
+    """The warmup to use, scaled to total // 10 when the given one would take more than half the run."""
+    if warmup <= total // 2:
+        return warmup, None
+    fit = max(total // 10, 1)
+    return fit, (f"note: --warmup {warmup} is longer than half the run ({total} steps); warming up over {fit} "
+                 f"step{'s' if fit != 1 else ''} instead (pass a shorter --warmup to choose)")
 
 
 def cosine_lr(step: int, base: float, warmup: int, total: int) -> float:
@@ -126,15 +197,16 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
-        if not self.enabled:
-            return values
-        import torch
-        import torch.distributed as dist
+    def mean_rows(self, t):
+        """(S, K) device tensor -> its mean over the ranks as S lists of K floats (one host read)."""
+        if self.enabled:
+            import torch
+            import torch.distributed as dist
 
-        t = torch.tensor([values[k] for k in values], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return {k: float(v) / self.world_size for k, v in zip(values, t.tolist(), strict=True)}
+            t = t.to(torch.float64)
+            dist.all_reduce(t)
+            t = t / self.world_size
+        return t.tolist()
 
     def sum_int(self, n: int) -> int:
         if not self.enabled:
@@ -260,8 +332,52 @@ def make_optimizer(model, cfg: TrainConfig):
         return torch.optim.AdamW(groups, **kw)
 
 
+def host_prepare(batch: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """What the step needs read from the batch, read while it is still on the host: its number of valid images,
+    and the text inputs in the form that lets the forward run without host reads (``prepare_texts``)."""
+    from vesl.pretrain.model import prepare_texts
+
+    n_valid = int(batch["image_valid"].sum())
+    return n_valid, {**batch, **prepare_texts(batch["texts"], batch["region_texts"], batch["region_valid"])}
+
+
 def _to(batch: dict[str, Any], device) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+
+def _build_model(cfg: TrainConfig, device):
+    """The model, or a one-line UserError for a wrong model name (with the closest names) or unusable weights."""
+    import open_clip
+
+    from vesl.errors import first_line
+    from vesl.pretrain.model import PrompterConfig, create_model, register_model_configs
+
+    register_model_configs()
+    names = open_clip.list_models()
+    if cfg.model not in names and not cfg.model.startswith(("hf-hub:", "local-dir:")):
+        import difflib
+
+        close = difflib.get_close_matches(cfg.model, names, n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else "see open_clip.list_models(), or use vesl-tiny-vit"
+        raise UserError(f"unknown model {cfg.model!r}: {hint}")
+    prompter = PrompterConfig(pool=cfg.prompter_pool, patch_pos=cfg.patch_pos, box_bias=cfg.box_bias,
+                              ground_head=cfg.ground_head)
+    import logging
+
+    def no_download_log(record: logging.LogRecord) -> bool:  # open_clip logs it, then raises: say it once
+        return not record.getMessage().startswith("Failed to download")
+
+    root = logging.getLogger()
+    root.addFilter(no_download_log)
+    try:
+        return create_model(cfg.model, cfg.pretrained, prompter, seed=cfg.seed, device=device)
+    except (RuntimeError, ValueError, OSError) as exc:
+        if cfg.pretrained:
+            raise UserError(f"open_clip could not load {cfg.model} with --pretrained {cfg.pretrained}: "
+                            f"{first_line(exc, 300)} (offline? pass a local weights file to --pretrained)") from None
+        raise
+    finally:
+        root.removeFilter(no_download_log)
 
 
 def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
@@ -270,31 +386,31 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
 
     from vesl.pretrain.data import Preprocess, RegionTextLoader
     from vesl.pretrain.losses import CLOCLoss, filter_warning
-    from vesl.pretrain.model import PrompterConfig, create_model
 
     if isinstance(config, (str, os.PathLike)):
         config = load_config(config)
     elif isinstance(config, dict):
-        config = TrainConfig(**config)
+        config = _validated(config)
     cfg = config
-    from vesl.pretrain.data import list_shards
+    from vesl.pretrain.data import list_shards, scan_units
 
-    list_shards(cfg.data, cfg.storage_options)  # a wrong path fails before any model is built
-    d = Dist(cfg.device)
+    # a wrong path fails before any model is built
+    units = len(scan_units(list_shards(cfg.data, cfg.storage_options), cfg.storage_options))
     run_dir = Path(cfg.out)
+    clear = check_run_dir(run_dir, cfg.resume, cfg.overwrite)
+    d = Dist(cfg.device)
     try:
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+        model = _build_model(cfg, d.device)
+        workers, note = fit_workers(units, cfg.workers, d.world_size)
+        if note and d.main:
+            print(note, file=sys.stderr, flush=True)
+        d.barrier()  # every rank checked the run directory before rank 0 writes into it
         if d.main:
+            if clear:
+                clear_run_dir(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
-        try:
-            model = create_model(cfg.model, cfg.pretrained, PrompterConfig(pool=cfg.prompter_pool, patch_pos=cfg.patch_pos,
-                                                                   box_bias=cfg.box_bias),
-                                 seed=cfg.seed, device=d.device)
-        except RuntimeError as exc:
-            if "not found" in str(exc) or "not a known tag" in str(exc):
-                raise UserError(f"{exc}; use an open_clip model name (open_clip.list_models()) or vesl-tiny-vit") from exc
-            raise
         if cfg.grad_checkpointing:
             model.clip.set_grad_checkpointing(True)
         if cfg.clip_only:
@@ -302,13 +418,17 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
             model.ground_head.requires_grad_(False)
         loader = RegionTextLoader(
             cfg.data, batch_size=cfg.batch_size, tokenizer=model.tokenizer, preprocess=Preprocess.from_model(model),
-            regions_per_image=cfg.regions_per_image, num_workers=cfg.workers, rank=d.rank, world_size=d.world_size,
+            regions_per_image=cfg.regions_per_image, num_workers=workers, rank=d.rank, world_size=d.world_size,
             seed=cfg.seed, text_field=cfg.text_field, storage_options=cfg.storage_options, with_regions=not cfg.clip_only,
+            pin_memory=d.device.type == "cuda",
         )
         steps_per_epoch = [loader.steps_per_epoch(e) for e in range(cfg.epochs)]
         total = sum(steps_per_epoch)
         if cfg.max_steps:
             total = min(total, cfg.max_steps)
+        warmup, note = fit_warmup(cfg.warmup, total)
+        if note and d.main:
+            print(note, file=sys.stderr, flush=True)
         optimizer = make_optimizer(model, cfg)
         step, epoch, loader_resume = 0, 0, None
         if cfg.resume:
@@ -333,7 +453,8 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
 
             ddp = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
         loss_fn = CLOCLoss(cfg.lam, cfg.text_sim_threshold, cfg.ground_loss, cfg.local_loss, cfg.gather_with_grad,
-                           d.rank, d.world_size, cfg.region_loss_drop)
+                           d.rank, d.world_size, cfg.region_loss_drop, cfg.region_weight, cfg.ground_weight,
+                           cfg.ground_l1_weight, cfg.ground_giou_weight, cfg.ground_cell_weight)
         writer = None
         if d.main and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -345,11 +466,32 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
         t0 = t_last = time.perf_counter()
         seen_last = 0
         warned = False
+        # Loss values stay on the device until a log step, a checkpoint or the end: then one read brings back
+        # every pending step's values (and one all-reduce averages them over the ranks), so the steps between
+        # never wait on the device. log.jsonl still gets one line per step.
+        pending: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
+
+        def flush() -> dict[str, float]:
+            if not pending:
+                return {}
+            keys = list(pending[0][1])
+            stacked = torch.stack([torch.stack([v[k].detach().float() for k in keys]) for _, v in pending])
+            rows = d.mean_rows(stacked)
+            last: dict[str, float] = {}
+            for (meta, _), row in zip(pending, rows, strict=True):
+                last = dict(zip(keys, row, strict=True))
+                if log:
+                    log.write(json.dumps({**meta, **last}) + "\n")
+            if log:
+                log.flush()
+            pending.clear()
+            return last
 
         def checkpoint() -> None:
+            flush()
             states = d.gather_object(loader.state)
             if d.main:
-                meta = {"step": step, "epoch": epoch, "world_size": d.world_size, "num_workers": cfg.workers,
+                meta = {"step": step, "epoch": epoch, "world_size": d.world_size, "num_workers": workers,
                         "loader": states, "model": model.config_dict()}
                 save_checkpoint(run_dir / "checkpoints" / f"step-{step:08d}", model, optimizer, meta, cfg.keep_checkpoints)
             d.barrier()
@@ -358,14 +500,16 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
         while epoch < cfg.epochs and not stop and step < total:
             for batch in loader.epoch(epoch, loader_resume):
                 loader_resume = None
+                n_valid, batch = host_prepare(batch)
+                seen_last += n_valid
                 batch = _to(batch, d.device)
-                lr = cosine_lr(step, cfg.lr, cfg.warmup, total)
+                lr = cosine_lr(step, cfg.lr, warmup, total)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 model.train()
                 with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     out = ddp(batch["images"], batch["texts"], batch["region_boxes"], batch["region_texts"],
-                              batch["region_valid"], clip_only=cfg.clip_only)
+                              batch["region_valid"], clip_only=cfg.clip_only, phrase_index=batch.get("phrase_index"))
                 loss_fn.set_progress(step, total)
                 losses = loss_fn(out, batch)
                 if d.sum_int(0 if bool(torch.isfinite(losses["loss"].detach())) else 1):  # every rank stops
@@ -381,14 +525,15 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
                 with torch.no_grad():
                     model.logit_scale.clamp_(0, math.log(100))
                 step += 1
-                seen_last += int(batch["image_valid"].sum())
                 if keys_log:
                     keys_log.write(json.dumps({"step": step, "keys": batch["keys"]}) + "\n")
                     keys_log.flush()
-                vals = d.mean({k: float(v.detach()) for k, v in losses.items()})
+                pending.append(({"step": step, "epoch": epoch, "lr": lr, "t": time.perf_counter() - t0},
+                                {k: v.detach() for k, v in losses.items()}))
                 if step % cfg.log_every == 0 or step == total:
+                    vals = flush()
                     dropped = vals.get("region_neg_dropped", 0.0)
-                    if d.main and not warned and step > cfg.warmup and (w := filter_warning(dropped, cfg.text_sim_threshold)):
+                    if d.main and not warned and step > warmup and (w := filter_warning(dropped, cfg.text_sim_threshold)):
                         print(w, file=sys.stderr, flush=True)
                         warned = True
                     seen = d.sum_int(seen_last)
@@ -404,10 +549,6 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
                                 writer.add_scalar(f"train/{k}", v, step)
                             writer.add_scalar("train/lr", lr, step)
                             writer.add_scalar("train/samples_per_s", sps, step)
-                if log:
-                    rec = {"step": step, "epoch": epoch, "lr": lr, **vals, "t": time.perf_counter() - t0}
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
                 if step % cfg.save_every == 0:
                     checkpoint()
                     last_saved = step
@@ -416,6 +557,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
                     break
             else:
                 epoch += 1
+        flush()
         if step != last_saved:
             checkpoint()
         for f in (log, keys_log):

@@ -153,10 +153,11 @@ def test_grounding_losses_match_reference():
         hull = (max(p[2], g[2]) - min(p[0], g[0])) * (max(p[3], g[3]) - min(p[1], g[1]))
         return inter / union - (hull - union) / hull
 
-    l1g = GroundingLoss("l1+giou")(pred, gt, valid).item()
-    ref = sum(sum(abs(p - g) for p, g in zip(pr, gr, strict=True)) + 1 - giou(pr, gr)
-              for pr, gr in zip(pred[:2].tolist(), gt[:2].tolist(), strict=True)) / 2
-    assert l1g == pytest.approx(ref, abs=1e-6)
+    for w1, wg in ((5.0, 2.0), (1.0, 1.0)):  # DETR's weights (the default), and unit weights
+        l1g = GroundingLoss("l1+giou", l1_weight=w1, giou_weight=wg)(pred, gt, valid).item()
+        ref = sum(w1 * sum(abs(p - g) for p, g in zip(pr, gr, strict=True)) + wg * (1 - giou(pr, gr))
+                  for pr, gr in zip(pred[:2].tolist(), gt[:2].tolist(), strict=True)) / 2
+        assert l1g == pytest.approx(ref, abs=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -293,3 +294,39 @@ def test_box_attention_bias_is_zero_inside_and_negative_outside():
     with torch.no_grad():
         e = model.encode_regions(img, torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]]))
     assert (e[0, 0] - e[0, 1]).norm() > 1e-2
+
+
+def test_mean_pool_prompter_applies_the_box_bias():
+    """--prompter-pool mean used to drop the box bias silently; the same weights must now respond to it."""
+    from vesl.pretrain.model import create_model
+
+    img = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    boxes = torch.tensor([[[0.0, 0.0, 0.3, 0.3], [0.5, 0.2, 1.0, 0.9]]] * 2)
+    with_bias = create_model("vesl-micro-vit", prompter={"pool": "mean", "box_bias": True}, seed=0)
+    without = create_model("vesl-micro-vit", prompter={"pool": "mean", "box_bias": False}, seed=0)
+    with torch.no_grad():
+        a, b = with_bias.encode_regions(img, boxes), without.encode_regions(img, boxes)
+    assert (a - b).norm() > 1e-3
+
+
+def test_locate_head_puts_the_centre_where_the_text_attends():
+    from vesl.pretrain.model import GroundingHead
+
+    head = GroundingHead(8, 16, (4, 4), kind="locate")
+    logits = torch.full((2, 16), -30.0)
+    logits[0, 5] = 30.0  # row 1, column 1: centre (0.375, 0.375)
+    logits[1, 14] = 30.0  # row 3, column 2: centre (0.625, 0.875)
+    box = head(torch.randn(2, 8), logits)
+    centre = (box[:, :2] + box[:, 2:]) / 2
+    assert torch.allclose(centre, torch.tensor([[0.375, 0.375], [0.625, 0.875]]), atol=0.25 + 1e-6)  # <= one cell off
+    soft = torch.zeros(1, 16, requires_grad=True)
+    head(torch.randn(1, 8), soft)[:, 0].sum().backward()
+    assert soft.grad.abs().sum() > 0  # the attention logits get a direct gradient from the box
+
+
+def test_saved_configs_without_a_ground_head_load_the_paper_mlp():
+    from vesl.pretrain.model import PrompterConfig
+
+    assert PrompterConfig.from_saved({"pool": "prompt"}).ground_head == "mlp"
+    assert PrompterConfig.from_saved({"ground_head": "locate"}).ground_head == "locate"
+    assert PrompterConfig().ground_head == "locate"

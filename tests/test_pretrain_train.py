@@ -225,7 +225,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     builder = BatchBuilder(model.tokenizer, Preprocess.from_model(model), cfg.batch_size, cfg.regions_per_image,
                            seed=cfg.seed)
     opt = make_optimizer(model, cfg)
-    loss_fn = CLOCLoss(cfg.lam, cfg.text_sim_threshold, cfg.ground_loss)
+    loss_fn = CLOCLoss(cfg.lam, cfg.text_sim_threshold, cfg.ground_loss, region_weight=cfg.region_weight,
+                       ground_weight=cfg.ground_weight, cell_weight=cfg.ground_cell_weight)
     for step in range(1, n + 1):
         epoch = log[step]["epoch"]
         parts = [builder.build([rows[k] for k in keys[r][step - 1]["keys"]], epoch) for r in (0, 1)]

@@ -254,7 +254,8 @@ def _train(data_dir: Path, out_dir: Path, steps: int, seed: int, clip_only: bool
 
     cfg = {**DEFAULT_TRAIN, **kw}
     cfg.update(data=str(data_dir), out=str(out_dir), max_steps=steps, epochs=10_000, seed=seed,
-               clip_only=clip_only, save_every=steps, warmup=min(cfg["warmup"], max(steps // 10, 0)))  # fmt: skip
+               clip_only=clip_only, save_every=steps, warmup=min(cfg["warmup"], max(steps // 10, 0)),
+               overwrite=True)  # fmt: skip
     return Path(train(cfg))
 
 
