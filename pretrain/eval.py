@@ -319,6 +319,42 @@ def load_for_eval(model: str | os.PathLike, pretrained: str | None = None) -> tu
         raise UserError(f"open_clip could not build {name} with pretrained={pretrained!r}: {first_line(exc)}") from None
 
 
+def coco_grounding_accuracy(model: Any, coco_json: str | os.PathLike, images_dir: str | os.PathLike,
+                            batch_size: int = 32) -> float:
+    """Share of GT objects that ``model.ground`` boxes with IoU >= 0.5 from their phrase (the annotation's
+    ``phrase``, else ``a <category>``), on a COCO set; the grounding row of `vesl demo --full`."""
+    import torch
+    from PIL import Image
+
+    from vesl.pretrain.data import Preprocess, box_iou, letterbox_box
+
+    coco = json.loads(Path(coco_json).read_text())
+    images = {im["id"]: im for im in coco["images"]}
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    pre = Preprocess.from_model(model)
+    tensors: dict[int, torch.Tensor] = {}
+    hits = total = 0
+    anns = coco["annotations"]
+    with torch.no_grad():
+        for i in range(0, len(anns), batch_size):
+            chunk = anns[i : i + batch_size]
+            batch, texts, gts = [], [], []
+            for a in chunk:
+                im = images[a["image_id"]]
+                if a["image_id"] not in tensors:
+                    pil = Image.open(Path(images_dir) / im["file_name"]).convert("RGB")
+                    tensors[a["image_id"]] = pre(pil)
+                w, h = im["width"], im["height"]
+                x, y, bw, bh = a["bbox"]
+                batch.append(tensors[a["image_id"]])
+                texts.append(a.get("phrase") or f"a {names[a['category_id']]}")
+                gts.append(letterbox_box([x / w, y / h, (x + bw) / w, (y + bh) / h], w, h, pre.size))
+            pred = model.ground(torch.stack(batch), texts).tolist()
+            hits += sum(box_iou(p, g) >= 0.5 for p, g in zip(pred, gts, strict=True))
+            total += len(chunk)
+    return hits / max(total, 1)
+
+
 def evaluate(model_or_path: Any, *, coco_annotations: str | None = None, coco_images: str | None = None,
              shards: str | list[str] | None = None, out_json: str | os.PathLike | None = None,
              templates: tuple[str, ...] = DEFAULT_TEMPLATES, batch_size: int = 32,
@@ -347,6 +383,9 @@ def evaluate(model_or_path: Any, *, coco_annotations: str | None = None, coco_im
         results["region_classification"] = region_classification(
             model, coco_annotations, coco_images, templates=templates, methods=methods, batch_size=batch_size,
             max_images=max_images)
+        if heads:
+            results["coco_grounding_acc@0.5"] = 100.0 * coco_grounding_accuracy(
+                model, coco_annotations, coco_images, batch_size=batch_size)
     if shards:
         results["shards"] = shard_metrics(model, shards, batch_size=batch_size, max_images=max_images, regions=heads)
     if refexp:
@@ -363,6 +402,8 @@ def format_table(results: dict[str, Any]) -> str:
     rc = results.get("region_classification")
     if rc:
         lines.append(f"class templates: {' | '.join(results.get('templates', []))}")
+        if "coco_grounding_acc@0.5" in results:
+            lines.append(f"grounding acc@0.5 (phrase -> box): {results['coco_grounding_acc@0.5']:.1f}")
         lines.append(f"{'region classification':<24}{'mAcc':>8}{'top-1':>8}{'regions':>9}")
         for m, r in rc.items():
             lines.append(f"{m:<24}{r['mAcc']:>8.1f}{r['top1']:>8.1f}{r['n']:>9d}")

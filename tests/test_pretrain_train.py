@@ -125,10 +125,11 @@ def test_cli_eval_reproduces_the_demo_evaluation(overfit_run, tmp_path):
                        capture_output=True, text=True, check=False, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr
     cli = json.loads(out.read_text())
-    demo = _evaluate(run, coco, METHODS, grounding=False)
+    demo = _evaluate(run, coco, METHODS, grounding=True)
     assert cli["templates"] == ["a {}", "a small {}", "a large {}"]
     for m in METHODS:
         assert cli["region_classification"][m]["mAcc"] == pytest.approx(100 * demo[f"{m}_macc"], abs=1e-9)
+    assert cli["coco_grounding_acc@0.5"] == pytest.approx(100 * demo["grounding_acc"], abs=1e-9)
 
 
 def test_eval_names_what_to_pass_for_an_unknown_model(tmp_path, monkeypatch, capsys):

@@ -259,46 +259,12 @@ def _train(data_dir: Path, out_dir: Path, steps: int, seed: int, clip_only: bool
     return Path(train(cfg))
 
 
-def coco_grounding_accuracy(model: Any, coco_json: Path, batch_size: int = 32) -> float:
-    """Share of GT objects whose phrase ``model.ground`` boxes with IoU >= 0.5 (held-out COCO set)."""
-    import torch
-    from PIL import Image
-
-    from vesl.pretrain.data import Preprocess, box_iou, letterbox_box
-
-    coco = json.loads(coco_json.read_text())
-    images = {im["id"]: im for im in coco["images"]}
-    names = {c["id"]: c["name"] for c in coco["categories"]}
-    pre = Preprocess.from_model(model)
-    tensors: dict[int, torch.Tensor] = {}
-    hits = total = 0
-    anns = coco["annotations"]
-    with torch.no_grad():
-        for i in range(0, len(anns), batch_size):
-            chunk = anns[i : i + batch_size]
-            batch, texts, gts = [], [], []
-            for a in chunk:
-                im = images[a["image_id"]]
-                if a["image_id"] not in tensors:
-                    pil = Image.open(coco_json.parent / "images" / im["file_name"]).convert("RGB")
-                    tensors[a["image_id"]] = pre(pil)
-                w, h = im["width"], im["height"]
-                x, y, bw, bh = a["bbox"]
-                batch.append(tensors[a["image_id"]])
-                texts.append(a.get("phrase") or f"a {names[a['category_id']]}")
-                gts.append(letterbox_box([x / w, y / h, (x + bw) / w, (y + bh) / h], w, h, pre.size))
-            pred = model.ground(torch.stack(batch), texts).tolist()
-            hits += sum(box_iou(p, g) >= 0.5 for p, g in zip(pred, gts, strict=True))
-            total += len(chunk)
-    return hits / max(total, 1)
-
-
 def _evaluate(run_dir: Path, coco_json: Path, methods: tuple[str, ...], grounding: bool) -> dict[str, float]:
     """Zero-shot region classification with GT boxes (the code behind ``vesl eval``), as fractions."""
     import torch
 
     from vesl.pretrain import load
-    from vesl.pretrain.eval import DEFAULT_TEMPLATES, region_classification
+    from vesl.pretrain.eval import DEFAULT_TEMPLATES, coco_grounding_accuracy, region_classification
 
     torch.manual_seed(0)
     model = load(run_dir)
@@ -308,7 +274,7 @@ def _evaluate(run_dir: Path, coco_json: Path, methods: tuple[str, ...], groundin
     )
     out = {f"{m}_macc": rc[m]["mAcc"] / 100.0 for m in methods}
     if grounding:
-        out["grounding_acc"] = coco_grounding_accuracy(model, coco_json)
+        out["grounding_acc"] = coco_grounding_accuracy(model, coco_json, coco_json.parent / "images")
     return out
 
 
