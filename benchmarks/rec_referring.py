@@ -9,7 +9,8 @@ trains, with the demo's trainer settings, the same steps and seed:
 - ``clip``: the ``--clip-only`` baseline (captions only; its crop and RoI-Align rankings are the baselines).
 
 Then it evaluates `vesl eval --refexp` on a held-out REC set (``vesl synth --format refexp``): CLOC Prompter
-ranking against the best CLIP ranking. Tune on a validation world seed (1003, the default), report on 1002.
+ranking against the best CLIP ranking. Tune on a validation world (1003, the default; see
+``vesl.pipeline.synth.VALIDATION_SEEDS``), report on the sealed test worlds (``TEST_SEEDS``, e.g. 7001).
 
     python benchmarks/rec_referring.py [--steps 400] [--seed 0] [--rec-seed 1003] [--variants paper referring clip]
 """
@@ -70,7 +71,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2000, help="training scenes (world seed 1001, as demo --full)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seed", type=int, default=0, help="training seed")
-    p.add_argument("--rec-seed", type=int, default=1003, help="REC world seed (1003 validation, 1002 report)")
+    p.add_argument("--rec-seed", type=int, default=1003, help="REC world seed (validation: 1003; report on a test world, 7001-7005)")
     p.add_argument("--rec-n", type=int, default=300)
     p.add_argument("--variants", nargs="+", default=["paper", "referring", "clip"])
     args = p.parse_args()
