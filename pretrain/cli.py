@@ -27,7 +27,7 @@ def _train(
     regions_per_image: Optional[int] = typer.Option(None, "--regions-per-image", help="M [4]"),
     lam: Optional[float] = typer.Option(None, "--lambda", help="the paper's shared factor of L_region and L_ground [1.0]"),
     region_weight: Optional[float] = typer.Option(None, "--region-weight", help="weight of L_region inside --lambda [1.0]"),
-    ground_weight: Optional[float] = typer.Option(None, "--ground-weight", help="weight of L_ground inside --lambda [1]"),
+    ground_weight: Optional[float] = typer.Option(None, "--ground-weight", help="weight of L_ground inside --lambda [10; paper 1]"),
     ground_head: Optional[str] = typer.Option(
         None, "--ground-head", help="locate (soft-argmax over the text prompt's patch attention) | mlp (paper) [locate]"),
     ground_cell_weight: Optional[float] = typer.Option(

@@ -54,8 +54,8 @@ class TrainConfig(BaseModel):
     regions_per_image: int = Field(4, ge=1)
     lam: float = Field(1.0, ge=0, description="the paper's shared factor lambda of the region and grounding terms")
     region_weight: float = Field(1.0, ge=0, description="weight of L_region inside lambda (1 in the paper)")
-    ground_weight: float = Field(1.0, ge=0, description="weight of L_ground inside lambda (1, as in the paper; see the "
-                                 "README for what larger weights bought and cost on validation worlds of the demo)")
+    ground_weight: float = Field(10.0, ge=0, description="weight of L_ground inside lambda (1 in the paper; 10 chosen "
+                                 "on validation worlds of the demo, see the README)")
     text_sim_threshold: float = Field(0.9, description="region negatives with text cosine above this are removed")
     region_loss_drop: float = Field(0.0, ge=0.0, lt=1.0, description="share of region pairs with the highest loss "
                                     "left out of L_region, for noisy pseudo-labels (0: paper-literal)")
