@@ -393,10 +393,10 @@ class CLOCRegionModel:
         tok = CLIPTokenizer.from_pretrained(p)
         vc = clip.config.vision_config
         grid = (vc.image_size // vc.patch_size,) * 2
-        pcfg = PrompterConfig(**cfg["prompter"])
+        pcfg = PrompterConfig.from_saved(cfg["prompter"])
         embed_dim = clip.config.projection_dim
         prompter = Prompter(vc.hidden_size, embed_dim, grid, pcfg)
-        head = GroundingHead(embed_dim, pcfg.ground_hidden or 2 * embed_dim)
+        head = GroundingHead(embed_dim, pcfg.ground_hidden or 2 * embed_dim, grid, pcfg.ground_head)
         heads = load_file(str(p / HEADS_WEIGHTS))
         with torch.no_grad():
             prompter.load_state_dict({k[len("prompter."):]: v for k, v in heads.items() if k.startswith("prompter.")})
@@ -478,8 +478,8 @@ class CLOCRegionModel:
         with torch.no_grad():
             text = self.encode_text(list(texts))
             _, tokens = self.image_tokens(self.pixel_values(images))
-            y = self.prompter(tokens, self.prompter.text_prompt(text).unsqueeze(1))
-            pred = self.ground_head(y[:, 0]).cpu().tolist()
+            y, logits = self.prompter(tokens, self.prompter.text_prompt(text).unsqueeze(1), with_logits=True)
+            pred = self.ground_head(y[:, 0], logits[:, 0]).cpu().tolist()
         out = []
         for im, b in zip(images, pred, strict=True):
             w, h = im.size

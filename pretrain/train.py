@@ -482,6 +482,15 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
                 last = dict(zip(keys, row, strict=True))
                 if log:
                     log.write(json.dumps({**meta, **last}) + "\n")
+                # Checked here, at log steps and before every checkpoint, so the step loop never waits on the
+                # host; the rows are all-reduced, so every rank stops together, and no checkpoint is written.
+                if not math.isfinite(last["loss"]):
+                    if log:
+                        log.flush()
+                    raise UserError(
+                        f"step {meta['step']}: the loss is {last['loss']} (not finite); stopped without saving a "
+                        "checkpoint: check the data with `vesl validate`, or lower lr"
+                    )
             if log:
                 log.flush()
             pending.clear()
@@ -512,11 +521,6 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
                               batch["region_valid"], clip_only=cfg.clip_only, phrase_index=batch.get("phrase_index"))
                 loss_fn.set_progress(step, total)
                 losses = loss_fn(out, batch)
-                if d.sum_int(0 if bool(torch.isfinite(losses["loss"].detach())) else 1):  # every rank stops
-                    raise UserError(
-                        f"step {step + 1}: the loss is {float(losses['loss'].detach())} (not finite); stopped without "
-                        "saving a checkpoint: check the data with `vesl validate`, or lower lr"
-                    )
                 optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()
                 if cfg.grad_clip:
