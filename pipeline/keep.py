@@ -45,17 +45,14 @@ class KeepCaption:
 
 def original_captioner(inputs: list[str]) -> dict[str, Any]:
     """The captioner record in the provenance of the first labeled shard of ``inputs`` (one footer read)."""
-    import pyarrow.parquet as pq
-    from fsspec.core import url_to_fs
+    import posixpath
 
     from vesl.pipeline.config import SourceConfig
     from vesl.pipeline.sources import list_shards
-    from vesl.schemas.region_text import PROVENANCE_KEY
+    from vesl.schemas.manifest import read_shard_provenance
 
     refs = [r for r in list_shards(inputs, SourceConfig()) if r.kind == "vesl"]
     if not refs:
         return {}
-    fs, path = url_to_fs(refs[0].uri)
-    with fs.open(path, "rb") as f:
-        raw = (pq.ParquetFile(f).schema_arrow.metadata or {}).get(PROVENANCE_KEY.encode())
-    return json.loads(raw).get("captioner", {}) if raw else {}
+    folder, name = posixpath.split(refs[0].uri)
+    return read_shard_provenance(folder, name).get("captioner", {})
