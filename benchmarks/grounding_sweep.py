@@ -1,7 +1,8 @@
 """Choose the grounding defaults on VALIDATION worlds (never the demo's seeds 1000-1002).
 
 Trains the demo's tiny CLOC (the `vesl demo --full` recipe) on synthetic seed 5001 with one set of overrides
-and reports grounding acc@0.5 and Prompter mAcc on held-out seed 5002. Each configuration is one line::
+and reports grounding acc@0.5, Prompter mAcc and REC acc@0.5 (Prompter ranking and grounding head) on
+held-out seed 5002. Each configuration is one line::
 
     python benchmarks/grounding_sweep.py --labels gt --steps 600 ground_head=mlp ground_weight=1
     python benchmarks/grounding_sweep.py --labels vesl --steps 1500 ground_head=locate ground_weight=10
@@ -33,14 +34,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="sweep-out")
     args = ap.parse_args(argv)
 
-    from vesl.demo import _evaluate, _train, generate_input, label, label_ground_truth
-    from vesl.pipeline.synth import make_scenes, write_coco
+    from vesl.demo import _evaluate, _evaluate_refexp, _train, generate_input, label, label_ground_truth
+    from vesl.pipeline.exporters import COCO_ANNOTATIONS
+    from vesl.pipeline.synth import make_refexp, make_scenes, write_coco, write_refexp
 
     out = Path(args.out)
     generate_input(out / "input", args.n, TRAIN_SEED)
-    coco = out / "val_coco" / "instances.json"
+    coco = out / "val_coco" / COCO_ANNOTATIONS
     if not coco.exists():
         coco = write_coco(make_scenes(args.eval_n, VAL_SEED), out / "val_coco")
+    refexp = out / "val_refexp" / "refexp.jsonl"
+    if not refexp.exists():
+        refexp = write_refexp((make_refexp(VAL_SEED, i) for i in range(args.eval_n)), out / "val_refexp")
     labeled = out / f"labeled-{args.labels}"
     if not (labeled / "manifest.json").exists():
         if args.labels == "gt":
@@ -53,8 +58,10 @@ def main(argv: list[str] | None = None) -> None:
     run = _train(labeled, out / "runs" / f"{args.labels}-{args.steps}-s{args.seed}-{name}", args.steps, seed=args.seed,
                  clip_only=False, **kw)
     m = _evaluate(run, coco, ("prompter",), grounding=True)
+    r = _evaluate_refexp(run, refexp, ("ground", "prompter"))
     rec = {"labels": args.labels, "steps": args.steps, "seed": args.seed, **kw,
            "grounding_acc": round(100 * m["grounding_acc"], 1), "prompter_macc": round(100 * m["prompter_macc"], 1),
+           "rec_prompter": round(100 * r["prompter"], 1), "rec_ground": round(100 * r["ground"], 1),
            "train_eval_s": round(time.perf_counter() - t)}
     print(json.dumps(rec), flush=True)
     with open(out / "results.jsonl", "a") as f:

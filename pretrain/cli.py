@@ -29,7 +29,10 @@ def _train(
     region_weight: Optional[float] = typer.Option(None, "--region-weight", help="weight of L_region inside --lambda [1.0]"),
     ground_weight: Optional[float] = typer.Option(None, "--ground-weight", help="weight of L_ground inside --lambda [10; paper 1]"),
     ground_head: Optional[str] = typer.Option(
-        None, "--ground-head", help="locate (soft-argmax over the text prompt's patch attention) | mlp (paper) [locate]"),
+        None, "--ground-head", help="locate (soft-argmax over the text prompt's Prompter attention) | patch (a box per patch, "
+        "picked by the text) | mlp (paper) [locate]"),
+    region_position_words: Optional[float] = typer.Option(
+        None, "--region-position-words", help="share of region texts given their box's position words [0]"),
     ground_cell_weight: Optional[float] = typer.Option(
         None, "--ground-cell-weight", help="--ground-head locate: weight of the centre-cell cross-entropy [0: off]"),
     ground_l1_weight: Optional[float] = typer.Option(None, "--ground-l1-weight", help="--ground-loss l1+giou: L1 weight [5]"),
@@ -69,7 +72,7 @@ def _train(
         "ground_weight": ground_weight, "ground_head": ground_head, "ground_l1_weight": ground_l1_weight,
         "ground_cell_weight": ground_cell_weight,
         "ground_giou_weight": ground_giou_weight, "overwrite": overwrite, "text_sim_threshold": text_sim_threshold,
-        "region_loss_drop": region_loss_drop,
+        "region_loss_drop": region_loss_drop, "region_position_words": region_position_words,
         "ground_loss": ground_loss, "prompter_pool": prompter_pool, "box_bias": box_bias, "clip_only": clip_only, "local_loss": local_loss,
         "gather_with_grad": gather_with_grad, "precision": precision, "grad_checkpointing": grad_checkpointing,
         "save_every": save_every, "resume": resume, "seed": seed, "log_every": log_every, "text_field": text_field,

@@ -188,12 +188,27 @@ def sample_regions(key: str, regions: list[dict], m: int, seed: int, epoch: int)
     return [good[int(i)] for i in rng.choice(len(good), size=m, replace=False)]
 
 
+# Where a box sits, on a 3x3 grid of the image: (row, column) of its centre -> words.
+POSITION_WORDS = {
+    (0, 0): "at the top left", (0, 1): "at the top", (0, 2): "at the top right",
+    (1, 0): "on the left", (1, 1): "in the center", (1, 2): "on the right",
+    (2, 0): "at the bottom left", (2, 1): "at the bottom", (2, 2): "at the bottom right",
+}  # fmt: skip
+
+
+def position_words(box: Any) -> str:
+    """Normalized ``x0, y0, x1, y1`` -> where its centre lies on a 3x3 grid, in words ("at the top left")."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return POSITION_WORDS[(min(max(int(cy * 3), 0), 2), min(max(int(cx * 3), 0), 2))]
+
+
 class BatchBuilder:
     """Row dicts -> one padded batch (fixed shapes; masks say which rows are real)."""
 
     def __init__(self, tokenizer, preprocess: Preprocess, batch_size: int, regions_per_image: int,
                  text_field: str = "caption", seed: int = 0, storage_options: dict | None = None,
-                 with_regions: bool = True):
+                 with_regions: bool = True, position_share: float = 0.0):
+        self.position_share = position_share  # share of region texts that get their box's position words
         self.with_regions = with_regions  # False (CLIP-only training): skip region sampling and phrase tokenizing
         self.tokenizer = tokenizer
         self.pre = preprocess
@@ -232,9 +247,10 @@ class BatchBuilder:
             sizes[i] = torch.tensor([row["width"], row["height"]])
             texts[i] = row.get(self.text_field) or row.get("caption") or ""
             regions = sample_regions(row["key"], row.get("regions") or [], m, self.seed, epoch) if self.with_regions else []
+            where = self._with_position(row["key"], epoch, len(regions))
             for j, r in enumerate(regions):
                 boxes[i, j] = torch.tensor(letterbox_box(r["box"], row["width"], row["height"], s))
-                phrases[i * m + j] = r["phrase"]
+                phrases[i * m + j] = f"{r['phrase']} {position_words(r['box'])}" if where[j] else r["phrase"]
                 region_valid[i, j] = True
         return {
             "images": images,
@@ -247,6 +263,13 @@ class BatchBuilder:
             "keys": keys,
             "bad": bad,
         }
+
+    def _with_position(self, key: str, epoch: int, n: int) -> list[bool]:
+        """Which of a row's ``n`` regions get position words, drawn from (seed, epoch, key) like the regions."""
+        if self.position_share <= 0 or n == 0:
+            return [False] * n
+        rng = np.random.default_rng([self.seed, epoch, zlib.crc32(key.encode()), 1])
+        return (rng.random(n) < self.position_share).tolist()
 
     def _phrase_tokens(self, phrases: list[str], b: int, m: int) -> torch.Tensor:
         if not self.with_regions:
@@ -305,7 +328,7 @@ class RegionTextLoader:
     def __init__(self, data: str | list[str], *, batch_size: int, tokenizer, preprocess: Preprocess,
                  regions_per_image: int = 4, num_workers: int = 2, rank: int = 0, world_size: int = 1,
                  seed: int = 0, text_field: str = "caption", storage_options: dict | None = None,
-                 with_regions: bool = True, pin_memory: bool = False):
+                 with_regions: bool = True, pin_memory: bool = False, position_share: float = 0.0):
         self.pin_memory = pin_memory  # page-locked batches (CUDA), so the trainer's non_blocking copies overlap
         self.paths = list_shards(data, storage_options)
         self.units = scan_units(self.paths, storage_options)
@@ -317,7 +340,7 @@ class RegionTextLoader:
         self.seed = seed
         self.storage_options = storage_options
         self.builder = BatchBuilder(tokenizer, preprocess, batch_size, regions_per_image, text_field, seed, storage_options,
-                                    with_regions)
+                                    with_regions, position_share)
         assign_units(self.units, seed, 0, world_size, num_workers)  # fail early with a clear message
         self.state: dict[str, Any] = {}
 

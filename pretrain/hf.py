@@ -396,7 +396,7 @@ class CLOCRegionModel:
         pcfg = PrompterConfig.from_saved(cfg["prompter"])
         embed_dim = clip.config.projection_dim
         prompter = Prompter(vc.hidden_size, embed_dim, grid, pcfg)
-        head = GroundingHead(embed_dim, pcfg.ground_hidden or 2 * embed_dim, grid, pcfg.ground_head)
+        head = GroundingHead(embed_dim, pcfg.ground_hidden or 2 * embed_dim, grid, pcfg.ground_head, vc.hidden_size)
         heads = load_file(str(p / HEADS_WEIGHTS))
         with torch.no_grad():
             prompter.load_state_dict({k[len("prompter."):]: v for k, v in heads.items() if k.startswith("prompter.")})
@@ -472,14 +472,14 @@ class CLOCRegionModel:
         import torch
 
         from vesl.pretrain.data import unletterbox_box
+        from vesl.pretrain.model import ground_boxes
 
         if len(images) != len(texts):
             raise UserError(f"{len(images)} images but {len(texts)} texts")
         with torch.no_grad():
             text = self.encode_text(list(texts))
             _, tokens = self.image_tokens(self.pixel_values(images))
-            y, logits = self.prompter(tokens, self.prompter.text_prompt(text).unsqueeze(1), with_logits=True)
-            pred = self.ground_head(y[:, 0], logits[:, 0]).cpu().tolist()
+            pred = ground_boxes(self.prompter, self.ground_head, tokens, text.unsqueeze(1))[0][:, 0].cpu().tolist()
         out = []
         for im, b in zip(images, pred, strict=True):
             w, h = im.size

@@ -23,7 +23,7 @@ from torch import nn
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 POOL_MODES = ("prompt", "mean")
-GROUND_HEADS = ("locate", "mlp")
+GROUND_HEADS = ("locate", "mlp", "patch")
 
 
 @dataclass
@@ -42,7 +42,9 @@ class PrompterConfig:
     soft-argmax of its prompt-to-patch attention logits over the patch-cell centres gives the box centre, and
     the MLP adds a sub-cell offset and predicts the size. The attention itself then gets the gradient that
     locates the object. ``ground_head="mlp"`` is the paper-literal head: the MLP regresses all four numbers
-    from the region embedding alone.
+    from the region embedding alone. ``ground_head="patch"`` (OWL-ViT style) leaves the Prompter to region
+    embeddings: every patch token proposes a box (its cell centre plus an offset, and a size), and the text
+    prompt picks among them through its own query/key projections; the box is the softmax-weighted mean.
     """
 
     pool: str = "prompt"
@@ -185,24 +187,39 @@ class Prompter(nn.Module):
 
 
 class GroundingHead(nn.Module):
-    """Text-prompted region embedding (and the prompt's patch logits) -> box (x0, y0, x1, y1).
+    """Text prompt -> box (x0, y0, x1, y1) on the model canvas.
 
-    ``kind="mlp"``: a 2-layer GELU MLP regresses a sigmoid (cx, cy, w, h), as in the paper.
-    ``kind="locate"``: the centre is the soft-argmax of the patch logits over the cell centres (with a learned
-    temperature), plus an offset of at most one cell from the same MLP; the MLP's other two outputs give the size.
+    ``kind="mlp"``: a 2-layer GELU MLP regresses a sigmoid (cx, cy, w, h) from the text-prompted region
+    embedding, as in the paper.
+    ``kind="locate"``: the centre is the soft-argmax of the text prompt's Prompter attention logits over the cell
+    centres (with a learned temperature), plus an offset of at most one cell from the same MLP; the MLP's other
+    two outputs give the size.
+    ``kind="patch"``: each patch token proposes a box (its cell centre plus an offset of at most one cell, and a
+    size); the text selects among them with its own query/key projections (not the Prompter's attention, so
+    grounding does not pull on the region embeddings), and the box is the selection-weighted mean.
     """
 
-    def __init__(self, embed_dim: int, hidden: int, grid: tuple[int, int] = (1, 1), kind: str = "mlp"):
+    def __init__(self, embed_dim: int, hidden: int, grid: tuple[int, int] = (1, 1), kind: str = "mlp",
+                 width: int = 0):
         super().__init__()
         self.kind = kind
-        self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, 4))
-        if kind == "locate":
+        self.hidden = hidden
+        if kind in ("mlp", "locate"):
+            self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, 4))
+        if kind == "patch":
+            if width <= 0:
+                raise ValueError("the patch grounding head needs the patch token width")
+            self.query = nn.Linear(embed_dim, hidden)
+            self.key = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden))
+            self.box = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, 4))
+        if kind in ("locate", "patch"):
             cells = grid_cell_boxes(grid)
             self.register_buffer("cell_centres", (cells[:, :2] + cells[:, 2:]) / 2, persistent=False)
             self.register_buffer("cell_size", torch.tensor([1.0 / grid[1], 1.0 / grid[0]]), persistent=False)
             self.log_temp = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor, patch_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """``mlp`` / ``locate``: text-prompted region embeddings (..., E) and their patch logits (..., N)."""
         out = self.mlp(x)
         if self.kind == "mlp":
             return cxcywh_to_xyxy(out.sigmoid())
@@ -211,6 +228,25 @@ class GroundingHead(nn.Module):
         p = (patch_logits.float() * self.log_temp.exp()).softmax(dim=-1)
         centre = p @ self.cell_centres + out[..., :2].float().tanh() * self.cell_size
         return cxcywh_to_xyxy(torch.cat([centre, out[..., 2:].float().sigmoid()], dim=-1))
+
+    def from_patches(self, text: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``patch``: text features (B, R, E) and ViT patch tokens (B, N, W) -> boxes (B, R, 4), logits (B, R, N)."""
+        q = self.query(text.to(self.query.weight.dtype))
+        k = self.key(tokens.to(self.query.weight.dtype))
+        logits = torch.einsum("brd,bnd->brn", q, k).float() * self.hidden**-0.5
+        p = (logits * self.log_temp.exp()).softmax(dim=-1)
+        raw = self.box(tokens.to(self.query.weight.dtype)).float()  # (B, N, 4): offset and size per patch
+        proposals = torch.cat([self.cell_centres + raw[..., :2].tanh() * self.cell_size, raw[..., 2:].sigmoid()], -1)
+        return cxcywh_to_xyxy(p @ proposals), logits
+
+
+def ground_boxes(prompter: Prompter, head: GroundingHead, tokens: torch.Tensor,
+                 text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text features (B, R, E) on patch tokens (B, N, W) -> boxes (B, R, 4) and the text's patch logits (B, R, N)."""
+    if head.kind == "patch":
+        return head.from_patches(text, tokens)
+    y, logits = prompter(tokens, prompter.text_prompt(text), with_logits=True)
+    return head(y, logits), logits
 
 
 class CLOCModel(nn.Module):
@@ -233,7 +269,7 @@ class CLOCModel(nn.Module):
         self.image_size = tuple(visual.image_size)
         self.prompter = Prompter(width, embed_dim, self.grid, self.prompter_cfg)
         self.ground_head = GroundingHead(embed_dim, self.prompter_cfg.ground_hidden or 2 * embed_dim, self.grid,
-                                         self.prompter_cfg.ground_head)
+                                         self.prompter_cfg.ground_head, width)
         self._tokenizer = None
 
     # ---- open_clip towers -------------------------------------------------------------------------
@@ -320,8 +356,7 @@ class CLOCModel(nn.Module):
         """One text per image (list of B strings or (B, L) ids) -> boxes (B, 4) on the model canvas."""
         text = self.encode_text(texts)
         _, tokens = self.image_tokens(images)
-        y, logits = self.prompter(tokens, self.prompter.text_prompt(text).unsqueeze(1), with_logits=True)
-        return self.ground_head(y[:, 0], logits[:, 0])
+        return ground_boxes(self.prompter, self.ground_head, tokens, text.unsqueeze(1))[0][:, 0]
 
     def roi_align_regions(self, images: torch.Tensor, boxes: list[torch.Tensor], output_size: int = 2) -> list[torch.Tensor]:
         """CLIP baseline: RoI-Align on the patch-token grid, average, project with the ViT head, normalize."""
@@ -376,19 +411,26 @@ class CLOCModel(nn.Module):
         phr = self._encode_text_fast(region_texts, trimmed=True)
         phr_bm = torch.where(valid.unsqueeze(-1), phr[phrase_index.clamp_min(0)], torch.zeros((), dtype=phr.dtype,
                                                                                              device=phr.device))
-        prompts = torch.cat([self.prompter.box_prompt(boxes), self.prompter.text_prompt(phr_bm)], dim=1)
+        patch_head = self.ground_head.kind == "patch"  # grounds without a text pass through the Prompter
+        prompts = self.prompter.box_prompt(boxes)
+        if not patch_head:
+            prompts = torch.cat([prompts, self.prompter.text_prompt(phr_bm)], dim=1)
         bias = self._box_bias(boxes)
-        if bias is not None:
+        if bias is not None and not patch_head:
             bias = torch.cat([bias, torch.zeros_like(bias)], dim=1)  # text prompts attend freely
         y, logits = self.prompter(tokens, prompts.to(tokens.dtype), bias, with_logits=True)
         out["region_features"] = F.normalize(y[:, :m], dim=-1)
         out["region_text_features"] = phr_bm
-        out["pred_boxes"] = self.ground_head(y[:, m:], logits[:, m:]).float()
-        if self.prompter_cfg.ground_head == "locate":
-            # which patch cell holds each region's centre: the target of the text prompt's attention
+        if patch_head:
+            pred, ground_logits = self.ground_head.from_patches(phr_bm, tokens)
+        else:
+            pred, ground_logits = self.ground_head(y[:, m:], logits[:, m:]), logits[:, m:]
+        out["pred_boxes"] = pred.float()
+        if self.prompter_cfg.ground_head in ("locate", "patch"):
+            # which patch cell holds each region's centre: the target of the text's patch selection
             gh, gw = self.grid
             centre = ((boxes[..., :2] + boxes[..., 2:]) / 2).clamp(0, 1 - 1e-6)
-            out["ground_logits"] = logits[:, m:].float()
+            out["ground_logits"] = ground_logits.float()
             out["ground_cells"] = (centre[..., 1] * gh).long() * gw + (centre[..., 0] * gw).long()
         return out
 

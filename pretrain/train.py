@@ -64,8 +64,12 @@ class TrainConfig(BaseModel):
                                       "points the text prompt's attention at the cell holding the box centre (0: off)")
     ground_l1_weight: float = Field(5.0, ge=0, description="--ground-loss l1+giou: weight of L1 (DETR's 5)")
     ground_giou_weight: float = Field(2.0, ge=0, description="--ground-loss l1+giou: weight of 1 - GIoU (DETR's 2)")
-    ground_head: Literal["locate", "mlp"] = Field("locate", description="locate: soft-argmax over the text prompt's "
-                                                  "patch attention plus offset and size; mlp: the paper's MLP")
+    ground_head: Literal["locate", "mlp", "patch"] = Field(
+        "locate", description="locate: soft-argmax over the text prompt's Prompter attention plus offset and size; "
+        "patch: a box from every patch token, picked by the text (OWL-ViT style); mlp: the paper's MLP")
+    region_position_words: float = Field(0.0, ge=0.0, le=1.0, description="share of region texts that get the "
+                                         "box's position on a 3x3 grid appended ('... at the top left'), so box "
+                                         "geometry meets position words (0: the phrases as labeled)")
     clip_only: bool = Field(False, description="train the CLIP baseline only (same data and steps)")
     local_loss: bool = False
     gather_with_grad: bool = False
@@ -420,7 +424,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
             cfg.data, batch_size=cfg.batch_size, tokenizer=model.tokenizer, preprocess=Preprocess.from_model(model),
             regions_per_image=cfg.regions_per_image, num_workers=workers, rank=d.rank, world_size=d.world_size,
             seed=cfg.seed, text_field=cfg.text_field, storage_options=cfg.storage_options, with_regions=not cfg.clip_only,
-            pin_memory=d.device.type == "cuda",
+            pin_memory=d.device.type == "cuda", position_share=cfg.region_position_words,
         )
         steps_per_epoch = [loader.steps_per_epoch(e) for e in range(cfg.epochs)]
         total = sum(steps_per_epoch)

@@ -37,13 +37,13 @@ def _checkpoint(tmp: Path, model) -> Path:
     return tmp / "run"
 
 
-def _export(tmp: Path, name: str, seed: int = 0) -> tuple:
+def _export(tmp: Path, name: str, seed: int = 0, ground_head: str = "locate") -> tuple:
     from vesl.pretrain.export import export_model
     from vesl.pretrain.model import create_model
 
-    model = create_model(name, seed=seed).eval()
+    model = create_model(name, prompter={"ground_head": ground_head}, seed=seed).eval()
     with torch.no_grad():  # heads away from their init, so a mix-up would show
-        for p in model.prompter.parameters():
+        for p in [*model.prompter.parameters(), *model.ground_head.parameters()]:
             p.add_(0.02 * torch.randn_like(p))
     out = export_model(_checkpoint(tmp, model), tmp / "hf", format="hf")
     return model, out
@@ -245,11 +245,12 @@ def test_image_processor_matches_vesl_letterbox(tmp_path):
             assert pad.abs().max() < 0.01  # vesl pads with the mean rounded to 8 bits
 
 
-def test_region_api_from_the_folder_equals_the_trainer_model(tmp_path):
+@pytest.mark.parametrize("ground_head", ["locate", "patch", "mlp"])
+def test_region_api_from_the_folder_equals_the_trainer_model(tmp_path, ground_head):
     from vesl.pretrain.data import Preprocess, letterbox_box, unletterbox_box
     from vesl.pretrain.hf import CLOCRegionModel
 
-    model, out = _export(tmp_path, "vesl-tiny-vit")
+    model, out = _export(tmp_path, "vesl-tiny-vit", ground_head=ground_head)
     m = CLOCRegionModel.from_pretrained(out)
     data = _scene_images()
     images, boxes = [d[0] for d in data], [d[1] for d in data]

@@ -324,6 +324,59 @@ def test_locate_head_puts_the_centre_where_the_text_attends():
     assert soft.grad.abs().sum() > 0  # the attention logits get a direct gradient from the box
 
 
+def test_patch_head_takes_the_box_the_text_selects_and_leaves_the_prompter_alone():
+    from vesl.pretrain.model import GroundingHead, create_model
+
+    head = GroundingHead(8, 16, (4, 4), kind="patch", width=12)
+    tokens = torch.randn(1, 16, 12)
+    with torch.no_grad():  # the query picks patch 5 (row 1, column 1: centre (0.375, 0.375)) decisively
+        head.log_temp.fill_(0.0)
+        text = torch.randn(1, 1, 8)
+        q = head.query(text)
+        k = head.key(tokens)
+        tokens_sel = (q @ k.transpose(1, 2)).argmax().item()
+    box, logits = head.from_patches(text, tokens)
+    assert logits.shape == (1, 1, 16) and box.shape == (1, 1, 4)
+    centre = (box[0, 0, :2] + box[0, 0, 2:]) / 2
+    assert ((0 <= centre) & (centre <= 1)).all()
+    with torch.no_grad():
+        head.log_temp.fill_(20.0)  # a sharp selection: the box is the selected patch's own proposal
+        box, _ = head.from_patches(text, tokens)
+    row, col = divmod(tokens_sel, 4)
+    centre = (box[0, 0, :2] + box[0, 0, 2:]) / 2
+    assert abs(centre[0] - (col + 0.5) / 4) <= 0.25 + 1e-5 and abs(centre[1] - (row + 0.5) / 4) <= 0.25 + 1e-5
+
+    # in a CLOC forward the grounding loss never reaches the Prompter: region embeddings are left to L_region
+    model = create_model("vesl-micro-vit", prompter={"ground_head": "patch"}, seed=0)
+    x = torch.randn(2, 3, 32, 32)
+    tok = model.tokenizer(["a", "b"])
+    out = model(x, tok, torch.tensor([[[0.1, 0.1, 0.5, 0.5]]] * 2), model.tokenizer(["red", "blue"]).view(2, 1, -1),
+                torch.ones(2, 1, dtype=torch.bool))
+    out["pred_boxes"].sum().backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.prompter.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.ground_head.parameters())
+
+
+def test_position_words_follow_the_box_and_are_drawn_deterministically():
+    from vesl.pretrain.data import BatchBuilder, Preprocess, position_words
+    from vesl.pretrain.model import create_model
+
+    assert position_words([0.0, 0.0, 0.2, 0.2]) == "at the top left"
+    assert position_words([0.4, 0.4, 0.6, 0.6]) == "in the center"
+    assert position_words([0.7, 0.9, 1.0, 1.0]) == "at the bottom right"
+    assert position_words([0.0, 0.4, 0.1, 0.5]) == "on the left"
+    model = create_model("vesl-micro-vit", seed=0)
+    rows = [{"key": f"k{i}", "image": None, "image_uri": None, "width": 8, "height": 8, "caption": "c",
+             "regions": [{"phrase": "a red circle", "box": [0.0, 0.0, 0.2, 0.2]}] * 4} for i in range(8)]
+    words = []
+    for share in (0.0, 0.5, 1.0):
+        b = BatchBuilder(model.tokenizer, Preprocess.from_model(model), 8, 4, position_share=share)
+        flags = [b._with_position(r["key"], 0, 4) for r in rows]
+        assert flags == [b._with_position(r["key"], 0, 4) for r in rows]  # the same draw on any rank or rerun
+        words.append(sum(map(sum, flags)))
+    assert words[0] == 0 and words[2] == 32 and 4 <= words[1] <= 28
+
+
 def test_saved_configs_without_a_ground_head_load_the_paper_mlp():
     from vesl.pretrain.model import PrompterConfig
 
