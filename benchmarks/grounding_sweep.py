@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="sweep-out")
     args = ap.parse_args(argv)
 
-    from vesl.demo import _evaluate, _train, generate_input, label, label_ground_truth
-    from vesl.pipeline.synth import make_scenes, write_coco
+    from vesl.demo.runner import _evaluate, _train, generate_input, label, label_ground_truth
+    from vesl.demo.synth import make_scenes, write_coco
 
     out = Path(args.out)
     generate_input(out / "input", args.n, TRAIN_SEED)

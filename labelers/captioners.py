@@ -27,9 +27,9 @@ from urllib.parse import urlsplit, urlunsplit
 from vesl.errors import InfrastructureError, UserError, first_line
 from vesl.labelers.hub import is_local, pretrained_kwargs, unavailable_reason
 from vesl.labelers.prompts import prompt_hash, render_prompt
-from vesl.pipeline.config import CaptionerConfig
-from vesl.pipeline.stage import Sample, Stage, StageResources, fail
 from vesl.redact import redact
+from vesl.schemas.config import CaptionerConfig
+from vesl.schemas.stage import Sample, Stage, StageResources, fail
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ import torch
 from vesl.errors import UserError, first_line
 from vesl.labelers.boxes import PostProcess, cxcywh_to_xyxy, postprocess, square_pad_to_image
 from vesl.labelers.hub import is_local, pretrained_kwargs, unavailable_reason
-from vesl.pipeline.config import DetectorConfig
-from vesl.pipeline.stage import Phrase, Region, Sample, StageResources, fail
+from vesl.schemas.config import DetectorConfig
+from vesl.schemas.stage import Phrase, Region, Sample, StageResources, fail
 
 BACKENDS = ("owlv2", "grounding-dino")
 

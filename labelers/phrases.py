@@ -20,8 +20,8 @@ import re
 from collections.abc import Iterable, Sequence
 
 from vesl.errors import UserError
-from vesl.pipeline.config import PhrasesConfig
-from vesl.pipeline.stage import Phrase, Sample, StageResources, fail
+from vesl.schemas.config import PhrasesConfig
+from vesl.schemas.stage import Phrase, Sample, StageResources, fail
 
 # The CLOC paper's chunk grammar (an NLTK RegexpParser rule), applied to PTB tags.
 PAPER_GRAMMAR = "<DT>?<JJ.*>*<NN.*>+"

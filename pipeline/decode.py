@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from vesl.pipeline.config import DecodeConfig
-from vesl.pipeline.stage import Sample, StageResources, fail
+from vesl.schemas.stage import Sample, StageResources, fail
 
 # Web image formats only: Pillow also opens EPS (runs Ghostscript), PSD, FITS and more, none of
 # which belong in a web-scale labeling job.

@@ -98,7 +98,7 @@ def _rows(dataset_dir: Path, allow_any_image_uri: bool = False) -> Iterator[dict
     """The dataset's rows; an ``image_uri`` outside the dataset and its job's inputs is dropped (the
     row is then skipped as unreadable) unless ``allow_any_image_uri``."""
     from vesl.pipeline.confine import confine_row, image_uri_roots
-    from vesl.pipeline.publish import iter_rows
+    from vesl.schemas.dataset import iter_rows
 
     roots = None if allow_any_image_uri else image_uri_roots(dataset_dir)
     for row in iter_rows(dataset_dir):
@@ -245,7 +245,7 @@ def export(
     dataset_dir: str | Path, fmt: str, out: str | Path, overwrite: bool = False, allow_any_image_uri: bool = False
 ) -> ExportResult:
     """Validate the dataset, then export it as ``fmt`` (one of :data:`FORMATS`)."""
-    from vesl.pipeline.publish import InvalidDataset, data_shards
+    from vesl.schemas.dataset import InvalidDataset, data_shards
     from vesl.schemas.region_text import validate
 
     if fmt not in FORMATS:

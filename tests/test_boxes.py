@@ -131,7 +131,7 @@ def test_box_voting_averages_the_overlapping_candidates_of_the_same_phrase_by_sc
 def test_box_voting_iou_must_be_a_fraction():
     from pydantic import ValidationError
 
-    from vesl.pipeline.config import DetectorConfig
+    from vesl.schemas.config import DetectorConfig
 
     assert DetectorConfig(box_voting_iou=0.3).box_voting_iou == 0.3
     with pytest.raises(ValidationError):
@@ -141,7 +141,7 @@ def test_box_voting_iou_must_be_a_fraction():
 def test_boxes_per_phrase_rejects_negative_values():
     from pydantic import ValidationError
 
-    from vesl.pipeline.config import DetectorConfig
+    from vesl.schemas.config import DetectorConfig
 
     assert DetectorConfig(boxes_per_phrase=1).boxes_per_phrase == 1
     with pytest.raises(ValidationError):

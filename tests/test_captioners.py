@@ -13,8 +13,9 @@ from PIL import Image
 from vesl.errors import UserError
 from vesl.labelers.captioners import HFCaptioner, make_captioner, resolve_device, resolve_dtype
 from vesl.labelers.prompts import prompt_hash, render_prompt, strip_control_tokens
-from vesl.pipeline.config import DEFAULT_PROMPT, CaptionerConfig
-from vesl.pipeline.stage import Sample, apply_stage
+from vesl.pipeline.apply import apply_stage
+from vesl.schemas.config import DEFAULT_PROMPT, CaptionerConfig
+from vesl.schemas.stage import Sample
 
 SIZES = [(64, 48), (200, 100), (30, 90), (120, 120), (333, 77)]
 COLORS = ["red", "blue", "green", "white", "black"]

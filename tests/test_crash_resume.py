@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from tests.shard_checks import stats_without_timings
 from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.engines.local import run_local
-from vesl.pipeline.writer import committed_shards
+from vesl.schemas.dataset import committed_shards
 from vesl.schemas.manifest import check_dataset
 from vesl.schemas.region_text import validate
 

@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.shard_checks import stats_without_timings
-from vesl.pipeline.config import CaptionerConfig, DetectorConfig, LabelConfig
+from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.engines.distributed import StageRunner
 from vesl.pipeline.wiring import build_stages
+from vesl.schemas.config import CaptionerConfig, DetectorConfig
 
 pytest.importorskip("apache_beam")
 pytest.importorskip("ray")
@@ -29,7 +30,7 @@ BROKEN = {"b-truncated": "TruncatedImage", "b-text": "NotAnImage", "b-empty": "E
 
 def _write_input(root: Path) -> Path:
     """Tars as img2dataset writes them: three of synthetic scenes, one mixing good and broken images."""
-    from vesl.pipeline.synth import make_scenes, write_webdataset
+    from vesl.demo.synth import make_scenes, write_webdataset
 
     scenes = list(make_scenes(N_SHARDS * PER_SHARD, seed=5))
     write_webdataset(scenes, root, shard_size=PER_SHARD)
@@ -197,7 +198,7 @@ def test_started_on_beam_interrupted_finished_on_ray(engines_input, reference, t
 
 def test_ray_pool_groups_keep_gpu_stages_apart():
     from vesl.pipeline.engines.ray_engine import _pool_groups
-    from vesl.pipeline.stage import StageResources
+    from vesl.schemas.stage import StageResources
 
     class S:
         def __init__(self, name, gpus=0.0):
@@ -248,7 +249,7 @@ class _ThreadProbe:
     name = "caption"
 
     def __init__(self) -> None:
-        from vesl.pipeline.stage import StageResources
+        from vesl.schemas.stage import StageResources
 
         self.resources = StageResources(batch_size=2)
 

@@ -464,9 +464,8 @@ def test_card_escapes_html_and_markdown(tmp_path, monkeypatch, capsys):
 
 def test_card_tables_escape_hostile_phrases_and_error_types(tmp_path):
     from vesl.pipeline.publish import publish
-    from vesl.pipeline.stage import Region, Sample, SampleError
-    from vesl.pipeline.writer import write_shard
-    from vesl.schemas.manifest import write_manifest
+    from vesl.pipeline.writer import write_manifest, write_shard
+    from vesl.schemas.stage import Region, Sample, SampleError
 
     hostile = "the red circle</td></tr><script>alert(1)</script>"
     caption = f"{hostile} | and more"
@@ -489,9 +488,8 @@ def test_card_tables_escape_hostile_phrases_and_error_types(tmp_path):
 
 
 def test_show_and_export_read_image_uris_only_inside_the_dataset_and_its_inputs(tmp_path, monkeypatch, capsys):
-    from vesl.pipeline.stage import Sample
-    from vesl.pipeline.writer import write_shard
-    from vesl.schemas.manifest import write_manifest
+    from vesl.pipeline.writer import write_manifest, write_shard
+    from vesl.schemas.stage import Sample
 
     outside = tmp_path / "outside.png"
     outside.write_bytes(_png((9, 9, 9)))
@@ -625,7 +623,7 @@ def test_distributed_writer_never_commits_a_shard_hit_by_an_infrastructure_failu
     from vesl.pipeline.engines.distributed import ShardEnd, write_items
     from vesl.pipeline.job import ShardTask
     from vesl.pipeline.sources import ShardRef
-    from vesl.pipeline.stage import Sample, SampleError
+    from vesl.schemas.stage import Sample, SampleError
 
     cfg = LabelConfig(inputs=["synth://2"], output=str(tmp_path / "out"))
     task = ShardTask(ShardRef(0, "synth://2?seed=0&shard_size=2&part=0", "synth"))
@@ -642,9 +640,8 @@ def test_show_fetches_no_url_unless_allowed(tmp_path, monkeypatch, capsys):
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from vesl.pipeline.stage import Sample
-    from vesl.pipeline.writer import write_shard
-    from vesl.schemas.manifest import write_manifest
+    from vesl.pipeline.writer import write_manifest, write_shard
+    from vesl.schemas.stage import Sample
 
     hits = []
     png = _png((5, 5, 250))
@@ -683,7 +680,8 @@ def test_cuda_out_of_memory_on_one_sample_fails_the_shard_not_the_sample():
     """OOM on a batch is retried per sample; OOM on a single sample is the device's failure."""
     import torch
 
-    from vesl.pipeline.stage import Sample, StageResources, apply_stage, infrastructure_failure
+    from vesl.pipeline.apply import apply_stage
+    from vesl.schemas.stage import Sample, StageResources, infrastructure_failure
 
     class Stage:
         name = "detect"

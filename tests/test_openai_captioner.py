@@ -22,8 +22,9 @@ import pytest
 from PIL import Image
 
 from vesl.labelers.captioners import OpenAICaptioner, make_captioner
-from vesl.pipeline.config import CaptionerConfig
-from vesl.pipeline.stage import Sample, apply_stage
+from vesl.pipeline.apply import apply_stage
+from vesl.schemas.config import CaptionerConfig
+from vesl.schemas.stage import Sample
 
 SECRET = "sk-vesl-test-3f9c2a7d1e"
 KEY_ENV = "VESL_TEST_OPENAI_KEY"

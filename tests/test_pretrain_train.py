@@ -114,7 +114,7 @@ def test_eval_of_a_plain_open_clip_model_gives_the_clip_baselines_of_the_same_we
 def test_cli_eval_reproduces_the_demo_evaluation(overfit_run, tmp_path):
     """One definition of region classification: `vesl eval` with its defaults gives `vesl demo --full`'s numbers."""
     from tests.pretrain_data import write_coco
-    from vesl.demo import _evaluate
+    from vesl.demo.runner import _evaluate
     from vesl.pretrain.eval import METHODS
 
     run, _ = overfit_run

@@ -9,9 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from vesl.pipeline import writer
-from vesl.pipeline.stage import Region, Sample, SampleError
-from vesl.schemas.manifest import build_manifest, check_dataset, write_manifest
+from vesl.pipeline.writer import write_manifest
+from vesl.schemas.manifest import build_manifest, check_dataset
 from vesl.schemas.region_text import ERRORS_SCHEMA, PROVENANCE_KEY, validate
+from vesl.schemas.stage import Region, Sample, SampleError
 
 PROV = {"detector": {"spec": "none"}, "vesl_version": "test"}
 

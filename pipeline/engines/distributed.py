@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vesl.errors import InfrastructureError
+from vesl.pipeline.apply import apply_stage, apply_stage_chunked
 from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.job import (
     ShardTask,
@@ -39,8 +40,8 @@ from vesl.pipeline.job import (
     job_provenance,
     read_task,
 )
-from vesl.pipeline.stage import Sample, Stage, apply_stage, apply_stage_chunked
-from vesl.pipeline.writer import read_stats
+from vesl.schemas.dataset import read_stats
+from vesl.schemas.stage import Sample, Stage
 
 StagesFactory = Callable[[LabelConfig], list[Stage]]
 SECONDS_KEY = "_vesl_stage_seconds"  # in Sample.meta; never written to the output rows

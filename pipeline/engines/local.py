@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vesl.errors import InfrastructureError, UserError
+from vesl.pipeline.apply import apply_stage, apply_stage_chunked
 from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.job import (
     ShardTask,
@@ -36,8 +37,8 @@ from vesl.pipeline.job import (
     read_task,
     start_job,
 )
-from vesl.pipeline.stage import Sample, Stage, apply_stage, apply_stage_chunked, infrastructure_failure
 from vesl.pipeline.wiring import build_stages
+from vesl.schemas.stage import Sample, Stage, infrastructure_failure
 
 PREFETCH_BATCHES = 4  # decoded batches waiting for the models, per process
 DECODE_THREADS = 2
@@ -356,7 +357,7 @@ def _run_workers(
 
 def run_local(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, progress: bool = True) -> dict[str, Any]:
     """Label every planned shard of ``cfg`` on this machine, then write the manifest; returns a summary."""
-    from vesl.schemas.manifest import write_manifest
+    from vesl.pipeline.writer import write_manifest
 
     t0 = time.perf_counter()
     todo, skipped = start_job(cfg)

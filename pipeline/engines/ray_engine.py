@@ -244,7 +244,7 @@ def build_dataset(cfg: LabelConfig, tasks: list, factory: StagesFactory, run_id:
 
 def run_ray(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, progress: bool = True) -> dict[str, Any]:
     """Label every planned shard of ``cfg`` with Ray Data, then write the manifest; returns a summary."""
-    from vesl.schemas.manifest import write_manifest
+    from vesl.pipeline.writer import write_manifest
 
     t0 = time.perf_counter()
     todo, skipped = start_job(cfg)
@@ -338,7 +338,7 @@ def _vllm_captioner(cfg: LabelConfig, stage: Any):
         }
 
     def postprocess(row: dict[str, Any]) -> dict[str, Any]:
-        from vesl.pipeline.stage import fail
+        from vesl.schemas.stage import fail
 
         (sample,) = loads(row["item"])
         err = row.get("__inference_error__")

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vesl.pipeline.stage import Region
+from vesl.schemas.stage import Region
 
 # Which world seeds serve which purpose, so that no reported figure was tuned on. A figure is reported only on
 # TEST_SEEDS (the mean over them, with the spread); every tuning decision (thresholds, steps, templates, loss

@@ -52,7 +52,7 @@ def generate_input(out_dir: Path, n: int, seed: int, shard_size: int = SHARD_SIZ
 
     Skips the work when ``out_dir`` already holds this exact sample (the scenes are deterministic).
     """
-    from vesl.pipeline.synth import make_scenes, write_webdataset
+    from vesl.demo.synth import make_scenes, write_webdataset
 
     marker = out_dir / "_vesl_synth.json"
     spec = {"n": n, "seed": seed, "shard_size": shard_size, "format": "wds"}
@@ -94,54 +94,13 @@ def demo_models_note(profile: str) -> str | None:
     return None
 
 
-class GroundTruthStage:
-    """Oracle labels for the synthetic world: the GT caption and regions of each scene (``--labels gt``).
-
-    Replaces the captioner, phrase and detector stages to measure how much better labels would buy;
-    the scene is recovered from the key (the scene index) and the seed of the generated input.
-    """
-
-    name = "ground_truth"
-
-    def __init__(self, seed: int):
-        from vesl.pipeline.stage import StageResources
-
-        self.seed = seed
-        self.resources = StageResources(batch_size=32)
-
-    def setup(self) -> None:
-        pass
-
-    def provenance(self) -> dict[str, str]:
-        return {"labels": "synthetic ground truth", "synth.seed": str(self.seed)}
-
-    def __call__(self, batch: list) -> list:
-        from vesl.pipeline.synth import make_scene
-
-        for s in batch:
-            scene = make_scene(self.seed, int(s.key))
-            s.caption, s.caption_source, s.regions = scene.caption, "vlm", list(scene.regions)
-        return batch
-
-
-def label_ground_truth(input_dir: Path, output_dir: Path, seed: int, progress: bool = True) -> dict:
-    """Write the GT of generated input as a region-text dataset through the local engine and shard writer."""
-    from vesl.pipeline.config import LabelConfig
-    from vesl.pipeline.decode import DecodeStage
-    from vesl.pipeline.engines.local import run_local
-
-    cfg = LabelConfig(inputs=[str(input_dir)], output=str(output_dir), overwrite=True)
-    return run_local(
-        cfg, stages_factory=lambda c: [DecodeStage(c.decode), GroundTruthStage(seed)], progress=progress
-    )
-
-
 def print_inspect(dataset_dir: Path) -> dict[str, Any]:
     """Print the ``vesl inspect`` summary of a labeled dataset; returns it as a dict."""
-    from vesl.label_cli import _print_report, inspect_dataset
+    from vesl.label_cli import print_report
+    from vesl.schemas.statistics import inspect_dataset
 
     report = inspect_dataset(dataset_dir)
-    _print_report(report)
+    print_report(report)
     return report
 
 
@@ -378,7 +337,7 @@ def run_full_demo(
     (counted from ``train_seed``) is evaluated on world ``i`` of ``eval_split`` (test: reported; validation:
     for tuning), a fresh world per seed.
     """
-    from vesl.pipeline.synth import (
+    from vesl.demo.synth import (
         TEST_SEEDS,
         VALIDATION_SEEDS,
         make_refexp,
@@ -417,6 +376,8 @@ def run_full_demo(
     t = time.perf_counter()
     labeled = out / "labeled"
     if labels == "gt":
+        from vesl.demo.ground_truth import label_ground_truth
+
         summary = label_ground_truth(out / "input", labeled, seed, progress=progress)
     else:
         summary = label(out / "input", labeled, profile=profile, progress=progress, overwrite=True)
@@ -471,41 +432,3 @@ def run_full_demo(
               "rec_margin_points": rec_margin_points(metrics), "seconds": times}  # fmt: skip
     (out / "results.json").write_text(json.dumps(record, indent=2))
     return FullDemoResult(labeled, first_coco, cloc_ckpt, clip_ckpt, metrics, met, table, times, record["per_seed"])
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def register(app: typer.Typer) -> None:
-    @app.command("demo")
-    def demo_cmd(
-        full: bool = typer.Option(
-            False, "--full", help="Also train CLOC and a CLIP baseline and compare them."
-        ),
-        out: Path = typer.Option(Path("demo-out"), "--out", help="Where the demo writes everything."),
-        n: int = typer.Option(None, "--n", help=f"Number of pairs (default {DEMO_N}; {FULL_N} with --full)."),
-        steps: int = typer.Option(FULL_STEPS, "--steps", help="Training steps per model (--full)."),
-        eval_n: int = typer.Option(FULL_EVAL_N, "--eval-n", help="Held-out evaluation scenes (--full)."),
-        profile: str = typer.Option("demo", "--profile", help="Labeling profile."),
-        labels: str = typer.Option(
-            "vesl", "--labels", help="--full: train on vesl pseudo-labels, or on gt (oracle ground truth)."
-        ),
-        train_seed: int = typer.Option(0, "--train-seed", help="--full: seed of both trainings (init and order)."),
-        seeds: int = typer.Option(1, "--seeds", help="--full: train with this many seeds from --train-seed; judge the means."),
-        eval_split: str = typer.Option(
-            "test", "--eval-split", help="--full: evaluate on the sealed test worlds, or on validation worlds to tune."
-        ),
-    ) -> None:
-        """Run the whole machinery offline on the synthetic world: synth -> label -> inspect -> gallery
-        (and with --full: -> train CLOC and CLIP -> zero-shot region classification)."""
-        t = time.perf_counter()
-        if full:
-            res = run_full_demo(
-                out, n=FULL_N if n is None else n, eval_n=eval_n, steps=steps, profile=profile, labels=labels,
-                train_seed=train_seed, seeds=seeds, eval_split=eval_split,
-            )
-            typer.echo(f"results: {out / 'full' / 'results.json'}")
-            typer.echo(f"done in {time.perf_counter() - t:.0f}s; goal {'met' if res.goal_met else 'not met'}")
-        else:
-            run_demo(out, n=DEMO_N if n is None else n, profile=profile)
-            typer.echo(f"done in {time.perf_counter() - t:.0f}s")

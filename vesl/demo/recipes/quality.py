@@ -134,11 +134,13 @@ def evaluate(
     """
     from collections import Counter
 
-    from vesl.pipeline.config import CaptionerConfig, DetectorConfig, LabelConfig
-    from vesl.pipeline.stage import Phrase, Sample, apply_stage
-    from vesl.pipeline.synth import COLORS, SHAPES
-    from vesl.pipeline.synth import categories as all_categories
+    from vesl.demo.synth import COLORS, SHAPES
+    from vesl.demo.synth import categories as all_categories
+    from vesl.pipeline.apply import apply_stage
+    from vesl.pipeline.config import LabelConfig
     from vesl.pipeline.wiring import build_stages
+    from vesl.schemas.config import CaptionerConfig, DetectorConfig
+    from vesl.schemas.stage import Phrase, Sample
 
     scenes = list(scenes)
     cats = sorted(all_categories(), key=len, reverse=True)
