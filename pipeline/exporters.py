@@ -246,7 +246,7 @@ def export(
 ) -> ExportResult:
     """Validate the dataset, then export it as ``fmt`` (one of :data:`FORMATS`)."""
     from vesl.schemas.dataset import InvalidDataset, data_shards
-    from vesl.schemas.region_text import validate
+    from vesl.schemas.validation import validate
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")

@@ -26,8 +26,9 @@ import pyarrow.parquet as pq
 
 from vesl.errors import UserError
 from vesl.schemas.dataset import InvalidDataset, data_shards, shard_provenance
-from vesl.schemas.region_text import SCHEMA_VERSION, region_text_schema, validate
+from vesl.schemas.region_text import SCHEMA_VERSION, region_text_schema
 from vesl.schemas.statistics import HIST_BINS, compute_stats
+from vesl.schemas.validation import validate
 
 DATA_FILES_PATTERN = "part-*[0-9].parquet"  # selects shards, never *.errors.parquet
 CARD_DIR = "card"

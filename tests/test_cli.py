@@ -123,7 +123,7 @@ def test_user_mistakes_get_one_line_errors(tmp_path, args, expect):
 
 
 def test_config_precedence_cli_over_file_over_profile(tmp_path):
-    from vesl.demo.assets import demo_assets_dir
+    from vesl.demo import ASSETS_DIR
     from vesl.profiles import resolve_config
 
     (tmp_path / "job.yaml").write_text("detector:\n  threshold: 0.3\nphrases:\n  max_phrases: 7\nworkers: 3\n")
@@ -139,11 +139,11 @@ def test_config_precedence_cli_over_file_over_profile(tmp_path):
     assert (grit.detector.threshold, grit.detector.nms, grit.detector.text_threshold) == (0.65, "class_agnostic", 0.25)
     assert grit.detector.spec == "grounding-dino:IDEA-Research/grounding-dino-base"
     demo = resolve_config("demo")
-    if (demo_assets_dir() / "detector").is_dir():
+    if (ASSETS_DIR / "detector").is_dir():
         assert demo.detector.spec.startswith("owlv2:")
     else:
         assert demo.detector.spec == "none"
-    if (demo_assets_dir() / "captioner").is_dir():
+    if (ASSETS_DIR / "captioner").is_dir():
         assert demo.captioner.spec.startswith("hf:")
     else:
         assert demo.captioner.spec == "alt_text"

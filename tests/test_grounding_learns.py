@@ -22,7 +22,8 @@ def size_word_mean_box_accuracy(train_dir, coco_json, size: int) -> float:
     """accuracy@0.5 of predicting, for each held-out phrase, the mean training box of its size word."""
     import pyarrow.parquet as pq
 
-    from vesl.pretrain.data import box_iou, letterbox_box
+    from vesl.pretrain.data import letterbox_box
+    from vesl.schemas.boxes import box_iou
 
     sums: dict[str, list[float]] = {w: [0.0] * 4 for w in SIZES}
     counts = dict.fromkeys(SIZES, 0)

@@ -400,9 +400,9 @@ def test_truncated_parquet_is_a_finding_for_validate_and_one_line_elsewhere(tmp_
     assert cli(monkeypatch, capsys, "label", data, "-o", out, *CHEAP)[0] == 0
     shard = out / "part-00000.parquet"
     shard.write_bytes(shard.read_bytes()[:100])
-    from vesl.schemas import region_text
+    from vesl.schemas import validation
 
-    kinds = {v.kind for v in region_text.validate(out)}
+    kinds = {v.kind for v in validation.validate(out)}
     assert {"unreadable", "sha256"} <= kinds
     rc, text, _ = cli(monkeypatch, capsys, "validate", out)
     assert rc == 1
@@ -416,7 +416,7 @@ def test_truncated_parquet_is_a_finding_for_validate_and_one_line_elsewhere(tmp_
         assert "Traceback" not in err
         assert err.strip().splitlines()[-1].startswith("error: ")
     shard.unlink()
-    assert "missing_file" in {v.kind for v in region_text.validate(out)}
+    assert "missing_file" in {v.kind for v in validation.validate(out)}
     rc, _, err = cli(monkeypatch, capsys, "inspect", out)
     one_line_error(rc, err, "part-00000.parquet")
 

@@ -20,8 +20,8 @@ from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.decode import DecodeStage
 from vesl.pipeline.engines.local import run_local
 from vesl.schemas.manifest import check_dataset
-from vesl.schemas.region_text import validate
 from vesl.schemas.stage import Region, Sample, StageResources, fail
+from vesl.schemas.validation import validate
 
 REFUSED = {"s01-0003", "s02-0000"}  # the grounding stage raises on these keys
 

@@ -38,7 +38,8 @@ def overfit_run(tmp_path_factory):
 
 def test_overfit_cuts_region_loss_and_grounding_beats_whole_image(overfit_run):
     from vesl.pretrain import load
-    from vesl.pretrain.data import BatchBuilder, Preprocess, box_iou, letterbox_box, list_shards
+    from vesl.pretrain.data import BatchBuilder, Preprocess, letterbox_box, list_shards
+    from vesl.schemas.boxes import box_iou
 
     run, data = overfit_run
     log = _losses(run)

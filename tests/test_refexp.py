@@ -110,11 +110,11 @@ def test_prompter_and_ground_accuracy_match_the_exported_region_api(tmp_path, re
     """The same figures through a second implementation (the transformers export), item by item."""
     from PIL import Image
 
-    from vesl.pretrain.data import box_iou
     from vesl.pretrain.eval import evaluate
     from vesl.pretrain.export import export_model
     from vesl.pretrain.hf import CLOCRegionModel
     from vesl.pretrain.model import create_model
+    from vesl.schemas.boxes import box_iou
 
     model = create_model("vesl-tiny-vit", seed=3).eval()
     res = evaluate(model, refexp=rec_set)["refexp"]

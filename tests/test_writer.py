@@ -11,8 +11,9 @@ import pytest
 from vesl.pipeline import writer
 from vesl.pipeline.writer import write_manifest
 from vesl.schemas.manifest import build_manifest, check_dataset
-from vesl.schemas.region_text import ERRORS_SCHEMA, PROVENANCE_KEY, validate
+from vesl.schemas.region_text import ERRORS_SCHEMA, PROVENANCE_KEY
 from vesl.schemas.stage import Region, Sample, SampleError
+from vesl.schemas.validation import validate
 
 PROV = {"detector": {"spec": "none"}, "vesl_version": "test"}
 

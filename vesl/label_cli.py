@@ -161,7 +161,7 @@ def inspect(
 
 def validate(directory: Annotated[Path, typer.Argument(help="A dataset directory or one shard file")]) -> None:
     """Check every row against schema v1 and the dataset's commit files; exit 1 listing every violation."""
-    from vesl.schemas.region_text import validate as validate_dataset
+    from vesl.schemas.validation import validate as validate_dataset
 
     if not directory.exists():
         raise UserError(f"{directory} does not exist: pass a dataset directory or a .parquet shard")

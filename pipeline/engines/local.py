@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vesl.errors import InfrastructureError, UserError
-from vesl.pipeline.apply import apply_stage, apply_stage_chunked
+from vesl.pipeline.apply import apply_stage, apply_stage_chunked, teardown_stages
 from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.job import (
     ShardTask,
@@ -274,6 +274,7 @@ def _exit_with_parent(parent: int) -> None:
 def _worker_main(cfg: LabelConfig, stages_factory: StagesFactory, task_q: Any, result_q: Any, parent: int) -> None:
     pid = os.getpid()
     _exit_with_parent(parent)
+    stages: list[Stage] = []
     try:
         stages, provenance = setup_stages(cfg, stages_factory)
 
@@ -285,6 +286,7 @@ def _worker_main(cfg: LabelConfig, stages_factory: StagesFactory, task_q: Any, r
     except BaseException as exc:
         result_q.put((pid, "fatal", (isinstance(exc, UserError), f"{type(exc).__name__}: {exc}")))
     finally:
+        teardown_stages(stages)
         result_q.put((pid, "exit", None))
 
 
@@ -368,9 +370,12 @@ def run_local(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, pr
             results = []
             if todo:
                 stages, provenance = setup_stages(cfg, stages_factory)
-                for r in process_tasks(cfg, stages, provenance, todo, prog.update):
-                    results.append(r)
-                    prog.shard_done()
+                try:
+                    for r in process_tasks(cfg, stages, provenance, todo, prog.update):
+                        results.append(r)
+                        prog.shard_done()
+                finally:
+                    teardown_stages(stages)
         else:
             results = _run_workers(cfg, stages_factory, todo, n, prog)
     finally:

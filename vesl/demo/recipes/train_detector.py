@@ -29,6 +29,7 @@ from PIL import Image
 
 from vesl.demo import ASSETS_DIR
 from vesl.demo.recipes import cpu_seconds, save_checkpoint, set_threads, write_recipe_record
+from vesl.schemas.boxes import cxcywh_to_xyxy
 
 
 @dataclass
@@ -76,11 +77,6 @@ class DetectorRecipe:
 def xyxy_to_cxcywh(b: torch.Tensor) -> torch.Tensor:
     return torch.stack([(b[..., 0] + b[..., 2]) / 2, (b[..., 1] + b[..., 3]) / 2,
                         b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]], dim=-1)  # fmt: skip
-
-
-def cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
-    return torch.stack([b[..., 0] - b[..., 2] / 2, b[..., 1] - b[..., 3] / 2,
-                        b[..., 0] + b[..., 2] / 2, b[..., 1] + b[..., 3] / 2], dim=-1)  # fmt: skip
 
 
 def image_to_square(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
