@@ -1,6 +1,6 @@
 """Label quality of the shipped demo models on sealed test worlds, through the product stages.
 
-The captioner is ``hf:vesl/assets/demo/captioner`` and the detector ``owlv2:vesl/assets/demo/detector``, run
+The captioner is ``hf:vesl/demo/assets/captioner`` and the detector ``owlv2:vesl/demo/assets/detector``, run
 exactly as ``vesl label --profile demo`` runs them (decode -> caption -> paper phrases -> detect).
 
 Worlds: the figures are means over the sealed test seeds (``vesl.demo.synth.TEST_SEEDS``, never looked at

@@ -158,7 +158,7 @@ def test_world_seed_splits_are_disjoint():
 
 
 def test_ground_truth_labels_go_through_the_engine(tmp_path):
-    from vesl.demo.runner import label_ground_truth
+    from vesl.demo.ground_truth import label_ground_truth
     from vesl.demo.synth import make_scene
     from vesl.schemas.manifest import check_dataset
 

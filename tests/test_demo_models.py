@@ -1,4 +1,4 @@
-"""The shipped demo models (vesl/assets/demo) load like hub models and really label the synthetic world.
+"""The shipped demo models (vesl/demo/assets) load like hub models and really label the synthetic world.
 
 The goal check runs on the first 24 scenes of the first sealed test world. Its bounds sit below the
 spread measured on the test worlds (benchmarks/label_quality.py, 200 scenes on each of worlds 7001-7003:

@@ -50,7 +50,8 @@ def size_word_mean_box_accuracy(train_dir, coco_json, size: int) -> float:
 
 @pytest.mark.slow
 def test_short_training_on_ground_truth_grounds_far_better_than_the_size_word_mean_box(tmp_path):
-    from vesl.demo.runner import _train, generate_input, label_ground_truth
+    from vesl.demo.ground_truth import label_ground_truth
+    from vesl.demo.runner import _train, generate_input
     from vesl.demo.synth import make_scenes, write_coco
     from vesl.pretrain import load
     from vesl.pretrain.eval import coco_grounding_accuracy

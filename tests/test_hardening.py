@@ -593,7 +593,8 @@ def test_trainer_input_errors_are_one_line(tmp_path):
 
     from tests.pretrain_data import write_shards
     from vesl.errors import UserError
-    from vesl.pretrain.train import load_optimizer_state, load_weights, train
+    from vesl.pretrain.checkpoint import load_optimizer_state, load_weights
+    from vesl.pretrain.train import train
 
     [p] = write_shards(tmp_path / "data", 4, n_files=1)
     good = p.read_bytes()
