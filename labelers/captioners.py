@@ -9,6 +9,9 @@
 
 Every backend is a Stage: cheap to construct and pickle (engines ship it to workers), heavy work in
 ``setup()``, per-sample failures become error rows through ``fail()``.
+
+Longer than 400 lines on purpose: the four backends share the prompt, the image handling, the
+empty-caption rule and the provenance, so that every backend writes the same kind of caption.
 """
 
 from __future__ import annotations

@@ -166,12 +166,17 @@ def _copy_image(row: dict, images_dir: Path, keys: _Keys, skipped: Counter) -> s
     return fname
 
 
-def export_coco(dataset_dir: str | Path, out: str | Path, overwrite: bool = False, allow_any_image_uri: bool = False) -> ExportResult:
-    """COCO instances JSON (``annotations.json``) with ``images/``; categories are the distinct phrases."""
+def _start_with_images(out: str | Path, overwrite: bool) -> tuple[Path, ExportResult, Counter, _Keys]:
+    """An export into ``out`` with an ``images/`` folder: the folder, its result, skip counts, image names."""
     out = Path(out)
     _prepare_out(out, overwrite)
     (out / "images").mkdir(exist_ok=True)
-    res, skipped, keys = ExportResult(out), Counter(), _Keys()
+    return out, ExportResult(out), Counter(), _Keys()
+
+
+def export_coco(dataset_dir: str | Path, out: str | Path, overwrite: bool = False, allow_any_image_uri: bool = False) -> ExportResult:
+    """COCO instances JSON (``annotations.json``) with ``images/``; categories are the distinct phrases."""
+    out, res, skipped, keys = _start_with_images(out, overwrite)
     images, anns = [], []
     for row in _rows(Path(dataset_dir), allow_any_image_uri):
         fname = _copy_image(row, out / "images", keys, skipped)
@@ -206,10 +211,7 @@ def export_coco(dataset_dir: str | Path, out: str | Path, overwrite: bool = Fals
 
 def export_odvg(dataset_dir: str | Path, out: str | Path, overwrite: bool = False, allow_any_image_uri: bool = False) -> ExportResult:
     """``odvg.jsonl`` (one grounding record per image with regions) and ``images/`` (the dataset root)."""
-    out = Path(out)
-    _prepare_out(out, overwrite)
-    (out / "images").mkdir(exist_ok=True)
-    res, skipped, keys = ExportResult(out), Counter(), _Keys()
+    out, res, skipped, keys = _start_with_images(out, overwrite)
     path = out / "odvg.jsonl"
     with open(path, "w", encoding="utf-8") as f:
         for row in _rows(Path(dataset_dir), allow_any_image_uri):

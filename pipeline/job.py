@@ -4,6 +4,9 @@
 ``list_shards`` returns them, samples in their order inside each shard). Shards after the cut are
 not part of the job; the shard where the cut falls is written truncated and its stats record
 ``sample_limit``, so a later run with another (or no) limit redoes exactly that shard.
+
+Longer than 400 lines on purpose: it is the one contract every engine follows (plan, resume checks,
+provenance, commit), kept in one file so the engines cannot drift apart.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ Bad records never raise: they come out as Samples with ``error`` set (stage ``re
 here and what lives in decode: read checks what only the raw bytes can tell (is the caption valid
 UTF-8, is there an image at all, does a path stay inside the input); decode checks the content
 policy (empty or over-long captions, image validity), since that is configured by ``DecodeConfig``.
+
+Longer than 400 lines on purpose: one reader per format, sharing the listing, the confinement of paths
+to the input root and the error-row rules; each reader is short.
 """
 
 from __future__ import annotations

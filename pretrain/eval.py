@@ -12,6 +12,9 @@ grounding accuracy (share of ``ground`` boxes with IoU >= 0.5), next to the triv
 Referring-expression comprehension (REC) on a RefCOCO-style JSONL (``vesl synth --format refexp`` writes one;
 see the README for converting RefCOCO/+/g): acc@0.5 of the grounding head (no candidates), and of ranking the
 candidate boxes against the expression with the Prompter, RoI-Align and crop-and-encode.
+
+Longer than 400 lines on purpose: every benchmark shares one loader, one set of region embeddings and one
+results table, and splitting them per task would repeat that setup in each.
 """
 
 from __future__ import annotations

@@ -33,11 +33,7 @@ FULL_TRAIN_SEED = 1001  # --full: the web-like pairs that get labeled and traine
 DEMO_N = 200
 FULL_N = 2000
 FULL_EVAL_N = 300
-# ~2 x 4 min of training on 2 idle cores (tiny ViT, batch 32). Means over 3 seeds of CLOC's margin over
-# CLIP + crop: +5.8 points at 400 steps, +8.7 at 600, +13.9 at 1,200 and +16.9 at 1,500 (the last two with
-# text_sim_threshold 0.999). CLIP + crop stops gaining after ~600 steps; CLOC keeps learning from the noisy
-# pseudo-regions.
-FULL_STEPS = 1500
+FULL_STEPS = 1500  # why 1,500: README, "Demo settings, and why"
 SHARD_SIZE = 100
 GOAL_POINTS = 15.0
 
@@ -190,16 +186,8 @@ DEFAULT_TRAIN = {
     "lr": 2e-3,
     "warmup": 20,
     "regions_per_image": 4,
-    # Phrases of this world differ by one word ("a large red circle" / "a large red square"). The filter
-    # compares the text tower's own embeddings, so early in training, while that tower still maps every
-    # phrase to nearly one point, a threshold drops the negatives that would separate them and L_region
-    # collapses towards 0 (the paper's 0.9 drops all of them; 0.99 still dropped 5-9% in the first 100
-    # steps, and the seeds where it did trained worse). 0.999 drops only repeated phrases (cosine 1).
-    # Over 3 seeds at 1,200 steps: Prompter mAcc 26.9 / 23.9 / 21.0 with 0.99, 25.3 / 22.5 / 25.0 with 0.999.
+    # the two settings below, and the measurements behind them: README, "Demo settings, and why"
     "text_sim_threshold": 0.999,
-    # Pseudo-labels: ~15% of the regions carry a phrase of another object or a box that misses it. Leaving
-    # the 20% hardest region pairs out of L_region (after a ramp) drops mostly those (mean of 3 seeds on
-    # the --full data at 400 steps: Prompter mAcc 14.2% -> 16.9%; on ground-truth labels it costs ~2 points).
     "region_loss_drop": 0.2,
     "tensorboard": False,
     "log_every": 50,
