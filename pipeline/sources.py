@@ -226,7 +226,11 @@ def _expand(raw: str, cfg: SourceConfig) -> list[tuple[str, str, str, str]]:
 
 def _expand_path(raw: str, cfg: SourceConfig) -> list[tuple[str, str, str]]:
     """(uri, kind, root) of every shard a path, directory or glob names."""
-    fs, path = url_to_fs(raw)
+    try:
+        fs, path = url_to_fs(raw)
+    except ValueError as exc:  # an unknown protocol: neither fsspec nor a registered scheme reads it
+        raise UserError(f"don't know how to read {raw!r} ({exc}): give a .tar, .parquet, an image folder"
+                        f"{_schemes_hint()}, or install the fsspec driver for that protocol") from None
     if any(c in path for c in "*?["):
         root = glob_root(path)
         matches = sorted(fs.glob(path))
