@@ -116,6 +116,9 @@ class _Captioner:
     def setup(self) -> None:
         """Nothing to load by default."""
 
+    def teardown(self) -> None:
+        """Nothing to release by default."""
+
     def provenance(self) -> dict[str, str]:
         return {
             "captioner.backend": self.backend,
@@ -360,7 +363,8 @@ class OpenAICaptioner(_Captioner):
             limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
         )
 
-    def close(self) -> None:
+    def teardown(self) -> None:
+        """Close the HTTP client (every engine calls this once per worker, last)."""
         if self._client is not None:
             self._client.close()
             self._client = None

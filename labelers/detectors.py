@@ -204,6 +204,9 @@ class _HFDetector:
     def _classes(self):
         raise NotImplementedError
 
+    def teardown(self) -> None:
+        """Nothing to release: models go with the worker."""
+
     def setup(self) -> None:
         if self.model is not None:
             return

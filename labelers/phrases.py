@@ -271,6 +271,9 @@ class PhraseStage:
         # Engines pickle stages to ship them to workers; the spaCy pipeline is reloaded by setup().
         return {k: (None if k == "_nlp" else v) for k, v in self.__dict__.items()}
 
+    def teardown(self) -> None:
+        """Nothing to release: models go with the worker."""
+
     def setup(self) -> None:
         if self._nlp is not None:
             self._stop = frozenset(self._nlp.Defaults.stop_words)

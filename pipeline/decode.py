@@ -133,6 +133,9 @@ class DecodeStage:
         self.cfg = cfg or DecodeConfig()
         self.resources = StageResources(batch_size=self.cfg.batch_size)
 
+    def teardown(self) -> None:
+        """Nothing to release: models go with the worker."""
+
     def setup(self) -> None:
         Image.init()  # register all plugins once per worker, not on the first sample
 

@@ -27,6 +27,9 @@ class KeepCaption:
         self.kept_from = kept_from or {}
         self.resources = StageResources(batch_size=64)
 
+    def teardown(self) -> None:
+        """Nothing to release: models go with the worker."""
+
     def setup(self) -> None:
         pass
 

@@ -195,7 +195,7 @@ def test_stages_pickle_before_setup(tiny_vlm_dir, monkeypatch):
     blob = pickle.dumps(oa)  # engines ship stages to workers: no sockets, no key inside
     assert b"sk-pickle-secret" not in blob
     assert pickle.loads(blob)._client is None  # noqa: S301 - our own bytes
-    oa.close()
+    oa.teardown()
 
 
 @pytest.mark.parametrize("spec", ["", "gpt4", "hf:", "foo:bar", "openai:localhost:8000#m", "openai:http://x/v1"])

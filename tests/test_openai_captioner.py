@@ -123,7 +123,7 @@ def test_captions_from_transformers_serve(served_vlm, caplog):
     )
     stage.setup()
     batch = apply_stage(stage, _samples(4))
-    stage.close()
+    stage.teardown()
     assert [s.error for s in batch] == [None] * 4
     assert all(isinstance(s.caption, str) and s.caption and s.caption == s.caption.strip() for s in batch)
     assert {s.caption_source for s in batch} == {"vlm"}
