@@ -124,7 +124,7 @@ def main() -> int:
     from transformers import Owlv2ForObjectDetection, Owlv2Processor, pipeline
 
     from vesl.labelers.detectors import make_detector
-    from vesl.pipeline.config import DetectorConfig
+    from vesl.schemas.config import DetectorConfig
 
     torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
@@ -225,7 +225,7 @@ def main() -> int:
 
 
 def _samples(images):
-    from vesl.pipeline.stage import Phrase, Sample
+    from vesl.schemas.stage import Phrase, Sample
 
     out = []
     for i, (img, labels) in enumerate(zip(images, PHRASES, strict=True)):

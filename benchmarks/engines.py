@@ -60,11 +60,12 @@ def main() -> int:
 
     from tests.tiny_detectors import build_tiny_owlv2
     from tests.tiny_vlm import build_tiny_vlm
-    from vesl.pipeline.config import CaptionerConfig, DetectorConfig, LabelConfig
+    from vesl.demo.synth import make_scenes, write_webdataset
+    from vesl.pipeline.config import LabelConfig
     from vesl.pipeline.engines.beam_engine import run_beam
     from vesl.pipeline.engines.local import run_local
     from vesl.pipeline.engines.ray_engine import run_ray
-    from vesl.pipeline.synth import make_scenes, write_webdataset
+    from vesl.schemas.config import CaptionerConfig, DetectorConfig
 
     root = Path(tempfile.mkdtemp(prefix="vesl-bench-engines-"))
     try:

@@ -34,9 +34,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="sweep-out")
     args = ap.parse_args(argv)
 
-    from vesl.demo import _evaluate, _evaluate_refexp, _train, generate_input, label, label_ground_truth
+    from vesl.demo.runner import (
+        _evaluate,
+        _evaluate_refexp,
+        _train,
+        generate_input,
+        label,
+        label_ground_truth,
+    )
+    from vesl.demo.synth import make_refexp, make_scenes, write_coco, write_refexp
     from vesl.pipeline.exporters import COCO_ANNOTATIONS
-    from vesl.pipeline.synth import make_refexp, make_scenes, write_coco, write_refexp
 
     out = Path(args.out)
     generate_input(out / "input", args.n, TRAIN_SEED)

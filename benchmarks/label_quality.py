@@ -1,9 +1,9 @@
 """Label quality of the shipped demo models on sealed test worlds, through the product stages.
 
-The captioner is ``hf:vesl/assets/demo/captioner`` and the detector ``owlv2:vesl/assets/demo/detector``, run
+The captioner is ``hf:vesl/demo/assets/captioner`` and the detector ``owlv2:vesl/demo/assets/detector``, run
 exactly as ``vesl label --profile demo`` runs them (decode -> caption -> paper phrases -> detect).
 
-Worlds: the figures are means over the sealed test seeds (``vesl.pipeline.synth.TEST_SEEDS``, never looked at
+Worlds: the figures are means over the sealed test seeds (``vesl.demo.synth.TEST_SEEDS``, never looked at
 while tuning), with the spread (min-max over seeds). ``--split validation`` measures on the validation seeds
 instead: that is the split to tune on. The headline metrics count what CLOC trains on:
 - caption recall (the GT objects the caption names by colour and shape) and caption precision (the
@@ -49,9 +49,9 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from vesl.labelers.recipes import ASSETS_DIR
-    from vesl.labelers.recipes.quality import evaluate, mentions
-    from vesl.pipeline.synth import TEST_SEEDS, VALIDATION_SEEDS, make_scenes
+    from vesl.demo import ASSETS_DIR
+    from vesl.demo.recipes.quality import evaluate, mentions
+    from vesl.demo.synth import TEST_SEEDS, VALIDATION_SEEDS, make_scenes
     from vesl.profiles import profile
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -28,7 +28,7 @@ class ResNetStage:
     name = "model"
 
     def __init__(self) -> None:
-        from vesl.pipeline.stage import StageResources
+        from vesl.schemas.stage import StageResources
 
         self.resources = StageResources(batch_size=16)
         self.model = None
@@ -63,8 +63,8 @@ def stages(cfg):
 
 
 def serial(cfg, st) -> float:
+    from vesl.pipeline.apply import apply_stage
     from vesl.pipeline.job import commit_shard, job_provenance, plan_shards, read_task
-    from vesl.pipeline.stage import apply_stage
 
     prov = job_provenance(cfg, st)
     t = time.perf_counter()

@@ -10,7 +10,7 @@ trains, with the demo's trainer settings, the same steps and seed:
 
 Then it evaluates `vesl eval --refexp` on a held-out REC set (``vesl synth --format refexp``): CLOC Prompter
 ranking against the best CLIP ranking. Tune on a validation world (1003, the default; see
-``vesl.pipeline.synth.VALIDATION_SEEDS``), report on the sealed test worlds (``TEST_SEEDS``, e.g. 7001).
+``vesl.demo.synth.VALIDATION_SEEDS``), report on the sealed test worlds (``TEST_SEEDS``, e.g. 7001).
 
     python benchmarks/rec_referring.py [--steps 400] [--seed 0] [--rec-seed 1003] [--variants paper referring clip]
 """
@@ -29,7 +29,7 @@ class ReferringGroundTruthStage:
     name = "ground_truth"
 
     def __init__(self, seed: int, referring: bool):
-        from vesl.pipeline.stage import StageResources
+        from vesl.schemas.stage import StageResources
 
         self.seed, self.referring = seed, referring
         self.resources = StageResources(batch_size=32)
@@ -42,8 +42,8 @@ class ReferringGroundTruthStage:
                 "synth.seed": str(self.seed)}
 
     def __call__(self, batch: list) -> list:
-        from vesl.pipeline.stage import Region
-        from vesl.pipeline.synth import make_scene
+        from vesl.demo.synth import make_scene
+        from vesl.schemas.stage import Region
 
         for s in batch:
             scene = make_scene(self.seed, int(s.key))
@@ -59,11 +59,11 @@ class ReferringGroundTruthStage:
 
 
 def main() -> None:
-    from vesl.demo import FULL_TRAIN_SEED, _train, generate_input
+    from vesl.demo.runner import FULL_TRAIN_SEED, _train, generate_input
+    from vesl.demo.synth import make_refexp, write_refexp
     from vesl.pipeline.config import LabelConfig
     from vesl.pipeline.decode import DecodeStage
     from vesl.pipeline.engines.local import run_local
-    from vesl.pipeline.synth import make_refexp, write_refexp
     from vesl.pretrain.eval import refexp_metrics
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

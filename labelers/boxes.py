@@ -12,11 +12,6 @@ import torch
 from torchvision.ops import batched_nms, box_iou, nms
 
 
-def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-
-
 def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
     x0, y0, x1, y1 = boxes.unbind(-1)
     return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
@@ -60,11 +55,6 @@ def min_size_keep(boxes: torch.Tensor, width: int, height: int, min_size: float)
     w, h = box_sizes(boxes, width, height)
     limit = min_size * min(width, height)
     return (w > 0) & (h > 0) & (w >= limit) & (h >= limit)
-
-
-def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU ``[N, M]`` of xyxy boxes."""
-    return box_iou(a, b)
 
 
 def nms_keep(

@@ -9,6 +9,9 @@
 
 Every backend is a Stage: cheap to construct and pickle (engines ship it to workers), heavy work in
 ``setup()``, per-sample failures become error rows through ``fail()``.
+
+Longer than 400 lines on purpose: the four backends share the prompt, the image handling, the
+empty-caption rule and the provenance, so that every backend writes the same kind of caption.
 """
 
 from __future__ import annotations
@@ -20,16 +23,18 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from vesl.errors import InfrastructureError, UserError, first_line
+from vesl.labelers.devices import DTYPE_NAMES, resolve_device, resolve_dtype
 from vesl.labelers.hub import is_local, pretrained_kwargs, unavailable_reason
 from vesl.labelers.prompts import prompt_hash, render_prompt
-from vesl.pipeline.config import CaptionerConfig
-from vesl.pipeline.stage import Sample, Stage, StageResources, fail
 from vesl.redact import redact
+from vesl.schemas.config import CaptionerConfig
+from vesl.schemas.stage import Sample, Stage, StageResources, fail
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +116,9 @@ class _Captioner:
     def setup(self) -> None:
         """Nothing to load by default."""
 
+    def teardown(self) -> None:
+        """Nothing to release by default."""
+
     def provenance(self) -> dict[str, str]:
         return {
             "captioner.backend": self.backend,
@@ -153,30 +161,6 @@ class AltTextCaptioner(_Captioner):
 
 
 # ---------------------------------------------------------------------------------------------- hf
-
-
-def resolve_device(device: str) -> str:
-    """``auto``: the first CUDA device when there is one, else the CPU."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-           "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
-
-
-def resolve_dtype(dtype: str, device: str):
-    """``auto``: bf16 on CUDA (what VLMs are trained in), fp32 elsewhere (CPU bf16 matmuls are slow)."""
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if dtype not in _DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}: use auto, bfloat16, float16 or float32")
-    return getattr(torch, _DTYPES[dtype])
 
 
 def control_tokens(processor) -> frozenset[str]:
@@ -379,7 +363,8 @@ class OpenAICaptioner(_Captioner):
             limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
         )
 
-    def close(self) -> None:
+    def teardown(self) -> None:
+        """Close the HTTP client (every engine calls this once per worker, last)."""
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -578,7 +563,7 @@ class VLLMCaptioner(_Captioner):
         except (OSError, ValueError) as exc:
             raise _load_error(self.model_id, exc) from exc
         self._control_tokens = control_tokens(self._processor)
-        dtype = self.cfg.dtype if self.cfg.dtype == "auto" else _DTYPES.get(self.cfg.dtype, self.cfg.dtype)
+        dtype = self.cfg.dtype if self.cfg.dtype == "auto" else DTYPE_NAMES.get(self.cfg.dtype, self.cfg.dtype)
         self._llm = LLM(
             model=self.model_id,
             revision=self._revision or self.cfg.revision,
@@ -606,3 +591,48 @@ class VLLMCaptioner(_Captioner):
         for (s, _), out in zip(items, outputs, strict=True):
             _set_caption(s, out.outputs[0].text if out.outputs else "")
         return batch
+
+    def ray_llm_processor(self, unpack: Callable[[dict], Sample], pack: Callable[[dict, Sample], dict]):
+        """This captioner as a ``ray.data.llm`` processor (``vLLMEngineProcessorConfig`` + ``build_processor``),
+        which the Ray engine places instead of an actor pool; None when ray.data.llm or vLLM is missing.
+
+        One row per sample: ``unpack(row)`` gives the row's Sample, ``pack(row, sample)`` the row to emit (the
+        engine's row format). vLLM batches continuously, so this path is not byte-comparable with the local
+        engine. It needs vLLM and a GPU and is not exercised by the tests here.
+        """
+        try:
+            import vllm  # noqa: F401
+            from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+        except ImportError:
+            return None
+        c = self.cfg
+        config = vLLMEngineProcessorConfig(
+            model_source=self.model_id,
+            batch_size=max(1, c.batch_size),
+            concurrency=max(1, c.concurrency),
+            engine_kwargs={"trust_remote_code": self.trust_remote_code, "revision": c.revision},
+            prepare_multimodal_stage=True,
+            should_continue_on_error=True,
+        )
+        template, max_tokens, seed = c.prompt_template, c.max_new_tokens, self.seed
+
+        def preprocess(row: dict) -> dict:
+            sample = unpack(row)
+            buf = io.BytesIO()
+            sample.image.save(buf, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+            content = [{"type": "image_url", "image_url": {"url": url}},
+                       {"type": "text", "text": render_prompt(template, sample.alt_text)}]
+            return {**row, "messages": [{"role": "user", "content": content}],
+                    "sampling_params": {"temperature": 0.0, "max_tokens": max_tokens, "seed": seed}}  # fmt: skip
+
+        def postprocess(row: dict) -> dict:
+            sample = unpack(row)
+            err = row.get("__inference_error__")
+            if err:
+                fail(sample, STAGE_NAME, str(err), "InferenceError")
+            else:
+                _set_caption(sample, row.get("generated_text"))
+            return pack(row, sample)
+
+        return build_processor(config, preprocess=preprocess, postprocess=postprocess)

@@ -23,10 +23,12 @@ from pathlib import Path
 import torch
 
 from vesl.errors import UserError, first_line
-from vesl.labelers.boxes import PostProcess, cxcywh_to_xyxy, postprocess, square_pad_to_image
+from vesl.labelers.boxes import PostProcess, postprocess, square_pad_to_image
+from vesl.labelers.devices import resolve_device, resolve_dtype
 from vesl.labelers.hub import is_local, pretrained_kwargs, unavailable_reason
-from vesl.pipeline.config import DetectorConfig
-from vesl.pipeline.stage import Phrase, Region, Sample, StageResources, fail
+from vesl.schemas.boxes import cxcywh_to_xyxy
+from vesl.schemas.config import DetectorConfig
+from vesl.schemas.stage import Phrase, Region, Sample, StageResources, fail
 
 BACKENDS = ("owlv2", "grounding-dino")
 
@@ -174,33 +176,6 @@ def grounding_dino_regions(
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 (else fp16) on CUDA, fp32 elsewhere."""
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if dtype not in _DTYPES:
-        raise UserError(f"unknown detector dtype {dtype!r}: use auto, float32, float16 or bfloat16")
-    return _DTYPES[dtype]
-
-
 class _HFDetector:
     """Shared loading, batching and provenance for the transformers detectors."""
 
@@ -228,6 +203,9 @@ class _HFDetector:
 
     def _classes(self):
         raise NotImplementedError
+
+    def teardown(self) -> None:
+        """Nothing to release: models go with the worker."""
 
     def setup(self) -> None:
         if self.model is not None:

@@ -20,8 +20,8 @@ import re
 from collections.abc import Iterable, Sequence
 
 from vesl.errors import UserError
-from vesl.pipeline.config import PhrasesConfig
-from vesl.pipeline.stage import Phrase, Sample, StageResources, fail
+from vesl.schemas.config import PhrasesConfig
+from vesl.schemas.stage import Phrase, Sample, StageResources, fail
 
 # The CLOC paper's chunk grammar (an NLTK RegexpParser rule), applied to PTB tags.
 PAPER_GRAMMAR = "<DT>?<JJ.*>*<NN.*>+"
@@ -270,6 +270,9 @@ class PhraseStage:
     def __getstate__(self) -> dict:
         # Engines pickle stages to ship them to workers; the spaCy pipeline is reloaded by setup().
         return {k: (None if k == "_nlp" else v) for k, v in self.__dict__.items()}
+
+    def teardown(self) -> None:
+        """Nothing to release: models go with the worker."""
 
     def setup(self) -> None:
         if self._nlp is not None:

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from vesl.pipeline.config import DecodeConfig
-from vesl.pipeline.stage import Sample, StageResources, fail
+from vesl.schemas.stage import Sample, StageResources, fail
 
 # Web image formats only: Pillow also opens EPS (runs Ghostscript), PSD, FITS and more, none of
 # which belong in a web-scale labeling job.
@@ -132,6 +132,9 @@ class DecodeStage:
     def __init__(self, cfg: DecodeConfig | None = None):
         self.cfg = cfg or DecodeConfig()
         self.resources = StageResources(batch_size=self.cfg.batch_size)
+
+    def teardown(self) -> None:
+        """Nothing to release: models go with the worker."""
 
     def setup(self) -> None:
         Image.init()  # register all plugins once per worker, not on the first sample

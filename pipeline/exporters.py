@@ -98,7 +98,7 @@ def _rows(dataset_dir: Path, allow_any_image_uri: bool = False) -> Iterator[dict
     """The dataset's rows; an ``image_uri`` outside the dataset and its job's inputs is dropped (the
     row is then skipped as unreadable) unless ``allow_any_image_uri``."""
     from vesl.pipeline.confine import confine_row, image_uri_roots
-    from vesl.pipeline.publish import iter_rows
+    from vesl.schemas.dataset import iter_rows
 
     roots = None if allow_any_image_uri else image_uri_roots(dataset_dir)
     for row in iter_rows(dataset_dir):
@@ -166,12 +166,17 @@ def _copy_image(row: dict, images_dir: Path, keys: _Keys, skipped: Counter) -> s
     return fname
 
 
-def export_coco(dataset_dir: str | Path, out: str | Path, overwrite: bool = False, allow_any_image_uri: bool = False) -> ExportResult:
-    """COCO instances JSON (``annotations.json``) with ``images/``; categories are the distinct phrases."""
+def _start_with_images(out: str | Path, overwrite: bool) -> tuple[Path, ExportResult, Counter, _Keys]:
+    """An export into ``out`` with an ``images/`` folder: the folder, its result, skip counts, image names."""
     out = Path(out)
     _prepare_out(out, overwrite)
     (out / "images").mkdir(exist_ok=True)
-    res, skipped, keys = ExportResult(out), Counter(), _Keys()
+    return out, ExportResult(out), Counter(), _Keys()
+
+
+def export_coco(dataset_dir: str | Path, out: str | Path, overwrite: bool = False, allow_any_image_uri: bool = False) -> ExportResult:
+    """COCO instances JSON (``annotations.json``) with ``images/``; categories are the distinct phrases."""
+    out, res, skipped, keys = _start_with_images(out, overwrite)
     images, anns = [], []
     for row in _rows(Path(dataset_dir), allow_any_image_uri):
         fname = _copy_image(row, out / "images", keys, skipped)
@@ -206,10 +211,7 @@ def export_coco(dataset_dir: str | Path, out: str | Path, overwrite: bool = Fals
 
 def export_odvg(dataset_dir: str | Path, out: str | Path, overwrite: bool = False, allow_any_image_uri: bool = False) -> ExportResult:
     """``odvg.jsonl`` (one grounding record per image with regions) and ``images/`` (the dataset root)."""
-    out = Path(out)
-    _prepare_out(out, overwrite)
-    (out / "images").mkdir(exist_ok=True)
-    res, skipped, keys = ExportResult(out), Counter(), _Keys()
+    out, res, skipped, keys = _start_with_images(out, overwrite)
     path = out / "odvg.jsonl"
     with open(path, "w", encoding="utf-8") as f:
         for row in _rows(Path(dataset_dir), allow_any_image_uri):
@@ -245,8 +247,8 @@ def export(
     dataset_dir: str | Path, fmt: str, out: str | Path, overwrite: bool = False, allow_any_image_uri: bool = False
 ) -> ExportResult:
     """Validate the dataset, then export it as ``fmt`` (one of :data:`FORMATS`)."""
-    from vesl.pipeline.publish import InvalidDataset, data_shards
-    from vesl.schemas.region_text import validate
+    from vesl.schemas.dataset import InvalidDataset, data_shards
+    from vesl.schemas.validation import validate
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")

@@ -132,7 +132,7 @@ def caption_html(caption: str, regions: list[dict[str, Any]]) -> str:
 
 def _select(dataset_dir: Path, n: int, query: str | None) -> Iterator[dict[str, Any]]:
     """Rows in shard order; with a query, only rows with a matching region (images read only for those)."""
-    from vesl.pipeline.publish import data_shards
+    from vesl.schemas.dataset import data_shards
 
     taken = 0
     for shard in data_shards(dataset_dir):

@@ -4,6 +4,9 @@
 ``list_shards`` returns them, samples in their order inside each shard). Shards after the cut are
 not part of the job; the shard where the cut falls is written truncated and its stats record
 ``sample_limit``, so a later run with another (or no) limit redoes exactly that shard.
+
+Longer than 400 lines on purpose: it is the one contract every engine follows (plan, resume checks,
+provenance, commit), kept in one file so the engines cannot drift apart.
 """
 
 from __future__ import annotations
@@ -20,15 +23,16 @@ from vesl import __version__
 from vesl.errors import UserError
 from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.confine import JOB_FILE, check_not_input, check_output_dir, input_roots
-from vesl.pipeline.writer import read_stats, write_shard
+from vesl.pipeline.writer import write_shard
 from vesl.redact import redact
+from vesl.schemas.dataset import read_stats
 from vesl.schemas.region_text import SCHEMA_VERSION
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from vesl.pipeline.sources import ShardRef
-    from vesl.pipeline.stage import Sample, Stage
+    from vesl.schemas.stage import Sample, Stage
 
 
 @dataclass(frozen=True)
@@ -201,7 +205,7 @@ def _differs(cfg: LabelConfig, diffs: list[tuple[str, Any, Any]]) -> UserError:
 
 def check_same_settings(cfg: LabelConfig, stats: dict[str, Any]) -> None:
     """A resume must run the job that wrote the committed shards: refuse, naming the first difference."""
-    from vesl.schemas.manifest import read_shard_provenance
+    from vesl.schemas.dataset import read_shard_provenance
 
     try:
         stored = read_shard_provenance(cfg.output, stats["files"]["parquet"]["name"])
@@ -241,7 +245,7 @@ def check_same_paths(cfg: LabelConfig) -> None:
 
 
 def committed_any(out_dir: str) -> bool:
-    from vesl.pipeline.writer import committed_shards
+    from vesl.schemas.dataset import committed_shards
 
     return bool(committed_shards(out_dir))
 
@@ -351,7 +355,7 @@ def read_batch_size(cfg: LabelConfig, stages: list[Stage]) -> int:
     As large as the largest stage batch so no model runs on half-empty batches; engines never mix
     shards in a batch because batched VLM decoding is not bit-exact across batch contents.
     """
-    from vesl.pipeline.stage import stage_batch_size
+    from vesl.pipeline.apply import stage_batch_size
 
     return max(1, cfg.decode.batch_size, *(stage_batch_size(s) for s in stages))
 
@@ -366,7 +370,7 @@ def read_task(task: ShardTask, cfg: LabelConfig) -> Iterator[Sample]:
 def check_committable(samples: list[Sample]) -> None:
     """Raise ``InfrastructureError`` if any sample failed because of the infrastructure."""
     from vesl.errors import InfrastructureError
-    from vesl.pipeline.stage import infrastructure_failure
+    from vesl.schemas.stage import infrastructure_failure
 
     broken = infrastructure_failure(samples)
     if broken is not None:

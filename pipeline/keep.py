@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from vesl.pipeline.sources import KEPT_CAPTION_KEY
-from vesl.pipeline.stage import Sample, StageResources, fail
+from vesl.schemas.stage import Sample, StageResources, fail
 
 KEEP_SPEC = "keep"
 
@@ -26,6 +26,9 @@ class KeepCaption:
     def __init__(self, kept_from: dict[str, Any] | None = None) -> None:
         self.kept_from = kept_from or {}
         self.resources = StageResources(batch_size=64)
+
+    def teardown(self) -> None:
+        """Nothing to release: models go with the worker."""
 
     def setup(self) -> None:
         pass
@@ -49,7 +52,7 @@ def original_captioner(inputs: list[str]) -> dict[str, Any]:
 
     from vesl.pipeline.config import SourceConfig
     from vesl.pipeline.sources import list_shards
-    from vesl.schemas.manifest import read_shard_provenance
+    from vesl.schemas.dataset import read_shard_provenance
 
     refs = [r for r in list_shards(inputs, SourceConfig()) if r.kind == "vesl"]
     if not refs:

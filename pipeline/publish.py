@@ -17,163 +17,24 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vesl.errors import UserError
-from vesl.schemas.region_text import PROVENANCE_KEY, SCHEMA_VERSION, region_text_schema, validate
+from vesl.schemas.dataset import InvalidDataset, data_shards, shard_provenance
+from vesl.schemas.region_text import SCHEMA_VERSION, region_text_schema
+from vesl.schemas.statistics import HIST_BINS, compute_stats
+from vesl.schemas.validation import validate
 
 DATA_FILES_PATTERN = "part-*[0-9].parquet"  # selects shards, never *.errors.parquet
 CARD_DIR = "card"
 CHECKSUMS_FILE = "checksums.sha256"
 TASK_CATEGORIES = ("object-detection", "zero-shot-object-detection", "image-to-text")
 _SPDX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")
-_HIST_BINS = 1000  # fine fixed bins: quantiles to 0.001 with bounded memory, whatever the dataset size
-_SHARD_RE = re.compile(r"^part-\d+\.parquet$")
-
-
-class InvalidDataset(UserError):
-    """The dataset fails schema validation; ``violations`` lists every problem found."""
-
-    def __init__(self, violations: list, action: str = "publish") -> None:
-        self.violations = violations
-        super().__init__(
-            f"refusing to {action}: {len(violations)} schema violation(s), first: {violations[0]} "
-            "(fix the data or re-run `vesl label`; `vesl validate DIR` lists them all)"
-        )
-
-
-# ---------------------------------------------------------------- reading shards
-
-
-def data_shards(dataset_dir: str | Path) -> list[Path]:
-    """The data shards of a dataset directory in index order (``part-NNNNN.parquet``, no errors files)."""
-    d = Path(dataset_dir)
-    if not d.is_dir():
-        raise UserError(f"{d} is not a directory; pass the output directory of `vesl label`")
-    shards = sorted(p for p in d.iterdir() if _SHARD_RE.match(p.name))
-    if not shards:
-        raise UserError(f"no region-text shards (part-*.parquet) in {d}; run `vesl label ... --output {d}` first")
-    return shards
-
-
-def error_shards(dataset_dir: str | Path) -> list[Path]:
-    return sorted(Path(dataset_dir).glob("part-*.errors.parquet"))
-
-
-def iter_rows(dataset_dir: str | Path, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Rows as dicts, shard by shard and batch by batch, so memory stays bounded."""
-    for shard in data_shards(dataset_dir):
-        pf = pq.ParquetFile(shard)
-        cols = [c for c in columns if c in pf.schema_arrow.names] if columns else None
-        for batch in pf.iter_batches(batch_size=256, columns=cols):
-            yield from batch.to_pylist()
-
-
-def shard_provenance(path: Path) -> dict[str, Any]:
-    meta = pq.read_schema(path).metadata or {}
-    raw = meta.get(PROVENANCE_KEY.encode())
-    return json.loads(raw) if raw else {}
-
-
-# ---------------------------------------------------------------- statistics
-
-
-def _hist_quantiles(counts: list[int], qs: tuple[float, ...]) -> dict[str, float | None]:
-    total = sum(counts)
-    out: dict[str, float | None] = {}
-    for q in qs:
-        if total == 0:
-            out[f"p{round(q * 100)}"] = None
-            continue
-        target, acc = q * total, 0
-        for i, c in enumerate(counts):
-            acc += c
-            if acc >= target and acc > 0:
-                out[f"p{round(q * 100)}"] = round((i + 1) / _HIST_BINS, 3)
-                break
-    return out
-
-
-def _add_hist(counts: list[int], values: pa.Array) -> None:
-    if len(values) == 0:
-        return
-    idx = pc.cast(pc.floor(pc.multiply(pc.cast(values, pa.float64()), _HIST_BINS)), pa.int64())
-    idx = pc.max_element_wise(pc.min_element_wise(idx, _HIST_BINS - 1), 0)
-    vc = pc.value_counts(idx)
-    for v, c in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True):
-        counts[v] += c
-
-
-def compute_stats(dataset_dir: str | Path, top_k: int = 25) -> dict[str, Any]:
-    """Dataset statistics, computed column-wise with pyarrow (images are never decoded)."""
-    n_images = 0
-    per_image: Counter = Counter()
-    phrases: Counter = Counter()
-    sources: Counter = Counter()
-    score_hist = [0] * _HIST_BINS
-    area_hist = [0] * _HIST_BINS
-    score_sum, area_sum, n_regions = 0.0, 0.0, 0
-    shards = data_shards(dataset_dir)
-    for shard in shards:
-        t = pq.read_table(shard, columns=["regions", "caption_source"])
-        n_images += t.num_rows
-        lengths = pc.list_value_length(t["regions"]).fill_null(0)
-        per_image.update(lengths.to_pylist())
-        sources.update(t["caption_source"].to_pylist())
-        regs = pc.list_flatten(t["regions"])
-        if len(regs) == 0:
-            continue
-        regs = regs.combine_chunks() if isinstance(regs, pa.ChunkedArray) else regs
-        n_regions += len(regs)
-        vc = pc.value_counts(regs.field("phrase"))
-        phrases.update(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True)))
-        scores = regs.field("score")
-        _add_hist(score_hist, scores)
-        score_sum += pc.sum(scores).as_py()
-        box = pc.list_flatten(regs.field("box"))
-        x0, y0, x1, y1 = (pc.take(box, pa.array(range(k, len(box), 4))) for k in range(4))
-        area = pc.multiply(pc.subtract(x1, x0), pc.subtract(y1, y0))
-        _add_hist(area_hist, area)
-        area_sum += pc.sum(area).as_py()
-
-    errors: Counter = Counter()
-    for ef in error_shards(dataset_dir):
-        et = pq.read_table(ef, columns=["stage", "error_type"])
-        for stage, etype in zip(et["stage"].to_pylist(), et["error_type"].to_pylist(), strict=True):
-            errors[f"{stage}/{etype}"] += 1
-
-    qs = (0.1, 0.25, 0.5, 0.75, 0.9)
-    top = sorted(phrases.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "shards": len(shards),
-        "images": n_images,
-        "regions": n_regions,
-        "images_without_regions": per_image.get(0, 0),
-        "regions_per_image": {
-            "mean": round(n_regions / n_images, 4) if n_images else 0.0,
-            "max": max(per_image) if per_image else 0,
-            "histogram": {str(k): per_image[k] for k in sorted(per_image)},
-        },
-        "distinct_phrases": len(phrases),
-        "top_phrases": [[p, c] for p, c in top],
-        "score": {"mean": round(score_sum / n_regions, 4) if n_regions else None,
-                  **_hist_quantiles(score_hist, qs)},
-        "box_area": {"mean": round(area_sum / n_regions, 4) if n_regions else None,
-                     **_hist_quantiles(area_hist, qs)},
-        "caption_source": {k: sources[k] for k in sorted(sources)},
-        "errors": {"total": sum(errors.values()), "by_type": {k: errors[k] for k in sorted(errors)}},
-        "_score_hist": score_hist,
-        "_area_hist": area_hist,
-    }
 
 
 # ---------------------------------------------------------------- plots
@@ -185,8 +46,8 @@ def _save_png(fig: Any, path: Path) -> None:
 
 
 def _coarse(hist: list[int], bins: int) -> list[int]:
-    step = _HIST_BINS // bins
-    return [sum(hist[i : i + step]) for i in range(0, _HIST_BINS, step)]
+    step = HIST_BINS // bins
+    return [sum(hist[i : i + step]) for i in range(0, HIST_BINS, step)]
 
 
 def write_plots(stats: dict[str, Any], out_dir: Path) -> dict[str, Path]:

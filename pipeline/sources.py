@@ -8,7 +8,8 @@ installs that fsspec driver):
 - ``parquet``: an image-bytes column (also HF image datasets' ``{bytes, path}`` struct) or a path
   column, as img2dataset's parquet output and HF datasets lay them out;
 - ``folder``: images with sidecar ``.txt`` captions; one folder is one shard;
-- ``synth``: generated scenes, ``synth://N?seed=S&shard_size=K``.
+- a registered URI scheme (:func:`register_source`): its own reader, e.g. the demo world's generated
+  scenes ``synth://N?seed=S&shard_size=K`` (``vesl.demo.source``).
 
 Shard numbering: ``list_shards`` returns shards in a stable order (each input's expansion sorted,
 inputs in the order given, duplicates dropped) and a shard's index is its position in that list. The
@@ -20,18 +21,22 @@ Bad records never raise: they come out as Samples with ``error`` set (stage ``re
 here and what lives in decode: read checks what only the raw bytes can tell (is the caption valid
 UTF-8, is there an image at all, does a path stay inside the input); decode checks the content
 policy (empty or over-long captions, image validity), since that is configured by ``DecodeConfig``.
+
+Longer than 400 lines on purpose: one reader per format, sharing the listing, the confinement of paths
+to the input root and the error-row rules; each reader is short.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import posixpath
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -39,11 +44,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 from vesl.errors import UserError
 from vesl.pipeline.config import SourceConfig
-from vesl.pipeline.stage import SOURCE_PATH_KEY, Sample, fail
+from vesl.schemas.stage import SOURCE_PATH_KEY, Sample, fail
 
 READ_STAGE = "read"
-SYNTH_SCHEME = "synth://"
-DEFAULT_SYNTH_SHARD_SIZE = 100
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet",)
 PARQUET_BATCH_ROWS = 256  # rows per read batch: memory stays bounded by one batch, not one file
@@ -61,8 +64,10 @@ class ShardRef:
 
     index: int
     uri: str
-    kind: str  # "wds" | "parquet" | "folder" | "synth"
+    kind: str  # "wds" | "parquet" | "vesl" | "folder" | a registered scheme's kind
     root: str = field(default="", compare=False)
+    # a registered scheme's reader as "module:attribute", imported where the shard is read (any process)
+    reader: str = field(default="", compare=False)
 
     @property
     def name(self) -> str:
@@ -104,30 +109,76 @@ def _escapes(fs: fsspec.AbstractFileSystem, root: str, path: str) -> bool:
     return not inside(os.path.realpath(root), os.path.realpath(path))
 
 
+# ---------------------------------------------------------------- registered URI schemes
+
+
+@dataclass(frozen=True)
+class SourceScheme:
+    """An input kind reached through a URI scheme, registered with :func:`register_source`.
+
+    ``expand`` turns what the user named into shard URIs; ``read`` yields one shard's Samples (given the
+    shard URI and the source label its rows record); ``count`` gives a shard's sample count when cheap.
+    """
+
+    kind: str
+    expand: Callable[[str], list[str]]
+    read: Callable[[str, str], Iterator[Sample]]
+    count: Callable[[str], int | None] | None = None
+
+
+_SCHEMES: dict[str, str] = {}  # URI prefix ("synth://") -> "module:attribute" of its SourceScheme
+
+
+def register_source(prefix: str, target: str) -> None:
+    """Make inputs starting with ``prefix`` readable through the :class:`SourceScheme` at ``target``
+    ("module:attribute"). It is imported by name wherever a shard is read, so engine workers in other
+    processes find it without registering anything themselves."""
+    _SCHEMES[prefix] = target
+
+
+def _load_scheme(target: str) -> SourceScheme:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _scheme_of(ref: ShardRef) -> SourceScheme | None:
+    if ref.reader:
+        return _load_scheme(ref.reader)
+    for target in _SCHEMES.values():
+        scheme = _load_scheme(target)
+        if scheme.kind == ref.kind:
+            return scheme
+    return None
+
+
+def _schemes_hint() -> str:
+    return "".join(f" or {prefix}N" for prefix in sorted(_SCHEMES))
+
+
 # ---------------------------------------------------------------- listing
 
 
 def list_shards(inputs: list[str], cfg: SourceConfig) -> list[ShardRef]:
-    """Expand inputs (files, directories, globs, ``synth://`` URIs) into numbered shards.
+    """Expand inputs (files, directories, globs, registered URIs such as ``synth://``) into numbered shards.
 
     A directory expands, recursively, to its tars if it holds any (img2dataset writes a
     metadata-only ``.parquet`` next to every tar; those are not shards), else to its parquet files,
     else to one ``folder`` shard per directory that directly holds images.
     """
     if not inputs:
-        raise UserError("no inputs given: name at least one tar, parquet file, image folder, glob or synth://N")
-    found: list[tuple[str, str, str]] = []
+        raise UserError(f"no inputs given: name at least one tar, parquet file, image folder, glob{_schemes_hint()}")
+    found: list[tuple[str, str, str, str]] = []
     for raw in inputs:
         found += _expand(str(raw), cfg)
     seen: set[str] = set()
     refs: list[ShardRef] = []
-    for uri, kind, root in found:
+    for uri, kind, root, reader in found:
         if uri in seen:
             continue
         seen.add(uri)
-        refs.append(ShardRef(len(refs), uri, kind, root))
+        refs.append(ShardRef(len(refs), uri, kind, root, reader))
     if not refs:
-        raise UserError(f"inputs {inputs} contain no shards: expected .tar, .parquet, image folders or synth://N")
+        raise UserError(f"inputs {inputs} contain no shards: expected .tar, .parquet, image folders{_schemes_hint()}")
     first_parquet = next((r for r in refs if r.kind == "parquet"), None)
     if first_parquet is not None:  # a wrong column name is a config mistake: say so before any work starts
         _parquet_columns(first_parquet.uri, cfg)
@@ -164,11 +215,22 @@ def glob_root(path: str) -> str:
     return posixpath.dirname(head) if not head.endswith("/") else head.rstrip("/") or "/"
 
 
-def _expand(raw: str, cfg: SourceConfig) -> list[tuple[str, str, str]]:
-    """(uri, kind, root) of every shard ``raw`` names; links that lead out of the root are skipped."""
-    if raw.startswith(SYNTH_SCHEME):
-        return [(u, k, "") for u, k in _expand_synth(raw)]
-    fs, path = url_to_fs(raw)
+def _expand(raw: str, cfg: SourceConfig) -> list[tuple[str, str, str, str]]:
+    """(uri, kind, root, reader) of every shard ``raw`` names; links that lead out of the root are skipped."""
+    for prefix, target in _SCHEMES.items():
+        if raw.startswith(prefix):
+            scheme = _load_scheme(target)
+            return [(u, scheme.kind, "", target) for u in scheme.expand(raw)]
+    return [(u, k, root, "") for u, k, root in _expand_path(raw, cfg)]
+
+
+def _expand_path(raw: str, cfg: SourceConfig) -> list[tuple[str, str, str]]:
+    """(uri, kind, root) of every shard a path, directory or glob names."""
+    try:
+        fs, path = url_to_fs(raw)
+    except ValueError as exc:  # an unknown protocol: neither fsspec nor a registered scheme reads it
+        raise UserError(f"don't know how to read {raw!r} ({exc}): give a .tar, .parquet, an image folder"
+                        f"{_schemes_hint()}, or install the fsspec driver for that protocol") from None
     if any(c in path for c in "*?["):
         root = glob_root(path)
         matches = sorted(fs.glob(path))
@@ -192,7 +254,7 @@ def _expand(raw: str, cfg: SourceConfig) -> list[tuple[str, str, str]]:
         raise UserError(f"input {raw!r} does not exist: check the path")
     kind = _labeled_kind(fs, path, _kind_of_file(path))
     if kind is None:
-        raise UserError(f"don't know how to read {raw!r}: give a .tar, .parquet, an image folder or synth://N")
+        raise UserError(f"don't know how to read {raw!r}: give a .tar, .parquet, an image folder{_schemes_hint()}")
     return [(_uri(fs, path), kind, path)]
 
 
@@ -226,31 +288,6 @@ def _expand_dir(fs: fsspec.AbstractFileSystem, path: str, cfg: SourceConfig, con
     return [(_uri(fs, p), "folder") for p in sorted(image_dirs)]
 
 
-def _synth_params(uri: str) -> tuple[int, int, int, int | None]:
-    """``synth://N?seed=S&shard_size=K[&part=P]`` -> (N, S, K, P)."""
-    parts = urlsplit(uri)
-    query = parse_qs(parts.query)
-    unknown = set(query) - {"seed", "shard_size", "part"}
-    try:
-        if unknown:
-            raise ValueError(f"unknown parameter(s) {sorted(unknown)}")
-        n = int(parts.netloc)
-        seed = int(query.get("seed", ["0"])[0])
-        size = int(query.get("shard_size", [str(DEFAULT_SYNTH_SHARD_SIZE)])[0])
-        part = int(query["part"][0]) if "part" in query else None
-        if n <= 0 or size <= 0:
-            raise ValueError("N and shard_size must be positive")
-    except ValueError as exc:
-        raise UserError(f"bad synthetic input {uri!r} ({exc}): write synth://N?seed=S&shard_size=K") from exc
-    return n, seed, size, part
-
-
-def _expand_synth(uri: str) -> list[tuple[str, str]]:
-    n, seed, size, part = _synth_params(uri)
-    parts = range((n + size - 1) // size) if part is None else [part]
-    return [(f"synth://{n}?seed={seed}&shard_size={size}&part={p}", "synth") for p in parts]
-
-
 # ---------------------------------------------------------------- reading
 
 
@@ -259,13 +296,14 @@ def read_shard(ref: ShardRef, cfg: SourceConfig, limit: int | None = None) -> It
 
     ``limit`` stops after that many samples (error samples count too, so the cut is stable).
     """
-    readers = {"wds": _read_tar, "parquet": _read_parquet, "vesl": _read_labeled, "folder": _read_folder,
-               "synth": _read_synth}
-    if ref.kind not in readers:
+    readers = {"wds": _read_tar, "parquet": _read_parquet, "vesl": _read_labeled, "folder": _read_folder}
+    scheme = None if ref.kind in readers else _scheme_of(ref)
+    if ref.kind not in readers and scheme is None:
         raise UserError(f"unknown shard kind {ref.kind!r} for {ref.uri}")
     if limit is not None and limit <= 0:
         return
-    for n, sample in enumerate(readers[ref.kind](ref, cfg), start=1):
+    samples = readers[ref.kind](ref, cfg) if scheme is None else scheme.read(ref.uri, ref.source)
+    for n, sample in enumerate(samples, start=1):
         yield sample
         if limit is not None and n >= limit:
             return
@@ -274,14 +312,14 @@ def read_shard(ref: ShardRef, cfg: SourceConfig, limit: int | None = None) -> It
 def count_samples(ref: ShardRef, cfg: SourceConfig) -> int | None:
     """The shard's sample count when it is cheap to know (for a progress total), else None.
 
-    Parquet: the footer's row count. Synthetic: its parameters. A local uncompressed tar: its member
+    Parquet: the footer's row count. A registered scheme: its own ``count``. A local uncompressed tar: its member
     headers, grouped into keys as the reader groups them (the data is seeked over, never read).
     Compressed or remote tars and image folders: None, since counting them costs a read.
     """
     try:
-        if ref.kind == "synth":
-            n, _, size, part = _synth_params(ref.uri)
-            return len(range((part or 0) * size, min(((part or 0) + 1) * size, n)))
+        if ref.kind not in ("wds", "parquet", "vesl", "folder"):
+            scheme = _scheme_of(ref)
+            return scheme.count(ref.uri) if scheme is not None and scheme.count is not None else None
         if ref.kind in ("parquet", "vesl"):
             import pyarrow.parquet as pq
 
@@ -629,16 +667,3 @@ def _too_big(fs: fsspec.AbstractFileSystem, path: str, cfg: SourceConfig, size: 
 
 def _too_big_message(name: str, size: int | None, cfg: SourceConfig) -> str:
     return f"{name} is {size} bytes, over the limit of {cfg.max_file_bytes} (source.max_file_bytes); it was not read"
-
-
-# ---- synthetic scenes
-
-
-def _read_synth(ref: ShardRef, cfg: SourceConfig) -> Iterator[Sample]:
-    from vesl.pipeline.synth import make_scene
-
-    n, seed, size, part = _synth_params(ref.uri)
-    start = (part or 0) * size
-    for index, i in enumerate(range(start, min(start + size, n))):
-        scene = make_scene(seed, i)
-        yield Sample(key=scene.key, source_shard=ref.source, index=index, image_bytes=scene.image, alt_text=scene.alt_text)

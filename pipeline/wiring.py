@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from vesl.pipeline.config import LabelConfig
 
 if TYPE_CHECKING:
-    from vesl.pipeline.stage import Stage
+    from vesl.schemas.stage import Stage
 
 
 def build_stages(cfg: LabelConfig) -> list[Stage]:

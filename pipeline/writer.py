@@ -29,6 +29,7 @@ import re
 import uuid
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -36,14 +37,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vesl import __version__
-from vesl.pipeline.stage import SOURCE_PATH_KEY, Sample
+from vesl.schemas.dataset import STATS_SUFFIX, dataset_fs, shard_files
+from vesl.schemas.manifest import MANIFEST_NAME, build_manifest
 from vesl.schemas.region_text import ERRORS_SCHEMA, SCHEMA_VERSION, region_text_schema
+from vesl.schemas.stage import SOURCE_PATH_KEY, Sample
 
 ROW_GROUP_SIZE = 512
 COMPRESSION = "zstd"
-PARQUET_SUFFIX = ".parquet"
-ERRORS_SUFFIX = ".errors.parquet"
-STATS_SUFFIX = ".stats.json"
 TMP_SUFFIX = ".tmp"
 _TEMP_NAME = re.compile(r"^\.(part-.+|.+\.[0-9a-f]{32})\.tmp$")  # atomic_write_bytes' temp names
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # "<_io.BytesIO object at 0x7f..>" differs per process
@@ -61,11 +61,6 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}"
 
 
-def _fs(out_dir: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, root = fsspec.core.url_to_fs(str(out_dir))
-    return fs, root.rstrip("/") or "/"
-
-
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
@@ -74,44 +69,9 @@ def _join(root: str, name: str) -> str:
     return f"{root}/{name}"
 
 
-def shard_files(name: str) -> dict[str, str]:
-    """File names of one output shard."""
-    return {"parquet": name + PARQUET_SUFFIX, "errors": name + ERRORS_SUFFIX, "stats": name + STATS_SUFFIX}
-
-
-def is_committed(out_dir: str | os.PathLike, name: str) -> bool:
-    """A shard is committed iff its stats JSON (written last, atomically) exists."""
-    fs, root = _fs(out_dir)
-    return fs.exists(_join(root, name + STATS_SUFFIX))
-
-
-def read_stats(out_dir: str | os.PathLike, name: str) -> dict[str, Any] | None:
-    """The stats of a committed shard, or None if the shard is not committed."""
-    fs, root = _fs(out_dir)
-    path = _join(root, name + STATS_SUFFIX)
-    try:
-        with fs.open(path, "rb") as f:
-            return json.loads(f.read())
-    except FileNotFoundError:
-        return None
-
-
-def committed_shards(out_dir: str | os.PathLike) -> list[str]:
-    """Names of all committed shards in ``out_dir``, sorted."""
-    fs, root = _fs(out_dir)
-    if not fs.exists(root):
-        return []
-    names = []
-    for path in fs.ls(root, detail=False):
-        base = path.rstrip("/").rsplit("/", 1)[-1]
-        if base.endswith(STATS_SUFFIX) and not base.startswith("."):
-            names.append(base[: -len(STATS_SUFFIX)])
-    return sorted(names)
-
-
 def atomic_write_bytes(out_dir: str | os.PathLike, filename: str, data: bytes) -> None:
     """Write ``data`` to ``out_dir/filename`` via a temp name, fsync and atomic rename."""
-    fs, root = _fs(out_dir)
+    fs, root = dataset_fs(out_dir)
     final = _join(root, filename)
     tmp = _join(root, f".{filename}.{uuid.uuid4().hex}{TMP_SUFFIX}")
     if _is_local(fs):
@@ -149,7 +109,7 @@ def _fsync_dir(path: str) -> None:
 
 
 def _remove(out_dir: str | os.PathLike, filename: str) -> None:
-    fs, root = _fs(out_dir)
+    fs, root = dataset_fs(out_dir)
     path = _join(root, filename)
     if _is_local(fs):
         try:
@@ -163,7 +123,7 @@ def _remove(out_dir: str | os.PathLike, filename: str) -> None:
 
 def clean_temp_files(out_dir: str | os.PathLike) -> int:
     """Delete temp files left by a killed job; returns how many. Only call when no job writes here."""
-    fs, root = _fs(out_dir)
+    fs, root = dataset_fs(out_dir)
     if not fs.exists(root):
         return 0
     n = 0
@@ -301,3 +261,11 @@ def write_shard(
     stats["timings"] = timings or {}
     atomic_write_bytes(out_dir, files["stats"], (json.dumps(stats, sort_keys=True, indent=2) + "\n").encode())
     return stats
+
+
+def write_manifest(out_dir: str | os.PathLike) -> Path | str:
+    """Write ``out_dir/manifest.json`` atomically; returns its path (a str for remote filesystems)."""
+    data = (json.dumps(build_manifest(out_dir), sort_keys=True, indent=2) + "\n").encode()
+    atomic_write_bytes(out_dir, MANIFEST_NAME, data)
+    s = str(out_dir)
+    return Path(s) / MANIFEST_NAME if "://" not in s else f"{s.rstrip('/')}/{MANIFEST_NAME}"

@@ -63,15 +63,6 @@ def unletterbox_box(box: Any, width: int, height: int, size: int) -> list[float]
     return [min(max(v, 0.0), 1.0) for v in (x0 / sx, y0 / sy, x1 / sx, y1 / sy)]
 
 
-def box_iou(a: Any, b: Any) -> float:
-    ax0, ay0, ax1, ay1 = a
-    bx0, by0, bx1, by1 = b
-    iw, ih = max(0.0, min(ax1, bx1) - max(ax0, bx0)), max(0.0, min(ay1, by1) - max(ay0, by0))
-    inter = iw * ih
-    union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
-    return inter / union if union > 0 else 0.0
-
-
 # ---- image preprocessing ----------------------------------------------------------------------------
 
 

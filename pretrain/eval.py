@@ -12,6 +12,9 @@ grounding accuracy (share of ``ground`` boxes with IoU >= 0.5), next to the triv
 Referring-expression comprehension (REC) on a RefCOCO-style JSONL (``vesl synth --format refexp`` writes one;
 see the README for converting RefCOCO/+/g): acc@0.5 of the grounding head (no candidates), and of ranking the
 candidate boxes against the expression with the Prompter, RoI-Align and crop-and-encode.
+
+Longer than 400 lines on purpose: every benchmark shares one loader, one set of region embeddings and one
+results table, and splitting them per task would repeat that setup in each.
 """
 
 from __future__ import annotations
@@ -120,7 +123,8 @@ def shard_metrics(model, data: str | list[str], *, batch_size: int = 32, regions
     """Retrieval and grounding metrics on held-out region-text shards (``regions=False``: retrieval only)."""
     import torch
 
-    from vesl.pretrain.data import Preprocess, RegionTextLoader, box_iou, letterbox_box
+    from vesl.pretrain.data import Preprocess, RegionTextLoader, letterbox_box
+    from vesl.schemas.boxes import box_iou
 
     size = Preprocess.from_model(model).size
     loader = RegionTextLoader(data, batch_size=batch_size, tokenizer=model.tokenizer, preprocess=Preprocess.from_model(model),
@@ -234,7 +238,8 @@ def refexp_metrics(model, path: str | os.PathLike, *, methods: tuple[str, ...] =
     import torch
     from PIL import Image
 
-    from vesl.pretrain.data import Preprocess, box_iou, letterbox_box, unletterbox_box
+    from vesl.pretrain.data import Preprocess, letterbox_box, unletterbox_box
+    from vesl.schemas.boxes import box_iou
 
     items, errors = read_refexp(path)
     items = items[:max_items]
@@ -326,7 +331,8 @@ def coco_grounding_accuracy(model: Any, coco_json: str | os.PathLike, images_dir
     import torch
     from PIL import Image
 
-    from vesl.pretrain.data import Preprocess, box_iou, letterbox_box
+    from vesl.pretrain.data import Preprocess, letterbox_box
+    from vesl.schemas.boxes import box_iou
 
     coco = json.loads(Path(coco_json).read_text())
     images = {im["id"]: im for im in coco["images"]}

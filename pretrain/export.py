@@ -29,7 +29,7 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 
 
 def _checkpoint_dir(path: Path) -> Path:
-    from vesl.pretrain.train import checkpoint_dirs
+    from vesl.pretrain.checkpoint import checkpoint_dirs
 
     if (path / "state.json").exists():
         return path

@@ -27,6 +27,9 @@ pooling at the first end token), and ``!`` (id 0) cannot be a pad token without 
 open_clip cleans text with ftfy and a double HTML unescape first; transformers' CLIPTokenizer does not (it
 normalizes NFC, whitespace and case), so curly quotes, Latin ligatures, full-width forms and HTML entities
 tokenize differently unless the text is cleaned first (:class:`CLOCRegionModel` does that).
+
+Longer than 400 lines on purpose: the export to transformers and the region API that reads it back are two
+halves of one weight mapping and must change together.
 """
 
 from __future__ import annotations

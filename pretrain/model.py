@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vesl.schemas.boxes import cxcywh_to_xyxy
+
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 POOL_MODES = ("prompt", "mean")
 GROUND_HEADS = ("locate", "mlp", "patch")
@@ -93,11 +95,6 @@ def grid_cell_boxes(grid: tuple[int, int]) -> torch.Tensor:
     ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
     x0, y0 = xs.flatten() / gw, ys.flatten() / gh
     return torch.stack([x0, y0, x0 + 1.0 / gw, y0 + 1.0 / gh], dim=-1).float()
-
-
-def cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
-    cx, cy, w, h = b.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
 
 
 class Prompter(nn.Module):

@@ -9,6 +9,10 @@ Run directory layout::
 
 A checkpoint directory is written under a temporary name and renamed into place, so a killed run never
 leaves a half checkpoint; ``resume: latest`` picks the newest complete one.
+
+Longer than 400 lines on purpose: the config with its checks and the loop that reads it (``train``,
+``train_one_epoch``, ``RunLog``) change together; checkpoints and processes live in ``checkpoint.py`` and
+``distributed.py``.
 """
 
 from __future__ import annotations
@@ -19,13 +23,21 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from vesl.errors import UserError, first_line
+from vesl.errors import UserError
+from vesl.pretrain.checkpoint import (
+    load_optimizer_state,
+    load_weights,
+    resolve_resume,
+    save_checkpoint,
+)
+from vesl.pretrain.distributed import Dist
 
 
 class TrainConfig(BaseModel):
@@ -176,144 +188,6 @@ def cosine_lr(step: int, base: float, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * e / es)) * base
 
 
-# ---- distributed -----------------------------------------------------------------------------------
-
-
-class Dist:
-    def __init__(self, device_pref: str):
-        import torch
-
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
-        self.device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(self.device)
-        self.enabled = self.world_size > 1
-        if self.enabled:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group(backend="nccl" if cuda else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def mean_rows(self, t):
-        """(S, K) device tensor -> its mean over the ranks as S lists of K floats (one host read)."""
-        if self.enabled:
-            import torch
-            import torch.distributed as dist
-
-            t = t.to(torch.float64)
-            dist.all_reduce(t)
-            t = t / self.world_size
-        return t.tolist()
-
-    def sum_int(self, n: int) -> int:
-        if not self.enabled:
-            return n
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor([n], dtype=torch.long, device=self.device)
-        dist.all_reduce(t)
-        return int(t.item())
-
-    def gather_object(self, obj: Any) -> list[Any]:
-        if not self.enabled:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-# ---- checkpoints -----------------------------------------------------------------------------------
-
-
-def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
-    if not root.exists():
-        return []
-    return sorted(p for p in root.glob("step-*") if (p / "state.json").exists())
-
-
-def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
-    if resume == "latest":
-        found = checkpoint_dirs(run_dir)
-        return found[-1] if found else None
-    p = Path(resume)
-    if not (p / "state.json").exists():
-        raise UserError(f"{p} is not a checkpoint directory (no state.json); pass --resume latest or a step-* folder")
-    return p
-
-
-def save_checkpoint(ck_dir: Path, model, optimizer, state: dict[str, Any], keep: int) -> Path:
-    """Atomic: write into a temp folder, then rename it to its final name."""
-    import torch
-    from safetensors.torch import save_file
-
-    ck_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ck_dir.parent / f".tmp-{ck_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(sd, str(tmp / "model.safetensors"), metadata={"vesl": json.dumps(model.config_dict())})
-    torch.save({"optimizer": optimizer.state_dict()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    if ck_dir.exists():
-        shutil.rmtree(ck_dir)
-    os.replace(tmp, ck_dir)
-    for old in checkpoint_dirs(ck_dir.parent.parent)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return ck_dir
-
-
-def load_weights(model, path: str | os.PathLike) -> None:
-    from safetensors.torch import load_file
-
-    try:
-        weights = load_file(str(path))
-    except Exception as exc:
-        raise UserError(
-            f"{path} is not a readable safetensors file ({type(exc).__name__}: {first_line(exc, 200)}); "
-            "resume from another checkpoint, or start without --resume"
-        ) from None
-    model.load_state_dict(weights)
-
-
-def load_optimizer_state(path: str | os.PathLike, device) -> dict:
-    """``optimizer.pt`` of a checkpoint, tensors only (``weights_only``); one line when it is not that."""
-    import torch
-
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:
-        raise UserError(
-            f"{path} is not a tensors-only optimizer state ({type(exc).__name__}: {first_line(exc, 200)}); "
-            "resume from another checkpoint, or start without --resume"
-        ) from None
-
-
-# ---- the loop --------------------------------------------------------------------------------------
-
-
 def _param_groups(model, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for n, p in model.named_parameters():
@@ -384,20 +258,211 @@ def _build_model(cfg: TrainConfig, device):
         root.removeFilter(no_download_log)
 
 
-def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
-    """Train (or resume) a CLOC model; returns the run directory. Works under torchrun or alone."""
+# ---- the training half (as open_clip splits ``main`` and ``train_one_epoch``) ----------------------
+
+
+class RunLog:
+    """What a run records: ``log.jsonl`` (rank 0, one line per step), TensorBoard and the console (rank 0),
+    and each rank's ``keys-rankN.jsonl`` with ``record_keys``.
+
+    Loss values stay on the device until a log step, a checkpoint or the end: then one read brings back
+    every pending step's values (and one all-reduce averages them over the ranks), so the steps between
+    never wait on the device. log.jsonl still gets one line per step.
+    """
+
+    def __init__(self, cfg: TrainConfig, d: Dist, run_dir: Path) -> None:
+        self.cfg, self.d = cfg, d
+        self.writer = None
+        if d.main and cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tb"))
+        self.log = open(run_dir / "log.jsonl", "a") if d.main else None
+        self.keys_log = open(run_dir / f"keys-rank{d.rank}.jsonl", "a") if cfg.record_keys else None
+        self.pending: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self.t0 = self.t_last = time.perf_counter()
+        self.seen_last = 0
+        self.warned = False
+
+    def step(self, step: int, epoch: int, lr: float, losses: dict[str, Any], keys: list[str]) -> None:
+        """Record one step; its loss tensors stay on the device until :meth:`flush`."""
+        if self.keys_log:
+            self.keys_log.write(json.dumps({"step": step, "keys": keys}) + "\n")
+            self.keys_log.flush()
+        self.pending.append(({"step": step, "epoch": epoch, "lr": lr, "t": time.perf_counter() - self.t0},
+                             {k: v.detach() for k, v in losses.items()}))  # fmt: skip
+
+    def flush(self) -> dict[str, float]:
+        """Read back the pending steps (one host read), write their lines; the last step's values."""
+        import torch
+
+        if not self.pending:
+            return {}
+        keys = list(self.pending[0][1])
+        stacked = torch.stack([torch.stack([v[k].detach().float() for k in keys]) for _, v in self.pending])
+        rows = self.d.mean_rows(stacked)
+        last: dict[str, float] = {}
+        for (meta, _), row in zip(self.pending, rows, strict=True):
+            last = dict(zip(keys, row, strict=True))
+            if self.log:
+                self.log.write(json.dumps({**meta, **last}) + "\n")
+            # Checked here, at log steps and before every checkpoint, so the step loop never waits on the
+            # host; the rows are all-reduced, so every rank stops together, and no checkpoint is written.
+            if not math.isfinite(last["loss"]):
+                if self.log:
+                    self.log.flush()
+                raise UserError(
+                    f"step {meta['step']}: the loss is {last['loss']} (not finite); stopped without saving a "
+                    "checkpoint: check the data with `vesl validate`, or lower lr"
+                )
+        if self.log:
+            self.log.flush()
+        self.pending.clear()
+        return last
+
+    def report(self, model, step: int, epoch: int, total: int, warmup: int, lr: float) -> None:
+        """A log step: flush, warn once about the negative filter, print and chart the step's values."""
+        from vesl.pretrain.losses import filter_warning
+
+        cfg, d = self.cfg, self.d
+        vals = self.flush()
+        dropped = vals.get("region_neg_dropped", 0.0)
+        if d.main and not self.warned and step > warmup and (w := filter_warning(dropped, cfg.text_sim_threshold)):
+            print(w, file=sys.stderr, flush=True)
+            self.warned = True
+        seen = d.sum_int(self.seen_last)
+        now = time.perf_counter()
+        sps = seen / max(now - self.t_last, 1e-9)
+        self.t_last, self.seen_last = now, 0
+        if d.main:
+            parts = " ".join(f"{k} {v:.4f}" for k, v in vals.items())
+            print(f"epoch {epoch} step {step}/{total} {parts} lr {lr:.2e} "
+                  f"scale {model.logit_scale.exp().item():.2f} {sps:.1f} samples/s", flush=True)
+            if self.writer:
+                for k, v in vals.items():
+                    self.writer.add_scalar(f"train/{k}", v, step)
+                self.writer.add_scalar("train/lr", lr, step)
+                self.writer.add_scalar("train/samples_per_s", sps, step)
+
+    def close(self) -> None:
+        for f in (self.log, self.keys_log):
+            if f:
+                f.close()
+        if self.writer:
+            self.writer.close()
+
+
+@dataclass
+class Run:
+    """Everything the step loop needs, built by :func:`train`; ``step`` and ``last_saved`` advance."""
+
+    cfg: TrainConfig
+    d: Dist
+    run_dir: Path
+    model: Any
+    ddp: Any  # the model, or its DistributedDataParallel wrapper
+    optimizer: Any
+    loss_fn: Any
+    loader: Any
+    log: RunLog
+    total: int
+    warmup: int
+    workers: int
+    use_bf16: bool
+    step: int = 0
+    last_saved: int = 0
+
+
+def save(run: Run, epoch: int) -> None:
+    """A checkpoint of ``run`` (every rank's loader cursors; rank 0 writes), after flushing the pending losses."""
+    run.log.flush()
+    states = run.d.gather_object(run.loader.state)
+    if run.d.main:
+        meta = {"step": run.step, "epoch": epoch, "world_size": run.d.world_size, "num_workers": run.workers,
+                "loader": states, "model": run.model.config_dict()}  # fmt: skip
+        ck_dir = run.run_dir / "checkpoints" / f"step-{run.step:08d}"
+        save_checkpoint(ck_dir, run.model, run.optimizer, meta, run.cfg.keep_checkpoints)
+    run.d.barrier()
+
+
+def resume(cfg: TrainConfig, d: Dist, run_dir: Path, model, optimizer, steps_per_epoch: list[int]) -> tuple[int, int, Any]:
+    """(step, epoch, this rank's loader cursor) to continue from: the checkpoint ``cfg.resume`` names, else a start."""
+    step, epoch, loader_resume = 0, 0, None
+    ck = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
+    if ck is None:
+        return step, epoch, loader_resume
+    state = json.loads((ck / "state.json").read_text())
+    if state["world_size"] != d.world_size:
+        raise UserError(f"{ck} was saved with {state['world_size']} processes; resume with the same number")
+    load_weights(model, ck / "model.safetensors")
+    opt = load_optimizer_state(ck / "optimizer.pt", d.device)
+    optimizer.load_state_dict(opt["optimizer"])
+    step = state["step"]
+    loader_resume = state["loader"][d.rank]
+    epoch = loader_resume["epoch"]
+    if loader_resume["step"] >= steps_per_epoch[epoch]:
+        epoch, loader_resume = epoch + 1, None
+    if d.main:
+        print(f"resumed from {ck} at step {step}", flush=True)
+    return step, epoch, loader_resume
+
+
+def wrap_ddp(model, d: Dist):
+    """The model as the step loop calls it: DistributedDataParallel under torchrun, else itself."""
+    if not d.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
+def train_one_epoch(run: Run, epoch: int, loader_resume: Any) -> bool:
+    """The steps of one epoch (from ``loader_resume`` when resuming); True when training is done."""
     import torch
 
-    from vesl.pretrain.data import Preprocess, RegionTextLoader
-    from vesl.pretrain.losses import CLOCLoss, filter_warning
+    cfg, model = run.cfg, run.model
+    for batch in run.loader.epoch(epoch, loader_resume):
+        n_valid, batch = host_prepare(batch)
+        run.log.seen_last += n_valid
+        batch = _to(batch, run.d.device)
+        lr = cosine_lr(run.step, cfg.lr, run.warmup, run.total)
+        for g in run.optimizer.param_groups:
+            g["lr"] = lr
+        model.train()
+        with torch.autocast(run.d.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
+            out = run.ddp(batch["images"], batch["texts"], batch["region_boxes"], batch["region_texts"],
+                          batch["region_valid"], clip_only=cfg.clip_only, phrase_index=batch.get("phrase_index"))
+        run.loss_fn.set_progress(run.step, run.total)
+        losses = run.loss_fn(out, batch)
+        run.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        run.optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        run.step += 1
+        run.log.step(run.step, epoch, lr, losses, batch["keys"] if run.log.keys_log else [])
+        if run.step % cfg.log_every == 0 or run.step == run.total:
+            run.log.report(model, run.step, epoch, run.total, run.warmup, lr)
+        if run.step % cfg.save_every == 0:
+            save(run, epoch)
+            run.last_saved = run.step
+        if run.step >= run.total or (cfg.stop_after and run.step >= cfg.stop_after):
+            return True
+    return False
+
+
+def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
+    """Train (or resume) a CLOC model; returns the run directory. Works under torchrun or alone."""
+    from vesl.pretrain.data import Preprocess, RegionTextLoader, list_shards, scan_units
+    from vesl.pretrain.losses import CLOCLoss
 
     if isinstance(config, (str, os.PathLike)):
         config = load_config(config)
     elif isinstance(config, dict):
         config = _validated(config)
     cfg = config
-    from vesl.pretrain.data import list_shards, scan_units
-
     # a wrong path fails before any model is built
     units = len(scan_units(list_shards(cfg.data, cfg.storage_options), cfg.storage_options))
     run_dir = Path(cfg.out)
@@ -434,145 +499,22 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
         if note and d.main:
             print(note, file=sys.stderr, flush=True)
         optimizer = make_optimizer(model, cfg)
-        step, epoch, loader_resume = 0, 0, None
-        if cfg.resume:
-            ck = resolve_resume(cfg.resume, run_dir)
-            if ck is not None:
-                state = json.loads((ck / "state.json").read_text())
-                if state["world_size"] != d.world_size:
-                    raise UserError(f"{ck} was saved with {state['world_size']} processes; resume with the same number")
-                load_weights(model, ck / "model.safetensors")
-                opt = load_optimizer_state(ck / "optimizer.pt", d.device)
-                optimizer.load_state_dict(opt["optimizer"])
-                step = state["step"]
-                loader_resume = state["loader"][d.rank]
-                epoch = loader_resume["epoch"]
-                if loader_resume["step"] >= steps_per_epoch[epoch]:
-                    epoch, loader_resume = epoch + 1, None
-                if d.main:
-                    print(f"resumed from {ck} at step {step}", flush=True)
-        ddp = model
-        if d.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ddp = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        step, epoch, loader_resume = resume(cfg, d, run_dir, model, optimizer, steps_per_epoch)
         loss_fn = CLOCLoss(cfg.lam, cfg.text_sim_threshold, cfg.ground_loss, cfg.local_loss, cfg.gather_with_grad,
                            d.rank, d.world_size, cfg.region_loss_drop, cfg.region_weight, cfg.ground_weight,
                            cfg.ground_l1_weight, cfg.ground_giou_weight, cfg.ground_cell_weight)
-        writer = None
-        if d.main and cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(run_dir / "tb"))
-        log = open(run_dir / "log.jsonl", "a") if d.main else None
-        keys_log = open(run_dir / f"keys-rank{d.rank}.jsonl", "a") if cfg.record_keys else None
-        last_saved = step
-        t0 = t_last = time.perf_counter()
-        seen_last = 0
-        warned = False
-        # Loss values stay on the device until a log step, a checkpoint or the end: then one read brings back
-        # every pending step's values (and one all-reduce averages them over the ranks), so the steps between
-        # never wait on the device. log.jsonl still gets one line per step.
-        pending: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
-
-        def flush() -> dict[str, float]:
-            if not pending:
-                return {}
-            keys = list(pending[0][1])
-            stacked = torch.stack([torch.stack([v[k].detach().float() for k in keys]) for _, v in pending])
-            rows = d.mean_rows(stacked)
-            last: dict[str, float] = {}
-            for (meta, _), row in zip(pending, rows, strict=True):
-                last = dict(zip(keys, row, strict=True))
-                if log:
-                    log.write(json.dumps({**meta, **last}) + "\n")
-                # Checked here, at log steps and before every checkpoint, so the step loop never waits on the
-                # host; the rows are all-reduced, so every rank stops together, and no checkpoint is written.
-                if not math.isfinite(last["loss"]):
-                    if log:
-                        log.flush()
-                    raise UserError(
-                        f"step {meta['step']}: the loss is {last['loss']} (not finite); stopped without saving a "
-                        "checkpoint: check the data with `vesl validate`, or lower lr"
-                    )
-            if log:
-                log.flush()
-            pending.clear()
-            return last
-
-        def checkpoint() -> None:
-            flush()
-            states = d.gather_object(loader.state)
-            if d.main:
-                meta = {"step": step, "epoch": epoch, "world_size": d.world_size, "num_workers": workers,
-                        "loader": states, "model": model.config_dict()}
-                save_checkpoint(run_dir / "checkpoints" / f"step-{step:08d}", model, optimizer, meta, cfg.keep_checkpoints)
-            d.barrier()
-
-        stop = False
-        while epoch < cfg.epochs and not stop and step < total:
-            for batch in loader.epoch(epoch, loader_resume):
-                loader_resume = None
-                n_valid, batch = host_prepare(batch)
-                seen_last += n_valid
-                batch = _to(batch, d.device)
-                lr = cosine_lr(step, cfg.lr, warmup, total)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                model.train()
-                with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    out = ddp(batch["images"], batch["texts"], batch["region_boxes"], batch["region_texts"],
-                              batch["region_valid"], clip_only=cfg.clip_only, phrase_index=batch.get("phrase_index"))
-                loss_fn.set_progress(step, total)
-                losses = loss_fn(out, batch)
-                optimizer.zero_grad(set_to_none=True)
-                losses["loss"].backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, math.log(100))
-                step += 1
-                if keys_log:
-                    keys_log.write(json.dumps({"step": step, "keys": batch["keys"]}) + "\n")
-                    keys_log.flush()
-                pending.append(({"step": step, "epoch": epoch, "lr": lr, "t": time.perf_counter() - t0},
-                                {k: v.detach() for k, v in losses.items()}))
-                if step % cfg.log_every == 0 or step == total:
-                    vals = flush()
-                    dropped = vals.get("region_neg_dropped", 0.0)
-                    if d.main and not warned and step > warmup and (w := filter_warning(dropped, cfg.text_sim_threshold)):
-                        print(w, file=sys.stderr, flush=True)
-                        warned = True
-                    seen = d.sum_int(seen_last)
-                    now = time.perf_counter()
-                    sps = seen / max(now - t_last, 1e-9)
-                    t_last, seen_last = now, 0
-                    if d.main:
-                        parts = " ".join(f"{k} {v:.4f}" for k, v in vals.items())
-                        print(f"epoch {epoch} step {step}/{total} {parts} lr {lr:.2e} "
-                              f"scale {model.logit_scale.exp().item():.2f} {sps:.1f} samples/s", flush=True)
-                        if writer:
-                            for k, v in vals.items():
-                                writer.add_scalar(f"train/{k}", v, step)
-                            writer.add_scalar("train/lr", lr, step)
-                            writer.add_scalar("train/samples_per_s", sps, step)
-                if step % cfg.save_every == 0:
-                    checkpoint()
-                    last_saved = step
-                if step >= total or (cfg.stop_after and step >= cfg.stop_after):
-                    stop = True
-                    break
-            else:
-                epoch += 1
-        flush()
-        if step != last_saved:
-            checkpoint()
-        for f in (log, keys_log):
-            if f:
-                f.close()
-        if writer:
-            writer.close()
+        run = Run(cfg, d, run_dir, model, wrap_ddp(model, d), optimizer, loss_fn, loader, RunLog(cfg, d, run_dir),
+                  total, warmup, workers, use_bf16, step=step, last_saved=step)  # fmt: skip
+        while epoch < cfg.epochs and run.step < total:
+            done = train_one_epoch(run, epoch, loader_resume)
+            loader_resume = None
+            if done:
+                break
+            epoch += 1
+        run.log.flush()
+        if run.step != run.last_saved:
+            save(run, epoch)
+        run.log.close()
         return run_dir
     finally:
         d.close()

@@ -8,8 +8,8 @@ from vesl.schemas.region_text import (
     Violation,
     region_text_schema,
     schema_as_json,
-    validate,
 )
+from vesl.schemas.validation import validate
 
 __all__ = [
     "ERRORS_SCHEMA",

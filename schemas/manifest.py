@@ -1,4 +1,4 @@
-"""Dataset manifest and dataset-level checks.
+"""Dataset manifest and dataset-level checks (``vesl.pipeline.writer.write_manifest`` writes it).
 
 ``manifest.json`` lists every committed shard (rows, bytes, sha256, errors) with the schema version
 and provenance. It holds no timestamps or timings, so re-running a finished job rewrites it with
@@ -16,9 +16,16 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from vesl import __version__
+from vesl.schemas.dataset import (
+    ERRORS_SUFFIX,
+    PARQUET_SUFFIX,
+    STATS_SUFFIX,
+    committed_shards,
+    read_shard_provenance,
+    read_stats,
+)
 from vesl.schemas.region_text import (
     ERRORS_SCHEMA,
-    PROVENANCE_KEY,
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
     Violation,
@@ -28,30 +35,12 @@ MANIFEST_NAME = "manifest.json"
 FORMAT = "vesl-region-text"
 
 
-def _writer():
-    # Imported lazily: vesl.pipeline depends on vesl.schemas, not the other way round at import time.
-    from vesl.pipeline import writer
-
-    return writer
-
-
-def read_shard_provenance(out_dir: str | os.PathLike, filename: str) -> dict[str, Any]:
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(str(out_dir))
-    with fs.open(f"{root.rstrip('/')}/{filename}", "rb") as f:
-        meta = pq.read_schema(f).metadata or {}
-    raw = meta.get(PROVENANCE_KEY.encode())
-    return json.loads(raw) if raw else {}
-
-
 def build_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
     """The manifest as a dict: committed shards only, sorted by name."""
-    w = _writer()
     shards, provenances = [], {}
     totals = {"shards": 0, "rows": 0, "errors": 0, "regions": 0, "bytes": 0}
-    for name in w.committed_shards(out_dir):
-        stats = w.read_stats(out_dir, name)
+    for name in committed_shards(out_dir):
+        stats = read_stats(out_dir, name)
         if stats is None:  # removed between listing and reading (a concurrent overwrite)
             continue
         files = stats["files"]
@@ -90,38 +79,29 @@ def build_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def write_manifest(out_dir: str | os.PathLike) -> Path | str:
-    """Write ``out_dir/manifest.json`` atomically; returns its path (a str for remote filesystems)."""
-    data = (json.dumps(build_manifest(out_dir), sort_keys=True, indent=2) + "\n").encode()
-    _writer().atomic_write_bytes(out_dir, MANIFEST_NAME, data)
-    s = str(out_dir)
-    return Path(s) / MANIFEST_NAME if "://" not in s else f"{s.rstrip('/')}/{MANIFEST_NAME}"
-
-
 def check_dataset(out_dir: str | os.PathLike) -> list[Violation]:
     """Dataset-level violations beyond the row checks of ``validate``.
 
     Uncommitted shards (a Parquet file without stats), missing or bad errors files, file hashes that
     do not match the stats, and a manifest that is missing or out of date.
     """
-    w = _writer()
     root = Path(out_dir)
     out: list[Violation] = []
-    committed = set(w.committed_shards(out_dir))
+    committed = set(committed_shards(out_dir))
     for p in sorted(root.glob("part-*.parquet")):
-        if p.name.endswith(w.ERRORS_SUFFIX):
+        if p.name.endswith(ERRORS_SUFFIX):
             continue
-        name = p.name[: -len(w.PARQUET_SUFFIX)]
+        name = p.name[: -len(PARQUET_SUFFIX)]
         if name not in committed:
-            out.append(Violation("uncommitted", p.name, f"no {name}{w.STATS_SUFFIX}: rerun `vesl label` to finish it"))
+            out.append(Violation("uncommitted", p.name, f"no {name}{STATS_SUFFIX}: rerun `vesl label` to finish it"))
     for name in sorted(committed):
         try:
-            stats = w.read_stats(out_dir, name)
+            stats = read_stats(out_dir, name)
             files = stats.get("files")
             if not isinstance(files, dict) or not all(isinstance(m, dict) and "name" in m for m in files.values()):
                 raise ValueError("no 'files' entry naming the shard's files")
         except (ValueError, AttributeError, OSError) as exc:
-            out.append(Violation("stats", name + w.STATS_SUFFIX, f"unreadable commit file ({exc}): rerun `vesl label --overwrite`"))
+            out.append(Violation("stats", name + STATS_SUFFIX, f"unreadable commit file ({exc}): rerun `vesl label --overwrite`"))
             continue
         for kind, meta in files.items():
             f = root / meta["name"]

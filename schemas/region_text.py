@@ -173,12 +173,11 @@ def _read(where: str, source: Path | pa.Table) -> pa.Table | Violation:
         return Violation("unreadable", where, f"not a readable Parquet file ({type(exc).__name__}: {line})")
 
 
-def validate(path_or_table: str | Path | pa.Table) -> list[Violation]:
-    """Every violation of schema v1 in a table, a shard file, or a dataset directory (empty list = valid).
+def validate_rows(path_or_table: str | Path | pa.Table) -> list[Violation]:
+    """Every violation of schema v1 in the rows of a table, a shard file, or a directory's shards.
 
-    For a directory written by `vesl label` (one with ``*.stats.json`` commit files) the commit files
-    are checked too (hashes, missing or uncommitted shards, the manifest), as `vesl validate` does.
-    A file that cannot be read is a violation, never an exception.
+    A file that cannot be read is a violation, never an exception. ``vesl.schemas.validation.validate``
+    adds the commit files of a `vesl label` output.
     """
     out: list[Violation] = []
     seen: Counter = Counter()
@@ -195,8 +194,4 @@ def validate(path_or_table: str | Path | pa.Table) -> list[Violation]:
         out += types
         if not types:  # row checks need the right column types
             out += _check_rows(table, where, seen)
-    if not isinstance(path_or_table, pa.Table) and Path(path_or_table).is_dir() and any(Path(path_or_table).glob("*.stats.json")):
-        from vesl.schemas.manifest import check_dataset  # lazily: manifest imports this module
-
-        out += check_dataset(path_or_table)
     return out

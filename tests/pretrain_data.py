@@ -102,7 +102,7 @@ def write_coco(out_dir: str | Path, n_images: int, seed: int = 1, size: tuple[in
 
 
 def scenes_to_shards(scenes, out_dir: str | Path, rows_per_file: int = 256, row_group_size: int = 32) -> list[Path]:
-    """``vesl.pipeline.synth`` scenes with their ground-truth regions -> schema-v1 region-text shards."""
+    """``vesl.demo.synth`` scenes with their ground-truth regions -> schema-v1 region-text shards."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"key": s.key, "source_shard": "synth", "image": s.image, "image_uri": None, "width": s.width,

@@ -17,8 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from vesl.pipeline.writer import provenance_sha256
-from vesl.schemas.manifest import write_manifest
+from vesl.pipeline.writer import provenance_sha256, write_manifest
 from vesl.schemas.region_text import ERRORS_SCHEMA, region_text_schema
 
 PROVENANCE = {
@@ -134,14 +133,14 @@ def write_region_dataset(
 
 
 def write_synth_region_dataset(out_dir: str | Path, n_images: int = 8, seed: int = 0, n_shards: int = 1) -> Path:
-    """Synthetic scenes (``vesl.pipeline.synth``) with their ground-truth regions, written by the product
+    """Synthetic scenes (``vesl.demo.synth``) with their ground-truth regions, written by the product
     shard writer (``vesl.pipeline.writer``): the exact on-disk layout `vesl label` produces.
 
     One sample per shard fails on purpose so the errors files are exercised too.
     """
-    from vesl.pipeline.stage import Sample, SampleError
-    from vesl.pipeline.synth import make_scenes
+    from vesl.demo.synth import make_scenes
     from vesl.pipeline.writer import shard_name, write_shard
+    from vesl.schemas.stage import Sample, SampleError
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,7 @@ import torch
 
 from vesl.labelers.boxes import (
     PostProcess,
-    cxcywh_to_xyxy,
     denormalize,
-    iou,
     min_size_keep,
     nms_keep,
     normalize,
@@ -18,6 +16,7 @@ from vesl.labelers.boxes import (
     vote_boxes,
     xyxy_to_cxcywh,
 )
+from vesl.schemas.boxes import box_iou, cxcywh_to_xyxy
 
 
 def test_conversions_round_trip():
@@ -55,7 +54,7 @@ def test_nms_per_phrase_vs_class_agnostic_vs_none():
     )
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
     labels = torch.tensor([0, 0, 0, 1])
-    assert iou(boxes[:1], boxes[1:2]).item() > 0.9
+    assert box_iou(boxes[0].tolist(), boxes[1].tolist()) > 0.9
     # same phrase: box 1 suppressed by box 0; box 3 is another phrase and survives
     assert nms_keep(boxes, scores, labels, 0.5, "per_phrase").tolist() == [0, 2, 3]
     # across phrases (GRIT): box 3 is suppressed too
@@ -131,7 +130,7 @@ def test_box_voting_averages_the_overlapping_candidates_of_the_same_phrase_by_sc
 def test_box_voting_iou_must_be_a_fraction():
     from pydantic import ValidationError
 
-    from vesl.pipeline.config import DetectorConfig
+    from vesl.schemas.config import DetectorConfig
 
     assert DetectorConfig(box_voting_iou=0.3).box_voting_iou == 0.3
     with pytest.raises(ValidationError):
@@ -141,7 +140,7 @@ def test_box_voting_iou_must_be_a_fraction():
 def test_boxes_per_phrase_rejects_negative_values():
     from pydantic import ValidationError
 
-    from vesl.pipeline.config import DetectorConfig
+    from vesl.schemas.config import DetectorConfig
 
     assert DetectorConfig(boxes_per_phrase=1).boxes_per_phrase == 1
     with pytest.raises(ValidationError):

@@ -11,10 +11,12 @@ import pytest
 from PIL import Image
 
 from vesl.errors import UserError
-from vesl.labelers.captioners import HFCaptioner, make_captioner, resolve_device, resolve_dtype
+from vesl.labelers.captioners import HFCaptioner, make_captioner
+from vesl.labelers.devices import resolve_device, resolve_dtype
 from vesl.labelers.prompts import prompt_hash, render_prompt, strip_control_tokens
-from vesl.pipeline.config import DEFAULT_PROMPT, CaptionerConfig
-from vesl.pipeline.stage import Sample, apply_stage
+from vesl.pipeline.apply import apply_stage
+from vesl.schemas.config import DEFAULT_PROMPT, CaptionerConfig
+from vesl.schemas.stage import Sample
 
 SIZES = [(64, 48), (200, 100), (30, 90), (120, 120), (333, 77)]
 COLORS = ["red", "blue", "green", "white", "black"]
@@ -193,7 +195,7 @@ def test_stages_pickle_before_setup(tiny_vlm_dir, monkeypatch):
     blob = pickle.dumps(oa)  # engines ship stages to workers: no sockets, no key inside
     assert b"sk-pickle-secret" not in blob
     assert pickle.loads(blob)._client is None  # noqa: S301 - our own bytes
-    oa.close()
+    oa.teardown()
 
 
 @pytest.mark.parametrize("spec", ["", "gpt4", "hf:", "foo:bar", "openai:localhost:8000#m", "openai:http://x/v1"])
@@ -234,10 +236,9 @@ def test_dtype_and_device_resolution():
     import torch
 
     assert resolve_dtype("auto", "cpu") is torch.float32
-    assert resolve_dtype("auto", "cuda:0") is torch.bfloat16
     assert resolve_dtype("fp16", "cpu") is torch.float16
-    assert resolve_device("cpu") == "cpu"
-    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(UserError):
         resolve_dtype("int3", "cpu")
 
@@ -275,7 +276,8 @@ def _label_end_to_end(captioner: CaptionerConfig, out) -> list[dict]:
 
     from vesl.pipeline.config import LabelConfig
     from vesl.pipeline.engines import run
-    from vesl.schemas.region_text import PROVENANCE_KEY, validate
+    from vesl.schemas.region_text import PROVENANCE_KEY
+    from vesl.schemas.validation import validate
 
     run(LabelConfig(inputs=["synth://4"], output=str(out), captioner=captioner), progress=False)
     assert validate(out) == []
@@ -323,3 +325,14 @@ def test_remote_code_in_a_model_folder_never_runs_by_default(tiny_vlm_dir, tmp_p
     with pytest.raises(Exception, match="remote code ran"):  # the fixture really carries remote code
         trusting.setup()
     assert marker.exists()
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_auto_dtype_on_cuda_falls_back_to_fp16_without_bf16(bf16, monkeypatch):
+    """Captioners and detectors share one rule: bf16 on CUDA, fp16 where the GPU lacks bf16, fp32 on CPU."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert resolve_dtype("auto", "cuda:0") is (torch.bfloat16 if bf16 else torch.float16)
+    assert resolve_dtype("auto", torch.device("cuda")) is (torch.bfloat16 if bf16 else torch.float16)
+    assert resolve_dtype("auto", "cpu") is torch.float32

@@ -60,9 +60,8 @@ def test_synth_label_validate_inspect_resume(tmp_path):
 
 
 def test_validate_lists_every_violation_and_exits_1(tmp_path):
-    from vesl.pipeline.stage import Region, Sample
-    from vesl.pipeline.writer import write_shard
-    from vesl.schemas.manifest import write_manifest
+    from vesl.pipeline.writer import write_manifest, write_shard
+    from vesl.schemas.stage import Region, Sample
 
     bad = [
         Sample(key="a", source_shard="s", index=0, width=8, height=8, caption="a cat", caption_source="vlm",
@@ -124,7 +123,8 @@ def test_user_mistakes_get_one_line_errors(tmp_path, args, expect):
 
 
 def test_config_precedence_cli_over_file_over_profile(tmp_path):
-    from vesl.profiles import demo_assets_dir, resolve_config
+    from vesl.demo import ASSETS_DIR
+    from vesl.profiles import resolve_config
 
     (tmp_path / "job.yaml").write_text("detector:\n  threshold: 0.3\nphrases:\n  max_phrases: 7\nworkers: 3\n")
     cfg = resolve_config("paper", tmp_path / "job.yaml", {"detector": {"spec": "none"}, "workers": 1})
@@ -139,11 +139,11 @@ def test_config_precedence_cli_over_file_over_profile(tmp_path):
     assert (grit.detector.threshold, grit.detector.nms, grit.detector.text_threshold) == (0.65, "class_agnostic", 0.25)
     assert grit.detector.spec == "grounding-dino:IDEA-Research/grounding-dino-base"
     demo = resolve_config("demo")
-    if (demo_assets_dir() / "detector").is_dir():
+    if (ASSETS_DIR / "detector").is_dir():
         assert demo.detector.spec.startswith("owlv2:")
     else:
         assert demo.detector.spec == "none"
-    if (demo_assets_dir() / "captioner").is_dir():
+    if (ASSETS_DIR / "captioner").is_dir():
         assert demo.captioner.spec.startswith("hf:")
     else:
         assert demo.captioner.spec == "alt_text"
@@ -153,8 +153,8 @@ def test_inspect_text_report_in_process(tmp_path):
     from typer.testing import CliRunner
 
     from vesl.cli import app
-    from vesl.pipeline.stage import Region, Sample, SampleError
     from vesl.pipeline.writer import write_shard
+    from vesl.schemas.stage import Region, Sample, SampleError
 
     samples = [
         Sample(key=f"k{i}", source_shard="s", index=i, width=8, height=8, caption="a red cat", caption_source="vlm",
@@ -251,7 +251,7 @@ def test_readme_label_output_is_what_the_example_train_config_reads():
 
 
 def test_cost_report_adds_up_the_shards_stage_seconds():
-    from vesl.label_cli import cost_report
+    from vesl.schemas.statistics import cost_report
 
     shards = [
         {"images": 100, "decode": 1.0, "caption": 6.0, "detect": 3.0, "wall_s": 11.0, "engine": "ray", "run_id": "x"},

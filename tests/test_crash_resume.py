@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 from tests.shard_checks import stats_without_timings
 from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.engines.local import run_local
-from vesl.pipeline.writer import committed_shards
+from vesl.schemas.dataset import committed_shards
 from vesl.schemas.manifest import check_dataset
-from vesl.schemas.region_text import validate
+from vesl.schemas.validation import validate
 
 VESL = str(Path(sys.executable).parent / "vesl")
 INPUT = "synth://120?seed=5&shard_size=12"  # 10 input shards

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vesl.pipeline.apply import apply_stage
 from vesl.pipeline.config import DecodeConfig, SourceConfig
 from vesl.pipeline.decode import DecodeStage, decode_image, to_rgb
 from vesl.pipeline.sources import list_shards, read_shard
-from vesl.pipeline.stage import apply_stage
 
 LIMIT = 50_000  # a small configured bomb limit: 300x300 is over it
 
@@ -129,7 +129,7 @@ def test_broken_corpus_gives_one_error_row_each(tmp_path):
 
 def test_empty_alt_text_can_be_allowed_and_bytes_dropped():
     data = GOOD["rgb_jpeg"][0]
-    from vesl.pipeline.stage import Sample
+    from vesl.schemas.stage import Sample
 
     stage = DecodeStage(DecodeConfig(allow_empty_alt_text=True, keep_image_bytes=False))
     s = Sample(key="k", source_shard="x", image_bytes=data, alt_text="")

@@ -9,7 +9,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from vesl.demo import generate_input, results_table, run_demo, run_full_demo
+from vesl.demo.runner import generate_input, results_table, run_demo, run_full_demo
 
 
 def test_generate_input_is_deterministic_and_reused(tmp_path):
@@ -126,7 +126,7 @@ def test_full_demo_tiny(tmp_path):
     assert saved["metrics"] == res.metrics
     assert saved["train_seeds"] == [3, 4]
     assert [r["train_seed"] for r in saved["per_seed"]] == [3, 4]
-    from vesl.pipeline.synth import TEST_SEEDS
+    from vesl.demo.synth import TEST_SEEDS
 
     assert saved["eval_split"] == "test"
     assert [r["eval_seed"] for r in saved["per_seed"]] == list(TEST_SEEDS[:2])  # a fresh sealed world per seed
@@ -150,7 +150,7 @@ def test_full_demo_refuses_a_bad_split_in_one_line(tmp_path):
 
 
 def test_world_seed_splits_are_disjoint():
-    from vesl.pipeline.synth import TEST_SEEDS, TRAINING_SEEDS, VALIDATION_SEEDS
+    from vesl.demo.synth import TEST_SEEDS, TRAINING_SEEDS, VALIDATION_SEEDS
 
     assert not set(TRAINING_SEEDS) & set(VALIDATION_SEEDS)
     assert not set(TRAINING_SEEDS) & set(TEST_SEEDS)
@@ -158,8 +158,8 @@ def test_world_seed_splits_are_disjoint():
 
 
 def test_ground_truth_labels_go_through_the_engine(tmp_path):
-    from vesl.demo import label_ground_truth
-    from vesl.pipeline.synth import make_scene
+    from vesl.demo.ground_truth import label_ground_truth
+    from vesl.demo.synth import make_scene
     from vesl.schemas.manifest import check_dataset
 
     generate_input(tmp_path / "in", n=5, seed=7, shard_size=3)
@@ -178,8 +178,8 @@ def test_ground_truth_labels_go_through_the_engine(tmp_path):
 
 
 def test_caption_precision_counts_invented_and_repeated_objects():
-    from vesl.labelers.recipes.quality import named_categories
-    from vesl.pipeline.synth import COLORS, SHAPES
+    from vesl.demo.recipes.quality import named_categories
+    from vesl.demo.synth import COLORS, SHAPES
 
     cap = "A large red circle, two red circles and a blue star. The Green Heart is small."
     assert named_categories(cap, list(COLORS), SHAPES) == ["red circle", "red circle", "blue star", "green heart"]

@@ -1,4 +1,4 @@
-"""The shipped demo models (vesl/assets/demo) load like hub models and really label the synthetic world.
+"""The shipped demo models (vesl/demo/assets) load like hub models and really label the synthetic world.
 
 The goal check runs on the first 24 scenes of the first sealed test world. Its bounds sit below the
 spread measured on the test worlds (benchmarks/label_quality.py, 200 scenes on each of worlds 7001-7003:
@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from vesl.labelers.recipes import ASSETS_DIR
+from vesl.demo import ASSETS_DIR
 
 CAPTIONER, DETECTOR = ASSETS_DIR / "captioner", ASSETS_DIR / "detector"
 GOAL_SCENES = 24
@@ -31,7 +31,7 @@ def test_shipped_models_are_small_and_carry_their_recipe():
     assert total <= 20 * 1024 * 1024
     for d, module in ((CAPTIONER, "train_captioner"), (DETECTOR, "train_detector")):
         rec = json.loads((d / "recipe.json").read_text())
-        assert f"vesl.labelers.recipes.{module}" in rec["command"]
+        assert f"vesl.demo.recipes.{module}" in rec["command"]
         assert isinstance(rec["config"]["seed"], int)
         assert rec["git_commit"]
         assert (d / "model.safetensors").is_file()
@@ -41,8 +41,8 @@ def test_shipped_models_are_small_and_carry_their_recipe():
 def test_shipped_models_load_through_hf_and_owlv2_specs():
     from vesl.labelers.captioners import make_captioner
     from vesl.labelers.detectors import make_detector
-    from vesl.pipeline.config import CaptionerConfig, DetectorConfig
     from vesl.profiles import profile
+    from vesl.schemas.config import CaptionerConfig, DetectorConfig
 
     demo = profile("demo")
     assert demo["captioner"]["spec"] == f"hf:{CAPTIONER}"
@@ -58,8 +58,8 @@ def test_shipped_models_load_through_hf_and_owlv2_specs():
 def test_demo_models_meet_the_goal_check_on_test_scenes():
     import torch
 
-    from vesl.labelers.recipes.quality import evaluate
-    from vesl.pipeline.synth import TEST_SEEDS, make_scenes
+    from vesl.demo.recipes.quality import evaluate
+    from vesl.demo.synth import TEST_SEEDS, make_scenes
     from vesl.profiles import profile
 
     torch.set_num_threads(2)

@@ -20,8 +20,8 @@ from vesl.labelers.detectors import (
     parse_spec,
     phrase_token_map,
 )
-from vesl.pipeline.config import DetectorConfig
-from vesl.pipeline.stage import Phrase, Sample
+from vesl.schemas.config import DetectorConfig
+from vesl.schemas.stage import Phrase, Sample
 
 
 def _sig(x: float) -> float:

@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.shard_checks import stats_without_timings
-from vesl.pipeline.config import CaptionerConfig, DetectorConfig, LabelConfig
+from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.engines.distributed import StageRunner
 from vesl.pipeline.wiring import build_stages
+from vesl.schemas.config import CaptionerConfig, DetectorConfig
 
 pytest.importorskip("apache_beam")
 pytest.importorskip("ray")
@@ -29,7 +30,7 @@ BROKEN = {"b-truncated": "TruncatedImage", "b-text": "NotAnImage", "b-empty": "E
 
 def _write_input(root: Path) -> Path:
     """Tars as img2dataset writes them: three of synthetic scenes, one mixing good and broken images."""
-    from vesl.pipeline.synth import make_scenes, write_webdataset
+    from vesl.demo.synth import make_scenes, write_webdataset
 
     scenes = list(make_scenes(N_SHARDS * PER_SHARD, seed=5))
     write_webdataset(scenes, root, shard_size=PER_SHARD)
@@ -197,7 +198,7 @@ def test_started_on_beam_interrupted_finished_on_ray(engines_input, reference, t
 
 def test_ray_pool_groups_keep_gpu_stages_apart():
     from vesl.pipeline.engines.ray_engine import _pool_groups
-    from vesl.pipeline.stage import StageResources
+    from vesl.schemas.stage import StageResources
 
     class S:
         def __init__(self, name, gpus=0.0):
@@ -248,7 +249,7 @@ class _ThreadProbe:
     name = "caption"
 
     def __init__(self) -> None:
-        from vesl.pipeline.stage import StageResources
+        from vesl.schemas.stage import StageResources
 
         self.resources = StageResources(batch_size=2)
 
@@ -300,3 +301,69 @@ def test_every_engine_runs_stages_with_the_configured_threads(engine, tmp_path, 
     assert summary["rows"] == 4
     captions = {r["caption"] for p in tmp_path.glob("part-*.parquet") if "errors" not in p.name for r in pq.read_table(p).to_pylist()}
     assert captions == {"threads=3"}
+
+
+class _TeardownProbe:
+    """Leaves a file named after its process when torn down (workers may be other processes)."""
+
+    name = "caption"
+
+    def __init__(self, marks: str) -> None:
+        from vesl.schemas.stage import StageResources
+
+        self.marks = marks
+        self.resources = StageResources(batch_size=2)
+
+    def setup(self) -> None:
+        pass
+
+    def teardown(self) -> None:
+        import os
+        import uuid
+
+        Path(self.marks, f"{os.getpid()}-{uuid.uuid4().hex}").touch()
+
+    def provenance(self):
+        return {}
+
+    def __call__(self, batch):
+        for s in batch:
+            s.caption, s.caption_source = "probe", "vlm"
+        return batch
+
+
+class _TeardownStages:
+    def __init__(self, marks: str) -> None:
+        self.marks = marks
+
+    def __call__(self, cfg):
+        return [build_stages(cfg)[0], _TeardownProbe(self.marks)]
+
+
+@pytest.mark.parametrize("engine", ["local", "local-2-workers", "beam", "ray"])
+def test_every_engine_tears_its_stages_down(engine, tmp_path, request):
+    """Each worker that set a stage up calls its ``teardown()`` once it is done (in-process, spawned workers,
+    Beam's DoFn teardown, Ray actors at the pool's end)."""
+    import time
+
+    from vesl.pipeline.engines.beam_engine import run_beam
+    from vesl.pipeline.engines.local import run_local
+    from vesl.pipeline.engines.ray_engine import run_ray
+
+    if engine == "ray":
+        request.getfixturevalue("ray_session")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    run = {"local": run_local, "beam": run_beam, "ray": run_ray}[engine.split("-")[0]]
+    cfg = LabelConfig(inputs=["synth://4?seed=2&shard_size=2"], output=str(tmp_path / "out"),
+                      engine=engine.split("-")[0], workers=2 if engine == "local-2-workers" else 1)  # fmt: skip
+    summary = run(cfg, stages_factory=_TeardownStages(str(marks)), progress=False)
+    assert summary["failed"] == []
+    assert summary["rows"] == 4
+    deadline = time.monotonic() + 30  # Ray tears an actor down when its pool ends, after the results arrive
+    while not any(marks.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    torn = list(marks.iterdir())
+    assert torn, f"{engine}: no stage was torn down"
+    if engine == "local-2-workers":
+        assert len({p.name.split("-")[0] for p in torn}) == 2  # each spawned worker tears its own stages down

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from vesl.pipeline.synth import SIZES
+from vesl.demo.synth import SIZES
 
 TRAIN_SEED, HELD_OUT_SEED = 5003, 5004
 N_TRAIN, N_HELD_OUT, STEPS = 800, 150, 400
@@ -22,7 +22,8 @@ def size_word_mean_box_accuracy(train_dir, coco_json, size: int) -> float:
     """accuracy@0.5 of predicting, for each held-out phrase, the mean training box of its size word."""
     import pyarrow.parquet as pq
 
-    from vesl.pretrain.data import box_iou, letterbox_box
+    from vesl.pretrain.data import letterbox_box
+    from vesl.schemas.boxes import box_iou
 
     sums: dict[str, list[float]] = {w: [0.0] * 4 for w in SIZES}
     counts = dict.fromkeys(SIZES, 0)
@@ -49,8 +50,9 @@ def size_word_mean_box_accuracy(train_dir, coco_json, size: int) -> float:
 
 @pytest.mark.slow
 def test_short_training_on_ground_truth_grounds_far_better_than_the_size_word_mean_box(tmp_path):
-    from vesl.demo import _train, generate_input, label_ground_truth
-    from vesl.pipeline.synth import make_scenes, write_coco
+    from vesl.demo.ground_truth import label_ground_truth
+    from vesl.demo.runner import _train, generate_input
+    from vesl.demo.synth import make_scenes, write_coco
     from vesl.pretrain import load
     from vesl.pretrain.eval import coco_grounding_accuracy
 

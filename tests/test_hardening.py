@@ -400,9 +400,9 @@ def test_truncated_parquet_is_a_finding_for_validate_and_one_line_elsewhere(tmp_
     assert cli(monkeypatch, capsys, "label", data, "-o", out, *CHEAP)[0] == 0
     shard = out / "part-00000.parquet"
     shard.write_bytes(shard.read_bytes()[:100])
-    from vesl.schemas import region_text
+    from vesl.schemas import validation
 
-    kinds = {v.kind for v in region_text.validate(out)}
+    kinds = {v.kind for v in validation.validate(out)}
     assert {"unreadable", "sha256"} <= kinds
     rc, text, _ = cli(monkeypatch, capsys, "validate", out)
     assert rc == 1
@@ -416,7 +416,7 @@ def test_truncated_parquet_is_a_finding_for_validate_and_one_line_elsewhere(tmp_
         assert "Traceback" not in err
         assert err.strip().splitlines()[-1].startswith("error: ")
     shard.unlink()
-    assert "missing_file" in {v.kind for v in region_text.validate(out)}
+    assert "missing_file" in {v.kind for v in validation.validate(out)}
     rc, _, err = cli(monkeypatch, capsys, "inspect", out)
     one_line_error(rc, err, "part-00000.parquet")
 
@@ -464,9 +464,8 @@ def test_card_escapes_html_and_markdown(tmp_path, monkeypatch, capsys):
 
 def test_card_tables_escape_hostile_phrases_and_error_types(tmp_path):
     from vesl.pipeline.publish import publish
-    from vesl.pipeline.stage import Region, Sample, SampleError
-    from vesl.pipeline.writer import write_shard
-    from vesl.schemas.manifest import write_manifest
+    from vesl.pipeline.writer import write_manifest, write_shard
+    from vesl.schemas.stage import Region, Sample, SampleError
 
     hostile = "the red circle</td></tr><script>alert(1)</script>"
     caption = f"{hostile} | and more"
@@ -489,9 +488,8 @@ def test_card_tables_escape_hostile_phrases_and_error_types(tmp_path):
 
 
 def test_show_and_export_read_image_uris_only_inside_the_dataset_and_its_inputs(tmp_path, monkeypatch, capsys):
-    from vesl.pipeline.stage import Sample
-    from vesl.pipeline.writer import write_shard
-    from vesl.schemas.manifest import write_manifest
+    from vesl.pipeline.writer import write_manifest, write_shard
+    from vesl.schemas.stage import Sample
 
     outside = tmp_path / "outside.png"
     outside.write_bytes(_png((9, 9, 9)))
@@ -595,7 +593,8 @@ def test_trainer_input_errors_are_one_line(tmp_path):
 
     from tests.pretrain_data import write_shards
     from vesl.errors import UserError
-    from vesl.pretrain.train import load_optimizer_state, load_weights, train
+    from vesl.pretrain.checkpoint import load_optimizer_state, load_weights
+    from vesl.pretrain.train import train
 
     [p] = write_shards(tmp_path / "data", 4, n_files=1)
     good = p.read_bytes()
@@ -625,7 +624,7 @@ def test_distributed_writer_never_commits_a_shard_hit_by_an_infrastructure_failu
     from vesl.pipeline.engines.distributed import ShardEnd, write_items
     from vesl.pipeline.job import ShardTask
     from vesl.pipeline.sources import ShardRef
-    from vesl.pipeline.stage import Sample, SampleError
+    from vesl.schemas.stage import Sample, SampleError
 
     cfg = LabelConfig(inputs=["synth://2"], output=str(tmp_path / "out"))
     task = ShardTask(ShardRef(0, "synth://2?seed=0&shard_size=2&part=0", "synth"))
@@ -642,9 +641,8 @@ def test_show_fetches_no_url_unless_allowed(tmp_path, monkeypatch, capsys):
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from vesl.pipeline.stage import Sample
-    from vesl.pipeline.writer import write_shard
-    from vesl.schemas.manifest import write_manifest
+    from vesl.pipeline.writer import write_manifest, write_shard
+    from vesl.schemas.stage import Sample
 
     hits = []
     png = _png((5, 5, 250))
@@ -683,7 +681,8 @@ def test_cuda_out_of_memory_on_one_sample_fails_the_shard_not_the_sample():
     """OOM on a batch is retried per sample; OOM on a single sample is the device's failure."""
     import torch
 
-    from vesl.pipeline.stage import Sample, StageResources, apply_stage, infrastructure_failure
+    from vesl.pipeline.apply import apply_stage
+    from vesl.schemas.stage import Sample, StageResources, infrastructure_failure
 
     class Stage:
         name = "detect"

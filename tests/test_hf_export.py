@@ -213,7 +213,7 @@ def test_region_model_cleans_text_like_open_clip(tmp_path):
 def _scene_images(n: int = 3) -> list[tuple[Image.Image, list[list[float]]]]:
     import io
 
-    from vesl.pipeline.synth import make_scene
+    from vesl.demo.synth import make_scene
 
     out = []
     for i in range(n):

@@ -11,7 +11,7 @@ from vesl.errors import UserError
 from vesl.labelers import hub
 from vesl.labelers.captioners import make_captioner
 from vesl.labelers.detectors import make_detector
-from vesl.pipeline.config import CaptionerConfig, DetectorConfig
+from vesl.schemas.config import CaptionerConfig, DetectorConfig
 
 
 def _closed_port() -> int:

@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from vesl.errors import UserError
-from vesl.pipeline.config import CaptionerConfig, DetectorConfig, LabelConfig, PhrasesConfig
+from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.engines import run
+from vesl.schemas.config import CaptionerConfig, DetectorConfig, PhrasesConfig
 from vesl.schemas.manifest import check_dataset
 from vesl.schemas.region_text import PROVENANCE_KEY
 

@@ -19,9 +19,9 @@ from tests.shard_checks import stats_without_timings
 from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.decode import DecodeStage
 from vesl.pipeline.engines.local import run_local
-from vesl.pipeline.stage import Region, Sample, StageResources, fail
 from vesl.schemas.manifest import check_dataset
-from vesl.schemas.region_text import validate
+from vesl.schemas.stage import Region, Sample, StageResources, fail
+from vesl.schemas.validation import validate
 
 REFUSED = {"s01-0003", "s02-0000"}  # the grounding stage raises on these keys
 

@@ -22,8 +22,9 @@ import pytest
 from PIL import Image
 
 from vesl.labelers.captioners import OpenAICaptioner, make_captioner
-from vesl.pipeline.config import CaptionerConfig
-from vesl.pipeline.stage import Sample, apply_stage
+from vesl.pipeline.apply import apply_stage
+from vesl.schemas.config import CaptionerConfig
+from vesl.schemas.stage import Sample
 
 SECRET = "sk-vesl-test-3f9c2a7d1e"
 KEY_ENV = "VESL_TEST_OPENAI_KEY"
@@ -122,7 +123,7 @@ def test_captions_from_transformers_serve(served_vlm, caplog):
     )
     stage.setup()
     batch = apply_stage(stage, _samples(4))
-    stage.close()
+    stage.teardown()
     assert [s.error for s in batch] == [None] * 4
     assert all(isinstance(s.caption, str) and s.caption and s.caption == s.caption.strip() for s in batch)
     assert {s.caption_source for s in batch} == {"vlm"}

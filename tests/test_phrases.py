@@ -12,8 +12,8 @@ from vesl.labelers.phrases import (
     lower_preserving_length,
     tag_pattern_to_regex,
 )
-from vesl.pipeline.config import PhrasesConfig
-from vesl.pipeline.stage import Sample
+from vesl.schemas.config import PhrasesConfig
+from vesl.schemas.stage import Sample
 
 DOG = (
     "A photo of a black dog on the left of the wooden bench and a cat, which is sleeping in the "

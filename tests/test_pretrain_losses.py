@@ -330,13 +330,13 @@ def test_patch_head_takes_the_box_the_text_selects_and_leaves_the_prompter_alone
     head = GroundingHead(8, 16, (4, 4), kind="patch", width=12)
     tokens = torch.randn(1, 16, 12)
     with torch.no_grad():  # the query picks patch 5 (row 1, column 1: centre (0.375, 0.375)) decisively
-        head.log_temp.fill_(0.0)
         text = torch.randn(1, 1, 8)
         q = head.query(text)
         k = head.key(tokens)
         tokens_sel = (q @ k.transpose(1, 2)).argmax().item()
     box, logits = head.from_patches(text, tokens)
-    assert logits.shape == (1, 1, 16) and box.shape == (1, 1, 4)
+    assert logits.shape == (1, 1, 16)
+    assert box.shape == (1, 1, 4)
     centre = (box[0, 0, :2] + box[0, 0, 2:]) / 2
     assert ((0 <= centre) & (centre <= 1)).all()
     with torch.no_grad():
@@ -344,7 +344,8 @@ def test_patch_head_takes_the_box_the_text_selects_and_leaves_the_prompter_alone
         box, _ = head.from_patches(text, tokens)
     row, col = divmod(tokens_sel, 4)
     centre = (box[0, 0, :2] + box[0, 0, 2:]) / 2
-    assert abs(centre[0] - (col + 0.5) / 4) <= 0.25 + 1e-5 and abs(centre[1] - (row + 0.5) / 4) <= 0.25 + 1e-5
+    assert abs(centre[0] - (col + 0.5) / 4) <= 0.25 + 1e-5
+    assert abs(centre[1] - (row + 0.5) / 4) <= 0.25 + 1e-5
 
     # in a CLOC forward the grounding loss never reaches the Prompter: region embeddings are left to L_region
     model = create_model("vesl-micro-vit", prompter={"ground_head": "patch"}, seed=0)
@@ -374,7 +375,9 @@ def test_position_words_follow_the_box_and_are_drawn_deterministically():
         flags = [b._with_position(r["key"], 0, 4) for r in rows]
         assert flags == [b._with_position(r["key"], 0, 4) for r in rows]  # the same draw on any rank or rerun
         words.append(sum(map(sum, flags)))
-    assert words[0] == 0 and words[2] == 32 and 4 <= words[1] <= 28
+    assert words[0] == 0
+    assert words[2] == 32
+    assert 4 <= words[1] <= 28
 
 
 def test_saved_configs_without_a_ground_head_load_the_paper_mlp():

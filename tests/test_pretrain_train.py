@@ -38,7 +38,8 @@ def overfit_run(tmp_path_factory):
 
 def test_overfit_cuts_region_loss_and_grounding_beats_whole_image(overfit_run):
     from vesl.pretrain import load
-    from vesl.pretrain.data import BatchBuilder, Preprocess, box_iou, letterbox_box, list_shards
+    from vesl.pretrain.data import BatchBuilder, Preprocess, letterbox_box, list_shards
+    from vesl.schemas.boxes import box_iou
 
     run, data = overfit_run
     log = _losses(run)
@@ -114,7 +115,7 @@ def test_eval_of_a_plain_open_clip_model_gives_the_clip_baselines_of_the_same_we
 def test_cli_eval_reproduces_the_demo_evaluation(overfit_run, tmp_path):
     """One definition of region classification: `vesl eval` with its defaults gives `vesl demo --full`'s numbers."""
     from tests.pretrain_data import write_coco
-    from vesl.demo import _evaluate
+    from vesl.demo.runner import _evaluate
     from vesl.pretrain.eval import METHODS
 
     run, _ = overfit_run

@@ -17,7 +17,8 @@ import yaml
 
 from tests.region_dataset import PROVENANCE, write_region_dataset
 from vesl.errors import UserError
-from vesl.pipeline.publish import CHECKSUMS_FILE, DATA_FILES_PATTERN, InvalidDataset, publish
+from vesl.pipeline.publish import CHECKSUMS_FILE, DATA_FILES_PATTERN, publish
+from vesl.schemas.dataset import InvalidDataset
 from vesl.schemas.region_text import region_text_schema
 
 
@@ -237,7 +238,7 @@ def test_publish_a_dataset_written_by_the_shard_writer(tmp_path):
     """The real writer's layout (stats JSON with timings, hidden temp names) publishes and loads."""
     import datasets
 
-    pytest.importorskip("vesl.pipeline.synth")
+    pytest.importorskip("vesl.demo.synth")
     from tests.region_dataset import write_synth_region_dataset
 
     d = write_synth_region_dataset(tmp_path / "synth", n_images=6, n_shards=2)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.test_hf_export import _checkpoint
-from vesl.pipeline.synth import _POSITIONS, _position, make_refexp, write_refexp
+from vesl.demo.synth import _POSITIONS, _position, make_refexp, write_refexp
 
 
 def test_refexp_scenes_have_look_alikes_named_by_size_and_position():
@@ -110,11 +110,11 @@ def test_prompter_and_ground_accuracy_match_the_exported_region_api(tmp_path, re
     """The same figures through a second implementation (the transformers export), item by item."""
     from PIL import Image
 
-    from vesl.pretrain.data import box_iou
     from vesl.pretrain.eval import evaluate
     from vesl.pretrain.export import export_model
     from vesl.pretrain.hf import CLOCRegionModel
     from vesl.pretrain.model import create_model
+    from vesl.schemas.boxes import box_iou
 
     model = create_model("vesl-tiny-vit", seed=3).eval()
     res = evaluate(model, refexp=rec_set)["refexp"]
@@ -147,7 +147,7 @@ def test_refexp_file_errors_are_one_line(tmp_path):
 
 
 def test_demo_rec_table_judges_the_best_clip_ranking():
-    from vesl.demo import rec_table
+    from vesl.demo.runner import rec_table
 
     m = {"rec_clip_roi_align": 0.52, "rec_clip_crop": 0.47, "rec_cloc_prompter": 0.70, "rec_cloc_ground": 0.1,
          "rec_chance": 0.37}

@@ -14,8 +14,8 @@ from vesl.schemas.region_text import (
     SCHEMA_VERSION_KEY,
     region_text_schema,
     schema_as_json,
-    validate,
 )
+from vesl.schemas.validation import validate
 
 CAPTION = "a red circle next to a blue square"
 

@@ -276,7 +276,7 @@ def test_list_shards_order_dedupe_and_errors(tmp_path):
 
 
 def test_synth_source_shards():
-    synth = pytest.importorskip("vesl.pipeline.synth")
+    synth = pytest.importorskip("vesl.demo.synth")
     refs = list_shards(["synth://7?seed=3&shard_size=3"], CFG)
     assert [r.uri for r in refs] == [f"synth://7?seed=3&shard_size=3&part={p}" for p in range(3)]
     assert all(r.kind == "synth" for r in refs)
@@ -291,7 +291,7 @@ def test_synth_source_shards():
 
 @pytest.mark.parametrize("fmt", ["wds", "parquet"])
 def test_reads_what_the_synth_writers_wrote(tmp_path, fmt):
-    synth = pytest.importorskip("vesl.pipeline.synth")
+    synth = pytest.importorskip("vesl.demo.synth")
     scenes = list(synth.make_scenes(5, seed=11))
     writer = synth.write_webdataset if fmt == "wds" else synth.write_parquet
     writer(scenes, tmp_path, shard_size=2)
@@ -304,8 +304,8 @@ def test_reads_what_the_synth_writers_wrote(tmp_path, fmt):
 
 def test_count_samples_matches_the_reader_where_cheap(tmp_path):
     """The progress total: the counts equal what the reader yields; costly counts are None, never wrong."""
+    from vesl.demo.synth import make_scenes, write_parquet, write_webdataset
     from vesl.pipeline.sources import count_samples
-    from vesl.pipeline.synth import make_scenes, write_parquet, write_webdataset
 
     scenes = list(make_scenes(7, seed=4))
     cfg = SourceConfig()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vesl.pipeline.synth import (
+from vesl.demo.synth import (
     COLORS,
     SHAPES,
     categories,

@@ -9,9 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from vesl.pipeline import writer
-from vesl.pipeline.stage import Region, Sample, SampleError
-from vesl.schemas.manifest import build_manifest, check_dataset, write_manifest
-from vesl.schemas.region_text import ERRORS_SCHEMA, PROVENANCE_KEY, validate
+from vesl.pipeline.writer import write_manifest
+from vesl.schemas import dataset
+from vesl.schemas.manifest import build_manifest, check_dataset
+from vesl.schemas.region_text import ERRORS_SCHEMA, PROVENANCE_KEY
+from vesl.schemas.stage import Region, Sample, SampleError
+from vesl.schemas.validation import validate
 
 PROV = {"detector": {"spec": "none"}, "vesl_version": "test"}
 
@@ -40,7 +43,7 @@ def test_shard_name():
 def test_write_shard_commits_rows_errors_and_stats(tmp_path):
     samples = _samples(20)
     stats = writer.write_shard(tmp_path, "part-00003", "file:///in/3.tar", samples, PROV, {"wall_s": 1.0})
-    assert writer.is_committed(tmp_path, "part-00003")
+    assert dataset.is_committed(tmp_path, "part-00003")
     assert sorted(os.listdir(tmp_path)) == ["part-00003.errors.parquet", "part-00003.parquet", "part-00003.stats.json"]
     rows = pq.read_table(tmp_path / "part-00003.parquet")
     errs = pq.read_table(tmp_path / "part-00003.errors.parquet")
@@ -107,14 +110,14 @@ def test_crash_before_stats_leaves_shard_uncommitted(tmp_path, monkeypatch):
     monkeypatch.setattr(writer, "atomic_write_bytes", dying)
     with pytest.raises(OSError, match="disk gone"):
         writer.write_shard(tmp_path, "part-00001", "u", _samples(4), PROV)
-    assert not writer.is_committed(tmp_path, "part-00001")
-    assert writer.committed_shards(tmp_path) == []
+    assert not dataset.is_committed(tmp_path, "part-00001")
+    assert dataset.committed_shards(tmp_path) == []
     assert [v.kind for v in check_dataset(tmp_path)] == ["uncommitted", "manifest"]
 
 
 def test_overwrite_uncommits_first(tmp_path, monkeypatch):
     writer.write_shard(tmp_path, "part-00001", "u", _samples(4), PROV)
-    assert writer.is_committed(tmp_path, "part-00001")
+    assert dataset.is_committed(tmp_path, "part-00001")
     real = writer.atomic_write_bytes
 
     def dying(out_dir, filename, data):
@@ -126,7 +129,7 @@ def test_overwrite_uncommits_first(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="killed"):
         writer.write_shard(tmp_path, "part-00001", "u", _samples(8), PROV)
     # New parquet is in place but the old stats no longer vouch for it.
-    assert not writer.is_committed(tmp_path, "part-00001")
+    assert not dataset.is_committed(tmp_path, "part-00001")
 
 
 def test_atomic_write_leaves_no_temp_files_and_cleanup(tmp_path):
@@ -192,8 +195,8 @@ def test_fsspec_output_filesystem(tmp_path):
     try:
         writer.write_shard(out, "part-00000", "u", _samples(6, "part-00000"), PROV)
         writer.write_shard(tmp_path, "part-00000", "u", _samples(6, "part-00000"), PROV)
-        assert writer.is_committed(out, "part-00000")
-        assert writer.committed_shards(out) == ["part-00000"]
+        assert dataset.is_committed(out, "part-00000")
+        assert dataset.committed_shards(out) == ["part-00000"]
         write_manifest(out)
         write_manifest(tmp_path)
         fs = fsspec.filesystem("memory")

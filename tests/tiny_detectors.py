@@ -29,7 +29,7 @@ def build_clip_tokenizer(corpus: Iterable[str], vocab_size: int = 600):
 
     ``vocab_size`` counts the learned merges; the 2 x 256 byte symbols come on top (CLIP's layout).
     """
-    from vesl.labelers.recipes.train_detector import build_tokenizer
+    from vesl.demo.recipes.train_detector import build_tokenizer
 
     return build_tokenizer(list(corpus), vocab_size, max_length=16)
 

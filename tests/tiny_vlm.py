@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # The same special tokens and Qwen2-VL chat template as the shipped demo captioner's recipe.
-from vesl.labelers.recipes.train_captioner import CHAT_TEMPLATE, SPECIAL_TOKENS
+from vesl.demo.recipes.train_captioner import CHAT_TEMPLATE, SPECIAL_TOKENS
 
 _COLORS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple", "brown", "gray"]
 _SHAPES = ["square", "circle", "triangle", "rectangle", "star", "ring", "cross", "stripe"]

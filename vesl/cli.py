@@ -8,6 +8,7 @@ fast.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 import typer
@@ -52,16 +53,18 @@ def set_verbosity(verbose: bool) -> None:
         os.environ["TRANSFORMERS_VERBOSITY"] = "info"
 
 COMMAND_MODULES = (
-    "vesl.label_cli",  # label, inspect, validate, synth
+    "vesl.label_cli",  # label, inspect, validate
     "vesl.publish_cli",  # publish, show, export
     "vesl.pretrain.cli",  # train, eval, export-model
-    "vesl.demo",  # demo
 )
+DEMO_COMMANDS = "vesl.demo.cli"  # synth, demo: the demo world, which an install may leave out
 
 
 def _register_all() -> None:
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(app)
+    if importlib.util.find_spec("vesl.demo") is not None:
+        importlib.import_module(DEMO_COMMANDS).register(app)
 
 
 _register_all()

@@ -1,4 +1,4 @@
-"""`vesl label`, `vesl inspect`, `vesl validate` and `vesl synth`.
+"""`vesl label`, `vesl inspect` and `vesl validate`.
 
 Heavy imports (pyarrow, torch, models) happen inside the command bodies so `vesl --help` stays fast.
 User mistakes raise ``UserError``; ``vesl.cli.main`` prints them as one ``error: ...`` line, exit 2.
@@ -13,9 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from vesl.errors import UserError, first_line
-
-SYNTH_FORMATS = ("wds", "parquet", "coco", "refexp")
+from vesl.errors import UserError
 
 
 def _passthrough(inputs: list[str]) -> tuple[list[str], list[str]]:
@@ -114,113 +112,7 @@ def label(
         raise typer.Exit(1)
 
 
-def _quantiles(values: Any, qs: tuple[float, ...]) -> dict[str, float]:
-    import numpy as np
-
-    if len(values) == 0:
-        return {}
-    return {f"p{round(q * 100)}": round(float(np.quantile(values, q)), 4) for q in qs}
-
-
-def inspect_dataset(out_dir: str | Path, top: int = 15) -> dict[str, Any]:
-    """Summary of a labeled dataset (committed shards only)."""
-    from collections import Counter
-
-    import numpy as np
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from vesl.pipeline.writer import committed_shards, read_stats
-
-    root = Path(out_dir)
-    if not root.is_dir():
-        raise UserError(f"{root} is not a directory: pass the --output directory of `vesl label`")
-    names = committed_shards(root)
-    if not names:
-        raise UserError(f"no committed shards in {root}: run `vesl label ... --output {root}` first")
-    per_image: list[int] = []
-    scores: list[Any] = []
-    phrases: Counter = Counter()
-    errors_by_type: Counter = Counter()
-    errors_by_stage: Counter = Counter()
-    sources: Counter = Counter()
-    rows = errors = 0
-    timings: list[dict[str, Any]] = []
-    for name in names:
-        try:
-            stats = read_stats(root, name) or {}
-            t = pq.read_table(root / stats["files"]["parquet"]["name"], columns=["caption_source", "regions"])
-            stats["errors"], stats["errors_by_type"], stats["errors_by_stage"]
-        except Exception as exc:
-            raise UserError(
-                f"{root}: shard {name} cannot be read ({type(exc).__name__}: {first_line(exc, 200)}); "
-                f"`vesl validate {root}` lists the damage, rerun `vesl label` to redo it"
-            ) from None
-        timings.append({"images": stats.get("input_count", 0), **stats.get("timings", {})})
-        rows += t.num_rows
-        per_image += pc.list_value_length(t["regions"]).to_pylist()
-        flat = pc.list_flatten(t["regions"])
-        scores.append(pc.struct_field(flat, "score").to_numpy(zero_copy_only=False))
-        phrases.update(pc.struct_field(flat, "phrase").to_pylist())
-        sources.update(t["caption_source"].to_pylist())
-        errors += stats["errors"]
-        errors_by_type.update(stats["errors_by_type"])
-        errors_by_stage.update(stats["errors_by_stage"])
-    uncommitted = sorted(
-        p.name for p in root.glob("part-*.parquet") if not p.name.endswith(".errors.parquet") and p.stem not in names
-    )
-    all_scores = np.concatenate(scores) if scores else np.zeros(0)
-    edges = [(0, 0), (1, 1), (2, 2), (3, 3), (4, 5), (6, 10), (11, 20), (21, None)]
-    hist = {}
-    for lo, hi in edges:
-        label = str(lo) if lo == hi else (f"{lo}-{hi}" if hi is not None else f"{lo}+")
-        hist[label] = sum(1 for n in per_image if n >= lo and (hi is None or n <= hi))
-    return {
-        "directory": str(root),
-        "shards": len(names),
-        "uncommitted": uncommitted,
-        "rows": rows,
-        "errors": errors,
-        "errors_by_type": dict(errors_by_type.most_common()),
-        "errors_by_stage": dict(errors_by_stage.most_common()),
-        "caption_source": dict(sources.most_common()),
-        "regions": int(sum(per_image)),
-        "regions_per_image_mean": round(float(np.mean(per_image)), 3) if per_image else 0.0,
-        "regions_per_image_hist": hist,
-        "score_quantiles": _quantiles(all_scores, (0.0, 0.1, 0.5, 0.9, 1.0)),
-        "top_phrases": phrases.most_common(top),
-        "cost": cost_report(timings),
-    }
-
-
-def cost_report(shards: list[dict[str, Any]]) -> dict[str, Any]:
-    """Where a job's time went, from its shards' stats: each stage's seconds, images/s and share, and the
-    hours a million images would take per worker on the machine that ran it.
-
-    Stage seconds are the time each stage spent on the shard's samples, in the worker that ran it, so they
-    add up to one worker's busy time: a trial run of a few shards sizes a cluster job. Model loading, once per
-    worker, is not in them; the local engine overlaps decoding with the models, which the projection ignores.
-    """
-    images = sum(s.get("images", 0) for s in shards)
-    stage_s: dict[str, float] = {}
-    for s in shards:
-        for k, v in s.items():
-            if k not in ("images", "wall_s", "write_s", "engine", "run_id") and isinstance(v, (int, float)):
-                stage_s[k] = stage_s.get(k, 0.0) + float(v)
-    busy = sum(stage_s.values())
-    if not images or busy <= 0:
-        return {}
-    return {
-        "images": images,
-        "stages": {k: {"seconds": round(v, 3), "images_per_s": round(images / v, 2) if v > 0 else None,
-                       "share": round(v / busy, 4)} for k, v in sorted(stage_s.items(), key=lambda kv: -kv[1])},
-        "busy_seconds": round(busy, 3),
-        "seconds_per_image": round(busy / images, 5),
-        "hours_per_million_images_per_worker": round(busy / images * 1e6 / 3600, 2),
-    }
-
-
-def _print_report(r: dict[str, Any]) -> None:
+def print_report(r: dict[str, Any]) -> None:
     echo = typer.echo
     echo(f"dataset    {r['directory']}")
     echo(f"shards     {r['shards']} committed" + (f", {len(r['uncommitted'])} uncommitted" if r["uncommitted"] else ""))
@@ -258,16 +150,18 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON")] = False,
 ) -> None:
     """Rows, errors by type, regions-per-image histogram, score quantiles and top phrases."""
+    from vesl.schemas.statistics import inspect_dataset
+
     report = inspect_dataset(directory, top)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
-        _print_report(report)
+        print_report(report)
 
 
 def validate(directory: Annotated[Path, typer.Argument(help="A dataset directory or one shard file")]) -> None:
     """Check every row against schema v1 and the dataset's commit files; exit 1 listing every violation."""
-    from vesl.schemas.region_text import validate as validate_dataset
+    from vesl.schemas.validation import validate as validate_dataset
 
     if not directory.exists():
         raise UserError(f"{directory} does not exist: pass a dataset directory or a .parquet shard")
@@ -283,39 +177,7 @@ def validate(directory: Annotated[Path, typer.Argument(help="A dataset directory
     typer.echo(f"ok: {directory} is a valid region-text v1 dataset")
 
 
-def synth(
-    out: Annotated[Path, typer.Option("--out", help="Output directory")],
-    n: Annotated[int, typer.Option("--n", help="Number of scenes")] = 200,
-    seed: Annotated[int, typer.Option(help="Same seed, same bytes")] = 0,
-    fmt: Annotated[str, typer.Option("--format", help="wds | parquet | coco | refexp (RefCOCO-style JSONL)")] = "wds",
-    shard_size: Annotated[int, typer.Option(help="Scenes per shard (wds and parquet)")] = 100,
-) -> None:
-    """Generate synthetic scenes with ground-truth captions and boxes (input data or COCO eval set)."""
-    from vesl.pipeline import synth as synthetic
-
-    if fmt not in SYNTH_FORMATS:
-        raise UserError(f"--format {fmt!r} is not supported: use one of {', '.join(SYNTH_FORMATS)}")
-    if n < 1 or shard_size < 1:
-        raise UserError("--n and --shard-size must be >= 1")
-    from vesl.pipeline.confine import check_output_dir
-
-    check_output_dir(out, "--out")
-    if fmt == "refexp":
-        path = synthetic.write_refexp((synthetic.make_refexp(seed, i) for i in range(n)), out)
-        typer.echo(f"wrote {n} referring expressions to {path} (seed {seed}); evaluate with `vesl eval MODEL --refexp {path}`")
-        return
-    scenes = synthetic.make_scenes(n, seed)
-    if fmt == "wds":
-        paths = synthetic.write_webdataset(scenes, out, shard_size)
-    elif fmt == "parquet":
-        paths = synthetic.write_parquet(scenes, out, shard_size)
-    else:
-        paths = [synthetic.write_coco(scenes, out)]
-    typer.echo(f"wrote {n} scenes to {out} ({len(paths)} file(s), format {fmt}, seed {seed})")
-
-
 def register(app: typer.Typer) -> None:
     app.command("label")(label)
     app.command("inspect")(inspect)
     app.command("validate")(validate)
-    app.command("synth")(synth)

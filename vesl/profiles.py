@@ -40,25 +40,15 @@ GRIT = {
 }
 
 
-def demo_assets_dir() -> Path:
-    import vesl
-
-    return Path(vesl.__file__).resolve().parent / "assets" / "demo"
-
-
 def _demo() -> dict[str, Any]:
-    """Bundled offline models when shipped with the package; otherwise alt-text captions only."""
-    assets = demo_assets_dir()
-    captioner, detector = assets / "captioner", assets / "detector"
-    out: dict[str, Any] = {"phrases": {"mode": "paper"}}
-    out["captioner"] = {"spec": f"hf:{captioner}"} if captioner.is_dir() else {"spec": "alt_text"}
-    # one box per phrase: every phrase of this world names one object, and the tiny detector's runner-up
-    # boxes are near-duplicates or other objects (held-out scenes: precision 0.29 -> 0.86, recall 0.97 -> 0.81)
-    # box voting: the kept box is the score-weighted mean of the phrase's overlapping candidates, since
-    # the detector fires on several neighbouring patches of an object (precision 0.86 -> 0.90, recall 0.81 -> 0.86)
-    detector_cfg = {"spec": f"owlv2:{detector}", "boxes_per_phrase": 1, "box_voting_iou": 0.3}
-    out["detector"] = detector_cfg if detector.is_dir() else {"spec": "none"}
-    return out
+    """The demo world's profile (its bundled offline models); the demo world is optional."""
+    try:
+        from vesl.demo import demo_profile
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("vesl.demo", "vesl"):
+            raise
+        raise UserError("--profile demo needs the demo world (vesl/demo/), which this install lacks") from None
+    return demo_profile()
 
 
 def profile_names() -> list[str]:

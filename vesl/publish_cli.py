@@ -29,7 +29,8 @@ def publish_cmd(
     description: Optional[str] = typer.Option(None, "--description", help="A paragraph for the card."),
 ) -> None:
     """Validate, then write a dataset card (README.md), stats, plots, a gallery and checksums into DIR."""
-    from vesl.pipeline.publish import InvalidDataset, publish
+    from vesl.pipeline.publish import publish
+    from vesl.schemas.dataset import InvalidDataset
 
     try:
         res = publish(dataset_dir, name=name, license_id=license_id, description=description)
@@ -73,7 +74,7 @@ def export_cmd(
     """Export to WebDataset, COCO or ODVG (Grounding DINO) after validating the data."""
     from vesl.pipeline.confine import check_output_dir
     from vesl.pipeline.exporters import export
-    from vesl.pipeline.publish import InvalidDataset
+    from vesl.schemas.dataset import InvalidDataset
 
     check_output_dir(out, "--out")
     try:

@@ -6,46 +6,11 @@ imported only when asked for.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-from collections.abc import Iterator
 from typing import Any
 
 from vesl.errors import UserError
 from vesl.pipeline.config import LabelConfig
-
-
-def runtime_verbose() -> bool:
-    """``vesl --verbose`` (``VESL_VERBOSE=1``, inherited by spawned workers and Ray actors)."""
-    return os.environ.get("VESL_VERBOSE", "") not in ("", "0")
-
-
-def quiet_runtime_logs(*loggers: str) -> int:
-    """The engines' runtimes (Beam, Ray) log dozens of INFO lines per job, burying the job's own progress:
-    keep them at WARNING unless verbose. Returns the level set."""
-    level = logging.INFO if runtime_verbose() else logging.WARNING
-    for name in loggers:
-        logging.getLogger(name).setLevel(level)
-    return level
-
-
-def _not_apitools_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("apitools not found")
-
-
-@contextlib.contextmanager
-def _import_notices_dropped() -> Iterator[None]:
-    """Importing Beam logs a root WARNING that its (unused) BigQuery client is missing; drop that one."""
-    root = logging.getLogger()
-    if runtime_verbose():
-        yield
-        return
-    root.addFilter(_not_apitools_notice)
-    try:
-        yield
-    finally:
-        root.removeFilter(_not_apitools_notice)
+from vesl.pipeline.engines.runtime_logs import import_notices_dropped
 
 
 def _missing(extra: str, what: str, exc: ModuleNotFoundError) -> UserError:
@@ -74,7 +39,7 @@ def _run(cfg: LabelConfig, progress: bool) -> dict[str, Any]:
         return run_local(cfg, progress=progress)
     if cfg.engine == "beam":
         try:
-            with _import_notices_dropped():
+            with import_notices_dropped():
                 from vesl.pipeline.engines.beam_engine import run_beam
         except ModuleNotFoundError as exc:
             raise _missing("beam", "Apache Beam", exc) from None

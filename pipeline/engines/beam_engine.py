@@ -39,7 +39,6 @@ from apache_beam.utils import shared
 
 from vesl.errors import UserError
 from vesl.pipeline.config import LabelConfig
-from vesl.pipeline.engines import quiet_runtime_logs
 from vesl.pipeline.engines.distributed import (
     ShardEnd,
     StageRunner,
@@ -48,6 +47,7 @@ from vesl.pipeline.engines.distributed import (
     read_items,
     write_items,
 )
+from vesl.pipeline.engines.runtime_logs import quiet_runtime_logs
 from vesl.pipeline.job import job_summary, read_batch_size, start_job
 from vesl.pipeline.wiring import build_stages
 
@@ -66,7 +66,7 @@ class _ReadShard(beam.DoFn):
 
 
 class _StageDoFn(beam.DoFn):
-    """One stage; ``setup()`` builds and loads it once per worker."""
+    """One stage; ``setup()`` builds and loads it once per worker, ``teardown()`` releases it."""
 
     def __init__(self, cfg: LabelConfig, factory: StagesFactory, position: int, last: bool, share: bool) -> None:
         self.cfg, self.factory, self.position, self.last, self.share = cfg, factory, position, last, share
@@ -78,9 +78,14 @@ class _StageDoFn(beam.DoFn):
 
     def setup(self) -> None:
         if self._shared is not None:
-            self.runner = self._shared.acquire(self._build, tag=f"vesl-stage-{self.position}")
+            self.runner = self._shared.acquire(self._build, tag=f"vesl-stage-{self.position}").acquire()
         else:
-            self.runner = self._build()
+            self.runner = self._build().acquire()
+
+    def teardown(self) -> None:
+        if self.runner is not None:
+            self.runner.release()  # the last DoFn holding a shared runner tears its stage down
+            self.runner = None
 
     def process(self, element):
         assert self.runner is not None
@@ -156,7 +161,7 @@ def build_pipeline(
 
 def run_beam(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, progress: bool = True) -> dict[str, Any]:
     """Label every planned shard of ``cfg`` with Beam, then write the manifest; returns a summary."""
-    from vesl.schemas.manifest import write_manifest
+    from vesl.pipeline.writer import write_manifest
 
     t0 = time.perf_counter()
     todo, skipped = start_job(cfg)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vesl.errors import InfrastructureError
+from vesl.pipeline.apply import apply_stage, apply_stage_chunked, teardown_stages
 from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.job import (
     ShardTask,
@@ -39,8 +40,8 @@ from vesl.pipeline.job import (
     job_provenance,
     read_task,
 )
-from vesl.pipeline.stage import Sample, Stage, apply_stage, apply_stage_chunked
-from vesl.pipeline.writer import read_stats
+from vesl.schemas.dataset import read_stats
+from vesl.schemas.stage import Sample, Stage
 
 StagesFactory = Callable[[LabelConfig], list[Stage]]
 SECONDS_KEY = "_vesl_stage_seconds"  # in Sample.meta; never written to the output rows
@@ -94,6 +95,21 @@ class StageRunner:
         self.stage: Stage | None = None
         self.provenance: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._users = 0  # holders of a shared runner (Beam's Shared); the last release tears the stage down
+
+    def acquire(self) -> StageRunner:
+        with self._lock:
+            self._users += 1
+        return self
+
+    def release(self) -> None:
+        """Drop one holder; the last one calls the stage's ``teardown()``."""
+        with self._lock:
+            self._users -= 1
+            if self._users > 0 or self.stage is None:
+                return
+            stage, self.stage = self.stage, None
+        teardown_stages([stage])
 
     def setup(self) -> StageRunner:
         stage = self.factory(self.cfg)[self.position]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vesl.errors import InfrastructureError, UserError
+from vesl.pipeline.apply import apply_stage, apply_stage_chunked, teardown_stages
 from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.job import (
     ShardTask,
@@ -36,8 +37,8 @@ from vesl.pipeline.job import (
     read_task,
     start_job,
 )
-from vesl.pipeline.stage import Sample, Stage, apply_stage, apply_stage_chunked, infrastructure_failure
 from vesl.pipeline.wiring import build_stages
+from vesl.schemas.stage import Sample, Stage, infrastructure_failure
 
 PREFETCH_BATCHES = 4  # decoded batches waiting for the models, per process
 DECODE_THREADS = 2
@@ -273,6 +274,7 @@ def _exit_with_parent(parent: int) -> None:
 def _worker_main(cfg: LabelConfig, stages_factory: StagesFactory, task_q: Any, result_q: Any, parent: int) -> None:
     pid = os.getpid()
     _exit_with_parent(parent)
+    stages: list[Stage] = []
     try:
         stages, provenance = setup_stages(cfg, stages_factory)
 
@@ -284,6 +286,7 @@ def _worker_main(cfg: LabelConfig, stages_factory: StagesFactory, task_q: Any, r
     except BaseException as exc:
         result_q.put((pid, "fatal", (isinstance(exc, UserError), f"{type(exc).__name__}: {exc}")))
     finally:
+        teardown_stages(stages)
         result_q.put((pid, "exit", None))
 
 
@@ -356,7 +359,7 @@ def _run_workers(
 
 def run_local(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, progress: bool = True) -> dict[str, Any]:
     """Label every planned shard of ``cfg`` on this machine, then write the manifest; returns a summary."""
-    from vesl.schemas.manifest import write_manifest
+    from vesl.pipeline.writer import write_manifest
 
     t0 = time.perf_counter()
     todo, skipped = start_job(cfg)
@@ -367,9 +370,12 @@ def run_local(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, pr
             results = []
             if todo:
                 stages, provenance = setup_stages(cfg, stages_factory)
-                for r in process_tasks(cfg, stages, provenance, todo, prog.update):
-                    results.append(r)
-                    prog.shard_done()
+                try:
+                    for r in process_tasks(cfg, stages, provenance, todo, prog.update):
+                        results.append(r)
+                        prog.shard_done()
+                finally:
+                    teardown_stages(stages)
         else:
             results = _run_workers(cfg, stages_factory, todo, n, prog)
     finally:

@@ -23,10 +23,9 @@ Dataset::
   job loses only the shards in flight. (A ``groupby().map_groups()`` shuffle would keep the writes on
   the workers but commit nothing before the whole job is done, and its shuffle actors cost more than
   the labeling on small jobs.) The output bytes pass through the driver: run it near the output store.
-- With the ``vllm`` extra and a ``vllm:<model>`` captioner, the captioner runs as a ``ray.data.llm``
-  processor (``vLLMEngineProcessorConfig`` + ``build_processor``), one row per sample; vLLM batches
-  continuously, so this path is not byte-comparable with the local engine. It needs vLLM and a
-  GPU and is not exercised by the tests here.
+- A stage may offer its own ``ray.data.llm`` processor (``ray_llm_processor``: the ``vllm:<model>``
+  captioner does, with the ``vllm`` extra); the engine places it, one row per sample, and knows nothing
+  of what it does. vLLM batches continuously, so that path is not byte-comparable with the local engine.
 """
 
 from __future__ import annotations
@@ -43,8 +42,8 @@ import numpy as np
 
 from vesl.errors import UserError
 from vesl.pipeline.config import LabelConfig
-from vesl.pipeline.engines import quiet_runtime_logs
 from vesl.pipeline.engines.distributed import (
+    SECONDS_KEY,
     ShardEnd,
     StageRunner,
     StagesFactory,
@@ -53,6 +52,7 @@ from vesl.pipeline.engines.distributed import (
     read_items,
     write_items,
 )
+from vesl.pipeline.engines.runtime_logs import quiet_runtime_logs
 from vesl.pipeline.job import job_summary, read_batch_size, start_job
 from vesl.pipeline.wiring import build_stages
 
@@ -66,10 +66,16 @@ def _read_rows(row: dict[str, Any], cfg: LabelConfig, batch_size: int) -> list[d
 
 
 class _StageActor:
-    """The stages at ``positions`` (usually one), built and set up once per actor, called on batches of rows."""
+    """The stages at ``positions`` (usually one), built and set up once per actor, called on batches of rows,
+    torn down when the actor exits."""
 
     def __init__(self, cfg: LabelConfig, factory: StagesFactory, positions: list[int], last: int) -> None:
-        self.runners = [StageRunner(cfg, factory, p, p == last).setup() for p in positions]
+        self.runners = [StageRunner(cfg, factory, p, p == last).setup().acquire() for p in positions]
+
+    def __del__(self) -> None:
+        # Ray Data drops the UDF when the actor exits gracefully (the pool's end): the stages' teardown.
+        for runner in getattr(self, "runners", []):
+            runner.release()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [loads(b) for b in batch["item"]]
@@ -175,19 +181,23 @@ def _cpus_per_slot(slots: int) -> float:
     return min(1.0, math.floor(100 * total / max(1, slots)) / 100) or 0.01
 
 
+def _offers_processor(stage: Any) -> bool:
+    return callable(getattr(stage, "ray_llm_processor", None))
+
+
 def _pool_groups(stages: list, pools: list[int]) -> list[list[int]]:
-    """Stage positions per actor pool: each GPU stage (and a vLLM captioner) gets its own pool;
-    consecutive CPU-only stages with the same pool size share one, as Ray Data fuses consecutive
+    """Stage positions per actor pool: each GPU stage (and a stage offering its own Ray processor) gets its
+    own pool; consecutive CPU-only stages with the same pool size share one, as Ray Data fuses consecutive
     maps, so decoded images don't cross processes between them and no process is spent per stage."""
     groups: list[list[int]] = []
     for i, stage in enumerate(stages):
-        alone = stage.resources.num_gpus > 0 or (stage.name == "caption" and getattr(stage, "backend", "") == "vllm")
+        alone = stage.resources.num_gpus > 0 or _offers_processor(stage)
         prev = groups[-1][-1] if groups else None
         if (
             prev is not None
             and not alone
             and stages[prev].resources.num_gpus == 0
-            and not (stages[prev].name == "caption" and getattr(stages[prev], "backend", "") == "vllm")
+            and not _offers_processor(stages[prev])
             and pools[prev] == pools[i]
         ):
             groups[-1].append(i)
@@ -226,9 +236,9 @@ def build_dataset(cfg: LabelConfig, tasks: list, factory: StagesFactory, run_id:
     last = len(stages) - 1
     for group in groups:
         first = stages[group[0]]
-        vllm = _vllm_captioner(cfg, first) if first.name == "caption" else None
-        if vllm is not None:
-            ds = vllm(ds, first, last=group[0] == last)
+        placed = _place_processor(ds, first) if _offers_processor(first) else None
+        if placed is not None:
+            ds = placed
             continue
         ds = ds.map_batches(
             _StageActor,
@@ -244,7 +254,7 @@ def build_dataset(cfg: LabelConfig, tasks: list, factory: StagesFactory, run_id:
 
 def run_ray(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, progress: bool = True) -> dict[str, Any]:
     """Label every planned shard of ``cfg`` with Ray Data, then write the manifest; returns a summary."""
-    from vesl.schemas.manifest import write_manifest
+    from vesl.pipeline.writer import write_manifest
 
     t0 = time.perf_counter()
     todo, skipped = start_job(cfg)
@@ -279,90 +289,50 @@ def run_ray(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, prog
     return job_summary("ray", cfg, todo, skipped, results, time.perf_counter() - t0, workers, manifest)
 
 
-# ---------------------------------------------------------------- optional: ray.data.llm for vLLM
+# ---------------------------------------------------------------- a stage that offers its own Ray processor
 
 
-def _vllm_captioner(cfg: LabelConfig, stage: Any):
-    """A function adding the ``ray.data.llm`` captioner to a dataset, or None to use the stage as is.
+def _sample_of(row: dict[str, Any]) -> Any:
+    """The one Sample of an exploded row (the format a stage's ``ray_llm_processor`` reads)."""
+    (sample,) = loads(row["item"])
+    return sample
 
-    Only for ``vllm:<model>`` specs and only when ``ray.data.llm`` and vLLM import. Untested here (needs a GPU).
+
+def _place_processor(ds, stage: Any):
+    """Place a stage that offers a ``ray.data.llm`` processor (``stage.ray_llm_processor``), one sample per
+    row; None when it offers none (its extras are missing): the stage then runs in an actor pool.
+
+    The engine only places it: the prompt, the captions and their failures are the stage's own.
     """
-    if not cfg.captioner.spec.startswith("vllm:"):
-        return None
-    try:
-        import vllm  # noqa: F401
-        from ray.data.llm import build_processor, vLLMEngineProcessorConfig
-    except ImportError:
-        return None
+    name = stage.name
 
-    model = cfg.captioner.spec.split(":", 1)[1]
-    c = cfg.captioner
-    processor_cfg = vLLMEngineProcessorConfig(
-        model_source=model,
-        batch_size=max(1, c.batch_size),
-        concurrency=max(1, c.concurrency),
-        engine_kwargs={"trust_remote_code": bool(c.trust_remote_code or cfg.trust_remote_code), "revision": c.revision},
-        prepare_multimodal_stage=True,
-        should_continue_on_error=True,
-    )
+    def pack(row: dict[str, Any], sample: Any) -> dict[str, Any]:
+        sample.meta.setdefault(SECONDS_KEY, {}).setdefault(name, 0.0)
+        return {"shard": row["shard"], "item": dumps([sample])}
+
+    processor = stage.ray_llm_processor(unpack=_sample_of, pack=pack)
+    if processor is None:
+        return None
     provenance = {str(k): v for k, v in stage.provenance().items()}
-    seconds_key = "caption"
 
     def explode(row: dict[str, Any]) -> list[dict[str, Any]]:
-        """One row per sample (the processor captions rows), each a batch of one."""
+        """One row per sample (the processor works on rows), each a batch of one."""
         item = loads(row["item"])
         if isinstance(item, ShardEnd):
             return [row]
         return [{"shard": row["shard"], "item": dumps([s])} for s in item]
 
-    def needs_caption(row: dict[str, Any]) -> bool:
+    def needs_stage(row: dict[str, Any]) -> bool:
         item = loads(row["item"])
         return isinstance(item, list) and bool(item) and item[0].ok
-
-    def preprocess(row: dict[str, Any]) -> dict[str, Any]:
-        import base64
-        import io
-
-        from vesl.labelers.prompts import render_prompt
-
-        (sample,) = loads(row["item"])
-        buf = io.BytesIO()
-        sample.image.save(buf, format="PNG")
-        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-        text = render_prompt(c.prompt_template, sample.alt_text)
-        return {
-            "shard": row["shard"],
-            "item": row["item"],
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}],
-            "sampling_params": {"temperature": 0.0, "max_tokens": c.max_new_tokens, "seed": cfg.seed},
-        }
-
-    def postprocess(row: dict[str, Any]) -> dict[str, Any]:
-        from vesl.pipeline.stage import fail
-
-        (sample,) = loads(row["item"])
-        err = row.get("__inference_error__")
-        text = (row.get("generated_text") or "").strip()
-        if err:
-            fail(sample, "caption", str(err), "InferenceError")
-        elif not text:
-            fail(sample, "caption", "the model generated an empty caption", "EmptyCaption")
-        else:
-            sample.caption, sample.caption_source = text, "vlm"
-        sample.meta.setdefault("_vesl_stage_seconds", {}).setdefault(seconds_key, 0.0)
-        return {"shard": row["shard"], "item": dumps([sample])}
 
     def stamp(row: dict[str, Any]) -> dict[str, Any]:
         item = loads(row["item"])
         if isinstance(item, ShardEnd):
-            item.provenance["caption"] = provenance
+            item.provenance[name] = provenance
         return {"shard": row["shard"], "item": dumps(item)}
 
-    def apply(ds, _stage, last: bool):
-        processor = build_processor(processor_cfg, preprocess=preprocess, postprocess=postprocess)
-        ds = ds.flat_map(explode)
-        captioned = processor(ds.filter(needs_caption))
-        rest = ds.filter(lambda row: not needs_caption(row)).map(stamp)
-        return captioned.union(rest)
-
-    return apply
+    ds = ds.flat_map(explode)
+    processed = processor(ds.filter(needs_stage))
+    rest = ds.filter(lambda row: not needs_stage(row)).map(stamp)
+    return processed.union(rest)

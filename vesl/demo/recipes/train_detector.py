@@ -7,7 +7,7 @@ on the matched pairs and the class loss is a sigmoid focal loss over the model's
 (patch x query, i.e. against the phrase embeddings). Boxes live in OWLv2's padded-square frame: the
 processor pads every image bottom/right to a square before resizing, so targets are mapped into it.
 
-    python -m vesl.labelers.recipes.train_detector --out DIR --seed 0 [--steps N]
+    python -m vesl.demo.recipes.train_detector --out DIR --seed 0 [--steps N]
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vesl.labelers.recipes import ASSETS_DIR, cpu_seconds, save_checkpoint, set_threads, write_recipe_record
+from vesl.demo import ASSETS_DIR
+from vesl.demo.recipes import cpu_seconds, save_checkpoint, set_threads, write_recipe_record
+from vesl.schemas.boxes import cxcywh_to_xyxy
 
 
 @dataclass
@@ -75,11 +77,6 @@ class DetectorRecipe:
 def xyxy_to_cxcywh(b: torch.Tensor) -> torch.Tensor:
     return torch.stack([(b[..., 0] + b[..., 2]) / 2, (b[..., 1] + b[..., 3]) / 2,
                         b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]], dim=-1)  # fmt: skip
-
-
-def cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
-    return torch.stack([b[..., 0] - b[..., 2] / 2, b[..., 1] - b[..., 3] / 2,
-                        b[..., 0] + b[..., 2] / 2, b[..., 1] + b[..., 3] / 2], dim=-1)  # fmt: skip
 
 
 def image_to_square(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -285,7 +282,7 @@ def detection_loss(logits, pred_boxes, targets, recipe: DetectorRecipe) -> tuple
 
 def train(recipe: DetectorRecipe, out: Path, log=print, init: Path | None = None) -> dict:
     """Train from scratch, or continue from the checkpoint ``init`` (a warm restart of the schedule)."""
-    from vesl.pipeline.synth import make_scenes
+    from vesl.demo.synth import make_scenes
 
     set_threads(recipe.threads)
     rng = random.Random(recipe.seed)
@@ -385,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         matches_per_object=args.matches_per_object, hard_negative_rate=args.hard_negative_rate,
     )
     stats = train(recipe, args.out, init=args.init)
-    command = "python -m vesl.labelers.recipes.train_detector " + shlex.join(
+    command = "python -m vesl.demo.recipes.train_detector " + shlex.join(
         ["--out", str(args.out), "--seed", str(args.seed), "--steps", str(args.steps),
          "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--pool", str(args.pool), "--threads", str(args.threads),
          "--matches-per-object", str(args.matches_per_object), "--hard-negative-rate", str(args.hard_negative_rate)]

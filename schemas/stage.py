@@ -1,7 +1,8 @@
 """The one seam between models and engines: a Stage maps a batch of Samples to a batch of Samples.
 
-Engines (local, Beam, Ray) only call ``setup()`` once per worker and then ``apply_stage`` on batches.
-Stages never know which engine runs them.
+These types are the contract both sides share: ``labelers/`` implement stages, ``pipeline/`` runs them
+(``setup()`` once per worker, ``vesl.pipeline.apply.apply_stage`` on batches, ``teardown()`` when the
+worker is done). Stages never know which engine runs them, and engines never know what a stage does.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ class Stage(Protocol):
     def setup(self) -> None:
         """Load models once per worker."""
 
+    def teardown(self) -> None:
+        """Release what ``setup()`` acquired (clients, pools); every engine calls it once per worker, last."""
+
     def __call__(self, batch: list[Sample]) -> list[Sample]:
         """Process the ok samples of a batch; may set ``sample.error`` on individual samples."""
 
@@ -122,50 +126,3 @@ def fail_infrastructure(samples: list[Sample], stage: str, exc: BaseException) -
 def infrastructure_failure(samples: list[Sample]) -> SampleError | None:
     """The first infrastructure failure among ``samples`` (None: the shard may commit)."""
     return next((s.error for s in samples if s.error is not None and s.error.infrastructure), None)
-
-
-def apply_stage(stage: Stage, batch: list[Sample]) -> list[Sample]:
-    """Run ``stage`` on the ok samples of ``batch``, isolating failures to the samples that cause them.
-
-    If the batched call raises, each sample is retried alone so one bad sample never costs its
-    neighbours. An infrastructure failure (``InfrastructureError``; a CUDA out-of-memory on a single
-    sample) is not the sample's fault: it marks the batch so that its shard is not committed.
-    Order and length of ``batch`` are preserved.
-    """
-    from vesl.errors import InfrastructureError, is_infrastructure
-
-    todo = [s for s in batch if s.ok]
-    if not todo:
-        return batch
-    try:
-        stage(todo)
-    except InfrastructureError as exc:
-        fail_infrastructure(todo, stage.name, exc)
-    except Exception:
-        for s in todo:
-            try:
-                stage([s])
-            except Exception as exc:  # every failure becomes an error row
-                if is_infrastructure(exc):
-                    fail_infrastructure(todo, stage.name, exc)
-                    break
-                fail(s, stage.name, exc)
-    return batch
-
-
-def stage_batch_size(stage: Stage) -> int:
-    """The batch size a stage asks for (1 when it declares none)."""
-    return max(1, int(getattr(getattr(stage, "resources", None), "batch_size", 1)))
-
-
-def apply_stage_chunked(stage: Stage, batch: list[Sample]) -> list[Sample]:
-    """Run ``stage`` on the ok samples of ``batch`` in chunks of its own batch size.
-
-    Every engine cuts chunks the same way, so batched model calls (not bit-exact across batch
-    contents) see the same batches on every engine.
-    """
-    ok = [s for s in batch if s.ok]
-    size = stage_batch_size(stage)
-    for i in range(0, len(ok), size):
-        apply_stage(stage, ok[i : i + size])
-    return batch

@@ -1,6 +1,6 @@
 """Recipes that train vesl's tiny offline demo models on the synthetic scene world.
 
-The results ship in ``vesl/assets/demo/`` and load through the same ``hf:`` / ``owlv2:`` code as hub
+The results ship in ``vesl/demo/assets/`` and load through the same ``hf:`` / ``owlv2:`` code as hub
 models, so the offline demo exercises the real labeling path rather than a special case.
 """
 
@@ -14,8 +14,6 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any
-
-ASSETS_DIR = Path(__file__).resolve().parents[2] / "vesl" / "assets" / "demo"
 
 
 def git_commit() -> str:
@@ -50,7 +48,7 @@ def write_recipe_record(out: Path, name: str, command: str, record: dict[str, An
     lines = [
         f"# {name}",
         "",
-        "Trained by vesl on the synthetic scene world (`vesl.pipeline.synth`); no external data or weights.",
+        "Trained by vesl on the synthetic scene world (`vesl.demo.synth`); no external data or weights.",
         "",
         "Reproduce with:",
         "",

@@ -33,11 +33,7 @@ FULL_TRAIN_SEED = 1001  # --full: the web-like pairs that get labeled and traine
 DEMO_N = 200
 FULL_N = 2000
 FULL_EVAL_N = 300
-# ~2 x 4 min of training on 2 idle cores (tiny ViT, batch 32). Means over 3 seeds of CLOC's margin over
-# CLIP + crop: +5.8 points at 400 steps, +8.7 at 600, +13.9 at 1,200 and +16.9 at 1,500 (the last two with
-# text_sim_threshold 0.999). CLIP + crop stops gaining after ~600 steps; CLOC keeps learning from the noisy
-# pseudo-regions.
-FULL_STEPS = 1500
+FULL_STEPS = 1500  # why 1,500: README, "Demo settings, and why"
 SHARD_SIZE = 100
 GOAL_POINTS = 15.0
 
@@ -52,7 +48,7 @@ def generate_input(out_dir: Path, n: int, seed: int, shard_size: int = SHARD_SIZ
 
     Skips the work when ``out_dir`` already holds this exact sample (the scenes are deterministic).
     """
-    from vesl.pipeline.synth import make_scenes, write_webdataset
+    from vesl.demo.synth import make_scenes, write_webdataset
 
     marker = out_dir / "_vesl_synth.json"
     spec = {"n": n, "seed": seed, "shard_size": shard_size, "format": "wds"}
@@ -94,54 +90,13 @@ def demo_models_note(profile: str) -> str | None:
     return None
 
 
-class GroundTruthStage:
-    """Oracle labels for the synthetic world: the GT caption and regions of each scene (``--labels gt``).
-
-    Replaces the captioner, phrase and detector stages to measure how much better labels would buy;
-    the scene is recovered from the key (the scene index) and the seed of the generated input.
-    """
-
-    name = "ground_truth"
-
-    def __init__(self, seed: int):
-        from vesl.pipeline.stage import StageResources
-
-        self.seed = seed
-        self.resources = StageResources(batch_size=32)
-
-    def setup(self) -> None:
-        pass
-
-    def provenance(self) -> dict[str, str]:
-        return {"labels": "synthetic ground truth", "synth.seed": str(self.seed)}
-
-    def __call__(self, batch: list) -> list:
-        from vesl.pipeline.synth import make_scene
-
-        for s in batch:
-            scene = make_scene(self.seed, int(s.key))
-            s.caption, s.caption_source, s.regions = scene.caption, "vlm", list(scene.regions)
-        return batch
-
-
-def label_ground_truth(input_dir: Path, output_dir: Path, seed: int, progress: bool = True) -> dict:
-    """Write the GT of generated input as a region-text dataset through the local engine and shard writer."""
-    from vesl.pipeline.config import LabelConfig
-    from vesl.pipeline.decode import DecodeStage
-    from vesl.pipeline.engines.local import run_local
-
-    cfg = LabelConfig(inputs=[str(input_dir)], output=str(output_dir), overwrite=True)
-    return run_local(
-        cfg, stages_factory=lambda c: [DecodeStage(c.decode), GroundTruthStage(seed)], progress=progress
-    )
-
-
 def print_inspect(dataset_dir: Path) -> dict[str, Any]:
     """Print the ``vesl inspect`` summary of a labeled dataset; returns it as a dict."""
-    from vesl.label_cli import _print_report, inspect_dataset
+    from vesl.label_cli import print_report
+    from vesl.schemas.statistics import inspect_dataset
 
     report = inspect_dataset(dataset_dir)
-    _print_report(report)
+    print_report(report)
     return report
 
 
@@ -231,16 +186,8 @@ DEFAULT_TRAIN = {
     "lr": 2e-3,
     "warmup": 20,
     "regions_per_image": 4,
-    # Phrases of this world differ by one word ("a large red circle" / "a large red square"). The filter
-    # compares the text tower's own embeddings, so early in training, while that tower still maps every
-    # phrase to nearly one point, a threshold drops the negatives that would separate them and L_region
-    # collapses towards 0 (the paper's 0.9 drops all of them; 0.99 still dropped 5-9% in the first 100
-    # steps, and the seeds where it did trained worse). 0.999 drops only repeated phrases (cosine 1).
-    # Over 3 seeds at 1,200 steps: Prompter mAcc 26.9 / 23.9 / 21.0 with 0.99, 25.3 / 22.5 / 25.0 with 0.999.
+    # the two settings below, and the measurements behind them: README, "Demo settings, and why"
     "text_sim_threshold": 0.999,
-    # Pseudo-labels: ~15% of the regions carry a phrase of another object or a box that misses it. Leaving
-    # the 20% hardest region pairs out of L_region (after a ramp) drops mostly those (mean of 3 seeds on
-    # the --full data at 400 steps: Prompter mAcc 14.2% -> 16.9%; on ground-truth labels it costs ~2 points).
     "region_loss_drop": 0.2,
     "tensorboard": False,
     "log_every": 50,
@@ -378,7 +325,7 @@ def run_full_demo(
     (counted from ``train_seed``) is evaluated on world ``i`` of ``eval_split`` (test: reported; validation:
     for tuning), a fresh world per seed.
     """
-    from vesl.pipeline.synth import (
+    from vesl.demo.synth import (
         TEST_SEEDS,
         VALIDATION_SEEDS,
         make_refexp,
@@ -417,6 +364,8 @@ def run_full_demo(
     t = time.perf_counter()
     labeled = out / "labeled"
     if labels == "gt":
+        from vesl.demo.ground_truth import label_ground_truth
+
         summary = label_ground_truth(out / "input", labeled, seed, progress=progress)
     else:
         summary = label(out / "input", labeled, profile=profile, progress=progress, overwrite=True)
@@ -471,41 +420,3 @@ def run_full_demo(
               "rec_margin_points": rec_margin_points(metrics), "seconds": times}  # fmt: skip
     (out / "results.json").write_text(json.dumps(record, indent=2))
     return FullDemoResult(labeled, first_coco, cloc_ckpt, clip_ckpt, metrics, met, table, times, record["per_seed"])
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def register(app: typer.Typer) -> None:
-    @app.command("demo")
-    def demo_cmd(
-        full: bool = typer.Option(
-            False, "--full", help="Also train CLOC and a CLIP baseline and compare them."
-        ),
-        out: Path = typer.Option(Path("demo-out"), "--out", help="Where the demo writes everything."),
-        n: int = typer.Option(None, "--n", help=f"Number of pairs (default {DEMO_N}; {FULL_N} with --full)."),
-        steps: int = typer.Option(FULL_STEPS, "--steps", help="Training steps per model (--full)."),
-        eval_n: int = typer.Option(FULL_EVAL_N, "--eval-n", help="Held-out evaluation scenes (--full)."),
-        profile: str = typer.Option("demo", "--profile", help="Labeling profile."),
-        labels: str = typer.Option(
-            "vesl", "--labels", help="--full: train on vesl pseudo-labels, or on gt (oracle ground truth)."
-        ),
-        train_seed: int = typer.Option(0, "--train-seed", help="--full: seed of both trainings (init and order)."),
-        seeds: int = typer.Option(1, "--seeds", help="--full: train with this many seeds from --train-seed; judge the means."),
-        eval_split: str = typer.Option(
-            "test", "--eval-split", help="--full: evaluate on the sealed test worlds, or on validation worlds to tune."
-        ),
-    ) -> None:
-        """Run the whole machinery offline on the synthetic world: synth -> label -> inspect -> gallery
-        (and with --full: -> train CLOC and CLIP -> zero-shot region classification)."""
-        t = time.perf_counter()
-        if full:
-            res = run_full_demo(
-                out, n=FULL_N if n is None else n, eval_n=eval_n, steps=steps, profile=profile, labels=labels,
-                train_seed=train_seed, seeds=seeds, eval_split=eval_split,
-            )
-            typer.echo(f"results: {out / 'full' / 'results.json'}")
-            typer.echo(f"done in {time.perf_counter() - t:.0f}s; goal {'met' if res.goal_met else 'not met'}")
-        else:
-            run_demo(out, n=DEMO_N if n is None else n, profile=profile)
-            typer.echo(f"done in {time.perf_counter() - t:.0f}s")

@@ -12,6 +12,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from vesl.schemas.boxes import box_iou
+
 _POSITIONS = ("at the top left", "at the top right", "at the bottom left", "at the bottom right",
               "at the top", "at the bottom", "on the left", "on the right", "in the center")  # fmt: skip
 
@@ -26,14 +28,6 @@ def named_categories(caption: str, colors: Sequence[str], shapes: Sequence[str])
     -> ["red circle", "red circle"]. What caption precision counts against the scene's objects."""
     pattern = rf"\b({'|'.join(map(re.escape, colors))}) ({'|'.join(map(re.escape, shapes))})s?\b"
     return [f"{c} {s}" for c, s in re.findall(pattern, caption.lower())]
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def greedy_match(
@@ -134,11 +128,13 @@ def evaluate(
     """
     from collections import Counter
 
-    from vesl.pipeline.config import CaptionerConfig, DetectorConfig, LabelConfig
-    from vesl.pipeline.stage import Phrase, Sample, apply_stage
-    from vesl.pipeline.synth import COLORS, SHAPES
-    from vesl.pipeline.synth import categories as all_categories
+    from vesl.demo.synth import COLORS, SHAPES
+    from vesl.demo.synth import categories as all_categories
+    from vesl.pipeline.apply import apply_stage
+    from vesl.pipeline.config import LabelConfig
     from vesl.pipeline.wiring import build_stages
+    from vesl.schemas.config import CaptionerConfig, DetectorConfig
+    from vesl.schemas.stage import Phrase, Sample
 
     scenes = list(scenes)
     cats = sorted(all_categories(), key=len, reverse=True)

@@ -4,7 +4,7 @@ The model learns the VeCap task of the synthetic world: given the image and the 
 (``DEFAULT_PROMPT`` with the noisy alt-text, wrapped by the processor's chat template exactly as the
 ``hf:`` captioner builds it), write the detailed scene caption. Loss is on the caption tokens only.
 
-    python -m vesl.labelers.recipes.train_captioner --out DIR --seed 0 [--steps N]
+    python -m vesl.demo.recipes.train_captioner --out DIR --seed 0 [--steps N]
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vesl.demo import ASSETS_DIR
+from vesl.demo.recipes import cpu_seconds, save_checkpoint, set_threads, write_recipe_record
 from vesl.labelers.prompts import ALT_TEXT_FIELD, render_prompt
-from vesl.labelers.recipes import ASSETS_DIR, cpu_seconds, save_checkpoint, set_threads, write_recipe_record
-from vesl.pipeline.config import DEFAULT_PROMPT
+from vesl.schemas.config import DEFAULT_PROMPT
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -234,7 +235,7 @@ def encode_batch(processor, scenes, recipe: CaptionerRecipe) -> dict[str, torch.
 def token_labels(scenes, grid_thw: torch.Tensor, merge: int = 2) -> torch.Tensor:
     """``[N_tokens, 3]`` (color, shape, size) class ids of the object under each merged visual token's
     centre, last id = background; tokens are row-major per image, images in batch order."""
-    from vesl.pipeline.synth import COLORS, SHAPES, SIZES
+    from vesl.demo.synth import COLORS, SHAPES, SIZES
 
     colors, shapes, sizes = list(COLORS), list(SHAPES), list(SIZES)
     rows = []
@@ -259,7 +260,7 @@ def _lr_at(step: int, recipe: CaptionerRecipe) -> float:
 
 def train(recipe: CaptionerRecipe, out: Path, log=print, init: Path | None = None) -> dict:
     """Train from scratch, or continue from the checkpoint ``init`` (a warm restart of the schedule)."""
-    from vesl.pipeline.synth import make_scene, make_scenes
+    from vesl.demo.synth import make_scene, make_scenes
 
     set_threads(recipe.threads)
     random.seed(recipe.seed)
@@ -280,7 +281,7 @@ def train(recipe: CaptionerRecipe, out: Path, log=print, init: Path | None = Non
         model = Qwen2VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"captioner: {n_params / 1e6:.2f}M params, vocab {len(tokenizer)}")
-    from vesl.pipeline.synth import COLORS, SHAPES, SIZES
+    from vesl.demo.synth import COLORS, SHAPES, SIZES
 
     n_cls = (len(COLORS) + 1, len(SHAPES) + 1, len(SIZES) + 1)
     aux_head = torch.nn.Linear(recipe.hidden, sum(n_cls))
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         pool=args.pool,
     )
     stats = train(recipe, args.out, init=args.init)
-    command = "python -m vesl.labelers.recipes.train_captioner " + shlex.join(
+    command = "python -m vesl.demo.recipes.train_captioner " + shlex.join(
         ["--out", str(args.out), "--seed", str(args.seed), "--steps", str(args.steps),
          "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--threads", str(args.threads), "--pool", str(args.pool)]
         + (["--init", str(args.init)] if args.init else [])

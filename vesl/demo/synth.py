@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vesl.pipeline.stage import Region
+from vesl.schemas.boxes import box_iou
+from vesl.schemas.stage import Region
 
 # Which world seeds serve which purpose, so that no reported figure was tuned on. A figure is reported only on
 # TEST_SEEDS (the mean over them, with the spread); every tuning decision (thresholds, steps, templates, loss
@@ -232,20 +233,12 @@ def _background(rng: random.Random, nrng: np.random.Generator, w: int, h: int) -
     return np.clip(img, 0, 255).astype(np.uint8), word
 
 
-def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _compatible(
     box: tuple[float, ...], color: str, other: tuple[float, ...], other_color: str, w: int, h: int
 ) -> bool:
     """Limited occlusion; same-coloured objects keep a gap so they never merge into one blob."""
     if color != other_color:
-        return _iou(box, other) <= MAX_IOU
+        return box_iou(box, other) <= MAX_IOU
     gap_x, gap_y = 6 / w, 6 / h
     return (box[2] + gap_x <= other[0] or other[2] + gap_x <= box[0]
             or box[3] + gap_y <= other[1] or other[3] + gap_y <= box[1])  # fmt: skip

@@ -1,0 +1,184 @@
+"""Which way imports go (DESIGN.md, "Which way imports go"), checked on the source with ``ast``.
+
+Every import counts, including those inside functions (lazy imports still tie modules together):
+
+- ``schemas/`` (the data contract) imports no other vesl folder;
+- ``labelers/`` import no ``pipeline``; ``pretrain/`` imports only ``schemas``;
+- ``pipeline/`` reaches ``labelers`` only through ``wiring.py``; ``pipeline/engines/`` hold no model code;
+- nothing in the product (``pipeline``, ``labelers``, ``schemas``, ``pretrain``) imports the demo world
+  (``vesl.demo``) or the command line (``vesl.cli`` and the other ``vesl/*.py`` modules);
+- no two modules import each other, directly or through others.
+
+The leaves every folder may use: ``vesl.errors``, ``vesl.redact`` and the package root ``vesl`` (its
+``__version__``); they import nothing from vesl themselves.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = {"schemas": "vesl.schemas", "labelers": "vesl.labelers", "pipeline": "vesl.pipeline",
+           "pretrain": "vesl.pretrain", "vesl": "vesl"}  # fmt: skip
+PRODUCT = ("vesl.schemas", "vesl.labelers", "vesl.pipeline", "vesl.pretrain")
+LEAVES = {"vesl", "vesl.errors", "vesl.redact"}
+MODEL_LIBRARIES = ("torch", "torchvision", "transformers", "open_clip", "vllm", "spacy")
+
+
+def _module_files() -> dict[str, Path]:
+    out = {}
+    for folder, package in FOLDERS.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join([package, *parts])] = path
+    return out
+
+
+MODULES = _module_files()
+
+
+def _resolve(name: str) -> str:
+    """The module an import names: itself if it is one, else the longest module prefix (``pkg.attr``)."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name
+
+
+def imports_of(module: str, path: Path | None = None, source: str | None = None) -> set[str]:
+    """Every name ``module`` imports (vesl modules resolved to files; others as written), lazy ones too."""
+    tree = ast.parse(source if source is not None else (path or MODULES[module]).read_text())
+    package = module if (path or MODULES.get(module, Path())).name == "__init__.py" else module.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+        else:
+            continue
+        for name in names:
+            out.add(_resolve(name) if name.split(".")[0] == "vesl" else name)
+    return out
+
+
+GRAPH = {m: {i for i in imports_of(m) if i in MODULES and i != m} for m in MODULES}
+
+
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _violations(rule, graph=GRAPH) -> list[str]:
+    return sorted(f"{m} imports {i}" for m in graph for i in (imports_of(m) if graph is GRAPH else graph[m])
+                  if rule(m, i))  # fmt: skip
+
+
+def schemas_rule(m: str, i: str) -> bool:
+    return _in(m, "vesl.schemas") and _in(i, "vesl") and not (_in(i, "vesl.schemas") or i in LEAVES)
+
+
+def labelers_rule(m: str, i: str) -> bool:
+    allowed = ("vesl.labelers", "vesl.schemas")
+    return _in(m, "vesl.labelers") and _in(i, "vesl") and not (any(_in(i, a) for a in allowed) or i in LEAVES)
+
+
+def pretrain_rule(m: str, i: str) -> bool:
+    allowed = ("vesl.pretrain", "vesl.schemas")
+    return _in(m, "vesl.pretrain") and _in(i, "vesl") and not (any(_in(i, a) for a in allowed) or i in LEAVES)
+
+
+def pipeline_rule(m: str, i: str) -> bool:
+    if not _in(m, "vesl.pipeline") or not _in(i, "vesl"):
+        return False
+    if _in(i, "vesl.labelers"):
+        return m != "vesl.pipeline.wiring"
+    return not (_in(i, "vesl.pipeline") or _in(i, "vesl.schemas") or i in LEAVES)
+
+
+def engines_rule(m: str, i: str) -> bool:
+    model_code = _in(i, "vesl.labelers") or _in(i, "vesl.pretrain") or i.split(".")[0] in MODEL_LIBRARIES
+    return _in(m, "vesl.pipeline.engines") and model_code
+
+
+def product_rule(m: str, i: str) -> bool:
+    upward = _in(i, "vesl.demo") or (_in(i, "vesl") and not any(_in(i, p) for p in PRODUCT) and i not in LEAVES)
+    return any(_in(m, p) for p in PRODUCT) and upward
+
+
+RULES = {"schemas": schemas_rule, "labelers": labelers_rule, "pretrain": pretrain_rule,
+         "pipeline": pipeline_rule, "engines": engines_rule, "product": product_rule}  # fmt: skip
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_imports_go_one_way(rule):
+    assert _violations(RULES[rule]) == []
+
+
+def test_leaves_import_no_vesl_module():
+    assert {m: GRAPH[m] for m in LEAVES if GRAPH[m]} == {}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    assert cycles(GRAPH) == []
+
+
+def test_the_checks_catch_violations():
+    """Each rule fires on an import that breaks it, a lazy one included; a loop is found."""
+    lazy = "def f():\n    from vesl.pipeline.writer import write_shard\n"
+    assert "vesl.pipeline.writer" in imports_of("vesl.labelers.phrases", source=lazy)
+    assert labelers_rule("vesl.labelers.phrases", "vesl.pipeline.writer")
+    assert schemas_rule("vesl.schemas.dataset", "vesl.pipeline.writer")
+    assert not schemas_rule("vesl.schemas.dataset", "vesl.errors")
+    assert pretrain_rule("vesl.pretrain.data", "vesl.labelers.boxes")
+    assert pipeline_rule("vesl.pipeline.job", "vesl.labelers.captioners")
+    assert not pipeline_rule("vesl.pipeline.wiring", "vesl.labelers.captioners")
+    assert engines_rule("vesl.pipeline.engines.ray_engine", "vesl.labelers.prompts")
+    assert engines_rule("vesl.pipeline.engines.local", "torch")
+    assert product_rule("vesl.pipeline.sources", "vesl.demo.synth")
+    assert product_rule("vesl.labelers.captioners", "vesl.label_cli")
+    assert not product_rule("vesl.demo.runner", "vesl.pipeline.engines")
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

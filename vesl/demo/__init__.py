@@ -1,0 +1,36 @@
+"""The demo world: shows the product, is not part of it (the product works with this folder deleted).
+
+- ``synth``: the synthetic scene world (images of coloured shapes, web-like alt-text, ground truth);
+- ``source``: ``synth://`` as a labeling input, registered into ``vesl.pipeline.sources`` on import;
+- ``recipes/``: the recipes that train the tiny demo models, and their quality checks;
+- ``assets/``: those models (captioner, detector), with their recipe records;
+- ``ground_truth``: oracle labels of the synthetic world as a stage (``vesl demo --full --labels gt``);
+- ``runner``: ``vesl demo`` and ``vesl demo --full``; ``cli``: the ``demo`` and ``synth`` commands.
+
+Nothing in ``pipeline/``, ``labelers/``, ``schemas/`` or ``pretrain/`` imports this package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vesl.pipeline.sources import register_source
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"  # the one place the demo models are looked up
+
+register_source("synth://", "vesl.demo.source:SYNTH")
+
+
+def demo_profile() -> dict[str, Any]:
+    """The ``demo`` labeling profile: the bundled offline models when shipped, else alt-text captions only.
+
+    One box per phrase with box voting: every phrase of this world names one object and the tiny
+    detector fires on several neighbouring patches of it (the measurements are in the README).
+    """
+    captioner, detector = ASSETS_DIR / "captioner", ASSETS_DIR / "detector"
+    out: dict[str, Any] = {"phrases": {"mode": "paper"}}
+    out["captioner"] = {"spec": f"hf:{captioner}"} if captioner.is_dir() else {"spec": "alt_text"}
+    detector_cfg = {"spec": f"owlv2:{detector}", "boxes_per_phrase": 1, "box_voting_iou": 0.3}
+    out["detector"] = detector_cfg if detector.is_dir() else {"spec": "none"}
+    return out

@@ -1,0 +1,82 @@
+"""`vesl demo` and `vesl synth`: the demo world's commands (registered by ``vesl.cli`` when the demo is installed)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vesl.demo.runner import DEMO_N, FULL_EVAL_N, FULL_N, FULL_STEPS, run_demo, run_full_demo
+from vesl.errors import UserError
+
+SYNTH_FORMATS = ("wds", "parquet", "coco", "refexp")
+
+
+def synth(
+    out: Annotated[Path, typer.Option("--out", help="Output directory")],
+    n: Annotated[int, typer.Option("--n", help="Number of scenes")] = 200,
+    seed: Annotated[int, typer.Option(help="Same seed, same bytes")] = 0,
+    fmt: Annotated[str, typer.Option("--format", help="wds | parquet | coco | refexp (RefCOCO-style JSONL)")] = "wds",
+    shard_size: Annotated[int, typer.Option(help="Scenes per shard (wds and parquet)")] = 100,
+) -> None:
+    """Generate synthetic scenes with ground-truth captions and boxes (input data or COCO eval set)."""
+    from vesl.demo import synth as synthetic
+
+    if fmt not in SYNTH_FORMATS:
+        raise UserError(f"--format {fmt!r} is not supported: use one of {', '.join(SYNTH_FORMATS)}")
+    if n < 1 or shard_size < 1:
+        raise UserError("--n and --shard-size must be >= 1")
+    from vesl.pipeline.confine import check_output_dir
+
+    check_output_dir(out, "--out")
+    if fmt == "refexp":
+        path = synthetic.write_refexp((synthetic.make_refexp(seed, i) for i in range(n)), out)
+        typer.echo(f"wrote {n} referring expressions to {path} (seed {seed}); evaluate with `vesl eval MODEL --refexp {path}`")
+        return
+    scenes = synthetic.make_scenes(n, seed)
+    if fmt == "wds":
+        paths = synthetic.write_webdataset(scenes, out, shard_size)
+    elif fmt == "parquet":
+        paths = synthetic.write_parquet(scenes, out, shard_size)
+    else:
+        paths = [synthetic.write_coco(scenes, out)]
+    typer.echo(f"wrote {n} scenes to {out} ({len(paths)} file(s), format {fmt}, seed {seed})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("synth")(synth)
+
+    @app.command("demo")
+    def demo_cmd(
+        full: bool = typer.Option(
+            False, "--full", help="Also train CLOC and a CLIP baseline and compare them."
+        ),
+        out: Path = typer.Option(Path("demo-out"), "--out", help="Where the demo writes everything."),
+        n: int = typer.Option(None, "--n", help=f"Number of pairs (default {DEMO_N}; {FULL_N} with --full)."),
+        steps: int = typer.Option(FULL_STEPS, "--steps", help="Training steps per model (--full)."),
+        eval_n: int = typer.Option(FULL_EVAL_N, "--eval-n", help="Held-out evaluation scenes (--full)."),
+        profile: str = typer.Option("demo", "--profile", help="Labeling profile."),
+        labels: str = typer.Option(
+            "vesl", "--labels", help="--full: train on vesl pseudo-labels, or on gt (oracle ground truth)."
+        ),
+        train_seed: int = typer.Option(0, "--train-seed", help="--full: seed of both trainings (init and order)."),
+        seeds: int = typer.Option(1, "--seeds", help="--full: train with this many seeds from --train-seed; judge the means."),
+        eval_split: str = typer.Option(
+            "test", "--eval-split", help="--full: evaluate on the sealed test worlds, or on validation worlds to tune."
+        ),
+    ) -> None:
+        """Run the whole machinery offline on the synthetic world: synth -> label -> inspect -> gallery
+        (and with --full: -> train CLOC and CLIP -> zero-shot region classification)."""
+        t = time.perf_counter()
+        if full:
+            res = run_full_demo(
+                out, n=FULL_N if n is None else n, eval_n=eval_n, steps=steps, profile=profile, labels=labels,
+                train_seed=train_seed, seeds=seeds, eval_split=eval_split,
+            )
+            typer.echo(f"results: {out / 'full' / 'results.json'}")
+            typer.echo(f"done in {time.perf_counter() - t:.0f}s; goal {'met' if res.goal_met else 'not met'}")
+        else:
+            run_demo(out, n=DEMO_N if n is None else n, profile=profile)
+            typer.echo(f"done in {time.perf_counter() - t:.0f}s")
