@@ -24,6 +24,9 @@ class SourceConfig(StrictConfig):
     image_extensions: list[str] = Field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"], min_length=1)
     # one file (tar member, image, sidecar) larger than this is an error row, checked before reading it
     max_file_bytes: int = Field(256 * 2**20, ge=1)
+    # Re-grounding a labeled dataset stored without image bytes: its original inputs, named by the user. A
+    # row's image is read again from its ``source_shard`` only when that shard is one of these inputs'.
+    image_sources: list[str] = Field(default_factory=list)
 
 
 class DecodeConfig(StrictConfig):

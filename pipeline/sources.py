@@ -28,6 +28,7 @@ to the input root and the error-row rules; each reader is short.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -560,26 +561,74 @@ KEPT_CAPTION_KEY = "kept_caption"  # Sample.meta: (caption, caption_source) of t
 
 def _read_labeled(ref: ShardRef, cfg: SourceConfig) -> Iterator[Sample]:
     """Rows of a labeled shard: the stored image bytes and alt-text, the stored caption in the meta, and the
-    row's own ``source_shard`` (where the image came from)."""
+    row's own ``source_shard`` (where the image came from). A row stored without image bytes reads its image
+    again from its source shard, when that shard is one of the inputs named in ``cfg.image_sources``."""
     import pyarrow.parquet as pq
 
     fs, path = url_to_fs(ref.uri)
     columns = ["key", "source_shard", "image", "alt_text", "caption", "caption_source"]
+    originals: dict[str, _SourceImages] = {}
     row = 0
     with fs.open(path, "rb") as f:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
             for r in batch.to_pylist():
-                if not r["image"]:
-                    yield _error_sample(
-                        r["key"], ref, row, "MissingImage",
-                        "the labeled row stores no image bytes (it was labeled with decode.keep_image_bytes false): "
-                        "label the source shards again instead", alt_text=r["alt_text"] or "",
-                    )
+                kept = {KEPT_CAPTION_KEY: (r["caption"], r["caption_source"])}
+                image, uri, problem = r["image"], None, None
+                if not image:
+                    image, uri, problem = _original_image(r["key"], r["source_shard"], cfg, originals)
+                if problem:
+                    yield _error_sample(r["key"], ref, row, "MissingImage", problem, alt_text=r["alt_text"] or "")
                 else:
                     yield Sample(key=r["key"], source_shard=r["source_shard"] or ref.source, index=row,
-                                 image_bytes=r["image"], alt_text=r["alt_text"] or "",
-                                 meta={KEPT_CAPTION_KEY: (r["caption"], r["caption_source"])})  # fmt: skip
+                                 image_bytes=image, image_uri=uri, alt_text=r["alt_text"] or "", meta=kept)  # fmt: skip
                 row += 1
+
+
+class _SourceImages:
+    """The samples of one original input shard, read in order and looked up by key.
+
+    A labeled shard holds its input shard's rows in the same order (less the failed ones), so a lookup
+    usually only moves the reader forward; rows passed over wait in a dict in case they come later.
+    """
+
+    def __init__(self, ref: ShardRef, cfg: SourceConfig) -> None:
+        self.samples = read_shard(ref, cfg)
+        self.waiting: dict[str, Sample] = {}
+
+    def get(self, key: str) -> Sample | None:
+        if key in self.waiting:
+            return self.waiting.pop(key)
+        for s in self.samples:
+            if s.key == key:
+                return s
+            self.waiting[s.key] = s
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def _named_inputs(image_sources: tuple[str, ...]) -> dict[str, ShardRef]:
+    """``source_shard`` label -> shard, over the inputs the user named for re-reading images."""
+    return {ref.source: ref for ref in list_shards(list(image_sources), SourceConfig())}
+
+
+def _original_image(key: str, source_shard: str | None, cfg: SourceConfig,
+                    originals: dict[str, _SourceImages]) -> tuple[bytes | None, str | None, str | None]:
+    """(image bytes, image uri, None) of a labeled row from its original input shard, or (None, None, why not)."""
+    if not cfg.image_sources:
+        return None, None, ("the labeled row stores no image bytes (decode.keep_image_bytes was false): pass its "
+                            "original input with --image-source to read it from its source shard")
+    ref = _named_inputs(tuple(cfg.image_sources)).get(source_shard or "")
+    if ref is None:
+        return None, None, f"source shard {source_shard!r} is not one of the --image-source inputs"
+    if source_shard not in originals:
+        originals.clear()  # one original shard open at a time: a labeled shard comes from one input shard
+        originals[source_shard] = _SourceImages(ref, cfg)
+    s = originals[source_shard].get(key)
+    if s is None:
+        return None, None, f"key {key!r} is not in its source shard {source_shard!r}"
+    if s.error is not None:
+        return None, None, f"its source row cannot be read: {s.error.message}"
+    return s.image_bytes, s.image_uri, None
 
 
 # ---- image folders with sidecar .txt

@@ -62,3 +62,44 @@ def test_keep_on_an_unlabeled_input_is_one_line(tmp_path):
     cfg = LabelConfig(inputs=["synth://3?seed=1"], output=str(tmp_path / "o"), captioner=CaptionerConfig(spec="keep"))
     with pytest.raises(UserError, match="labeled vesl dataset"):
         run(cfg, progress=False)
+
+
+def test_keep_reads_images_again_from_the_named_original_input(tmp_path, tiny_vlm_dir, tiny_owlv2_dir):
+    """A dataset labeled without image bytes re-grounds from its rows' source shards, only under --image-source."""
+    from vesl.demo.runner import generate_input
+    from vesl.pipeline.config import DecodeConfig
+
+    inp = tmp_path / "input"
+    generate_input(inp, n=5, seed=2, shard_size=3)
+    slim, full = tmp_path / "slim", tmp_path / "full"
+    for out, keep_bytes in ((slim, False), (full, True)):
+        cfg = LabelConfig(inputs=[str(inp)], output=str(out), decode=DecodeConfig(keep_image_bytes=keep_bytes),
+                          captioner=CaptionerConfig(spec=f"hf:{tiny_vlm_dir}", max_new_tokens=10, device="cpu"))
+        assert run(cfg, progress=False)["failed"] == []
+    detector = DetectorConfig(spec=f"owlv2:{tiny_owlv2_dir}", threshold=0.0, max_regions=3, device="cpu")
+
+    def reground(src, out, image_sources=()):
+        cfg = LabelConfig(inputs=[str(src)], output=str(out), captioner=CaptionerConfig(spec="keep"), detector=detector,
+                          source={"image_sources": [str(p) for p in image_sources]})
+        return run(cfg, progress=False)
+
+    summary = reground(slim, tmp_path / "no-source")  # nothing named: every row says what to do, none is lost
+    assert summary["rows"] == 0
+    errs = [r for p in sorted((tmp_path / "no-source").glob("*.errors.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert len(errs) == 5
+    assert all(e["error_type"] == "MissingImage" and "--image-source" in e["message"] for e in errs)
+
+    elsewhere = tmp_path / "other"
+    generate_input(elsewhere, n=2, seed=9, shard_size=2)
+    reground(slim, tmp_path / "wrong-source", [elsewhere])  # a named input that is not the rows' source
+    errs = [r for p in sorted((tmp_path / "wrong-source").glob("*.errors.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert len(errs) == 5
+    assert all("not one of the --image-source inputs" in e["message"] for e in errs)
+
+    assert reground(slim, tmp_path / "from-slim", [inp])["failed"] == []
+    assert reground(full, tmp_path / "from-full")["failed"] == []
+    got, want = _rows(tmp_path / "from-slim"), _rows(tmp_path / "from-full")
+    assert len(got) == len(want) == 5
+    for a, b in zip(got, want, strict=True):  # the same images, so the same regions as from stored bytes
+        assert (a["key"], a["caption"], a["regions"]) == (b["key"], b["caption"], b["regions"])
+        assert a["image"] == b["image"]  # the bytes came back from the source shard

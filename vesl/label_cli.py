@@ -47,6 +47,11 @@ def label(
         typer.Option(help="Torch threads per stage worker, on every engine; shards are byte-identical for equal values [1]"),
     ] = None,
     limit: Annotated[Optional[int], typer.Option(help="Label only the first N samples, in shard order")] = None,
+    image_source: Annotated[
+        Optional[list[str]],
+        typer.Option("--image-source", help="--captioner keep on a dataset stored without image bytes: its original "
+                     "input (repeatable); rows read their image again from their source shard there"),
+    ] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Redo shards that are already committed")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML file of LabelConfig fields (flags override it)")] = None,
     profile: Annotated[str, typer.Option(help="default | paper | grit | demo")] = "default",
@@ -88,6 +93,8 @@ def label(
             ov[key] = value
     if beam_options:
         ov["beam_options"] = beam_options
+    if image_source:
+        ov["source"] = {"image_sources": list(image_source)}
     if captioner is not None:
         ov["captioner"] = {"spec": captioner}
     if phrases is not None:
