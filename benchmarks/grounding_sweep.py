@@ -34,14 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="sweep-out")
     args = ap.parse_args(argv)
 
-    from vesl.demo.runner import (
-        _evaluate,
-        _evaluate_refexp,
-        _train,
-        generate_input,
-        label,
-        label_ground_truth,
-    )
+    from vesl.demo.ground_truth import label_ground_truth
+    from vesl.demo.runner import _evaluate, _evaluate_refexp, _train, generate_input, label
     from vesl.demo.synth import make_refexp, make_scenes, write_coco, write_refexp
     from vesl.pipeline.exporters import COCO_ANNOTATIONS
 
