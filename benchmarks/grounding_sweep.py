@@ -5,7 +5,7 @@ and reports grounding acc@0.5, Prompter mAcc and REC acc@0.5 (Prompter ranking a
 held-out seed 5002. Each configuration is one line::
 
     python benchmarks/grounding_sweep.py --labels gt --steps 600 ground_head=mlp ground_weight=1
-    python benchmarks/grounding_sweep.py --labels vesl --steps 1500 ground_head=locate ground_weight=10
+    python benchmarks/grounding_sweep.py --labels vesl --steps 1500 ground_head=patch ground_loss=l1+giou
 
 Prints a JSON line; ``--out`` (default sweep-out/) caches the labeled data between runs.
 """

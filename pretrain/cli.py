@@ -27,10 +27,10 @@ def _train(
     regions_per_image: Optional[int] = typer.Option(None, "--regions-per-image", help="M [4]"),
     lam: Optional[float] = typer.Option(None, "--lambda", help="the paper's shared factor of L_region and L_ground [1.0]"),
     region_weight: Optional[float] = typer.Option(None, "--region-weight", help="weight of L_region inside --lambda [1.0]"),
-    ground_weight: Optional[float] = typer.Option(None, "--ground-weight", help="weight of L_ground inside --lambda [10; paper 1]"),
+    ground_weight: Optional[float] = typer.Option(None, "--ground-weight", help="weight of L_ground inside --lambda [1]"),
     ground_head: Optional[str] = typer.Option(
         None, "--ground-head", help="locate (soft-argmax over the text prompt's Prompter attention) | patch (a box per patch, "
-        "picked by the text) | mlp (paper) [locate]"),
+        "picked by the text) | mlp (paper) [patch]"),
     region_position_words: Optional[float] = typer.Option(
         None, "--region-position-words", help="share of region texts given their box's position words [0]"),
     ground_cell_weight: Optional[float] = typer.Option(
@@ -41,7 +41,7 @@ def _train(
     text_sim_threshold: Optional[float] = typer.Option(None, "--text-sim-threshold", help="[0.9]"),
     region_loss_drop: Optional[float] = typer.Option(
         None, "--region-loss-drop", help="leave out this share of the hardest region pairs (noisy labels) [0]"),
-    ground_loss: Optional[str] = typer.Option(None, "--ground-loss", help="l2 | l1+giou [l2]"),
+    ground_loss: Optional[str] = typer.Option(None, "--ground-loss", help="l1+giou (DETR) | l2 (paper) [l1+giou]"),
     prompter_pool: Optional[str] = typer.Option(None, "--prompter-pool", help="prompt | mean [prompt]"),
     box_bias: Optional[bool] = typer.Option(None, "--box-bias/--no-box-bias",
                                             help="bias box-prompt attention to covered patches [on; off = paper-literal]"),

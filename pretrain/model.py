@@ -40,11 +40,11 @@ class PrompterConfig:
     each patch a box covers to the box prompt's attention logits, so attention starts inside the box and
     region learning is much faster on small data; ``box_bias=False`` is the paper-literal Prompter.
 
-    ``ground_head="locate"`` (default; not in the paper) reads the box out of the text prompt's attention: the
+    ``ground_head="locate"`` (not in the paper) reads the box out of the text prompt's attention: the
     soft-argmax of its prompt-to-patch attention logits over the patch-cell centres gives the box centre, and
     the MLP adds a sub-cell offset and predicts the size. The attention itself then gets the gradient that
     locates the object. ``ground_head="mlp"`` is the paper-literal head: the MLP regresses all four numbers
-    from the region embedding alone. ``ground_head="patch"`` (OWL-ViT style) leaves the Prompter to region
+    from the region embedding alone. ``ground_head="patch"`` (default; OWL-ViT style, not in the paper) leaves the Prompter to region
     embeddings: every patch token proposes a box (its cell centre plus an offset, and a size), and the text
     prompt picks among them through its own query/key projections; the box is the softmax-weighted mean.
     """
@@ -54,7 +54,7 @@ class PrompterConfig:
     box_bias: bool = True
     n_freqs: int = 16
     ground_hidden: int = 0  # 0: 2 x embed_dim
-    ground_head: str = "locate"
+    ground_head: str = "patch"
 
     def __post_init__(self) -> None:
         if self.pool not in POOL_MODES:
@@ -105,7 +105,8 @@ class Prompter(nn.Module):
         self.cfg = cfg
         self.width = width
         self.box_embed = nn.Linear(8 * cfg.n_freqs, width)
-        self.text_embed = nn.Linear(embed_dim, width)
+        if cfg.ground_head != "patch":  # the patch head grounds text without the Prompter: no text prompts
+            self.text_embed = nn.Linear(embed_dim, width)
         self.ln_1 = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.out_proj = nn.Linear(width, width)

@@ -66,18 +66,18 @@ class TrainConfig(BaseModel):
     regions_per_image: int = Field(4, ge=1)
     lam: float = Field(1.0, ge=0, description="the paper's shared factor lambda of the region and grounding terms")
     region_weight: float = Field(1.0, ge=0, description="weight of L_region inside lambda (1 in the paper)")
-    ground_weight: float = Field(10.0, ge=0, description="weight of L_ground inside lambda (1 in the paper; 10 chosen "
-                                 "on validation worlds of the demo, see the README)")
+    ground_weight: float = Field(1.0, ge=0, description="weight of L_ground inside lambda (1, as in the paper)")
     text_sim_threshold: float = Field(0.9, description="region negatives with text cosine above this are removed")
     region_loss_drop: float = Field(0.0, ge=0.0, lt=1.0, description="share of region pairs with the highest loss "
                                     "left out of L_region, for noisy pseudo-labels (0: paper-literal)")
-    ground_loss: Literal["l2", "l1+giou"] = "l2"
+    ground_loss: Literal["l2", "l1+giou"] = Field("l1+giou", description="l1+giou: DETR's box loss (chosen on "
+                                                  "validation worlds of the demo, see the README); l2: the paper's")
     ground_cell_weight: float = Field(0.0, ge=0, description="--ground-head locate: weight of the cross-entropy that "
                                       "points the text prompt's attention at the cell holding the box centre (0: off)")
     ground_l1_weight: float = Field(5.0, ge=0, description="--ground-loss l1+giou: weight of L1 (DETR's 5)")
     ground_giou_weight: float = Field(2.0, ge=0, description="--ground-loss l1+giou: weight of 1 - GIoU (DETR's 2)")
     ground_head: Literal["locate", "mlp", "patch"] = Field(
-        "locate", description="locate: soft-argmax over the text prompt's Prompter attention plus offset and size; "
+        "patch", description="locate: soft-argmax over the text prompt's Prompter attention plus offset and size; "
         "patch: a box from every patch token, picked by the text (OWL-ViT style); mlp: the paper's MLP")
     region_position_words: float = Field(0.0, ge=0.0, le=1.0, description="share of region texts that get the "
                                          "box's position on a 3x3 grid appended ('... at the top left'), so box "

@@ -60,9 +60,7 @@ def test_short_training_on_ground_truth_grounds_far_better_than_the_size_word_me
     generate_input(tmp_path / "input", N_TRAIN, TRAIN_SEED)
     label_ground_truth(tmp_path / "input", tmp_path / "gt", TRAIN_SEED, progress=False)
     coco = write_coco(make_scenes(N_HELD_OUT, HELD_OUT_SEED), tmp_path / "held_out")
-    # the weights this was measured with (the defaults today)
-    run = _train(tmp_path / "gt", tmp_path / "run", STEPS, seed=0, clip_only=False, workers=0, ground_head="locate",
-                 ground_weight=10.0, ground_cell_weight=0.0)
+    run = _train(tmp_path / "gt", tmp_path / "run", STEPS, seed=0, clip_only=False, workers=0)  # the defaults
     model = load(run)
     acc = coco_grounding_accuracy(model, coco, coco.parent / "images")
     baseline = size_word_mean_box_accuracy(tmp_path / "gt", coco, model.image_size[0])

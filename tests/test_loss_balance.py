@@ -50,7 +50,7 @@ def _grads(rank: int, world_size: int, mode: dict, term: str) -> dict[str, torch
     # modes can match there
     drop = 0.0 if mode.get("local_loss") else 0.25
     loss_fn = CLOCLoss(text_sim_threshold=0.9, rank=rank, world_size=world_size, region_loss_drop=drop,
-                       cell_weight=1.0, **mode)
+                       cell_weight=1.0, ground_loss="l1+giou", **mode)  # the trainer default
     loss_fn.set_progress(100, 100)  # the hardest-pair drop at full strength
     out = model(batch["images"], batch["texts"], batch["region_boxes"], batch["region_texts"], batch["region_valid"])
     loss_fn(out, batch)[term].backward()

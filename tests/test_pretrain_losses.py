@@ -385,4 +385,17 @@ def test_saved_configs_without_a_ground_head_load_the_paper_mlp():
 
     assert PrompterConfig.from_saved({"pool": "prompt"}).ground_head == "mlp"
     assert PrompterConfig.from_saved({"ground_head": "locate"}).ground_head == "locate"
-    assert PrompterConfig().ground_head == "locate"
+    assert PrompterConfig().ground_head == "patch"
+
+
+def test_generalized_iou_equals_torchvision():
+    from torchvision.ops import generalized_box_iou_loss
+
+    from vesl.pretrain.losses import generalized_iou
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(64, 4, generator=g)
+    b = torch.rand(64, 4, generator=g)
+    a = torch.cat([torch.minimum(a[:, :2], a[:, 2:]), torch.maximum(a[:, :2], a[:, 2:])], -1)
+    b = torch.cat([torch.minimum(b[:, :2], b[:, 2:]), torch.maximum(b[:, :2], b[:, 2:])], -1)
+    assert torch.allclose(1 - generalized_iou(a, b), generalized_box_iou_loss(a, b, reduction="none"), atol=1e-6)
