@@ -111,9 +111,13 @@ def process_tasks(
     provenance: dict[str, Any],
     tasks: Iterable[ShardTask],
     report: Report | None = None,
+    extra_timings: dict[str, Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Label and commit each shard of ``tasks`` with already set-up ``stages``; yields one result
-    per shard: ``{"shard", "ok", "stats"}`` or ``{"shard", "ok": False, "error"}``."""
+    per shard: ``{"shard", "ok", "stats"}`` or ``{"shard", "ok": False, "error"}``.
+
+    Also a Ray worker's loop when all stages share one actor pool (``extra_timings``: its engine and run id).
+    """
     first, rest = stages[0], stages[1:]
     batch_size = read_batch_size(cfg, stages)
     q: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
@@ -141,6 +145,7 @@ def process_tasks(
         t = time.perf_counter()
         timings = {k: round(v, 4) for k, v in sorted(st.seconds.items())}
         timings["wall_s"] = round(t - st.started, 4)
+        timings.update(extra_timings or {})
         stats = commit_shard(cfg, st.task, st.samples, provenance, timings)
         stats["timings"]["write_s"] = round(time.perf_counter() - t, 4)  # in the returned copy only
         return stats

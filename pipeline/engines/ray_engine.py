@@ -1,6 +1,14 @@
 """Ray Data engine: the same stages as actor pools, the same shard writer.
 
-Dataset::
+When every stage fits in one actor pool (CPU-only stages with equal pool sizes: the usual CPU job), the
+job is one map over the shard tasks::
+
+    from_items(shard tasks) -> map_batches(one actor pool: read, label and commit whole shards)
+
+Each actor runs the local engine's shard loop (``process_tasks``: prefetching reader, decode threads, the
+shared writer), so no sample is pickled or crosses a process and the driver only gathers each shard's
+result; the shards are the local engine's by construction. Otherwise (a GPU stage, a stage with its own
+pool size or its own Ray processor), the dataset is::
 
     from_items(shard tasks) -> flat_map(read shard: samples + end marker)
       -> for each stage: map_batches(callable class = actor pool; batch_size, concurrency, num_gpus
@@ -42,6 +50,7 @@ import numpy as np
 
 from vesl.errors import UserError
 from vesl.pipeline.config import LabelConfig
+from vesl.pipeline.apply import teardown_stages
 from vesl.pipeline.engines.distributed import (
     SECONDS_KEY,
     ShardEnd,
@@ -52,6 +61,7 @@ from vesl.pipeline.engines.distributed import (
     read_items,
     write_items,
 )
+from vesl.pipeline.engines.local import process_tasks, setup_stages
 from vesl.pipeline.engines.runtime_logs import quiet_runtime_logs
 from vesl.pipeline.job import job_summary, read_batch_size, start_job
 from vesl.pipeline.wiring import build_stages
@@ -84,6 +94,25 @@ class _StageActor:
         out = np.empty(len(items), dtype=object)
         out[:] = [dumps(x) for x in items]
         return {"shard": batch["shard"], "item": out}
+
+
+class _ShardActor:
+    """Every stage in one actor: reads, labels and commits whole shards with the local engine's shard loop, and
+    returns only each shard's result (no sample crosses a process)."""
+
+    def __init__(self, cfg: LabelConfig, factory: StagesFactory, run_id: str) -> None:
+        self.cfg, self.timings = cfg, {"engine": "ray", "run_id": run_id}
+        self.stages, self.provenance = setup_stages(cfg, factory)
+
+    def __del__(self) -> None:
+        teardown_stages(getattr(self, "stages", []))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tasks = [loads(t) for t in batch["task"]]
+        results = list(process_tasks(self.cfg, self.stages, self.provenance, tasks, extra_timings=self.timings))
+        out = np.empty(len(results), dtype=object)
+        out[:] = [dumps(r) for r in results]
+        return {"result": out}
 
 
 class _ShardCollector:
@@ -130,6 +159,10 @@ class _ShardCollector:
             result = fut.result()
         except Exception as exc:  # e.g. the output filesystem failed: the shard stays uncommitted
             result = {"shard": name, "ok": False, "error": f"write failed: {type(exc).__name__}: {exc}"}
+        self.record(result)
+
+    def record(self, result: dict[str, Any]) -> None:
+        """A shard's outcome (committed here, or by a shard actor)."""
         self.results.append(result)
         if result["ok"]:
             self.images += result["stats"]["input_count"]
@@ -224,14 +257,25 @@ def _cause(exc: BaseException) -> BaseException:
 
 
 def build_dataset(cfg: LabelConfig, tasks: list, factory: StagesFactory, run_id: str):
-    """The labeling dataset (lazy): rows ``{shard, item}`` after the last stage, in no particular order."""
+    """The labeling dataset (lazy), in no particular order: rows ``{result}`` (one per shard, committed by
+    the actors) when every stage fits in one pool, else rows ``{shard, item}`` after the last stage."""
     import ray
 
     stages = factory(cfg)  # built, not set up: only names and resources are read here
     pools = [_concurrency(s.resources.concurrency, cfg.workers) for s in stages]
     groups = _pool_groups(stages, pools)
-    cpu = _cpus_per_slot(sum(pools[g[0]] for g in groups) + 1)  # + the reader tasks
     ds = ray.data.from_items([{"task": dumps(t)} for t in tasks], override_num_blocks=max(1, len(tasks)))
+    if len(groups) == 1 and not _offers_processor(stages[0]):
+        return ds.map_batches(
+            _ShardActor,
+            fn_constructor_args=(cfg, factory, run_id),
+            batch_size=1,  # one shard task per call
+            batch_format="numpy",
+            # one shard queued per actor: a shard can be long, and a queue behind a busy actor idles the others
+            compute=ray.data.ActorPoolStrategy(size=pools[0], max_tasks_in_flight_per_actor=1),
+            num_cpus=_cpus_per_slot(pools[0]),
+        )
+    cpu = _cpus_per_slot(sum(pools[g[0]] for g in groups) + 1)  # + the reader tasks
     ds = ds.flat_map(_read_rows, fn_kwargs={"cfg": cfg, "batch_size": read_batch_size(cfg, stages)}, num_cpus=cpu)
     last = len(stages) - 1
     for group in groups:
@@ -272,6 +316,10 @@ def run_ray(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, prog
         try:
             ds = build_dataset(cfg, todo, stages_factory, run_id)
             for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                if "result" in batch:  # shards committed by the actors
+                    for data in batch["result"]:
+                        collector.record(loads(data))
+                    continue
                 for name, data in zip(batch["shard"], batch["item"], strict=True):
                     collector.add(str(name), loads(data))
         except Exception as exc:
