@@ -189,6 +189,7 @@ DEFAULT_TRAIN = {
     # the two settings below, and the measurements behind them: README, "Demo settings, and why"
     "text_sim_threshold": 0.999,
     "region_loss_drop": 0.2,
+    "region_position_words": 0.3,
     "tensorboard": False,
     "log_every": 50,
     "device": "cpu",

@@ -197,6 +197,19 @@ def _draw_mask(shape: str, cx: float, cy: float, r: float, size: tuple[int, int]
     return mask
 
 
+def _draw_random(rng: random.Random, shape: str, size: str, w: int, h: int) -> tuple[tuple, Image.Image] | None:
+    """One ``shape`` of ``size`` at a random place on a ``w`` x ``h`` canvas: (normalized xyxy box, mask), or
+    None when the mask came out empty."""
+    lo, hi = SIZES[size]
+    r = rng.uniform(lo, hi) * min(w, h) / 2
+    cx, cy = rng.uniform(r + 2, w - r - 2), rng.uniform(r + 2, h - r - 2)
+    mask = _draw_mask(shape, cx, cy, r, (w, h))
+    bbox = mask.getbbox()
+    if bbox is None:
+        return None
+    return (bbox[0] / w, bbox[1] / h, bbox[2] / w, bbox[3] / h), mask
+
+
 def _muted_color(rng: random.Random) -> tuple[int, int, int]:
     h, s, v = rng.random(), rng.uniform(0.0, 0.18), rng.uniform(0.55, 0.95)
     r, g, b = colorsys.hsv_to_rgb(h, s, v)
@@ -302,14 +315,10 @@ def make_scene(seed: int, index: int) -> Scene:
     for color, shape in cats:
         for _attempt in range(60):
             size = rng.choice(tuple(SIZES))
-            lo, hi = SIZES[size]
-            r = rng.uniform(lo, hi) * min(w, h) / 2
-            cx, cy = rng.uniform(r + 2, w - r - 2), rng.uniform(r + 2, h - r - 2)
-            mask = _draw_mask(shape, cx, cy, r, (w, h))
-            bbox = mask.getbbox()
-            if bbox is None:
+            drawn = _draw_random(rng, shape, size, w, h)
+            if drawn is None:
                 continue
-            box = (bbox[0] / w, bbox[1] / h, bbox[2] / w, bbox[3] / h)
+            box, mask = drawn
             if all(_compatible(box, color, p[3], p[0], w, h) for p in placed):
                 placed.append((color, shape, size, box, mask))
                 break
@@ -542,15 +551,11 @@ def referring_expression(o: SceneObject) -> str:
 
 def _place(rng: random.Random, w: int, h: int, color: str, shape: str, size: str,
            placed: list, avoid: set[tuple[str, tuple[int, int]]]) -> tuple | None:
-    lo, hi = SIZES[size]
     for _attempt in range(80):
-        r = rng.uniform(lo, hi) * min(w, h) / 2
-        cx, cy = rng.uniform(r + 2, w - r - 2), rng.uniform(r + 2, h - r - 2)
-        mask = _draw_mask(shape, cx, cy, r, (w, h))
-        bbox = mask.getbbox()
-        if bbox is None:
+        drawn = _draw_random(rng, shape, size, w, h)
+        if drawn is None:
             continue
-        box = (bbox[0] / w, bbox[1] / h, bbox[2] / w, bbox[3] / h)
+        box, mask = drawn
         if (size, _position(box)) in avoid:
             continue
         if all(_compatible(box, color, p[3], p[0], w, h) for p in placed):
