@@ -49,8 +49,8 @@ from typing import Any
 import numpy as np
 
 from vesl.errors import UserError
-from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.apply import teardown_stages
+from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.engines.distributed import (
     SECONDS_KEY,
     ShardEnd,
