@@ -43,6 +43,7 @@ import math
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -107,12 +108,14 @@ class _ShardActor:
     def __del__(self) -> None:
         teardown_stages(getattr(self, "stages", []))
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        # several shards per call, so the next shard's read and this one's commit overlap the labeling (as in
+        # the local engine); each shard's result streams out as soon as it is committed
         tasks = [loads(t) for t in batch["task"]]
-        results = list(process_tasks(self.cfg, self.stages, self.provenance, tasks, extra_timings=self.timings))
-        out = np.empty(len(results), dtype=object)
-        out[:] = [dumps(r) for r in results]
-        return {"result": out}
+        for result in process_tasks(self.cfg, self.stages, self.provenance, tasks, extra_timings=self.timings):
+            out = np.empty(1, dtype=object)
+            out[0] = dumps(result)
+            yield {"result": out}
 
 
 class _ShardCollector:
@@ -256,6 +259,12 @@ def _cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def _shards_per_call(shards: int, actors: int) -> int:
+    """Shard tasks per actor call: enough to pipeline reads and commits with the labeling, few enough (about
+    four calls per actor) that the actors stay balanced when shards differ in size; at most 16."""
+    return max(1, min(16, shards // (4 * actors)))
+
+
 def build_dataset(cfg: LabelConfig, tasks: list, factory: StagesFactory, run_id: str):
     """The labeling dataset (lazy), in no particular order: rows ``{result}`` (one per shard, committed by
     the actors) when every stage fits in one pool, else rows ``{shard, item}`` after the last stage."""
@@ -269,7 +278,7 @@ def build_dataset(cfg: LabelConfig, tasks: list, factory: StagesFactory, run_id:
         return ds.map_batches(
             _ShardActor,
             fn_constructor_args=(cfg, factory, run_id),
-            batch_size=1,  # one shard task per call
+            batch_size=_shards_per_call(len(tasks), pools[0]),
             batch_format="numpy",
             # one shard queued per actor: a shard can be long, and a queue behind a busy actor idles the others
             compute=ray.data.ActorPoolStrategy(size=pools[0], max_tasks_in_flight_per_actor=1),
