@@ -112,15 +112,17 @@ def test_beam_direct_runner_matches_local(engines_input, reference, tmp_path, ti
 
 
 def test_ray_local_matches_local(engines_input, reference, tmp_path, tiny_vlm_dir, tiny_owlv2_dir, ray_session):
-    from vesl.pipeline.engines.ray_engine import run_ray
+    from vesl.pipeline.engines.ray_engine import _fits_one_pool, _pool_groups, _stage_pools, run_ray
 
     cfg = _cfg(engines_input, tmp_path, tiny_vlm_dir, tiny_owlv2_dir, engine="ray")
+    stages = build_stages(cfg)
+    assert _fits_one_pool(stages, _pool_groups(stages, _stage_pools(stages, cfg.workers)))  # the shard-actor layout
     summary = run_ray(cfg, progress=False)
     assert summary["failed"] == []
     assert summary["errors"] == len(BROKEN)
     _assert_same_dataset(reference, tmp_path)
     assert ray_session.is_initialized()  # reused the session, did not stop it
-    # every stage in one actor pool: the actors committed the shards, stamped with this engine
+    # stamped with this engine
     assert {json.loads(p.read_text())["timings"]["engine"] for p in tmp_path.glob("part-*.stats.json")} == {"ray"}
 
 
@@ -129,14 +131,16 @@ def test_ray_matches_local_at_two_stage_threads(engines_input, tmp_path, tiny_vl
     layout too: a detector pool of its own size splits the stages over two actor pools (samples then travel
     between pools and to the driver, which commits), where the test above runs them all in one."""
     from vesl.pipeline.engines.local import run_local
-    from vesl.pipeline.engines.ray_engine import _pool_groups, run_ray
+    from vesl.pipeline.engines.ray_engine import _fits_one_pool, _pool_groups, _stage_pools, run_ray
 
     cfg = _cfg(engines_input, tmp_path / "local", tiny_vlm_dir, tiny_owlv2_dir, stage_threads=2)
     assert run_local(cfg, progress=False)["failed"] == []
     detector = cfg.detector.model_copy(update={"concurrency": 2})
     ray_cfg = cfg.model_copy(update={"output": str(tmp_path / "ray"), "engine": "ray", "detector": detector})
     stages = build_stages(ray_cfg)
-    assert len(_pool_groups(stages, [max(1, s.resources.concurrency) for s in stages])) == 2
+    groups = _pool_groups(stages, _stage_pools(stages, ray_cfg.workers))
+    assert len(groups) == 2
+    assert not _fits_one_pool(stages, groups)
     summary = run_ray(ray_cfg, progress=False)
     assert summary["failed"] == []
     assert summary["errors"] == len(BROKEN)

@@ -246,6 +246,16 @@ def _concurrency(stage_concurrency: int, workers: int) -> int:
     return stage_concurrency if stage_concurrency > 1 else max(1, workers)
 
 
+def _stage_pools(stages: list, workers: int) -> list[int]:
+    """Each stage's actor-pool size."""
+    return [_concurrency(s.resources.concurrency, workers) for s in stages]
+
+
+def _fits_one_pool(stages: list, groups: list) -> bool:
+    """Whether the shard-actor layout applies: every stage in one pool, and no stage bringing its own processor."""
+    return len(groups) == 1 and not _offers_processor(stages[0])
+
+
 def _cause(exc: BaseException) -> BaseException:
     """The user's error inside a Ray task/actor error, if there is one."""
     seen = exc
@@ -271,16 +281,16 @@ def build_dataset(cfg: LabelConfig, tasks: list, factory: StagesFactory, run_id:
     import ray
 
     stages = factory(cfg)  # built, not set up: only names and resources are read here
-    pools = [_concurrency(s.resources.concurrency, cfg.workers) for s in stages]
+    pools = _stage_pools(stages, cfg.workers)
     groups = _pool_groups(stages, pools)
     ds = ray.data.from_items([{"task": dumps(t)} for t in tasks], override_num_blocks=max(1, len(tasks)))
-    if len(groups) == 1 and not _offers_processor(stages[0]):
+    if _fits_one_pool(stages, groups):
         return ds.map_batches(
             _ShardActor,
             fn_constructor_args=(cfg, factory, run_id),
             batch_size=_shards_per_call(len(tasks), pools[0]),
             batch_format="numpy",
-            # one shard queued per actor: a shard can be long, and a queue behind a busy actor idles the others
+            # one call queued per actor: a call can be long, and a queue behind a busy actor idles the others
             compute=ray.data.ActorPoolStrategy(size=pools[0], max_tasks_in_flight_per_actor=1),
             num_cpus=_cpus_per_slot(pools[0]),
         )
