@@ -310,26 +310,39 @@ class CLOCModel(nn.Module):
         ``trimmed``: the caller already cut the tokens (:func:`trim_tokens`, on the host), so the length is not
         read back from the device. Falls back to open_clip's encode_text for towers where that does not hold.
         """
+        return self._encode_texts_fast([tokens], trimmed)[0]
+
+    def _encode_texts_fast(self, token_sets: list[torch.Tensor], trimmed: bool = False) -> list[torch.Tensor]:
+        """:meth:`_encode_text_fast` of several token batches, with one token-embedding lookup for all of them.
+
+        Why one lookup: the embedding's backward writes a dense (vocabulary x width) gradient per call, so the
+        captions and the phrases as two calls paid that fill twice, plus the sum of the two, every step.
+        """
         clip = self.clip
         usable = (
             getattr(clip, "text_pool_type", None) == "argmax"
             and getattr(clip, "attn_mask", None) is not None
             and hasattr(clip, "token_embedding")
-            and tokens.shape[0] > 0
+            and all(t.shape[0] > 0 for t in token_sets)
         )
         if not usable:
-            return self.encode_text(tokens)
-        n = tokens.shape[1] if trimmed else int(tokens.argmax(dim=-1).max()) + 1
-        t = tokens[:, :n]
+            return [self.encode_text(t) for t in token_sets]
+        cut = [t if trimmed else t[:, : int(t.argmax(dim=-1).max()) + 1] for t in token_sets]
+        flat = clip.token_embedding(torch.cat([t.reshape(-1) for t in cut]))
         cast = clip.transformer.get_cast_dtype()
-        x = clip.token_embedding(t).to(cast) + clip.positional_embedding[:n].to(cast)
-        x = clip.transformer(x, attn_mask=clip.attn_mask[:n, :n])
-        x = clip.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), t.argmax(dim=-1)]
-        proj = clip.text_projection
-        if proj is not None:
-            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
-        return F.normalize(x, dim=-1)
+        out, start = [], 0
+        for t in cut:
+            n = t.shape[1]
+            x = flat[start : start + t.numel()].view(*t.shape, -1).to(cast) + clip.positional_embedding[:n].to(cast)
+            start += t.numel()
+            x = clip.transformer(x, attn_mask=clip.attn_mask[:n, :n])
+            x = clip.ln_final(x)
+            x = x[torch.arange(x.shape[0], device=x.device), t.argmax(dim=-1)]
+            proj = clip.text_projection
+            if proj is not None:
+                x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+            out.append(F.normalize(x, dim=-1))
+        return out
 
     # ---- region API -------------------------------------------------------------------------------
     def encode_regions(self, images: torch.Tensor, boxes: torch.Tensor | list[torch.Tensor], normalize: bool = True):
@@ -394,19 +407,22 @@ class CLOCModel(nn.Module):
             prep = prepare_texts(texts, region_texts, region_valid)
             texts, region_texts, phrase_index = prep["texts"], prep["region_texts"], prep["phrase_index"]
         pooled, tokens = self.image_tokens(images)
+        regions = not clip_only and region_valid is not None
+        # only valid rows are encoded, each distinct phrase once
+        text_sets = [texts, region_texts] if regions else [texts]
+        encoded = self._encode_texts_fast(text_sets, trimmed=phrase_index is not None)
         out = {
             "image_features": F.normalize(pooled, dim=-1),
-            "text_features": self._encode_text_fast(texts, trimmed=phrase_index is not None),
+            "text_features": encoded[0],
             "logit_scale": self.logit_scale.exp(),
         }
-        if clip_only or region_valid is None:
+        if not regions:
             return out
         m = region_valid.shape[1]
         valid = region_valid.bool()
         whole = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=region_boxes.dtype, device=region_boxes.device)
         boxes = torch.where(valid.unsqueeze(-1), region_boxes, whole)
-        # only valid rows are encoded, each distinct phrase once
-        phr = self._encode_text_fast(region_texts, trimmed=True)
+        phr = encoded[1]
         phr_bm = torch.where(valid.unsqueeze(-1), phr[phrase_index.clamp_min(0)], torch.zeros((), dtype=phr.dtype,
                                                                                              device=phr.device))
         patch_head = self.ground_head.kind == "patch"  # grounds without a text pass through the Prompter

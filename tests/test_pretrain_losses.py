@@ -281,6 +281,26 @@ def test_fast_text_path_matches_open_clip_encode_text(micro):
         assert torch.allclose(micro._encode_text_fast(toks), micro.encode_text(toks), atol=1e-6)
 
 
+def test_captions_and_phrases_share_one_embedding_lookup_with_the_same_result(micro):
+    """One token-embedding call for both sets (one dense gradient per step), same features and gradients."""
+    caps = micro.tokenizer(["a large blue square on the left", "a red circle"])
+    phr = micro.tokenizer(["a red circle", "a square"])  # each set is cut to its own length
+    emb = micro.clip.token_embedding
+    emb.weight.grad = None  # the fixture is shared
+    calls = []
+    hook = emb.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape))
+    joint = micro._encode_texts_fast([caps, phr])
+    hook.remove()
+    assert len(calls) == 1
+    (joint[0].sum() + joint[1].sum()).backward()
+    g_joint, emb.weight.grad = emb.weight.grad.clone(), None
+    (micro.encode_text(caps).sum() + micro.encode_text(phr).sum()).backward()
+    for a, b in zip(joint, (micro.encode_text(caps), micro.encode_text(phr)), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert torch.allclose(g_joint, emb.weight.grad, rtol=1e-5, atol=1e-4)  # float summation order
+    emb.weight.grad = None
+
+
 def test_box_attention_bias_is_zero_inside_and_negative_outside():
     from vesl.pretrain.model import create_model
 
