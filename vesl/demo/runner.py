@@ -33,7 +33,7 @@ FULL_TRAIN_SEED = 1001  # --full: the web-like pairs that get labeled and traine
 DEMO_N = 200
 FULL_N = 2000
 FULL_EVAL_N = 300
-FULL_STEPS = 1500  # why 1,500: README, "Demo settings, and why"
+FULL_STEPS = 3000  # why 3,000: README, "Demo settings, and why"
 SHARD_SIZE = 100
 GOAL_POINTS = 15.0
 
