@@ -272,16 +272,20 @@ class BatchBuilder:
 
 
 class _WorkerStream(torch.utils.data.IterableDataset):
-    """What one DataLoader worker runs: its units from its cursor on, as ready batches."""
+    """What one DataLoader worker runs: its units from its cursor on, as ready batches.
 
-    def __init__(self, per_worker: list[list[Unit]], cursors: list[list[int]], offset: int, builder: BatchBuilder,
-                 epoch: int, storage_options: dict | None):
-        self.per_worker = per_worker
-        self.cursors = cursors
-        self.offset = offset
+    The loader's workers persist across epochs, so each epoch's plan (epoch, worker offset, each logical
+    worker's start cursor) reaches them through ``plan``, a small shared-memory array the main process fills
+    before it starts the epoch; each worker reads it when its epoch begins.
+    """
+
+    def __init__(self, units: list[Unit], seed: int, world_size: int, rank: int, num_workers: int,
+                 builder: BatchBuilder, storage_options: dict | None, plan):
+        self.units, self.seed, self.world_size, self.rank = units, seed, world_size, rank
+        self.num_workers = num_workers
         self.builder = builder
-        self.epoch = epoch
         self.storage_options = storage_options
+        self.plan = plan  # [epoch, offset, upos_0, row_0, upos_1, row_1, ...] (one pair per logical worker)
 
     def _read(self, unit: Unit) -> list[dict]:
         import pyarrow.parquet as pq
@@ -294,10 +298,11 @@ class _WorkerStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
-        n = len(self.per_worker)
-        w = ((info.id if info else 0) + self.offset) % n
-        units = self.per_worker[w]
-        upos, row = self.cursors[w]
+        n = max(self.num_workers, 1)
+        epoch, offset = int(self.plan[0]), int(self.plan[1])
+        w = ((info.id if info else 0) + offset) % n
+        upos, row = int(self.plan[2 + 2 * w]), int(self.plan[3 + 2 * w])
+        units = assign_units(self.units, self.seed, epoch, self.world_size, self.num_workers)[self.rank * n + w]
         buf: list[dict] = []
         while upos < len(units):
             rows = self._read(units[upos])
@@ -306,11 +311,11 @@ class _WorkerStream(torch.utils.data.IterableDataset):
                 row += 1
                 if len(buf) == self.builder.b:
                     nxt = (upos + 1, 0) if row == len(rows) else (upos, row)
-                    yield {**self.builder.build(buf, self.epoch), "worker": w, "cursor": list(nxt)}
+                    yield {**self.builder.build(buf, epoch), "worker": w, "cursor": list(nxt)}
                     buf = []
             upos, row = upos + 1, 0
         if buf:
-            yield {**self.builder.build(buf, self.epoch), "worker": w, "cursor": [len(units), 0]}
+            yield {**self.builder.build(buf, epoch), "worker": w, "cursor": [len(units), 0]}
 
 
 class RegionTextLoader:
@@ -334,14 +339,16 @@ class RegionTextLoader:
                                     with_regions, position_share)
         assign_units(self.units, seed, 0, world_size, num_workers)  # fail early with a clear message
         self.state: dict[str, Any] = {}
+        import multiprocessing
+
+        self._plan = multiprocessing.Array("q", 2 + 2 * self.n_logical, lock=False)
+        self._stream = _WorkerStream(self.units, seed, world_size, rank, num_workers, self.builder, storage_options,
+                                     self._plan)
+        self._loader: torch.utils.data.DataLoader | None = None  # made at the first epoch; its workers persist
 
     @property
     def n_logical(self) -> int:
         return max(self.num_workers, 1)
-
-    def _mine(self, epoch: int) -> list[list[Unit]]:
-        n = self.n_logical
-        return assign_units(self.units, self.seed, epoch, self.world_size, self.num_workers)[self.rank * n:(self.rank + 1) * n]
 
     def steps_per_epoch(self, epoch: int = 0) -> int:
         """Steps every rank runs in this epoch: the largest rank's batch count."""
@@ -365,14 +372,16 @@ class RegionTextLoader:
         nxt = resume["next_worker"] if resume else 0
         step = resume["step"] if resume else 0
         total = self.steps_per_epoch(epoch)
-        stream = _WorkerStream(self._mine(epoch), cursors, nxt, self.builder, epoch, self.storage_options)
         self.state = {"epoch": epoch, "step": step, "cursors": [list(c) for c in cursors], "next_worker": nxt}
+        self._plan[:] = [epoch, nxt, *(v for c in cursors for v in c)]  # before the workers start this epoch
         if self.num_workers > 0:
-            it = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                                  prefetch_factor=2, persistent_workers=False,
-                                                  pin_memory=self.pin_memory))
+            if self._loader is None:
+                self._loader = torch.utils.data.DataLoader(self._stream, batch_size=None, num_workers=self.num_workers,
+                                                           prefetch_factor=2, persistent_workers=True,
+                                                           pin_memory=self.pin_memory)
+            it = iter(self._loader)
         else:
-            it = iter(stream)
+            it = iter(self._stream)
         for batch in it:
             w = batch.pop("worker")
             cursors[w] = list(batch.pop("cursor"))
@@ -384,3 +393,10 @@ class RegionTextLoader:
             step += 1
             self.state = {**self.state, "step": step}
             yield self.builder.empty()
+
+    def close(self) -> None:
+        """Stop the persistent worker processes (they would otherwise live until the loader is collected)."""
+        loader, self._loader = self._loader, None
+        it = getattr(loader, "_iterator", None)
+        if it is not None:
+            it._shutdown_workers()

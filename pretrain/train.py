@@ -468,6 +468,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
     run_dir = Path(cfg.out)
     clear = check_run_dir(run_dir, cfg.resume, cfg.overwrite)
     d = Dist(cfg.device)
+    loader = None
     try:
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
         model = _build_model(cfg, d.device)
@@ -517,6 +518,8 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
         run.log.close()
         return run_dir
     finally:
+        if loader is not None:
+            loader.close()
         d.close()
 
 

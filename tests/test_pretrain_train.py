@@ -189,6 +189,44 @@ def test_loader_sees_every_sample_once_per_epoch_across_ranks_and_workers(tmp_pa
         assign_units(units, 0, 0, world_size=4, num_workers=4)
 
 
+def test_loader_workers_persist_across_epochs_and_give_each_epoch_its_own_order(tmp_path):
+    """One loader over three epochs (the first left half-read) reuses its two worker processes, and every epoch
+    gives exactly the batches a fresh loader gives for that epoch; close() stops the workers."""
+    from vesl.pretrain.data import Preprocess, RegionTextLoader
+    from vesl.pretrain.model import get_tokenizer
+
+    write_shards(tmp_path, 20, n_files=2, row_group_size=2, seed=3)
+    tok = get_tokenizer(MODEL)
+    pre = Preprocess(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+    def loader():
+        return RegionTextLoader(str(tmp_path), batch_size=3, tokenizer=tok, preprocess=pre, num_workers=2, seed=4,
+                                position_share=0.5)
+
+    def keys(batches):
+        return [(tuple(b["keys"]), b["region_texts"].sum().item()) for b in batches]
+
+    ld = loader()
+    it = ld.epoch(0)
+    half = [next(it) for _ in range(2)]  # epoch 0 stopped early (as a run that reaches max_steps mid-epoch)
+    pids = [w.pid for w in ld._loader._iterator._workers]
+    seen = {e: keys(ld.epoch(e)) for e in (1, 2)}
+    workers = ld._loader._iterator._workers
+    assert [w.pid for w in workers] == pids
+    assert all(w.is_alive() for w in workers)
+    for e in (1, 2):
+        fresh = loader()
+        assert seen[e] == keys(fresh.epoch(e)), e
+        fresh.close()
+    assert {k for ks, _ in seen[1] for k in ks} == {f"s3-{i:06d}" for i in range(20)}
+    assert seen[1] != seen[2]
+    first = loader()
+    assert keys(half) == keys(first.epoch(0))[:2]
+    first.close()
+    ld.close()
+    assert not any(w.is_alive() for w in workers)
+
+
 def test_ddp_two_processes_match_one_process(tmp_path):
     """torchrun --nproc_per_node 2 (gloo) vs one process on the same global batches: losses within 1e-5."""
     from vesl.pretrain.data import BatchBuilder, Preprocess, list_shards
