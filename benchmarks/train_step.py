@@ -6,6 +6,7 @@
 (c) the Parquet region-text loader vs a webdataset loader over the same images (same decode, letterbox and
     tokenization), 2 workers each. Goal: ratio >= 1.0.
 
+Every loader keeps its worker processes across epochs (open_clip_train's webdataset loader does; vesl's does).
 Throughput counts steady-state steps only (the first epoch warms up). Usage:
     .venv/bin/python benchmarks/train_step.py [--images 256] [--batch 32] [--epochs 3] [--model vesl-tiny-vit]
 """
@@ -102,8 +103,9 @@ def case_open_clip(root: Path, args) -> dict:
     model, preprocess, _ = create_model_and_transforms(args.model, output_dict=True)
     tok = get_tokenizer(args.model)
     rows = [r for p in sorted((root / "parquet").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    # workers persist across epochs, as in open_clip_train's webdataset loader (and vesl's)
     loader = torch.utils.data.DataLoader(_ClipDataset(rows, preprocess, tok), batch_size=args.batch, shuffle=True,
-                                         num_workers=2, drop_last=False)
+                                         num_workers=2, drop_last=False, persistent_workers=True)
     loader.num_batches, loader.num_samples = len(loader), len(rows)
 
     class _Info:
@@ -156,7 +158,6 @@ def case_parquet_loader(root: Path, args) -> dict:
 
 
 def case_wds_loader(root: Path, args) -> dict:
-    import torch
     import webdataset as wds
 
     tok, pre, builder_cls = _loader_parts(args)
@@ -167,13 +168,14 @@ def case_wds_loader(root: Path, args) -> dict:
         return {"key": sample["__key__"], "image": sample["png"], **meta}
 
     urls = [str(p) for p in sorted((root / "wds").glob("*.tar"))]
+    ds = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
+                         empty_check=False)
+          .map(to_row).batched(args.batch, collation_fn=lambda rows: builder.build(rows, 0), partial=True))
+    loader = wds.WebLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)  # as open_clip_train's
     n, t = 0, None
     for epoch in range(args.epochs):
         per_epoch = 0
-        ds = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
-                             empty_check=False)
-              .map(to_row).batched(args.batch, collation_fn=lambda rows: builder.build(rows, 0), partial=True))
-        for i, b in enumerate(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)):
+        for i, b in enumerate(loader):
             per_epoch += int(b["image_valid"].sum())
             if epoch == 0 and i == 0:
                 t = time.perf_counter()

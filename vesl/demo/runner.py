@@ -186,10 +186,11 @@ DEFAULT_TRAIN = {
     "lr": 2e-3,
     "warmup": 20,
     "regions_per_image": 4,
-    # the two settings below, and the measurements behind them: README, "Demo settings, and why"
+    # the settings below, and the measurements behind them: README, "Demo settings, and why"
     "text_sim_threshold": 0.999,
     "region_loss_drop": 0.2,
     "region_position_words": 0.3,
+    "region_weight": 2.0,
     "tensorboard": False,
     "log_every": 50,
     "device": "cpu",
