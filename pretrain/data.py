@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import multiprocessing
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -339,8 +340,6 @@ class RegionTextLoader:
                                     with_regions, position_share)
         assign_units(self.units, seed, 0, world_size, num_workers)  # fail early with a clear message
         self.state: dict[str, Any] = {}
-        import multiprocessing
-
         self._plan = multiprocessing.Array("q", 2 + 2 * self.n_logical, lock=False)
         self._stream = _WorkerStream(self.units, seed, world_size, rank, num_workers, self.builder, storage_options,
                                      self._plan)
