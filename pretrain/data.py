@@ -193,6 +193,8 @@ def position_words(box: Any) -> str:
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     return POSITION_WORDS[(min(max(int(cy * 3), 0), 2), min(max(int(cx * 3), 0), 2))]
 
+PHRASE_CACHE_SIZE = 65_536  # distinct region phrases kept tokenized per loader process (about 40 MB at 77 tokens)
+
 
 class BatchBuilder:
     """Row dicts -> one padded batch (fixed shapes; masks say which rows are real)."""
@@ -209,6 +211,7 @@ class BatchBuilder:
         self.text_field = text_field
         self.seed = seed
         self.storage_options = storage_options
+        self._phrase_cache: dict[str, torch.Tensor] = {}  # phrase -> token ids (see _phrase_tokens)
 
     def _image(self, row: dict) -> Image.Image:
         if row.get("image") is not None:
@@ -241,9 +244,11 @@ class BatchBuilder:
             regions = sample_regions(row["key"], row.get("regions") or [], m, self.seed, epoch) if self.with_regions else []
             where = self._with_position(row["key"], epoch, len(regions))
             for j, r in enumerate(regions):
-                boxes[i, j] = torch.tensor(letterbox_box(r["box"], row["width"], row["height"], s))
                 phrases[i * m + j] = f"{r['phrase']} {position_words(r['box'])}" if where[j] else r["phrase"]
-                region_valid[i, j] = True
+            if regions:
+                boxes[i, : len(regions)] = torch.tensor([letterbox_box(r["box"], row["width"], row["height"], s)
+                                                         for r in regions])
+                region_valid[i, : len(regions)] = True
         return {
             "images": images,
             "texts": self.tokenizer(texts),
@@ -264,9 +269,27 @@ class BatchBuilder:
         return (rng.random(n) < self.position_share).tolist()
 
     def _phrase_tokens(self, phrases: list[str], b: int, m: int) -> torch.Tensor:
+        """Token ids (b, m, L) of the region phrases, each distinct phrase tokenized once per process.
+
+        Why a cache: noun phrases repeat across images far more than captions do, and the CLIP tokenizer
+        (ftfy, regex, BPE in Python) was the loader's largest cost after image decoding. A tokenizer encodes
+        each text on its own, padded to its context length, so a cached row is the row a fresh call gives.
+        """
         if not self.with_regions:
             return torch.zeros(b, m, 1, dtype=torch.long)
-        return self.tokenizer(phrases).view(b, m, -1)
+        cache = self._phrase_cache
+        distinct = list(dict.fromkeys(phrases))
+        new = [p for p in distinct if p not in cache]
+        if len(cache) + len(new) > PHRASE_CACHE_SIZE:  # full: start over with this batch's phrases
+            cache.clear()
+            new = distinct
+        if new:
+            rows = self.tokenizer(new)
+            if cache and next(iter(cache.values())).shape != rows.shape[1:]:  # a tokenizer that pads per call
+                cache.clear()
+                rows, new = self.tokenizer(distinct), distinct
+            cache.update(zip(new, rows.clone().unbind(0), strict=True))
+        return torch.stack([cache[p] for p in phrases]).view(b, m, -1)
 
     def empty(self) -> dict[str, Any]:
         return self.build([], 0)

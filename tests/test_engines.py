@@ -382,3 +382,78 @@ def test_every_engine_tears_its_stages_down(engine, tmp_path, request):
     assert torn, f"{engine}: no stage was torn down"
     if engine == "local-2-workers":
         assert len({p.name.split("-")[0] for p in torn}) == 2  # each spawned worker tears its own stages down
+
+
+class _DiesOnce:
+    """A caption stage whose process exits the first time it sees shard 1 (a marker file says it already did,
+    across processes): an actor lost mid-call, after shard 0 of the same call committed, as when a node is
+    preempted or a worker is OOM-killed."""
+
+    name = "caption"
+
+    def __init__(self, marks: str) -> None:
+        from vesl.schemas.stage import StageResources
+
+        self.marks = marks
+        self.resources = StageResources(batch_size=2)
+
+    def setup(self) -> None:
+        pass
+
+    def provenance(self):
+        return {}
+
+    def __call__(self, batch):
+        import os
+
+        marker = Path(self.marks, "died")
+        if any(s.source_shard.endswith("part=1") for s in batch) and not marker.exists():
+            marker.touch()
+            os._exit(1)
+        for s in batch:
+            s.caption, s.caption_source = "survived", "vlm"
+        return batch
+
+
+class _DiesOnceStages:
+    def __init__(self, marks: str) -> None:
+        self.marks = marks
+
+    def __call__(self, cfg):
+        return [build_stages(cfg)[0], _DiesOnce(self.marks)]
+
+
+class _SetupFails:
+    def __call__(self, cfg):
+        from vesl.errors import UserError
+
+        class _Bad(_DiesOnce):
+            def setup(self) -> None:
+                raise UserError("no model at /nowhere: check --captioner")
+
+        return [build_stages(cfg)[0], _Bad("/nowhere")]
+
+
+def test_ray_shard_actor_lost_mid_call_is_replaced_and_its_shards_still_commit(tmp_path, ray_session):
+    from vesl.pipeline.engines.ray_engine import run_ray
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    cfg = LabelConfig(inputs=["synth://16?seed=2&shard_size=2"], output=str(tmp_path / "out"), engine="ray",
+                      workers=1)  # 8 shards: 2 per call
+    summary = run_ray(cfg, stages_factory=_DiesOnceStages(str(marks)), progress=False)
+    assert (marks / "died").exists()  # the actor really died once
+    assert summary["failed"] == []
+    assert summary["rows"] == 16
+    rows = [r for p in (tmp_path / "out").glob("part-*.parquet") if "errors" not in p.name for r in pq.read_table(p).to_pylist()]
+    assert sorted({r["caption"] for r in rows}) == ["survived"]
+    assert len(rows) == 16
+
+
+def test_ray_stage_setup_error_is_the_users_one_line_error(tmp_path, ray_session):
+    from vesl.errors import UserError
+    from vesl.pipeline.engines.ray_engine import run_ray
+
+    cfg = LabelConfig(inputs=["synth://4?seed=2&shard_size=2"], output=str(tmp_path / "out"), engine="ray", workers=1)
+    with pytest.raises(UserError, match="no model at /nowhere: check --captioner"):
+        run_ray(cfg, stages_factory=_SetupFails(), progress=False)

@@ -227,6 +227,27 @@ def test_loader_workers_persist_across_epochs_and_give_each_epoch_its_own_order(
     assert not any(w.is_alive() for w in workers)
 
 
+def test_cached_phrase_tokens_are_the_tokenizers_own_rows_across_batches_and_cache_resets(monkeypatch):
+    """The loader tokenizes each distinct region phrase once; every batch must still hold exactly what the
+    tokenizer gives for that batch's phrases, also when the cache fills and starts over."""
+    from vesl.pretrain import data
+    from vesl.pretrain.data import BatchBuilder, Preprocess
+    from vesl.pretrain.model import get_tokenizer
+
+    tok = get_tokenizer(MODEL)
+    builder = BatchBuilder(tok, Preprocess(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), 2, 3)
+    monkeypatch.setattr(data, "PHRASE_CACHE_SIZE", 4)
+    batches = [["a red circle", "", "the sky", "a red circle", "two blue squares", ""],
+               ["the sky", "a red circle", "", "", "", ""],
+               ["x", "y", "z", "w", "a red circle", "the sky"],  # overflows the cache of 4: starts over
+               ["a red circle", "two blue squares", "y", "", "the sky", "w"]]
+    for phrases in batches:
+        got = builder._phrase_tokens(phrases, 2, 3)
+        assert got.shape == (2, 3, tok.context_length)
+        assert torch.equal(got, tok(phrases).view(2, 3, -1))
+        assert len(builder._phrase_cache) <= max(4, len(set(phrases)))  # one batch may hold more
+
+
 def test_ddp_two_processes_match_one_process(tmp_path):
     """torchrun --nproc_per_node 2 (gloo) vs one process on the same global batches: losses within 1e-5."""
     from vesl.pretrain.data import BatchBuilder, Preprocess, list_shards

@@ -1,14 +1,14 @@
-"""Ray Data engine: the same stages as actor pools, the same shard writer.
+"""Ray engine: the same stages in Ray actors, the same shard writer.
 
 When every stage fits in one actor pool (CPU-only stages with equal pool sizes: the usual CPU job), the
-job is one map over the shard tasks::
+job is ``--workers`` plain Ray actors, each handed a few shard tasks per call until none are left::
 
-    from_items(shard tasks) -> map_batches(one actor pool: read, label and commit whole shards)
+    shard actor: set the stages up once; per call: read, label and commit whole shards, stream each result
 
 Each actor runs the local engine's shard loop (``process_tasks``: prefetching reader, decode threads, the
 shared writer), so no sample is pickled or crosses a process and the driver only gathers each shard's
 result; the shards are the local engine's by construction. Otherwise (a GPU stage, a stage with its own
-pool size or its own Ray processor), the dataset is::
+pool size or its own Ray processor), the job is a Ray Data dataset::
 
     from_items(shard tasks) -> flat_map(read shard: samples + end marker)
       -> for each stage: map_batches(callable class = actor pool; batch_size, concurrency, num_gpus
@@ -43,6 +43,7 @@ import math
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -69,6 +70,7 @@ from vesl.pipeline.wiring import build_stages
 
 log = logging.getLogger(__name__)
 MAX_PENDING_WRITES = 2
+MAX_SHARD_ATTEMPTS = 3  # tries per shard when its actor dies (one-pool layout)
 
 
 def _read_rows(row: dict[str, Any], cfg: LabelConfig, batch_size: int) -> list[dict[str, Any]]:
@@ -98,24 +100,21 @@ class _StageActor:
 
 
 class _ShardActor:
-    """Every stage in one actor: reads, labels and commits whole shards with the local engine's shard loop, and
-    returns only each shard's result (no sample crosses a process)."""
+    """Every stage in one actor (placed with ``ray.remote``): reads, labels and commits whole shards with the local
+    engine's shard loop, and returns only each shard's result (no sample crosses a process)."""
 
     def __init__(self, cfg: LabelConfig, factory: StagesFactory, run_id: str) -> None:
         self.cfg, self.timings = cfg, {"engine": "ray", "run_id": run_id}
         self.stages, self.provenance = setup_stages(cfg, factory)
 
-    def __del__(self) -> None:
-        teardown_stages(getattr(self, "stages", []))
+    def label(self, tasks: list) -> Iterator[dict[str, Any]]:
+        """Several shards per call, so the next shard's read and this one's commit overlap the labeling (as in
+        the local engine); each shard's result streams out as soon as it is committed."""
+        yield from process_tasks(self.cfg, self.stages, self.provenance, tasks, extra_timings=self.timings)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        # several shards per call, so the next shard's read and this one's commit overlap the labeling (as in
-        # the local engine); each shard's result streams out as soon as it is committed
-        tasks = [loads(t) for t in batch["task"]]
-        for result in process_tasks(self.cfg, self.stages, self.provenance, tasks, extra_timings=self.timings):
-            out = np.empty(1, dtype=object)
-            out[0] = dumps(result)
-            yield {"result": out}
+    def close(self) -> None:
+        teardown_stages(self.stages)
+        self.stages = []
 
 
 class _ShardCollector:
@@ -186,6 +185,64 @@ class _ShardCollector:
         for name, items in self.open.items():  # never completed: should not happen; reported, not written
             self.results.append({"shard": name, "ok": False, "error": f"only {len(items)} items arrived; rerun to resume"})
         return self.results
+
+
+def _run_shard_actors(cfg: LabelConfig, tasks: list, factory: StagesFactory, run_id: str, size: int,
+                      collector: _ShardCollector) -> None:
+    """The one-pool layout: ``size`` shard actors, each given a few shards per call until none are left.
+
+    Plain Ray actors, not a Ray Data pool: the work is already one call per group of shards, and a first job in
+    a process started about 4 s sooner without Ray Data's executor and helper actors (measured on 2 cores). An
+    actor that dies (out of memory, a lost node) is replaced and its uncommitted shards go to the queue again,
+    up to ``MAX_SHARD_ATTEMPTS`` tries each; then they are reported and a rerun resumes them.
+    """
+    import ray
+    from ray.exceptions import RayActorError
+
+    remote = ray.remote(_ShardActor).options(num_cpus=_cpus_per_slot(size), max_restarts=0)
+    per = _shards_per_call(len(tasks), size)
+    todo = deque(tasks[i : i + per] for i in range(0, len(tasks), per))
+    tries: dict[str, int] = {}
+    idle = [remote.remote(cfg, factory, run_id) for _ in range(min(size, len(todo)))]
+    running: dict[Any, tuple[Any, list, set[str]]] = {}  # streaming call -> (actor, its shards, those reported)
+    try:
+        while todo or running:
+            while idle and todo:
+                actor, group = idle.pop(), todo.popleft()
+                running[actor.label.options(num_returns="streaming").remote(group)] = (actor, group, set())
+            (call,), _ = ray.wait(list(running), num_returns=1)
+            actor, group, reported = running[call]
+            try:
+                result = ray.get(next(call))
+            except StopIteration:
+                del running[call]
+                idle.append(actor)
+                continue
+            except RayActorError as exc:
+                if getattr(exc, "_actor_init_failed", False):
+                    raise
+                del running[call]
+                rest = [t for t in group if t.name not in reported]
+                for t in rest:
+                    tries[t.name] = tries.get(t.name, 1) + 1
+                again = [t for t in rest if tries[t.name] <= MAX_SHARD_ATTEMPTS]
+                for t in rest:
+                    if tries[t.name] > MAX_SHARD_ATTEMPTS:
+                        collector.record({"shard": t.name, "ok": False, "error": f"worker died {MAX_SHARD_ATTEMPTS} "
+                                          f"times ({type(exc).__name__}); rerun to resume"})
+                log.warning("vesl ray: a shard actor died (%s); %d shard(s) go to a new actor", type(exc).__name__,
+                            len(again))
+                ray.kill(actor)
+                if again:
+                    todo.appendleft(again)
+                    idle.append(remote.remote(cfg, factory, run_id))
+                continue
+            reported.add(result["shard"])
+            collector.record(result)
+        ray.get([a.close.remote() for a in idle], timeout=120)  # the stages' teardown, then the processes go
+    finally:
+        for actor in idle + [a for a, _, _ in running.values()]:
+            ray.kill(actor)
 
 
 def _init_ray(cfg: LabelConfig) -> bool:
@@ -259,6 +316,10 @@ def _fits_one_pool(stages: list, groups: list) -> bool:
 def _cause(exc: BaseException) -> BaseException:
     """The user's error inside a Ray task/actor error, if there is one."""
     seen = exc
+    if getattr(exc, "_actor_init_failed", False) and exc.args and getattr(exc.args[0], "cause", None) is not None:
+        seen = exc.args[0]  # an actor whose constructor raised: the RayTaskError of __init__
+        if isinstance(seen.cause, UserError):
+            return seen.cause
     for _ in range(10):
         inner = getattr(seen, "cause", None) or seen.__cause__
         if inner is None or inner is seen:
@@ -275,26 +336,13 @@ def _shards_per_call(shards: int, actors: int) -> int:
     return max(1, min(16, shards // (4 * actors)))
 
 
-def build_dataset(cfg: LabelConfig, tasks: list, factory: StagesFactory, run_id: str):
-    """The labeling dataset (lazy), in no particular order: rows ``{result}`` (one per shard, committed by
-    the actors) when every stage fits in one pool, else rows ``{shard, item}`` after the last stage."""
+def build_dataset(cfg: LabelConfig, tasks: list, factory: StagesFactory, stages: list, pools: list[int],
+                  groups: list[list[int]]):
+    """The split-pool labeling dataset (lazy), rows ``{shard, item}`` after the last stage, in no particular order."""
     import ray
 
-    stages = factory(cfg)  # built, not set up: only names and resources are read here
-    pools = _stage_pools(stages, cfg.workers)
-    groups = _pool_groups(stages, pools)
-    ds = ray.data.from_items([{"task": dumps(t)} for t in tasks], override_num_blocks=max(1, len(tasks)))
-    if _fits_one_pool(stages, groups):
-        return ds.map_batches(
-            _ShardActor,
-            fn_constructor_args=(cfg, factory, run_id),
-            batch_size=_shards_per_call(len(tasks), pools[0]),
-            batch_format="numpy",
-            # one call queued per actor: a call can be long, and a queue behind a busy actor idles the others
-            compute=ray.data.ActorPoolStrategy(size=pools[0], max_tasks_in_flight_per_actor=1),
-            num_cpus=_cpus_per_slot(pools[0]),
-        )
     cpu = _cpus_per_slot(sum(pools[g[0]] for g in groups) + 1)  # + the reader tasks
+    ds = ray.data.from_items([{"task": dumps(t)} for t in tasks], override_num_blocks=max(1, len(tasks)))
     ds = ds.flat_map(_read_rows, fn_kwargs={"cfg": cfg, "batch_size": read_batch_size(cfg, stages)}, num_cpus=cpu)
     last = len(stages) - 1
     for group in groups:
@@ -316,7 +364,7 @@ def build_dataset(cfg: LabelConfig, tasks: list, factory: StagesFactory, run_id:
 
 
 def run_ray(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, progress: bool = True) -> dict[str, Any]:
-    """Label every planned shard of ``cfg`` with Ray Data, then write the manifest; returns a summary."""
+    """Label every planned shard of ``cfg`` with Ray, then write the manifest; returns a summary."""
     from vesl.pipeline.writer import write_manifest
 
     t0 = time.perf_counter()
@@ -333,14 +381,16 @@ def run_ray(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, prog
         ctx.enable_progress_bars = progress
         collector = _ShardCollector(cfg, run_id, len(todo), t0, progress)
         try:
-            ds = build_dataset(cfg, todo, stages_factory, run_id)
-            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-                if "result" in batch:  # shards committed by the actors
-                    for data in batch["result"]:
-                        collector.record(loads(data))
-                    continue
-                for name, data in zip(batch["shard"], batch["item"], strict=True):
-                    collector.add(str(name), loads(data))
+            stages = stages_factory(cfg)  # built, not set up: only names and resources are read here
+            pools = _stage_pools(stages, cfg.workers)
+            groups = _pool_groups(stages, pools)
+            if _fits_one_pool(stages, groups):
+                _run_shard_actors(cfg, todo, stages_factory, run_id, pools[0], collector)
+            else:
+                ds = build_dataset(cfg, todo, stages_factory, stages, pools, groups)
+                for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                    for name, data in zip(batch["shard"], batch["item"], strict=True):
+                        collector.add(str(name), loads(data))
         except Exception as exc:
             cause = _cause(exc)
             if isinstance(cause, UserError):
