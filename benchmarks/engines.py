@@ -12,10 +12,14 @@ engine comes first; then ``--repeats`` rounds, the engine order rotating each ro
 fixed cost (start-up: model loads in every worker, actor start, the streaming executor) and a per-image cost.
 ``ray.init`` is timed once, separately, and is in no engine's figures.
 
+Also printed, with no goal: the **first job in a fresh process** at the smaller size, local against Ray with 1
+worker (each in its own new Python process, twice, alternating; imports included, ``ray.init`` excluded): what
+one ``vesl label`` run pays, which the warmed-up rounds above do not show.
+
 Goals (exit 1 when one is missed): Ray per-image <= 1.1x local, Ray fixed <= 5 s, Beam total <= 1.5x local at
 the larger size.
 
-Usage: python benchmarks/engines.py [--sizes 200,800] [--repeats 3]
+Usage: python benchmarks/engines.py [--sizes 200,800] [--repeats 3] [--first-jobs 2]
 """
 
 from __future__ import annotations
@@ -49,11 +53,64 @@ def fit(points: dict[int, float]) -> tuple[float, float]:
     return t0 - per * n0, per
 
 
+def _config(root: Path, n: int, out: Path, **kw):
+    from vesl.pipeline.config import LabelConfig
+    from vesl.schemas.config import CaptionerConfig, DetectorConfig
+
+    return LabelConfig(
+        inputs=[str(root / f"input-{n}")], output=str(out),
+        captioner=CaptionerConfig(spec=f"hf:{root / 'vlm'}", max_new_tokens=16, batch_size=8, device="cpu"),
+        detector=DetectorConfig(spec=f"owlv2:{root / 'owl'}", threshold=0.05, batch_size=8, device="cpu"),
+        **kw,
+    )  # fmt: skip
+
+
+def first_job(engine: str, root: Path, n: int, out: Path) -> None:
+    """One job in this fresh process; prints its wall time (``ray.init`` excluded) as the last line."""
+    if engine == "ray":
+        import ray
+
+        ray.init(include_dashboard=False, log_to_driver=False)
+        from vesl.pipeline.engines.ray_engine import run_ray as run
+    else:
+        from vesl.pipeline.engines.local import run_local as run
+    t = time.perf_counter()
+    summary = run(_config(root, n, out, engine=engine, workers=1), progress=False)
+    wall = time.perf_counter() - t
+    assert summary["failed"] == [], summary
+    assert summary["images"] == n, summary
+    print(f"{wall:.3f}")
+
+
+def first_jobs(root: Path, n: int, rounds: int) -> dict[str, list[float]]:
+    import subprocess
+
+    walls: dict[str, list[float]] = {}
+    for r in range(rounds):
+        for engine in ("local", "ray"):
+            out = root / f"first-{engine}-{r}"
+            shutil.rmtree(out, ignore_errors=True)
+            proc = subprocess.run([sys.executable, __file__, "--first-job", engine, "--root", str(root), "--n", str(n),
+                                   "--out", str(out)], capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise SystemExit(f"first {engine} job failed:\n{proc.stderr[-3000:]}")
+            walls.setdefault(engine, []).append(float(proc.stdout.strip().splitlines()[-1]))
+    return walls
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="200,800")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--first-jobs", type=int, default=2, help="fresh-process rounds of the first-job figure (0: skip)")
+    ap.add_argument("--first-job", choices=["local", "ray"], help=argparse.SUPPRESS)
+    ap.add_argument("--root", help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.first_job:
+        first_job(args.first_job, Path(args.root), args.n, Path(args.out))
+        return 0
     sizes = sorted(int(x) for x in args.sizes.split(","))
 
     import ray
@@ -61,15 +118,14 @@ def main() -> int:
     from tests.tiny_detectors import build_tiny_owlv2
     from tests.tiny_vlm import build_tiny_vlm
     from vesl.demo.synth import make_scenes, write_webdataset
-    from vesl.pipeline.config import LabelConfig
     from vesl.pipeline.engines.beam_engine import run_beam
     from vesl.pipeline.engines.local import run_local
     from vesl.pipeline.engines.ray_engine import run_ray
-    from vesl.schemas.config import CaptionerConfig, DetectorConfig
 
     root = Path(tempfile.mkdtemp(prefix="vesl-bench-engines-"))
     try:
-        vlm, owl = build_tiny_vlm(root / "vlm"), build_tiny_owlv2(root / "owl")
+        build_tiny_vlm(root / "vlm")
+        build_tiny_owlv2(root / "owl")
         for n in sizes:
             write_webdataset(make_scenes(n, seed=0), root / f"input-{n}", shard_size=SHARD_SIZE)
 
@@ -83,13 +139,7 @@ def main() -> int:
 
         def run(name: str, n: int, tag: str) -> float:
             fn, kw = engines[name]
-            out = root / f"{name}-{n}-{tag}"
-            c = LabelConfig(
-                inputs=[str(root / f"input-{n}")], output=str(out),
-                captioner=CaptionerConfig(spec=f"hf:{vlm}", max_new_tokens=16, batch_size=8, device="cpu"),
-                detector=DetectorConfig(spec=f"owlv2:{owl}", threshold=0.05, batch_size=8, device="cpu"),
-                **kw,
-            )  # fmt: skip
+            c = _config(root, n, root / f"{name}-{n}-{tag}", **kw)
             t = time.perf_counter()
             summary = fn(c, progress=False)
             wall = time.perf_counter() - t
@@ -149,6 +199,12 @@ def main() -> int:
         for engine in ("local", "ray"):
             one, two = f"{engine}-1-worker" if engine == "ray" else "local", f"{engine}-2-workers"
             print(f"{engine} scaling 1 -> 2 workers at {big} images: {med[(one, big)] / med[(two, big)]:.2f}x speed-up")
+        if args.first_jobs > 0:
+            first = first_jobs(root, sizes[0], args.first_jobs)
+            lo, ra = statistics.median(first["local"]), statistics.median(first["ray"])
+            print(f"first job in a fresh process at {sizes[0]} images (imports in, ray.init out), median of "
+                  f"{args.first_jobs}: local {lo:.1f} s, Ray 1 worker {ra:.1f} s ({ra / lo:.2f}x)  "
+                  f"[local {', '.join(f'{x:.1f}' for x in first['local'])}; Ray {', '.join(f'{x:.1f}' for x in first['ray'])}]")
         if missed:
             print(f"goals missed: {', '.join(missed)}", file=sys.stderr)
             return 1

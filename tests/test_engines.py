@@ -415,12 +415,24 @@ class _DiesOnce:
         return batch
 
 
+class _DiesAlways(_DiesOnce):
+    """Kills every process that sees shard 1: a poison shard."""
+
+    def __call__(self, batch):
+        import os
+
+        if any(s.source_shard.endswith("part=1") for s in batch):
+            Path(self.marks, f"died-{os.getpid()}").touch()
+            os._exit(1)
+        return super().__call__(batch)
+
+
 class _DiesOnceStages:
-    def __init__(self, marks: str) -> None:
-        self.marks = marks
+    def __init__(self, marks: str, stage=_DiesOnce) -> None:
+        self.marks, self.stage = marks, stage
 
     def __call__(self, cfg):
-        return [build_stages(cfg)[0], _DiesOnce(self.marks)]
+        return [build_stages(cfg)[0], self.stage(self.marks)]
 
 
 class _SetupFails:
@@ -448,6 +460,21 @@ def test_ray_shard_actor_lost_mid_call_is_replaced_and_its_shards_still_commit(t
     rows = [r for p in (tmp_path / "out").glob("part-*.parquet") if "errors" not in p.name for r in pq.read_table(p).to_pylist()]
     assert sorted({r["caption"] for r in rows}) == ["survived"]
     assert len(rows) == 16
+
+
+def test_ray_shard_that_kills_every_actor_is_reported_after_three_tries_and_the_rest_commit(tmp_path, ray_session):
+    from vesl.pipeline.engines.ray_engine import MAX_SHARD_ATTEMPTS, run_ray
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    cfg = LabelConfig(inputs=["synth://16?seed=2&shard_size=2"], output=str(tmp_path / "out"), engine="ray",
+                      workers=1)  # 8 shards, 2 per call: shard 1 shares its first call with shard 0
+    summary = run_ray(cfg, stages_factory=_DiesOnceStages(str(marks), _DiesAlways), progress=False)
+    assert len(list(marks.glob("died-*"))) == MAX_SHARD_ATTEMPTS == 3
+    assert [f["shard"] for f in summary["failed"]] == ["part-00001"]
+    assert "rerun to resume" in summary["failed"][0]["error"]
+    assert summary["rows"] == 14
+    assert not (tmp_path / "out" / "part-00001.stats.json").exists()
 
 
 def test_ray_stage_setup_error_is_the_users_one_line_error(tmp_path, ray_session):

@@ -67,6 +67,7 @@ from vesl.pipeline.engines.local import process_tasks, setup_stages
 from vesl.pipeline.engines.runtime_logs import quiet_runtime_logs
 from vesl.pipeline.job import job_summary, read_batch_size, start_job
 from vesl.pipeline.wiring import build_stages
+from vesl.schemas.dataset import read_stats
 
 log = logging.getLogger(__name__)
 MAX_PENDING_WRITES = 2
@@ -193,11 +194,12 @@ def _run_shard_actors(cfg: LabelConfig, tasks: list, factory: StagesFactory, run
 
     Plain Ray actors, not a Ray Data pool: the work is already one call per group of shards, and a first job in
     a process started about 4 s sooner without Ray Data's executor and helper actors (measured on 2 cores). An
-    actor that dies (out of memory, a lost node) is replaced and its uncommitted shards go to the queue again,
-    up to ``MAX_SHARD_ATTEMPTS`` tries each; then they are reported and a rerun resumes them.
+    actor that dies (out of memory, a lost node, a poison input) is replaced; the shards of its call that it had
+    committed count as done, the others go to the queue again one per call, up to ``MAX_SHARD_ATTEMPTS`` tries
+    each; then they are reported and a rerun resumes them.
     """
     import ray
-    from ray.exceptions import RayActorError
+    from ray.exceptions import RayActorError, RayError
 
     remote = ray.remote(_ShardActor).options(num_cpus=_cpus_per_slot(size), max_restarts=0)
     per = _shards_per_call(len(tasks), size)
@@ -222,9 +224,16 @@ def _run_shard_actors(cfg: LabelConfig, tasks: list, factory: StagesFactory, run
                 if getattr(exc, "_actor_init_failed", False):
                     raise
                 del running[call]
-                rest = [t for t in group if t.name not in reported]
-                for t in rest:
-                    tries[t.name] = tries.get(t.name, 1) + 1
+                rest = []
+                for t in group:
+                    if t.name in reported:
+                        continue
+                    stats = read_stats(cfg.output, t.name)
+                    if stats is not None and stats.get("timings", {}).get("run_id") == run_id:
+                        collector.record({"shard": t.name, "ok": True, "stats": stats})  # committed, not yet reported
+                    else:
+                        rest.append(t)
+                        tries[t.name] = tries.get(t.name, 1) + 1
                 again = [t for t in rest if tries[t.name] <= MAX_SHARD_ATTEMPTS]
                 for t in rest:
                     if tries[t.name] > MAX_SHARD_ATTEMPTS:
@@ -233,13 +242,16 @@ def _run_shard_actors(cfg: LabelConfig, tasks: list, factory: StagesFactory, run
                 log.warning("vesl ray: a shard actor died (%s); %d shard(s) go to a new actor", type(exc).__name__,
                             len(again))
                 ray.kill(actor)
-                if again:
-                    todo.appendleft(again)
+                todo.extendleft([t] for t in reversed(again))  # one shard per call now: a poison shard dies alone
+                if todo:  # a replacement, so the pool keeps its size while work is left
                     idle.append(remote.remote(cfg, factory, run_id))
                 continue
             reported.add(result["shard"])
             collector.record(result)
-        ray.get([a.close.remote() for a in idle], timeout=120)  # the stages' teardown, then the processes go
+        try:  # the stages' teardown, then the processes go; every shard is already committed or reported
+            ray.get([a.close.remote() for a in idle], timeout=120)
+        except RayError as exc:  # a timeout or an actor lost after its last shard
+            log.warning("vesl ray: a shard actor's teardown failed (%s: %s)", type(exc).__name__, exc)
     finally:
         for actor in idle + [a for a, _, _ in running.values()]:
             ray.kill(actor)
