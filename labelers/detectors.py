@@ -19,16 +19,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from vesl.errors import UserError, first_line
-from vesl.labelers.boxes import PostProcess, postprocess, square_pad_to_image
 from vesl.labelers.devices import resolve_device, resolve_dtype
 from vesl.labelers.hub import is_local, pretrained_kwargs, unavailable_reason
 from vesl.schemas.boxes import cxcywh_to_xyxy
 from vesl.schemas.config import DetectorConfig
 from vesl.schemas.stage import Phrase, Region, Sample, StageResources, fail
+
+if TYPE_CHECKING:  # torch (and torchvision, through the box math) load in setup(), in the process that labels:
+    import torch  # a driver that only builds the stages to plan the job starts its workers seconds sooner
+
+    from vesl.labelers.boxes import PostProcess
 
 BACKENDS = ("owlv2", "grounding-dino")
 
@@ -87,6 +90,10 @@ def owlv2_regions(
     minimum box size). ``model_sizes``: ``(width, height)`` of the image given to the processor, whose
     aspect ratio sets the square-padding correction (defaults to ``sizes``).
     """
+    import torch
+
+    from vesl.labelers.boxes import postprocess, square_pad_to_image
+
     logits, pred_boxes = logits.detach().float().cpu(), pred_boxes.detach().float().cpu()
     out: list[list[Region]] = []
     for i, ph in enumerate(phrases):
@@ -120,6 +127,8 @@ def grounding_dino_prompt(phrases: Sequence[Phrase]) -> tuple[str, list[tuple[in
 def phrase_token_map(offsets: torch.Tensor, ranges: Sequence[tuple[int, int]], length: int) -> torch.Tensor:
     """``[n_phrases, length]`` bool: token ``k`` belongs to phrase ``j`` when its char offsets lie inside
     phrase ``j``'s range of the prompt. Special and padding tokens (empty offsets) belong to none."""
+    import torch
+
     tok_map = torch.zeros(len(ranges), length, dtype=torch.bool)
     offsets = offsets[:length].long()
     starts, ends = offsets[:, 0], offsets[:, 1]
@@ -148,6 +157,10 @@ def grounding_dino_regions(
     "a remote control" is not won by its "a"), which must exceed ``text_threshold``. Score: the box's
     best phrase-token prob (Grounding DINO's box confidence).
     """
+    import torch
+
+    from vesl.labelers.boxes import postprocess
+
     logits, pred_boxes = logits.detach().float().cpu(), pred_boxes.detach().float().cpu()
     out: list[list[Region]] = []
     for i, ph in enumerate(phrases):
@@ -189,13 +202,19 @@ class _HFDetector:
         self.resources = StageResources(
             batch_size=cfg.batch_size, concurrency=cfg.concurrency, num_gpus=cfg.num_gpus
         )
-        self.pp = PostProcess(cfg.nms, cfg.nms_iou, cfg.min_box_size, cfg.max_regions, cfg.boxes_per_phrase,
-                              cfg.box_voting_iou)
         self.model = None
         self.processor = None
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
         self._commit: str | None = None
+
+    @property
+    def pp(self) -> PostProcess:
+        """The box post-processing settings, from the config."""
+        from vesl.labelers.boxes import PostProcess
+
+        c = self.cfg
+        return PostProcess(c.nms, c.nms_iou, c.min_box_size, c.max_regions, c.boxes_per_phrase, c.box_voting_iou)
 
     def __getstate__(self) -> dict:
         # Engines pickle stages to ship them to workers; the loaded model stays behind (setup() reloads).
@@ -233,6 +252,8 @@ class _HFDetector:
             ) from exc
 
     def __call__(self, batch: list[Sample]) -> list[Sample]:
+        import torch
+
         self.setup()
         todo = []
         for s in batch:
@@ -291,6 +312,8 @@ class Owlv2Detector(_HFDetector):
     def encode_queries(self, phrases: Sequence[Sequence[Phrase]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries of all images as ``[B * Q, L]`` ids/mask, image-major as OWLv2 expects; padded query
         rows are all-zero ids (the model masks a query whose first id is 0) with one attended position."""
+        import torch
+
         tok = self.processor.tokenizer
         max_len = self.model.config.text_config.max_position_embeddings
         texts = sorted({p.text.lower() for ph in phrases for p in ph})
