@@ -182,3 +182,25 @@ def test_the_checks_catch_violations():
     assert product_rule("vesl.labelers.captioners", "vesl.label_cli")
     assert not product_rule("vesl.demo.runner", "vesl.pipeline.engines")
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_building_the_stages_imports_no_model_library():
+    """A Ray or Beam driver builds the stages only to plan the job (names, batch sizes, pools); the model
+    libraries load in each worker's setup(). Importing torch, torchvision and transformers in the driver first
+    cost 3-5 s before any worker started."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from vesl.pipeline.config import LabelConfig\n"
+        "from vesl.pipeline.wiring import build_stages\n"
+        "from vesl.schemas.config import CaptionerConfig, DetectorConfig\n"
+        "for det in ('owlv2:/nowhere/owl', 'grounding-dino:/nowhere/gd'):\n"
+        "    cfg = LabelConfig(inputs=['x.tar'], output='unused', captioner=CaptionerConfig(spec='hf:/nowhere/vlm'),\n"
+        "                      detector=DetectorConfig(spec=det))\n"
+        "    assert [s.name for s in build_stages(cfg)] == ['decode', 'caption', 'phrases', 'detect']\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'transformers', 'spacy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
