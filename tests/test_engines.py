@@ -318,8 +318,8 @@ def test_every_engine_runs_stages_with_the_configured_threads(engine, tmp_path, 
     assert captions == {"threads=3"}
 
 
-class _TeardownProbe:
-    """Leaves a file named after its process when torn down (workers may be other processes)."""
+class _ProbeStage:
+    """A caption stage for engine probes; ``marks`` is a folder it leaves files in (workers may be other processes)."""
 
     name = "caption"
 
@@ -332,14 +332,18 @@ class _TeardownProbe:
     def setup(self) -> None:
         pass
 
+    def provenance(self):
+        return {}
+
+
+class _TeardownProbe(_ProbeStage):
+    """Leaves a file named after its process when torn down."""
+
     def teardown(self) -> None:
         import os
         import uuid
 
         Path(self.marks, f"{os.getpid()}-{uuid.uuid4().hex}").touch()
-
-    def provenance(self):
-        return {}
 
     def __call__(self, batch):
         for s in batch:
@@ -384,24 +388,10 @@ def test_every_engine_tears_its_stages_down(engine, tmp_path, request):
         assert len({p.name.split("-")[0] for p in torn}) == 2  # each spawned worker tears its own stages down
 
 
-class _DiesOnce:
+class _DiesOnce(_ProbeStage):
     """A caption stage whose process exits the first time it sees shard 1 (a marker file says it already did,
     across processes): an actor lost mid-call, after shard 0 of the same call committed, as when a node is
     preempted or a worker is OOM-killed."""
-
-    name = "caption"
-
-    def __init__(self, marks: str) -> None:
-        from vesl.schemas.stage import StageResources
-
-        self.marks = marks
-        self.resources = StageResources(batch_size=2)
-
-    def setup(self) -> None:
-        pass
-
-    def provenance(self):
-        return {}
 
     def __call__(self, batch):
         import os
