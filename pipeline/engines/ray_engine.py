@@ -193,7 +193,7 @@ def _run_shard_actors(cfg: LabelConfig, tasks: list, factory: StagesFactory, run
     """The one-pool layout: ``size`` shard actors, each given a few shards per call until none are left.
 
     Plain Ray actors, not a Ray Data pool: the work is already one call per group of shards, and a first job in
-    a process started about 4 s sooner without Ray Data's executor and helper actors (measured on 2 cores). An
+    a process started 4-5 s sooner without Ray Data's executor and helper actors (measured on 2 cores). An
     actor that dies (out of memory, a lost node, a poison input) is replaced; the shards of its call that it had
     committed count as done, the others go to the queue again one per call, up to ``MAX_SHARD_ATTEMPTS`` tries
     each; then they are reported and a rerun resumes them.
