@@ -193,6 +193,7 @@ def position_words(box: Any) -> str:
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     return POSITION_WORDS[(min(max(int(cy * 3), 0), 2), min(max(int(cx * 3), 0), 2))]
 
+
 PHRASE_CACHE_SIZE = 65_536  # distinct region phrases kept tokenized per loader process (about 40 MB at 77 tokens)
 
 

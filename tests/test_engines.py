@@ -429,7 +429,7 @@ class _SetupFails:
     def __call__(self, cfg):
         from vesl.errors import UserError
 
-        class _Bad(_DiesOnce):
+        class _Bad(_ProbeStage):
             def setup(self) -> None:
                 raise UserError("no model at /nowhere: check --captioner")
 

@@ -328,12 +328,10 @@ def _fits_one_pool(stages: list, groups: list) -> bool:
 def _cause(exc: BaseException) -> BaseException:
     """The user's error inside a Ray task/actor error, if there is one."""
     seen = exc
-    if getattr(exc, "_actor_init_failed", False) and exc.args and getattr(exc.args[0], "cause", None) is not None:
-        seen = exc.args[0]  # an actor whose constructor raised: the RayTaskError of __init__
-        if isinstance(seen.cause, UserError):
-            return seen.cause
     for _ in range(10):
-        inner = getattr(seen, "cause", None) or seen.__cause__
+        # an actor whose constructor raised holds that RayTaskError as its first argument, not as a cause
+        wrapped = seen.args[0] if seen.args and isinstance(seen.args[0], BaseException) else None
+        inner = getattr(seen, "cause", None) or seen.__cause__ or wrapped
         if inner is None or inner is seen:
             break
         seen = inner
