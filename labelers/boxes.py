@@ -1,7 +1,8 @@
 """Box math shared by every detector: pure functions on ``torch`` tensors of shape ``[N, 4]``.
 
-Conventions: ``xyxy`` is ``x0, y0, x1, y1``; ``cxcywh`` is centre and size. "Normalized" means divided
-by the original image's width (x) and height (y), the schema's box format.
+Conventions: ``xyxy`` is ``x0, y0, x1, y1``; ``cxcywh`` is centre and size (convert with
+``torchvision.ops.box_convert``). "Normalized" means divided by the original image's width (x) and
+height (y), the schema's box format.
 """
 
 from __future__ import annotations
@@ -10,11 +11,6 @@ from dataclasses import dataclass
 
 import torch
 from torchvision.ops import batched_nms, box_iou, nms
-
-
-def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
 
 
 def normalize(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -41,7 +37,8 @@ def square_pad_to_image(boxes: torch.Tensor, width: int, height: int) -> torch.T
 
 
 def clip01(boxes: torch.Tensor) -> torch.Tensor:
-    """Clip normalized boxes to the image."""
+    """Clip normalized boxes to the image. Apply it after the last arithmetic on a box: a mean or a
+    rescale of in-range float32 values can still round past 1 (1.0000001 fails the schema)."""
     return boxes.clamp(0.0, 1.0)
 
 
@@ -136,13 +133,18 @@ def postprocess(
     grounding: a phrase that names one object gets one box, however many patches fire on it). With
     ``pp.box_voting_iou = t > 0`` every surviving box is refined by :func:`vote_boxes`.
     Returns ``(boxes, scores, labels)`` sorted by decreasing score, at most ``pp.max_regions`` rows.
+    Every box returned is finite, ordered (``x0 <= x1``, ``y0 <= y1``) and inside [0, 1]: the final
+    clip comes after voting, the last arithmetic on a box. Non-finite candidates are dropped.
     """
-    boxes = clip01(boxes.float())
+    boxes, scores = boxes.float(), scores.float()
+    finite = torch.isfinite(boxes).all(-1) & torch.isfinite(scores)
+    boxes = clip01(boxes[finite])
+    scores, labels = scores[finite], labels[finite]
     keep = min_size_keep(boxes, width, height, pp.min_box_size)
-    boxes, scores, labels = boxes[keep], scores[keep].float(), labels[keep]
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     order = nms_keep(boxes, scores, labels, pp.nms_iou, pp.nms)
     order = order[per_label_cap(labels[order], pp.boxes_per_phrase)][: max(pp.max_regions, 0)]
     kept = boxes[order]
     if pp.box_voting_iou > 0:
-        kept = vote_boxes(kept, labels[order], boxes, scores, labels, pp.box_voting_iou)
+        kept = clip01(vote_boxes(kept, labels[order], boxes, scores, labels, pp.box_voting_iou))
     return kept, scores[order], labels[order]

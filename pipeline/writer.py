@@ -39,8 +39,8 @@ import pyarrow.parquet as pq
 from vesl import __version__
 from vesl.schemas.dataset import STATS_SUFFIX, dataset_fs, shard_files
 from vesl.schemas.manifest import MANIFEST_NAME, build_manifest
-from vesl.schemas.region_text import ERRORS_SCHEMA, SCHEMA_VERSION, region_text_schema
-from vesl.schemas.stage import SOURCE_PATH_KEY, Sample
+from vesl.schemas.region_text import ERRORS_SCHEMA, SCHEMA_VERSION, region_text_schema, row_violations
+from vesl.schemas.stage import SOURCE_PATH_KEY, Sample, fail
 
 ROW_GROUP_SIZE = 512
 COMPRESSION = "zstd"
@@ -169,6 +169,29 @@ def _row(s: Sample, keep_image_bytes: bool) -> dict[str, Any]:
     }
 
 
+WRITER_STAGE = "writer"
+
+
+def reject_invalid_rows(samples: Iterable[Sample], keep_image_bytes: bool = True) -> int:
+    """Turn every ok sample whose row breaks the schema's rules into an error row of stage ``writer``.
+
+    The same rules as ``vesl validate`` (``row_violations``, plus unique keys within the shard), so a
+    shard that commits always validates; a row that breaks them is a bug upstream, reported and not
+    written, while the shard's other rows still commit. Returns how many samples were rejected.
+    """
+    rejected, seen = 0, set()
+    for s in sorted((s for s in samples if s.ok), key=lambda s: s.index):
+        problems = [str(v) for v in row_violations(_row(s, keep_image_bytes), f"key={s.key!r}")]
+        if s.key in seen:
+            problems.append(f"key={s.key!r}: [duplicate_key] key appears more than once in this shard")
+        seen.add(s.key)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            fail(s, WRITER_STAGE, problems[0] + more, error_type="SchemaViolation")
+            rejected += 1
+    return rejected
+
+
 def rows_table(samples: Iterable[Sample], provenance: dict[str, Any] | None, keep_image_bytes: bool = True) -> pa.Table:
     """Region-text table of the ok samples, in index order."""
     ok = sorted((s for s in samples if s.ok), key=lambda s: s.index)
@@ -248,6 +271,7 @@ def write_shard(
     if len(set(keys)) != len(keys):
         raise ValueError(f"{name}: duplicate Sample.index values; each sample must be written once")
     _remove(out_dir, name + STATS_SUFFIX)  # uncommit first (overwrite)
+    reject_invalid_rows(samples, keep_image_bytes)
     files = shard_files(name)
     data = parquet_bytes(rows_table(samples, provenance, keep_image_bytes))
     errs = parquet_bytes(errors_table(samples))

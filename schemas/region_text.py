@@ -111,40 +111,46 @@ def _check_types(table: pa.Table, where: str) -> list[Violation]:
     return out
 
 
+def row_violations(row: dict[str, Any], at: str) -> list[Violation]:
+    """The schema rules one row must meet on its own (everything but key uniqueness).
+
+    ``vesl validate`` and the shard writer both call it, so what vesl writes, vesl accepts.
+    """
+    out: list[Violation] = []
+    if not row.get("key"):
+        out.append(Violation("empty_key", at, "key is empty"))
+    if "caption_source" in row and row["caption_source"] not in CAPTION_SOURCES:
+        out.append(Violation("caption_source", at, f"caption_source {row['caption_source']!r} not in {CAPTION_SOURCES}"))
+    cap = row.get("caption") or ""
+    for j, r in enumerate(row.get("regions") or []):
+        rat = f"{at} region {j}"
+        box = r.get("box")
+        if box is None or len(box) != 4:
+            out.append(Violation("box_shape", rat, f"box {box!r} must have 4 values"))
+        else:
+            x0, y0, x1, y1 = box
+            if any(not (0.0 <= v <= 1.0) for v in box):  # NaN fails this too
+                out.append(Violation("box_range", rat, f"box {list(box)} has values outside [0, 1]"))
+            if x0 > x1 or y0 > y1:
+                out.append(Violation("box_order", rat, f"box {list(box)} has x0 > x1 or y0 > y1"))
+        s, e, phrase = r.get("char_start"), r.get("char_end"), r.get("phrase")
+        if s is None or e is None or not (0 <= s <= e <= len(cap)):
+            out.append(Violation("span_range", rat, f"char span [{s}, {e}) outside caption of length {len(cap)}"))
+        elif cap[s:e] != phrase:
+            out.append(Violation("span_text", rat, f"caption[{s}:{e}] is {cap[s:e]!r}, not phrase {phrase!r}"))
+    return out
+
+
 def _check_rows(table: pa.Table, where: str, seen: Counter) -> list[Violation]:
     out: list[Violation] = []
-    cols = set(table.schema.names)
-    keys = table.column("key").to_pylist() if "key" in cols else [None] * table.num_rows
-    captions = table.column("caption").to_pylist() if "caption" in cols else [None] * table.num_rows
-    regions = table.column("regions").to_pylist() if "regions" in cols else [[]] * table.num_rows
-    sources = table.column("caption_source").to_pylist() if "caption_source" in cols else None
-    for i, (key, caption, regs) in enumerate(zip(keys, captions, regions, strict=True)):
-        at = f"{where} row {i} key={key!r}"
-        if not key:
-            out.append(Violation("empty_key", at, "key is empty"))
-        else:
-            seen[key] += 1
-            if seen[key] == 2:
-                out.append(Violation("duplicate_key", at, f"key {key!r} appears more than once"))
-        if sources is not None and sources[i] not in CAPTION_SOURCES:
-            out.append(Violation("caption_source", at, f"caption_source {sources[i]!r} not in {CAPTION_SOURCES}"))
-        for j, r in enumerate(regs or []):
-            rat = f"{at} region {j}"
-            box = r.get("box")
-            if box is None or len(box) != 4:
-                out.append(Violation("box_shape", rat, f"box {box!r} must have 4 values"))
-            else:
-                x0, y0, x1, y1 = box
-                if any(not (0.0 <= v <= 1.0) for v in box):
-                    out.append(Violation("box_range", rat, f"box {list(box)} has values outside [0, 1]"))
-                if x0 > x1 or y0 > y1:
-                    out.append(Violation("box_order", rat, f"box {list(box)} has x0 > x1 or y0 > y1"))
-            s, e, phrase = r.get("char_start"), r.get("char_end"), r.get("phrase")
-            cap = caption or ""
-            if s is None or e is None or not (0 <= s <= e <= len(cap)):
-                out.append(Violation("span_range", rat, f"char span [{s}, {e}) outside caption of length {len(cap)}"))
-            elif cap[s:e] != phrase:
-                out.append(Violation("span_text", rat, f"caption[{s}:{e}] is {cap[s:e]!r}, not phrase {phrase!r}"))
+    names = [n for n in ("key", "caption", "caption_source", "regions") if n in table.schema.names]
+    for i, row in enumerate(table.select(names).to_pylist()):
+        at = f"{where} row {i} key={row.get('key')!r}"
+        if row.get("key"):
+            seen[row["key"]] += 1
+            if seen[row["key"]] == 2:
+                out.append(Violation("duplicate_key", at, f"key {row['key']!r} appears more than once"))
+        out += row_violations(row, at)
     return out
 
 
