@@ -8,7 +8,7 @@ EXTRAS ?= dev,ray,beam
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo demo-full test test-slow lint bench install browser clean
+.PHONY: demo demo-full test test-matrix test-slow lint bench install browser clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,18 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow and not benchmark"
+
+# The suite under other CPUs' kernels and thread counts (not part of `make test`; run it before you stop
+# whenever you touch numerics). `native` is this machine's own kernels. Narrow it with MATRIX_TESTS=...
+MATRIX_TESTS ?= tests
+test-matrix: $(STAMP)
+	@fail=""; for cap in default avx2 native; do for t in 1 2; do \
+	  echo "== ATEN_CPU_CAPABILITY=$$cap OMP_NUM_THREADS=$$t"; \
+	  if [ $$cap = native ]; then run="env -u ATEN_CPU_CAPABILITY"; else run="env ATEN_CPU_CAPABILITY=$$cap"; fi; \
+	  $$run OMP_NUM_THREADS=$$t $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not benchmark" $(MATRIX_TESTS) \
+	    || fail="$$fail $$cap/$$t"; \
+	done; done; \
+	if [ -n "$$fail" ]; then echo "test-matrix: failed in$$fail"; exit 1; else echo "test-matrix: every cell passed"; fi
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow"

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 from vesl.errors import UserError, first_line
 from vesl.labelers.devices import resolve_device, resolve_dtype
 from vesl.labelers.hub import is_local, pretrained_kwargs, unavailable_reason
-from vesl.schemas.boxes import cxcywh_to_xyxy
 from vesl.schemas.config import DetectorConfig
 from vesl.schemas.stage import Phrase, Region, Sample, StageResources, fail
 
@@ -91,6 +90,7 @@ def owlv2_regions(
     aspect ratio sets the square-padding correction (defaults to ``sizes``).
     """
     import torch
+    from torchvision.ops import box_convert
 
     from vesl.labelers.boxes import postprocess, square_pad_to_image
 
@@ -103,7 +103,7 @@ def owlv2_regions(
         scores, labels = torch.sigmoid(logits[i, :, : len(ph)]).max(dim=-1)
         keep = scores > threshold
         mw, mh = (model_sizes or sizes)[i]
-        boxes = square_pad_to_image(cxcywh_to_xyxy(pred_boxes[i][keep]), mw, mh)
+        boxes = square_pad_to_image(box_convert(pred_boxes[i][keep], "cxcywh", "xyxy"), mw, mh)
         w, h = sizes[i]
         out.append(_regions(ph, *postprocess(boxes, scores[keep], labels[keep], w, h, pp)))
     return out
@@ -158,6 +158,7 @@ def grounding_dino_regions(
     best phrase-token prob (Grounding DINO's box confidence).
     """
     import torch
+    from torchvision.ops import box_convert
 
     from vesl.labelers.boxes import postprocess
 
@@ -178,7 +179,7 @@ def grounding_dino_regions(
         box_score = masked.amax(dim=(1, 2))  # [N]
         phrase_score, labels = mean.max(dim=-1)
         keep = (box_score > box_threshold) & (phrase_score > text_threshold)
-        boxes = cxcywh_to_xyxy(pred_boxes[i][keep])
+        boxes = box_convert(pred_boxes[i][keep], "cxcywh", "xyxy")
         w, h = sizes[i]
         out.append(_regions(ph, *postprocess(boxes, box_score[keep], labels[keep], w, h, pp)))
     return out

@@ -20,8 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from vesl.schemas.boxes import cxcywh_to_xyxy
+from torchvision.ops import box_convert
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 POOL_MODES = ("prompt", "mean")
@@ -220,12 +219,12 @@ class GroundingHead(nn.Module):
         """``mlp`` / ``locate``: text-prompted region embeddings (..., E) and their patch logits (..., N)."""
         out = self.mlp(x)
         if self.kind == "mlp":
-            return cxcywh_to_xyxy(out.sigmoid())
+            return box_convert(out.sigmoid(), "cxcywh", "xyxy")
         if patch_logits is None:
             raise ValueError("the locate grounding head needs the prompt's patch logits")
         p = (patch_logits.float() * self.log_temp.exp()).softmax(dim=-1)
         centre = p @ self.cell_centres + out[..., :2].float().tanh() * self.cell_size
-        return cxcywh_to_xyxy(torch.cat([centre, out[..., 2:].float().sigmoid()], dim=-1))
+        return box_convert(torch.cat([centre, out[..., 2:].float().sigmoid()], dim=-1), "cxcywh", "xyxy")
 
     def from_patches(self, text: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``patch``: text features (B, R, E) and ViT patch tokens (B, N, W) -> boxes (B, R, 4), logits (B, R, N)."""
@@ -235,7 +234,7 @@ class GroundingHead(nn.Module):
         p = (logits * self.log_temp.exp()).softmax(dim=-1)
         raw = self.box(tokens.to(self.query.weight.dtype)).float()  # (B, N, 4): offset and size per patch
         proposals = torch.cat([self.cell_centres + raw[..., :2].tanh() * self.cell_size, raw[..., 2:].sigmoid()], -1)
-        return cxcywh_to_xyxy(p @ proposals), logits
+        return box_convert(p @ proposals, "cxcywh", "xyxy"), logits
 
 
 def ground_boxes(prompter: Prompter, head: GroundingHead, tokens: torch.Tensor,

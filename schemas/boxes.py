@@ -1,12 +1,13 @@
-"""Box math on ``x0, y0, x1, y1`` boxes (the schema's layout), shared by the labelers, the trainer and the demo.
+"""IoU of two single ``x0, y0, x1, y1`` boxes (the schema's layout), shared by the labelers, the trainer and the demo.
 
-Pure functions: single boxes as plain sequences, batches as torch tensors (torch is imported only there).
+Batches of boxes use ``torchvision.ops`` (``box_convert``, ``box_iou``, ``generalized_box_iou``) and
+``vesl.labelers.boxes``. This one stays plain Python because its callers compare one list-of-floats box
+pair at a time (evaluation loops over Parquet rows), where building tensors would cost more than the math.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -17,11 +18,3 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     inter = iw * ih
     union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
     return inter / union if union > 0 else 0.0
-
-
-def cxcywh_to_xyxy(boxes: Any) -> Any:
-    """``[..., 4]`` centre/size boxes -> corner boxes (a torch tensor)."""
-    import torch
-
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)

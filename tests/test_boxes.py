@@ -14,16 +14,12 @@ from vesl.labelers.boxes import (
     postprocess,
     square_pad_to_image,
     vote_boxes,
-    xyxy_to_cxcywh,
 )
-from vesl.schemas.boxes import box_iou, cxcywh_to_xyxy
+from vesl.schemas.boxes import box_iou
 
 
-def test_conversions_round_trip():
+def test_normalize_round_trips():
     xyxy = torch.tensor([[10.0, 20.0, 50.0, 80.0], [0.0, 0.0, 1.0, 1.0]])
-    cxcywh = xyxy_to_cxcywh(xyxy)
-    assert torch.allclose(cxcywh[0], torch.tensor([30.0, 50.0, 40.0, 60.0]))
-    assert torch.allclose(cxcywh_to_xyxy(cxcywh), xyxy)
     norm = normalize(xyxy[:1], 640, 360)
     assert torch.allclose(norm, torch.tensor([[10 / 640, 20 / 360, 50 / 640, 80 / 360]]))
     assert torch.allclose(denormalize(norm, 640, 360), xyxy[:1])

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.ops import box_convert, generalized_box_iou
 
 from vesl.demo import ASSETS_DIR
 from vesl.demo.recipes import cpu_seconds, save_checkpoint, set_threads, write_recipe_record
-from vesl.schemas.boxes import cxcywh_to_xyxy
 
 
 @dataclass
@@ -74,30 +74,10 @@ class DetectorRecipe:
 # ----------------------------------------------------------------------------- box math (pure)
 
 
-def xyxy_to_cxcywh(b: torch.Tensor) -> torch.Tensor:
-    return torch.stack([(b[..., 0] + b[..., 2]) / 2, (b[..., 1] + b[..., 3]) / 2,
-                        b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]], dim=-1)  # fmt: skip
-
-
 def image_to_square(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """Normalized xyxy of the image -> normalized xyxy of OWLv2's bottom/right padded square."""
     side = float(max(width, height))
     return boxes * boxes.new_tensor([width / side, height / side, width / side, height / side])
-
-
-def generalized_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise GIoU of xyxy boxes ``[N, 4]`` x ``[M, 4]`` -> ``[N, M]``."""
-    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
-    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
-    lt = torch.max(a[:, None, :2], b[None, :, :2])
-    rb = torch.min(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    iou = inter / union.clamp(min=1e-7)
-    lt_c = torch.min(a[:, None, :2], b[None, :, :2])
-    rb_c = torch.max(a[:, None, 2:], b[None, :, 2:])
-    hull = (rb_c - lt_c).clamp(min=0).prod(-1)
-    return iou - (hull - union) / hull.clamp(min=1e-7)
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
@@ -262,9 +242,9 @@ def detection_loss(logits, pred_boxes, targets, recipe: DetectorRecipe) -> tuple
             pr = prob[i][:, qidx]  # [P, n * k]
             pos = a * (1 - pr) ** g * -(pr + 1e-8).log()
             neg = (1 - a) * pr**g * -(1 - pr + 1e-8).log()
-            pb = cxcywh_to_xyxy(pred_boxes[i].float())
+            pb = box_convert(pred_boxes[i].float(), "cxcywh", "xyxy")
             cost = (recipe.cost_class * (pos - neg) + recipe.cost_l1 * torch.cdist(pb, boxes, p=1)
-                    - recipe.cost_giou * generalized_iou(pb, boxes))  # fmt: skip
+                    - recipe.cost_giou * generalized_box_iou(pb, boxes))  # fmt: skip
             rows, cols = linear_sum_assignment(cost.numpy())
             rows, cols = torch.as_tensor(rows), torch.as_tensor(cols)
             cls_target[i, rows, qidx[cols]] = 1.0
@@ -272,10 +252,10 @@ def detection_loss(logits, pred_boxes, targets, recipe: DetectorRecipe) -> tuple
             tgt_boxes.append(boxes[cols])
     n_obj = max(1, sum(len(t[1]) for t in targets) * recipe.matches_per_object)
     loss_cls = sigmoid_focal_loss(logits.float(), cls_target, recipe.focal_alpha, recipe.focal_gamma).sum() / n_obj
-    src = torch.cat([cxcywh_to_xyxy(pred_boxes[i, rows].float()) for i, rows in src_boxes])
+    src = torch.cat([box_convert(pred_boxes[i, rows].float(), "cxcywh", "xyxy") for i, rows in src_boxes])
     tgt = torch.cat(tgt_boxes)
-    loss_l1 = F.l1_loss(xyxy_to_cxcywh(src), xyxy_to_cxcywh(tgt), reduction="sum") / n_obj
-    loss_giou = (1 - torch.diag(generalized_iou(src, tgt))).sum() / n_obj
+    loss_l1 = F.l1_loss(box_convert(src, "xyxy", "cxcywh"), box_convert(tgt, "xyxy", "cxcywh"), reduction="sum") / n_obj
+    loss_giou = (1 - torch.diag(generalized_box_iou(src, tgt))).sum() / n_obj
     loss = recipe.cost_class * loss_cls + recipe.cost_l1 * loss_l1 + recipe.cost_giou * loss_giou
     return loss, {"cls": loss_cls.item(), "l1": loss_l1.item(), "giou": loss_giou.item()}
 
