@@ -16,8 +16,8 @@ Also printed, with no goal: the **first job in a fresh process** at the smaller 
 worker (each in its own new Python process, twice, alternating; imports included, ``ray.init`` excluded): what
 one ``vesl label`` run pays, which the warmed-up rounds above do not show.
 
-Goals (exit 1 when one is missed): Ray per-image <= 1.1x local, Ray fixed <= 5 s, Beam total <= 1.5x local at
-the larger size.
+Goals (exit 1 when one is missed): Ray per-image <= 1.1x local, Beam total <= 1.5x local at the larger size.
+Ray's fixed cost is printed without a goal (a retired goal of 5 s).
 
 Usage: python benchmarks/engines.py [--sizes 200,800] [--repeats 3] [--first-jobs 2]
 """
@@ -39,7 +39,7 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.tiny_vlm / tests.tiny_detectors
 
 SHARD_SIZE = 25
-GOALS = {"ray_per_image_ratio": 1.1, "ray_fixed_s": 5.0, "beam_total_ratio": 1.5}
+GOALS = {"ray_per_image_ratio": 1.1, "beam_total_ratio": 1.5}  # Ray's fixed cost is printed, no longer a goal
 
 
 def _files(out: Path) -> dict[str, bytes]:
@@ -193,6 +193,9 @@ def main() -> int:
         }
         missed = []
         for key, (value, text) in results.items():
+            if key not in GOALS:
+                print(text)
+                continue
             met = value <= GOALS[key]
             missed += [] if met else [key]
             print(f"{text:<48} goal <= {GOALS[key]}: {'met' if met else 'NOT met'}")
