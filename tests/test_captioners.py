@@ -194,7 +194,7 @@ def test_stages_pickle_before_setup(tiny_vlm_dir, monkeypatch):
     oa.setup()
     blob = pickle.dumps(oa)  # engines ship stages to workers: no sockets, no key inside
     assert b"sk-pickle-secret" not in blob
-    assert pickle.loads(blob)._client is None  # noqa: S301 - our own bytes
+    assert pickle.loads(blob).client._http is None  # noqa: S301 - our own bytes
     oa.teardown()
 
 

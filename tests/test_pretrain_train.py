@@ -38,8 +38,9 @@ def overfit_run(tmp_path_factory):
 
 def test_overfit_cuts_region_loss_and_grounding_beats_whole_image(overfit_run):
     from vesl.pretrain import load
-    from vesl.pretrain.data import BatchBuilder, Preprocess, letterbox_box, list_shards
+    from vesl.pretrain.data import BatchBuilder, Preprocess, letterbox_box
     from vesl.schemas.boxes import box_iou
+    from vesl.schemas.dataset import training_shards
 
     run, data = overfit_run
     log = _losses(run)
@@ -53,7 +54,7 @@ def test_overfit_cuts_region_loss_and_grounding_beats_whole_image(overfit_run):
 
     model = load(run)
     builder = BatchBuilder(model.tokenizer, Preprocess.from_model(model), 32, 4)
-    rows = [r for p in list_shards(str(data)) for r in pq.read_table(p).to_pylist()]
+    rows = [r for p in training_shards(str(data)) for r in pq.read_table(p).to_pylist()]
     batch = builder.build(rows, 0)
     rv = batch["region_valid"]
     b_idx = rv.nonzero()[:, 0]
@@ -250,10 +251,11 @@ def test_cached_phrase_tokens_are_the_tokenizers_own_rows_across_batches_and_cac
 
 def test_ddp_two_processes_match_one_process(tmp_path):
     """torchrun --nproc_per_node 2 (gloo) vs one process on the same global batches: losses within 1e-5."""
-    from vesl.pretrain.data import BatchBuilder, Preprocess, list_shards
+    from vesl.pretrain.data import BatchBuilder, Preprocess
     from vesl.pretrain.losses import CLOCLoss
     from vesl.pretrain.model import PrompterConfig, create_model
     from vesl.pretrain.train import TrainConfig, cosine_lr, make_optimizer
+    from vesl.schemas.dataset import training_shards
 
     write_shards(tmp_path / "data", 18, n_files=3, row_group_size=2, seed=9)  # 9 units for 4 global workers
     cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "ddp"), model=MODEL, batch_size=4, workers=2,
@@ -274,7 +276,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 
     import pyarrow.parquet as pq
 
-    rows = {r["key"]: r for p in list_shards(str(tmp_path / "data")) for r in pq.read_table(p).to_pylist()}
+    rows = {r["key"]: r for p in training_shards(str(tmp_path / "data")) for r in pq.read_table(p).to_pylist()}
     # every sample exactly once per epoch, across both ranks and their workers
     for epoch in (0, 1):
         seen = [k for r in (0, 1) for rec in keys[r] if log[rec["step"]]["epoch"] == epoch for k in rec["keys"]]
@@ -286,8 +288,9 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     builder = BatchBuilder(model.tokenizer, Preprocess.from_model(model), cfg.batch_size, cfg.regions_per_image,
                            seed=cfg.seed)
     opt = make_optimizer(model, cfg)
-    loss_fn = CLOCLoss(cfg.lam, cfg.text_sim_threshold, cfg.ground_loss, region_weight=cfg.region_weight,
-                       ground_weight=cfg.ground_weight, cell_weight=cfg.ground_cell_weight)
+    loss_fn = CLOCLoss(lam=cfg.lam, text_sim_threshold=cfg.text_sim_threshold, ground_loss=cfg.ground_loss,
+                       region_weight=cfg.region_weight, ground_weight=cfg.ground_weight,
+                       cell_weight=cfg.ground_cell_weight)
     for step in range(1, n + 1):
         epoch = log[step]["epoch"]
         parts = [builder.build([rows[k] for k in keys[r][step - 1]["keys"]], epoch) for r in (0, 1)]
