@@ -190,6 +190,36 @@ def test_loader_sees_every_sample_once_per_epoch_across_ranks_and_workers(tmp_pa
         assign_units(units, 0, 0, world_size=4, num_workers=4)
 
 
+def test_trainer_lists_files_row_groups_and_columns_through_the_dataset_module(tmp_path):
+    """A directory, a glob, a file or a list of them; errors shards skipped; fsspec URLs stay URLs; a row
+    group's rows carry the trainer's columns only; a broken shard is a one-line error naming it."""
+    import fsspec
+
+    from vesl.schemas.dataset import TRAINING_COLUMNS, read_row_group, row_group_sizes, training_shards
+
+    a, b = write_shards(tmp_path / "d", 10, n_files=2, row_group_size=3)
+    (tmp_path / "d" / "part-00000.errors.parquet").write_bytes(b"not parquet")
+    assert training_shards(str(tmp_path / "d")) == [str(a), str(b)]
+    assert training_shards([str(tmp_path / "d" / "*-00001.parquet"), str(a)]) == [str(b), str(a)]
+    assert row_group_sizes(str(a)) == [3, 2]
+    rows = read_row_group(str(a), 1)
+    assert len(rows) == 2
+    assert tuple(rows[0]) == TRAINING_COLUMNS
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/vesl-train-test/part-00000.parquet", a.read_bytes())
+    [url] = training_shards("memory://vesl-train-test")
+    assert url.startswith("memory://")
+    assert row_group_sizes(url) == [3, 2]
+    fs.rm("/vesl-train-test", recursive=True)
+    broken = tmp_path / "e" / "part-00000.parquet"
+    broken.parent.mkdir()
+    broken.write_bytes(a.read_bytes()[:100])
+    with pytest.raises(UserError, match="not a readable Parquet file") as e:
+        row_group_sizes(str(broken))
+    assert str(broken) in str(e.value)
+    assert "\n" not in str(e.value)
+
+
 def test_loader_workers_persist_across_epochs_and_give_each_epoch_its_own_order(tmp_path):
     """One loader over three epochs (the first left half-read) reuses its two worker processes, and every epoch
     gives exactly the batches a fresh loader gives for that epoch; close() stops the workers."""
