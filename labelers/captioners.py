@@ -14,7 +14,6 @@ The rules every backend shares (image handling, empty captions, prompt, provenan
 from __future__ import annotations
 
 import importlib.util
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,8 +33,6 @@ from vesl.labelers.prompts import render_prompt
 from vesl.redact import redact
 from vesl.schemas.config import CaptionerConfig
 from vesl.schemas.stage import Sample, Stage, fail
-
-log = logging.getLogger(__name__)
 
 SPEC_HELP = "use alt_text, hf:<hub id or path>, openai:<base_url>#<model> or vllm:<hub id or path>"
 
