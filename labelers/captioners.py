@@ -4,41 +4,36 @@
 
 - ``alt_text``                   no model; the caption is the alt-text (the paper's "without VESL" ablation)
 - ``hf:<hub id or path>``        transformers ``AutoModelForImageTextToText``, batched ``generate``
-- ``openai:<base_url>#<model>``  any OpenAI-compatible chat-completions server (vLLM, SGLang, TGI, transformers)
+- ``openai:<base_url>#<model>``  any OpenAI-compatible chat-completions server (vLLM, SGLang, TGI, transformers),
+                                 through ``openai_client.ChatClient``
 - ``vllm:<hub id or path>``      in-process ``vllm.LLM`` (needs the ``vesl[vllm]`` extra and a GPU)
 
-Every backend is a Stage: cheap to construct and pickle (engines ship it to workers), heavy work in
-``setup()``, per-sample failures become error rows through ``fail()``.
-
-Longer than 400 lines on purpose: the four backends share the prompt, the image handling, the
-empty-caption rule and the provenance, so that every backend writes the same kind of caption.
+The rules every backend shares (image handling, empty captions, prompt, provenance) are in ``captioning.py``.
 """
 
 from __future__ import annotations
 
-import base64
 import importlib.util
-import io
-import logging
-import os
-import random
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from vesl.errors import InfrastructureError, UserError, first_line
+from vesl.labelers.captioning import STAGE_NAME, CaptionerBase, images_or_fail, set_caption
 from vesl.labelers.devices import DTYPE_NAMES, resolve_device, resolve_dtype
 from vesl.labelers.hub import is_local, pretrained_kwargs, unavailable_reason
-from vesl.labelers.prompts import prompt_hash, render_prompt
+from vesl.labelers.openai_client import (
+    Breaker,
+    ChatClient,
+    RequestFailed,
+    image_data_url,
+    redact_url,
+    user_message,
+)
+from vesl.labelers.prompts import render_prompt
 from vesl.redact import redact
 from vesl.schemas.config import CaptionerConfig
-from vesl.schemas.stage import Sample, Stage, StageResources, fail
+from vesl.schemas.stage import Sample, Stage, fail
 
-log = logging.getLogger(__name__)
-
-STAGE_NAME = "caption"
 SPEC_HELP = "use alt_text, hf:<hub id or path>, openai:<base_url>#<model> or vllm:<hub id or path>"
 
 
@@ -67,81 +62,7 @@ def make_captioner(cfg: CaptionerConfig, trust_remote_code: bool = False, *, see
     raise UserError(f"unknown captioner backend {backend!r} in {redact(spec)!r}: {SPEC_HELP}")
 
 
-def _resources(cfg: CaptionerConfig) -> StageResources:
-    return StageResources(batch_size=cfg.batch_size, concurrency=cfg.concurrency, num_gpus=cfg.num_gpus)
-
-
-def _sample_image(sample: Sample):
-    """The decoded RGB image; decodes ``image_bytes`` itself when no decode stage ran before."""
-    if sample.image is not None:
-        return sample.image if sample.image.mode == "RGB" else sample.image.convert("RGB")
-    if sample.image_bytes:
-        from PIL import Image, ImageOps
-
-        with Image.open(io.BytesIO(sample.image_bytes)) as im:
-            return ImageOps.exif_transpose(im).convert("RGB")
-    raise ValueError("sample has no decoded image and no image bytes")
-
-
-def _images_or_fail(batch: list[Sample]) -> list[tuple[Sample, Any]]:
-    """Pair each sample with its image; samples whose image can't be had become error rows."""
-    out = []
-    for s in batch:
-        try:
-            out.append((s, _sample_image(s)))
-        except Exception as exc:  # a broken image costs only its own sample
-            fail(s, STAGE_NAME, exc)
-    return out
-
-
-def _set_caption(sample: Sample, text: str | None) -> None:
-    text = (text or "").strip()
-    if not text:
-        fail(sample, STAGE_NAME, "the model generated an empty caption", "EmptyCaption")
-        return
-    sample.caption = text
-    sample.caption_source = "vlm"
-
-
-class _Captioner:
-    name = STAGE_NAME
-    backend = ""
-
-    def __init__(self, cfg: CaptionerConfig, model: str = ""):
-        self.cfg = cfg
-        self.model_id = model
-        self.resources = _resources(cfg)
-        self._revision: str | None = None
-
-    def setup(self) -> None:
-        """Nothing to load by default."""
-
-    def teardown(self) -> None:
-        """Nothing to release by default."""
-
-    def provenance(self) -> dict[str, str]:
-        return {
-            "captioner.backend": self.backend,
-            "captioner.model": self.model_id,
-            "captioner.revision": self._revision or self.cfg.revision or self._default_revision(),
-            "captioner.prompt_sha256": prompt_hash(self.cfg.prompt_template),
-            "captioner.max_new_tokens": str(self.cfg.max_new_tokens),
-        }
-
-    def _default_revision(self) -> str:
-        """A local directory has no revision; a hub id we could not pin is its default branch."""
-        return "local" if os.path.isdir(self.model_id) else "main"
-
-    def __getstate__(self) -> dict:
-        # Engines pickle stages to ship them to workers; loaded models, clients and keys stay behind.
-        return {k: (None if k in ("_model", "_processor", "_llm", "_client", "_secret") else v)
-                for k, v in self.__dict__.items()}
-
-    def _prompts(self, items: list[tuple[Sample, Any]], control_tokens: frozenset[str] = frozenset()) -> list[str]:
-        return [render_prompt(self.cfg.prompt_template, s.alt_text, control_tokens) for s, _ in items]
-
-
-class AltTextCaptioner(_Captioner):
+class AltTextCaptioner(CaptionerBase):
     """The caption is the alt-text itself: no model, the cheap mode and the paper's ablation."""
 
     backend = "alt_text"
@@ -192,7 +113,7 @@ def _load_error(model_id: str, exc: BaseException) -> UserError:
     )
 
 
-class HFCaptioner(_Captioner):
+class HFCaptioner(CaptionerBase):
     """transformers VLM (Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM, ...) with batched greedy ``generate``.
 
     Prompts are left-padded: a decoder-only model continues from the last position, so padding on the
@@ -233,12 +154,12 @@ class HFCaptioner(_Captioner):
 
     def __call__(self, batch: list[Sample]) -> list[Sample]:
         self.setup()
-        items = _images_or_fail(batch)
+        items = images_or_fail(batch)
         step = max(1, self.cfg.batch_size)
         for i in range(0, len(items), step):
             chunk = items[i : i + step]
             for (s, _), text in zip(chunk, self.generate(chunk), strict=True):
-                _set_caption(s, text)
+                set_caption(s, text)
         return batch
 
     def generate(self, items: list[tuple[Sample, Any]]) -> list[str]:
@@ -272,112 +193,40 @@ class HFCaptioner(_Captioner):
 # ------------------------------------------------------------------------------------------ openai
 
 
-class RequestFailed(Exception):
-    """A caption request that still failed after its retries; ``error_type`` names the last cause.
-
-    ``infrastructure``: the server was unreachable, timed out or answered 429/5xx to every attempt,
-    so the failure says nothing about the sample (its shard is not committed; a rerun retries it).
-    """
-
-    def __init__(self, message: str, error_type: str, infrastructure: bool = False):
-        super().__init__(message)
-        self.error_type = error_type
-        self.infrastructure = infrastructure
-
-
-def _strip_userinfo(url: str) -> str:
-    """Drop user:password from a URL: never sent (httpx would turn it into Basic auth) nor shown."""
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        netloc = parts.hostname or ""
-        if parts.port:
-            netloc += f":{parts.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
-
-
-def _redact_url(url: str) -> str:
-    """A URL fit for provenance and logs: no userinfo, no secret query parameters."""
-    return redact(_strip_userinfo(url))
-
-
-def encode_image_data_url(image, quality: int = 95) -> str:
-    """JPEG base64 data URL: the format every OpenAI-compatible server accepts for ``image_url``."""
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _message_text(data: Any) -> str:
-    """``choices[0].message.content`` of a chat completion; raises on any other shape."""
-    content = data["choices"][0]["message"]["content"]
-    if isinstance(content, list):  # some servers return content parts
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    if content is not None and not isinstance(content, str):
-        raise TypeError(f"message content is {type(content).__name__}, not text")
-    return content or ""
-
-
-class OpenAICaptioner(_Captioner):
+class OpenAICaptioner(CaptionerBase):
     """Chat completions against an OpenAI-compatible server, a bounded number of requests in flight.
 
-    Retries 429, 5xx, timeouts and connection errors with exponential backoff and seeded jitter
-    (honouring Retry-After); other 4xx and malformed answers fail the sample at once. The API key is
-    read from ``cfg.api_key_env`` in ``setup()`` on the worker and is scrubbed from every message.
+    The transport (retries, Retry-After, the circuit breaker, the API key and its scrubbing) is
+    ``self.client``; this stage turns samples into requests and answers into captions or error rows.
     """
 
     backend = "openai"
 
-    def __init__(
-        self,
-        cfg: CaptionerConfig,
-        base_url: str,
-        model: str,
-        *,
-        seed: int = 0,
-        backoff_base_s: float = 0.5,
-        backoff_max_s: float = 30.0,
-    ):
+    def __init__(self, cfg: CaptionerConfig, base_url: str, model: str, *, seed: int = 0):
         super().__init__(cfg, model)
         # only the key the user configured (cfg.api_key_env) authenticates: URL credentials are dropped
-        self.base_url = _strip_userinfo(base_url.rstrip("/"))
-        self.url = self.base_url + "/chat/completions"
-        self.seed = seed
-        self.backoff_base_s = backoff_base_s
-        self.backoff_max_s = backoff_max_s
-        self._client = None
-        self._secret: str | None = None
-        self._breaker = _Breaker(cfg.breaker_failures, cfg.breaker_cooldown_s)
+        self.client = ChatClient(
+            base_url, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s,
+            max_connections=cfg.max_concurrent_requests, max_retries=cfg.max_retries, seed=seed,
+            breaker=Breaker(cfg.breaker_failures, cfg.breaker_cooldown_s),
+        )  # fmt: skip
 
     def setup(self) -> None:
-        if self._client is not None:
-            return
-        import httpx
-
-        self._secret = os.environ.get(self.cfg.api_key_env) or None
-        headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
-        n = max(1, self.cfg.max_concurrent_requests)
-        self._client = httpx.Client(
-            headers=headers,
-            timeout=httpx.Timeout(self.cfg.timeout_s),
-            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
-        )
+        self.client.open()
 
     def teardown(self) -> None:
         """Close the HTTP client (every engine calls this once per worker, last)."""
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self.client.close()
 
     def provenance(self) -> dict[str, str]:
         prov = super().provenance()
-        prov["captioner.base_url"] = _redact_url(self.base_url)
+        prov["captioner.base_url"] = redact_url(self.client.base_url)
         prov["captioner.revision"] = self.cfg.revision or "served"
         return prov
 
     def __call__(self, batch: list[Sample]) -> list[Sample]:
         self.setup()
-        items = _images_or_fail(batch)
+        items = images_or_fail(batch)
         if not items:
             return batch
         prompts = self._prompts(items)
@@ -386,156 +235,39 @@ class OpenAICaptioner(_Captioner):
             results = list(pool.map(self._caption_or_error, items, prompts))
         down = next((e for _, e in results if getattr(e, "infrastructure", False)), None)
         if down is not None:  # the server, not the samples: the shard must not commit
-            exc = InfrastructureError(f"captioner server {_redact_url(self.base_url)}: {down}")
+            exc = InfrastructureError(f"captioner server {redact_url(self.client.base_url)}: {down}")
             exc.error_type = down.error_type
             raise exc
         for (s, _), (text, err) in zip(items, results, strict=True):
             if err is not None:
                 fail(s, STAGE_NAME, err, getattr(err, "error_type", None))
             else:
-                _set_caption(s, text)
+                set_caption(s, text)
         return batch
 
     def _caption_or_error(self, item: tuple[Sample, Any], prompt: str) -> tuple[str | None, Exception | None]:
         try:
-            return self.caption(item[0].key, item[1], prompt), None
+            return self.client.complete(item[0].key, self.payload(item[1], prompt)), None
         except Exception as exc:  # becomes this sample's error row
-            return None, RequestFailed(
-                self._scrub(str(exc)), getattr(exc, "error_type", type(exc).__name__), getattr(exc, "infrastructure", False)
-            )
-
-    def _scrub(self, text: str) -> str:
-        """No credential of any form (the key, Basic/Bearer values a server echoes, URL secrets)."""
-        return redact(text, self._secret)
+            return None, RequestFailed(self.client.scrub(str(exc)), getattr(exc, "error_type", type(exc).__name__),
+                                       getattr(exc, "infrastructure", False))  # fmt: skip
 
     def payload(self, image, prompt: str) -> dict:
-        return {
-            "model": self.model_id,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": encode_image_data_url(image)}},
-                        {"type": "text", "text": prompt},
-                    ],
-                }
-            ],
-            "max_tokens": self.cfg.max_new_tokens,
-            "temperature": 0.0,
-        }
-
-    def backoff(self, attempt: int, rng: random.Random, retry_after: float | None = None) -> float:
-        """Exponential backoff with 'equal jitter'; a server's Retry-After wins when it asks for longer."""
-        delay = min(self.backoff_max_s, self.backoff_base_s * (2**attempt))
-        delay = delay / 2 + rng.uniform(0, delay / 2)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.backoff_max_s))
-        return delay
-
-    def caption(self, key: str, image, prompt: str) -> str:
-        """One request with retries; returns the caption text or raises RequestFailed."""
-        import httpx
-
-        body = self.payload(image, prompt)
-        rng = random.Random(f"{self.seed}:{key}")  # per-sample jitter: deterministic and thread-safe
-        attempts = max(0, self.cfg.max_retries) + 1
-        for attempt in range(attempts):
-            open_because = self._breaker.open_because()
-            if open_because is not None:  # every recent request failed: don't hammer a dead server
-                raise RequestFailed(
-                    f"circuit open: the last {self._breaker.threshold} requests failed ({open_because})",
-                    "CircuitOpen", infrastructure=True,
-                )
-            retry_after = None
-            try:
-                resp = self._client.post(self.url, json=body)
-            except httpx.TransportError as exc:  # refused, reset, timeouts
-                error_type, message = type(exc).__name__, f"{type(exc).__name__}: {exc}"
-            else:
-                if resp.is_success:
-                    self._breaker.success()
-                    return self._parse(resp)
-                error_type = f"HTTP{resp.status_code}"
-                message = f"HTTP {resp.status_code} from {_redact_url(self.url)}: {resp.text[:300]}"
-                if resp.status_code != 429 and resp.status_code < 500:
-                    self._breaker.success()  # the server answered: it is up
-                    raise RequestFailed(self._scrub(message), error_type)
-                retry_after = _retry_after(resp.headers.get("retry-after"))
-            message = self._scrub(message)
-            if attempt + 1 >= attempts:
-                self._breaker.failure(message[:200])
-                raise RequestFailed(f"{message} (after {attempts} attempts)", error_type, infrastructure=True)
-            delay = self.backoff(attempt, rng, retry_after)
-            log.warning("caption request for %s failed (%s); retry %d/%d in %.2fs",
-                        key, message[:200], attempt + 1, attempts - 1, delay)
-            time.sleep(delay)
-        raise AssertionError("unreachable")
-
-    def _parse(self, resp) -> str:
-        try:
-            return _message_text(resp.json())
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise RequestFailed(
-                self._scrub(f"malformed chat completion ({type(exc).__name__}: {exc}): {resp.text[:200]}"),
-                "BadResponse",
-            ) from None
-
-
-class _Breaker:
-    """Circuit breaker: after ``threshold`` requests in a row failed for the infrastructure (each after
-    its retries), further requests fail at once for ``cooldown_s``; then one is let through again."""
-
-    def __init__(self, threshold: int, cooldown_s: float):
-        import threading
-
-        self.threshold = max(1, int(threshold))
-        self.cooldown_s = cooldown_s
-        self._failures = 0
-        self._opened_at: float | None = None
-        self._last = ""
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict:
-        return {"threshold": self.threshold, "cooldown_s": self.cooldown_s}  # a worker starts closed
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["threshold"], state["cooldown_s"])
-
-    def open_because(self) -> str | None:
-        with self._lock:
-            if self._opened_at is None:
-                return None
-            if time.monotonic() - self._opened_at >= self.cooldown_s:
-                self._opened_at = None  # half-open: the next request probes the server
-                self._failures = self.threshold - 1
-                return None
-            return self._last
-
-    def failure(self, message: str) -> None:
-        with self._lock:
-            self._failures += 1
-            self._last = message
-            if self._failures >= self.threshold:
-                self._opened_at = time.monotonic()
-
-    def success(self) -> None:
-        with self._lock:
-            self._failures = 0
-            self._opened_at = None
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:  # an HTTP date: fall back to our own backoff
-        return None
+        """The chat request: JPEG (every OpenAI-compatible server takes it), greedy decoding."""
+        return {"model": self.model_id, "messages": user_message(image_data_url(image, quality=95), prompt),
+                "max_tokens": self.cfg.max_new_tokens, "temperature": 0.0}  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------- vllm
 
 
-class VLLMCaptioner(_Captioner):
-    """In-process ``vllm.LLM``: prompts from the model's own chat template, images as multi-modal data."""
+class VLLMCaptioner(CaptionerBase):
+    """In-process ``vllm.LLM``: prompts from the model's own chat template, images as multi-modal data.
+
+    Under the Ray engine it can run as a ``ray.data.llm`` processor instead (``pipeline/engines/ray_llm.py``
+    builds it): ``llm_engine()`` says which model to serve, ``chat_request(sample)`` what to ask for a
+    sample, and ``take_reply(sample, text, error)`` what an answer means.
+    """
 
     backend = "vllm"
 
@@ -578,7 +310,7 @@ class VLLMCaptioner(_Captioner):
         from vllm import SamplingParams
 
         self.setup()
-        items = _images_or_fail(batch)
+        items = images_or_fail(batch)
         if not items:
             return batch
         requests = []
@@ -589,50 +321,25 @@ class VLLMCaptioner(_Captioner):
         params = SamplingParams(temperature=0.0, max_tokens=self.cfg.max_new_tokens, seed=self.seed)
         outputs = self._llm.generate(requests, params, use_tqdm=False)
         for (s, _), out in zip(items, outputs, strict=True):
-            _set_caption(s, out.outputs[0].text if out.outputs else "")
+            set_caption(s, out.outputs[0].text if out.outputs else "")
         return batch
 
-    def ray_llm_processor(self, unpack: Callable[[dict], Sample], pack: Callable[[dict, Sample], dict]):
-        """This captioner as a ``ray.data.llm`` processor (``vLLMEngineProcessorConfig`` + ``build_processor``),
-        which the Ray engine places instead of an actor pool; None when ray.data.llm or vLLM is missing.
-
-        One row per sample: ``unpack(row)`` gives the row's Sample, ``pack(row, sample)`` the row to emit (the
-        engine's row format). vLLM batches continuously, so this path is not byte-comparable with the local
-        engine. It needs vLLM and a GPU and is not exercised by the tests here.
-        """
-        try:
-            import vllm  # noqa: F401
-            from ray.data.llm import build_processor, vLLMEngineProcessorConfig
-        except ImportError:
-            return None
+    def llm_engine(self) -> dict[str, Any]:
+        """The model a ``ray.data.llm`` vLLM processor serves for this stage, and its batching."""
         c = self.cfg
-        config = vLLMEngineProcessorConfig(
-            model_source=self.model_id,
-            batch_size=max(1, c.batch_size),
-            concurrency=max(1, c.concurrency),
-            engine_kwargs={"trust_remote_code": self.trust_remote_code, "revision": c.revision},
-            prepare_multimodal_stage=True,
-            should_continue_on_error=True,
-        )
-        template, max_tokens, seed = c.prompt_template, c.max_new_tokens, self.seed
+        return {"model_source": self.model_id, "batch_size": max(1, c.batch_size),
+                "concurrency": max(1, c.concurrency),
+                "engine_kwargs": {"trust_remote_code": self.trust_remote_code, "revision": c.revision}}  # fmt: skip
 
-        def preprocess(row: dict) -> dict:
-            sample = unpack(row)
-            buf = io.BytesIO()
-            sample.image.save(buf, format="PNG")
-            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-            content = [{"type": "image_url", "image_url": {"url": url}},
-                       {"type": "text", "text": render_prompt(template, sample.alt_text)}]
-            return {**row, "messages": [{"role": "user", "content": content}],
-                    "sampling_params": {"temperature": 0.0, "max_tokens": max_tokens, "seed": seed}}  # fmt: skip
+    def chat_request(self, sample: Sample) -> dict[str, Any]:
+        """One sample as a chat request (messages and sampling parameters); PNG keeps the pixels exact."""
+        prompt = render_prompt(self.cfg.prompt_template, sample.alt_text)
+        return {"messages": user_message(image_data_url(sample.image, "PNG"), prompt),
+                "sampling_params": {"temperature": 0.0, "max_tokens": self.cfg.max_new_tokens, "seed": self.seed}}
 
-        def postprocess(row: dict) -> dict:
-            sample = unpack(row)
-            err = row.get("__inference_error__")
-            if err:
-                fail(sample, STAGE_NAME, str(err), "InferenceError")
-            else:
-                _set_caption(sample, row.get("generated_text"))
-            return pack(row, sample)
-
-        return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    def take_reply(self, sample: Sample, text: str | None, error: str | None) -> None:
+        """The processor's answer for ``sample``: its caption, or its error row."""
+        if error:
+            fail(sample, STAGE_NAME, error, "InferenceError")
+        else:
+            set_caption(sample, text)

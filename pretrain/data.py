@@ -11,6 +11,9 @@ round-robin continues in the same order.
 Ranks can own different numbers of rows. Every rank runs the same number of steps per epoch (computed
 from Parquet metadata alone); a rank that runs out yields empty batches whose rows are all invalid, so
 every sample is seen exactly once per epoch and DDP stays in lockstep.
+
+Which files, row groups and columns a dataset has is ``vesl.schemas.dataset``'s to say; this module only
+orders and batches them.
 """
 
 from __future__ import annotations
@@ -27,9 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vesl.errors import UserError, first_line
-
-COLUMNS = ("key", "image", "image_uri", "width", "height", "alt_text", "caption", "regions")
+from vesl.errors import UserError
+from vesl.schemas.dataset import read_row_group, row_group_sizes, training_shards, url_fs
 
 
 @dataclass(frozen=True)
@@ -95,50 +97,9 @@ class Preprocess:
 # ---- shards and units -------------------------------------------------------------------------------
 
 
-def _fs(path: str, storage_options: dict | None = None):
-    import fsspec
-
-    return fsspec.core.url_to_fs(path, **(storage_options or {}))
-
-
-def list_shards(data: str | list[str], storage_options: dict | None = None) -> list[str]:
-    """Region-text shard URLs from a directory, a glob, a file, or a list of those (errors shards skipped)."""
-    paths = [data] if isinstance(data, str) else list(data)
-    out: list[str] = []
-    for p in paths:
-        fs, root = _fs(p, storage_options)
-        if fs.isdir(root):
-            found = fs.glob(root.rstrip("/") + "/*.parquet")
-        elif any(c in root for c in "*?["):
-            found = fs.glob(root)
-        elif fs.exists(root):
-            found = [root]
-        else:
-            raise UserError(f"training data {p!r} does not exist; pass a directory of region-text shards (*.parquet)")
-        proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        prefix = "" if proto in ("file", "local") else f"{proto}://"
-        out += [prefix + f for f in sorted(found) if not f.endswith(".errors.parquet")]
-    if not out:
-        raise UserError(f"no region-text shards (*.parquet) found in {data!r}; run `vesl label` first or check the path")
-    return out
-
-
 def scan_units(paths: list[str], storage_options: dict | None = None) -> list[Unit]:
-    import pyarrow.parquet as pq
-
-    units = []
-    for p in paths:
-        fs, root = _fs(p, storage_options)
-        try:
-            with fs.open(root, "rb") as f:
-                md = pq.ParquetFile(f).metadata
-        except Exception as exc:
-            raise UserError(
-                f"training shard {p} is not a readable Parquet file ({type(exc).__name__}: {first_line(exc, 200)}); "
-                "check it with `vesl validate`, then relabel or remove it"
-            ) from None
-        units += [Unit(p, i, md.row_group(i).num_rows) for i in range(md.num_row_groups) if md.row_group(i).num_rows > 0]
-    return units
+    """Every non-empty (file, row group) of the shards, in file order then row-group order."""
+    return [Unit(p, i, n) for p in paths for i, n in enumerate(row_group_sizes(p, storage_options)) if n > 0]
 
 
 def assign_units(units: list[Unit], seed: int, epoch: int, world_size: int, num_workers: int) -> list[list[Unit]]:
@@ -218,7 +179,7 @@ class BatchBuilder:
         if row.get("image") is not None:
             return Image.open(io.BytesIO(row["image"]))
         if row.get("image_uri"):
-            fs, root = _fs(row["image_uri"], self.storage_options)
+            fs, root = url_fs(row["image_uri"], self.storage_options)
             with fs.open(root, "rb") as f:
                 return Image.open(io.BytesIO(f.read()))
         raise ValueError("row has neither image bytes nor image_uri")
@@ -313,13 +274,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         self.plan = plan  # [epoch, offset, upos_0, row_0, upos_1, row_1, ...] (one pair per logical worker)
 
     def _read(self, unit: Unit) -> list[dict]:
-        import pyarrow.parquet as pq
-
-        fs, root = _fs(unit.path, self.storage_options)
-        with fs.open(root, "rb") as f:
-            pf = pq.ParquetFile(f)
-            cols = [c for c in COLUMNS if c in pf.schema_arrow.names]
-            return pf.read_row_group(unit.row_group, columns=cols).to_pylist()
+        return read_row_group(unit.path, unit.row_group, self.storage_options)
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -351,7 +306,7 @@ class RegionTextLoader:
                  seed: int = 0, text_field: str = "caption", storage_options: dict | None = None,
                  with_regions: bool = True, pin_memory: bool = False, position_share: float = 0.0):
         self.pin_memory = pin_memory  # page-locked batches (CUDA), so the trainer's non_blocking copies overlap
-        self.paths = list_shards(data, storage_options)
+        self.paths = training_shards(data, storage_options)
         self.units = scan_units(self.paths, storage_options)
         self.num_rows = sum(u.num_rows for u in self.units)
         self.batch_size = batch_size

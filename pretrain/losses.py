@@ -254,7 +254,7 @@ class CLOCLoss(nn.Module):
     which has no L_cell) balance the terms. ``L_cell`` exists only with the locate grounding head. The logged
     ``region``, ``ground`` and ``ground_cell`` values are the unweighted terms."""
 
-    def __init__(self, lam: float = 1.0, text_sim_threshold: float = 0.9, ground_loss: str = "l2",
+    def __init__(self, *, lam: float = 1.0, text_sim_threshold: float = 0.9, ground_loss: str = "l2",
                  local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0, world_size: int = 1,
                  region_loss_drop: float = 0.0, region_weight: float = 1.0, ground_weight: float = 1.0,
                  l1_weight: float = L1_WEIGHT, giou_weight: float = GIOU_WEIGHT, cell_weight: float = 0.0):

@@ -455,8 +455,9 @@ def train_one_epoch(run: Run, epoch: int, loader_resume: Any) -> bool:
 
 def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
     """Train (or resume) a CLOC model; returns the run directory. Works under torchrun or alone."""
-    from vesl.pretrain.data import Preprocess, RegionTextLoader, list_shards, scan_units
+    from vesl.pretrain.data import Preprocess, RegionTextLoader, scan_units
     from vesl.pretrain.losses import CLOCLoss
+    from vesl.schemas.dataset import training_shards
 
     if isinstance(config, (str, os.PathLike)):
         config = load_config(config)
@@ -464,7 +465,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
         config = _validated(config)
     cfg = config
     # a wrong path fails before any model is built
-    units = len(scan_units(list_shards(cfg.data, cfg.storage_options), cfg.storage_options))
+    units = len(scan_units(training_shards(cfg.data, cfg.storage_options), cfg.storage_options))
     run_dir = Path(cfg.out)
     clear = check_run_dir(run_dir, cfg.resume, cfg.overwrite)
     d = Dist(cfg.device)
@@ -501,9 +502,12 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
             print(note, file=sys.stderr, flush=True)
         optimizer = make_optimizer(model, cfg)
         step, epoch, loader_resume = resume(cfg, d, run_dir, model, optimizer, steps_per_epoch)
-        loss_fn = CLOCLoss(cfg.lam, cfg.text_sim_threshold, cfg.ground_loss, cfg.local_loss, cfg.gather_with_grad,
-                           d.rank, d.world_size, cfg.region_loss_drop, cfg.region_weight, cfg.ground_weight,
-                           cfg.ground_l1_weight, cfg.ground_giou_weight, cfg.ground_cell_weight)
+        loss_fn = CLOCLoss(
+            lam=cfg.lam, text_sim_threshold=cfg.text_sim_threshold, ground_loss=cfg.ground_loss,
+            local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, rank=d.rank, world_size=d.world_size,
+            region_loss_drop=cfg.region_loss_drop, region_weight=cfg.region_weight, ground_weight=cfg.ground_weight,
+            l1_weight=cfg.ground_l1_weight, giou_weight=cfg.ground_giou_weight, cell_weight=cfg.ground_cell_weight,
+        )
         run = Run(cfg, d, run_dir, model, wrap_ddp(model, d), optimizer, loss_fn, loader, RunLog(cfg, d, run_dir),
                   total, warmup, workers, use_bf16, step=step, last_saved=step)  # fmt: skip
         while epoch < cfg.epochs and run.step < total:

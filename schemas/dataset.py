@@ -9,6 +9,9 @@ The one place that knows how a ``vesl label`` output directory reads back (the w
 
 ``inspect``, ``validate``, ``publish``, ``show``, ``export``, the manifest, keep-captions and the
 trainer all list and read shards through here. Paths may be local or fsspec URLs where noted.
+
+The trainer reads by (file, row group): ``training_shards`` lists the files, ``row_group_sizes`` reads a
+file's footer, and ``read_row_group`` reads one group's ``TRAINING_COLUMNS``.
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 
-from vesl.errors import UserError
+from vesl.errors import UserError, first_line
 from vesl.schemas.region_text import PROVENANCE_KEY
 
 PARQUET_SUFFIX = ".parquet"
 ERRORS_SUFFIX = ".errors.parquet"
 STATS_SUFFIX = ".stats.json"
 DATA_SHARD_RE = re.compile(r"^part-\d+\.parquet$")  # data shards, never *.errors.parquet
+# What a trainer reads of a row: the image, its size, the texts and the regions (not the shard bookkeeping).
+TRAINING_COLUMNS = ("key", "image", "image_uri", "width", "height", "alt_text", "caption", "regions")
 
 
 class InvalidDataset(UserError):
@@ -121,6 +126,63 @@ def iter_rows(dataset_dir: str | Path, columns: list[str] | None = None) -> Iter
         cols = [c for c in columns if c in pf.schema_arrow.names] if columns else None
         for batch in pf.iter_batches(batch_size=256, columns=cols):
             yield from batch.to_pylist()
+
+
+# ---------------------------------------------------------------- training reads: files, row groups (fsspec)
+
+
+def url_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of a local path or fsspec URL, with the user's storage options."""
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def training_shards(data: str | list[str], storage_options: dict | None = None) -> list[str]:
+    """Region-text shard URLs from a directory, a glob, a file, or a list of those (errors shards skipped).
+
+    Any ``*.parquet`` in a directory counts, so shards written by other tools train too.
+    """
+    paths = [data] if isinstance(data, str) else list(data)
+    out: list[str] = []
+    for p in paths:
+        fs, root = url_fs(p, storage_options)
+        if fs.isdir(root):
+            found = fs.glob(root.rstrip("/") + "/*" + PARQUET_SUFFIX)
+        elif any(c in root for c in "*?["):
+            found = fs.glob(root)
+        elif fs.exists(root):
+            found = [root]
+        else:
+            raise UserError(f"training data {p!r} does not exist; pass a directory of region-text shards (*.parquet)")
+        proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        prefix = "" if proto in ("file", "local") else f"{proto}://"
+        out += [prefix + f for f in sorted(found) if not f.endswith(ERRORS_SUFFIX)]
+    if not out:
+        raise UserError(f"no region-text shards (*.parquet) found in {data!r}; run `vesl label` first or check the path")
+    return out
+
+
+def row_group_sizes(url: str, storage_options: dict | None = None) -> list[int]:
+    """Rows in each row group of a shard, from its footer alone."""
+    fs, root = url_fs(url, storage_options)
+    try:
+        with fs.open(root, "rb") as f:
+            md = pq.ParquetFile(f).metadata
+    except Exception as exc:
+        raise UserError(
+            f"training shard {url} is not a readable Parquet file ({type(exc).__name__}: {first_line(exc, 200)}); "
+            "check it with `vesl validate`, then relabel or remove it"
+        ) from None
+    return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+
+
+def read_row_group(url: str, index: int, storage_options: dict | None = None,
+                   columns: tuple[str, ...] = TRAINING_COLUMNS) -> list[dict[str, Any]]:
+    """The rows of one row group as dicts, with those of ``columns`` the file has."""
+    fs, root = url_fs(url, storage_options)
+    with fs.open(root, "rb") as f:
+        pf = pq.ParquetFile(f)
+        cols = [c for c in columns if c in pf.schema_arrow.names]
+        return pf.read_row_group(index, columns=cols).to_pylist()
 
 
 # ---------------------------------------------------------------- provenance

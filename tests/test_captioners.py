@@ -194,7 +194,7 @@ def test_stages_pickle_before_setup(tiny_vlm_dir, monkeypatch):
     oa.setup()
     blob = pickle.dumps(oa)  # engines ship stages to workers: no sockets, no key inside
     assert b"sk-pickle-secret" not in blob
-    assert pickle.loads(blob)._client is None  # noqa: S301 - our own bytes
+    assert pickle.loads(blob).client._http is None  # noqa: S301 - our own bytes
     oa.teardown()
 
 
@@ -212,6 +212,50 @@ def test_vllm_without_extra_is_a_one_line_user_error():
     msg = str(ei.value)
     assert "vesl[vllm]" in msg
     assert "\n" not in msg
+
+
+def test_only_the_vllm_captioner_offers_the_ray_llm_path():
+    """The Ray engine places a stage as a ray.data.llm processor when the stage offers ``llm_engine``,
+    ``chat_request`` and ``take_reply`` (pipeline/engines/ray_llm.py): the vllm captioner must keep all three."""
+    from vesl.labelers.captioners import AltTextCaptioner, OpenAICaptioner, VLLMCaptioner
+    from vesl.pipeline.engines.ray_llm import offers_llm_processor
+
+    assert offers_llm_processor(VLLMCaptioner)
+    assert not any(offers_llm_processor(c) for c in (AltTextCaptioner, HFCaptioner, OpenAICaptioner))
+
+
+def test_vllm_chat_requests_and_replies_follow_the_captioner_rules():
+    """What the vllm captioner asks of a ray.data.llm processor and makes of its answers, without vLLM: the
+    prompt carries the alt-text, the image is a lossless PNG, decoding is greedy and seeded, an empty answer
+    or an inference error becomes the sample's error row."""
+    import base64
+    import io
+
+    from vesl.labelers.captioners import VLLMCaptioner
+    from vesl.labelers.captioning import CaptionerBase
+
+    cfg = CaptionerConfig(spec="vllm:m", max_new_tokens=7, batch_size=3, concurrency=2)
+    stage = object.__new__(VLLMCaptioner)  # __init__ would refuse without the vllm extra installed
+    CaptionerBase.__init__(stage, cfg, "m")
+    stage.trust_remote_code, stage.seed = False, 5
+    assert stage.llm_engine() == {"model_source": "m", "batch_size": 3, "concurrency": 2,
+                                  "engine_kwargs": {"trust_remote_code": False, "revision": None}}  # fmt: skip
+    ok, empty, broken = _samples()[:3]
+    req = stage.chat_request(ok)
+    [turn] = req["messages"]
+    image, text = turn["content"]
+    assert text == {"type": "text", "text": render_prompt(DEFAULT_PROMPT, ok.alt_text)}
+    url = image["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,")
+    decoded = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert decoded.tobytes() == ok.image.tobytes()
+    assert req["sampling_params"] == {"temperature": 0.0, "max_tokens": 7, "seed": 5}
+    stage.take_reply(ok, "  a red square. ", None)
+    stage.take_reply(empty, "   ", None)
+    stage.take_reply(broken, None, "CUDA out of memory")
+    assert (ok.caption, ok.caption_source, ok.error) == ("a red square.", "vlm", None)
+    assert empty.error.error_type == "EmptyCaption"
+    assert (broken.error.error_type, broken.error.message) == ("InferenceError", "CUDA out of memory")
 
 
 def test_hub_id_offline_is_a_one_line_user_error(monkeypatch):

@@ -56,7 +56,7 @@ def _samples(n: int = 3) -> list[Sample]:
 def _stage(base_url: str, **cfg) -> OpenAICaptioner:
     cfg = {"max_new_tokens": 8, "api_key_env": KEY_ENV, **cfg}
     stage = make_captioner(CaptionerConfig(spec=f"openai:{base_url}#tiny", **cfg), seed=1)
-    stage.backoff_base_s = 0.05  # keep retries fast; the backoff law itself is tested below
+    stage.client.backoff_base_s = 0.05  # keep retries fast; the backoff law itself is tested below
     return stage
 
 
@@ -277,7 +277,7 @@ def test_circuit_breaker_stops_requests_to_a_dead_server():
         batch = apply_stage(stage, _samples(6))
         assert len(srv.requests) == 4  # 2 requests x 2 attempts, then the circuit is open
         assert all(s.error.infrastructure for s in batch)
-        assert "HTTP 503" in stage._breaker.open_because()
+        assert "HTTP 503" in stage.client.breaker.open_because()
         again = apply_stage(stage, _samples(2))  # still open: no request at all
         assert len(srv.requests) == 4
         assert all(s.error.infrastructure for s in again)
@@ -359,15 +359,15 @@ def test_concurrency_is_bounded():
 def test_backoff_is_exponential_capped_and_seeded():
     import random
 
-    stage = make_captioner(CaptionerConfig(spec="openai:http://127.0.0.1:1/v1#m"), seed=3)
-    delays = [stage.backoff(a, random.Random("3:k")) for a in range(8)]
-    again = [stage.backoff(a, random.Random("3:k")) for a in range(8)]
+    client = make_captioner(CaptionerConfig(spec="openai:http://127.0.0.1:1/v1#m"), seed=3).client
+    delays = [client.backoff(a, random.Random("3:k")) for a in range(8)]
+    again = [client.backoff(a, random.Random("3:k")) for a in range(8)]
     assert delays == again
     for a, d in enumerate(delays):
-        full = min(stage.backoff_max_s, stage.backoff_base_s * 2**a)
+        full = min(client.backoff_max_s, client.backoff_base_s * 2**a)
         assert full / 2 <= d <= full
-    assert stage.backoff(0, random.Random(0), retry_after=5.0) == 5.0
-    assert stage.backoff(0, random.Random(0), retry_after=1e9) == stage.backoff_max_s
+    assert client.backoff(0, random.Random(0), retry_after=5.0) == 5.0
+    assert client.backoff(0, random.Random(0), retry_after=1e9) == client.backoff_max_s
 
 
 def test_label_end_to_end_through_transformers_serve(served_vlm, tmp_path):

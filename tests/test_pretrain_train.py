@@ -38,8 +38,9 @@ def overfit_run(tmp_path_factory):
 
 def test_overfit_cuts_region_loss_and_grounding_beats_whole_image(overfit_run):
     from vesl.pretrain import load
-    from vesl.pretrain.data import BatchBuilder, Preprocess, letterbox_box, list_shards
+    from vesl.pretrain.data import BatchBuilder, Preprocess, letterbox_box
     from vesl.schemas.boxes import box_iou
+    from vesl.schemas.dataset import training_shards
 
     run, data = overfit_run
     log = _losses(run)
@@ -53,7 +54,7 @@ def test_overfit_cuts_region_loss_and_grounding_beats_whole_image(overfit_run):
 
     model = load(run)
     builder = BatchBuilder(model.tokenizer, Preprocess.from_model(model), 32, 4)
-    rows = [r for p in list_shards(str(data)) for r in pq.read_table(p).to_pylist()]
+    rows = [r for p in training_shards(str(data)) for r in pq.read_table(p).to_pylist()]
     batch = builder.build(rows, 0)
     rv = batch["region_valid"]
     b_idx = rv.nonzero()[:, 0]
@@ -189,6 +190,36 @@ def test_loader_sees_every_sample_once_per_epoch_across_ranks_and_workers(tmp_pa
         assign_units(units, 0, 0, world_size=4, num_workers=4)
 
 
+def test_trainer_lists_files_row_groups_and_columns_through_the_dataset_module(tmp_path):
+    """A directory, a glob, a file or a list of them; errors shards skipped; fsspec URLs stay URLs; a row
+    group's rows carry the trainer's columns only; a broken shard is a one-line error naming it."""
+    import fsspec
+
+    from vesl.schemas.dataset import TRAINING_COLUMNS, read_row_group, row_group_sizes, training_shards
+
+    a, b = write_shards(tmp_path / "d", 10, n_files=2, row_group_size=3)
+    (tmp_path / "d" / "part-00000.errors.parquet").write_bytes(b"not parquet")
+    assert training_shards(str(tmp_path / "d")) == [str(a), str(b)]
+    assert training_shards([str(tmp_path / "d" / "*-00001.parquet"), str(a)]) == [str(b), str(a)]
+    assert row_group_sizes(str(a)) == [3, 2]
+    rows = read_row_group(str(a), 1)
+    assert len(rows) == 2
+    assert tuple(rows[0]) == TRAINING_COLUMNS
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/vesl-train-test/part-00000.parquet", a.read_bytes())
+    [url] = training_shards("memory://vesl-train-test")
+    assert url.startswith("memory://")
+    assert row_group_sizes(url) == [3, 2]
+    fs.rm("/vesl-train-test", recursive=True)
+    broken = tmp_path / "e" / "part-00000.parquet"
+    broken.parent.mkdir()
+    broken.write_bytes(a.read_bytes()[:100])
+    with pytest.raises(UserError, match="not a readable Parquet file") as e:
+        row_group_sizes(str(broken))
+    assert str(broken) in str(e.value)
+    assert "\n" not in str(e.value)
+
+
 def test_loader_workers_persist_across_epochs_and_give_each_epoch_its_own_order(tmp_path):
     """One loader over three epochs (the first left half-read) reuses its two worker processes, and every epoch
     gives exactly the batches a fresh loader gives for that epoch; close() stops the workers."""
@@ -250,10 +281,11 @@ def test_cached_phrase_tokens_are_the_tokenizers_own_rows_across_batches_and_cac
 
 def test_ddp_two_processes_match_one_process(tmp_path):
     """torchrun --nproc_per_node 2 (gloo) vs one process on the same global batches: losses within 1e-5."""
-    from vesl.pretrain.data import BatchBuilder, Preprocess, list_shards
+    from vesl.pretrain.data import BatchBuilder, Preprocess
     from vesl.pretrain.losses import CLOCLoss
     from vesl.pretrain.model import PrompterConfig, create_model
     from vesl.pretrain.train import TrainConfig, cosine_lr, make_optimizer
+    from vesl.schemas.dataset import training_shards
 
     write_shards(tmp_path / "data", 18, n_files=3, row_group_size=2, seed=9)  # 9 units for 4 global workers
     cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "ddp"), model=MODEL, batch_size=4, workers=2,
@@ -274,7 +306,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 
     import pyarrow.parquet as pq
 
-    rows = {r["key"]: r for p in list_shards(str(tmp_path / "data")) for r in pq.read_table(p).to_pylist()}
+    rows = {r["key"]: r for p in training_shards(str(tmp_path / "data")) for r in pq.read_table(p).to_pylist()}
     # every sample exactly once per epoch, across both ranks and their workers
     for epoch in (0, 1):
         seen = [k for r in (0, 1) for rec in keys[r] if log[rec["step"]]["epoch"] == epoch for k in rec["keys"]]
@@ -286,8 +318,9 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     builder = BatchBuilder(model.tokenizer, Preprocess.from_model(model), cfg.batch_size, cfg.regions_per_image,
                            seed=cfg.seed)
     opt = make_optimizer(model, cfg)
-    loss_fn = CLOCLoss(cfg.lam, cfg.text_sim_threshold, cfg.ground_loss, region_weight=cfg.region_weight,
-                       ground_weight=cfg.ground_weight, cell_weight=cfg.ground_cell_weight)
+    loss_fn = CLOCLoss(lam=cfg.lam, text_sim_threshold=cfg.text_sim_threshold, ground_loss=cfg.ground_loss,
+                       region_weight=cfg.region_weight, ground_weight=cfg.ground_weight,
+                       cell_weight=cfg.ground_cell_weight)
     for step in range(1, n + 1):
         epoch = log[step]["epoch"]
         parts = [builder.build([rows[k] for k in keys[r][step - 1]["keys"]], epoch) for r in (0, 1)]

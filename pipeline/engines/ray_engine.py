@@ -31,9 +31,9 @@ pool size or its own Ray processor), the job is a Ray Data dataset::
   job loses only the shards in flight. (A ``groupby().map_groups()`` shuffle would keep the writes on
   the workers but commit nothing before the whole job is done, and its shuffle actors cost more than
   the labeling on small jobs.) The output bytes pass through the driver: run it near the output store.
-- A stage may offer its own ``ray.data.llm`` processor (``ray_llm_processor``: the ``vllm:<model>``
-  captioner does, with the ``vllm`` extra); the engine places it, one row per sample, and knows nothing
-  of what it does. vLLM batches continuously, so that path is not byte-comparable with the local engine.
+- A stage that describes itself as a vLLM chat model (the ``vllm:<model>`` captioner, with the ``vllm``
+  extra) is placed as a ``ray.data.llm`` processor, one row per sample (``ray_llm.py``). vLLM batches
+  continuously, so that path is not byte-comparable with the local engine.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ from vesl.errors import UserError
 from vesl.pipeline.apply import teardown_stages
 from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.engines.distributed import (
-    SECONDS_KEY,
     ShardEnd,
     StageRunner,
     StagesFactory,
@@ -64,6 +63,7 @@ from vesl.pipeline.engines.distributed import (
     write_items,
 )
 from vesl.pipeline.engines.local import process_tasks, setup_stages
+from vesl.pipeline.engines.ray_llm import offers_llm_processor, place_llm_processor
 from vesl.pipeline.engines.runtime_logs import quiet_runtime_logs
 from vesl.pipeline.job import job_summary, read_batch_size, start_job
 from vesl.pipeline.wiring import build_stages
@@ -286,23 +286,19 @@ def _cpus_per_slot(slots: int) -> float:
     return min(1.0, math.floor(100 * total / max(1, slots)) / 100) or 0.01
 
 
-def _offers_processor(stage: Any) -> bool:
-    return callable(getattr(stage, "ray_llm_processor", None))
-
-
 def _pool_groups(stages: list, pools: list[int]) -> list[list[int]]:
     """Stage positions per actor pool: each GPU stage (and a stage offering its own Ray processor) gets its
     own pool; consecutive CPU-only stages with the same pool size share one, as Ray Data fuses consecutive
     maps, so decoded images don't cross processes between them and no process is spent per stage."""
     groups: list[list[int]] = []
     for i, stage in enumerate(stages):
-        alone = stage.resources.num_gpus > 0 or _offers_processor(stage)
+        alone = stage.resources.num_gpus > 0 or offers_llm_processor(stage)
         prev = groups[-1][-1] if groups else None
         if (
             prev is not None
             and not alone
             and stages[prev].resources.num_gpus == 0
-            and not _offers_processor(stages[prev])
+            and not offers_llm_processor(stages[prev])
             and pools[prev] == pools[i]
         ):
             groups[-1].append(i)
@@ -322,7 +318,7 @@ def _stage_pools(stages: list, workers: int) -> list[int]:
 
 def _fits_one_pool(stages: list, groups: list) -> bool:
     """Whether the shard-actor layout applies: every stage in one pool, and no stage bringing its own processor."""
-    return len(groups) == 1 and not _offers_processor(stages[0])
+    return len(groups) == 1 and not offers_llm_processor(stages[0])
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -357,7 +353,7 @@ def build_dataset(cfg: LabelConfig, tasks: list, factory: StagesFactory, stages:
     last = len(stages) - 1
     for group in groups:
         first = stages[group[0]]
-        placed = _place_processor(ds, first) if _offers_processor(first) else None
+        placed = place_llm_processor(ds, first) if offers_llm_processor(first) else None
         if placed is not None:
             ds = placed
             continue
@@ -414,52 +410,3 @@ def run_ray(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, prog
     manifest = write_manifest(cfg.output)
     workers = max(1, cfg.workers)
     return job_summary("ray", cfg, todo, skipped, results, time.perf_counter() - t0, workers, manifest)
-
-
-# ---------------------------------------------------------------- a stage that offers its own Ray processor
-
-
-def _sample_of(row: dict[str, Any]) -> Any:
-    """The one Sample of an exploded row (the format a stage's ``ray_llm_processor`` reads)."""
-    (sample,) = loads(row["item"])
-    return sample
-
-
-def _place_processor(ds, stage: Any):
-    """Place a stage that offers a ``ray.data.llm`` processor (``stage.ray_llm_processor``), one sample per
-    row; None when it offers none (its extras are missing): the stage then runs in an actor pool.
-
-    The engine only places it: the prompt, the captions and their failures are the stage's own.
-    """
-    name = stage.name
-
-    def pack(row: dict[str, Any], sample: Any) -> dict[str, Any]:
-        sample.meta.setdefault(SECONDS_KEY, {}).setdefault(name, 0.0)
-        return {"shard": row["shard"], "item": dumps([sample])}
-
-    processor = stage.ray_llm_processor(unpack=_sample_of, pack=pack)
-    if processor is None:
-        return None
-    provenance = {str(k): v for k, v in stage.provenance().items()}
-
-    def explode(row: dict[str, Any]) -> list[dict[str, Any]]:
-        """One row per sample (the processor works on rows), each a batch of one."""
-        item = loads(row["item"])
-        if isinstance(item, ShardEnd):
-            return [row]
-        return [{"shard": row["shard"], "item": dumps([s])} for s in item]
-
-    def needs_stage(row: dict[str, Any]) -> bool:
-        item = loads(row["item"])
-        return isinstance(item, list) and bool(item) and item[0].ok
-
-    def stamp(row: dict[str, Any]) -> dict[str, Any]:
-        item = loads(row["item"])
-        if isinstance(item, ShardEnd):
-            item.provenance[name] = provenance
-        return {"shard": row["shard"], "item": dumps(item)}
-
-    ds = ds.flat_map(explode)
-    processed = processor(ds.filter(needs_stage))
-    rest = ds.filter(lambda row: not needs_stage(row)).map(stamp)
-    return processed.union(rest)
