@@ -271,12 +271,17 @@ def refexp_metrics(model, path: str | os.PathLike, *, methods: tuple[str, ...] =
     from vesl.pretrain.data import Preprocess, letterbox_box, unletterbox_box
     from vesl.schemas.boxes import box_iou
 
+    def none_usable() -> UserError:
+        errors.sort(key=lambda e: e["line"])
+        return UserError(f"{path} holds no usable referring expression ({len(errors)} bad line(s); first: "
+                         f"{errors[0]['error'] if errors else 'empty file'})")
+
     items, errors = read_refexp(path)
     items = items[:max_items]
     if not items:
-        raise UserError(f"{path} holds no usable referring expression ({len(errors)} bad line(s); first: "
-                        f"{errors[0]['error'] if errors else 'empty file'})")
+        raise none_usable()
     pre = Preprocess.from_model(model)
+    usable = 0
     hits: dict[str, list[bool]] = {m: [] for m in methods}
     chance: list[float] = []
     with torch.no_grad():
@@ -297,6 +302,7 @@ def refexp_metrics(model, path: str | os.PathLike, *, methods: tuple[str, ...] =
                 ok.append(it)
             if not ok:
                 continue
+            usable += len(ok)
             batch = torch.stack([pre(im) for im in pils])
             texts = [it["expression"] for it in ok]
             targets = [_xywh_to_xyxy(it["bbox"]) for it in ok]
@@ -329,6 +335,8 @@ def refexp_metrics(model, path: str | os.PathLike, *, methods: tuple[str, ...] =
                 for k, (f, cs) in enumerate(zip(per_item, cands, strict=True)):
                     best = int((f @ text[k]).argmax())
                     hits[m].append(box_iou(cs[best], targets[ranked[k]]) >= 0.5)
+    if not usable:  # every line that parsed failed on its image: the same one line as an empty file
+        raise none_usable()
     out: dict[str, Any] = {m: {"acc@0.5": 100.0 * sum(v) / len(v), "n": len(v)} for m, v in hits.items() if v}
     out["chance"] = {"acc@0.5": sum(chance) / len(chance) if chance else 0.0, "n": len(chance)}
     out["errors"] = len(errors)

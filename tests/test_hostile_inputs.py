@@ -284,3 +284,13 @@ def test_a_live_lock_without_a_start_time_still_names_its_holder(tmp_path):
     (out / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_id": "live"}))
     with pytest.raises(UserError, match=r"another vesl job \(pid \d+ on .+, run live, since \?\)"):
         acquire(str(out))
+
+
+def test_a_refexp_file_whose_every_box_is_outside_its_image_is_one_line(tmp_path, rec_set, tiny_run, monkeypatch,
+                                                                         capsys):
+    d = json.loads(rec_set.read_text().splitlines()[0])
+    path = tmp_path / "all_bad.jsonl"
+    path.write_text(json.dumps({**d, "bbox": [0, 0, 1e12, 1e12]}) + "\n")
+    (tmp_path / "images").symlink_to(rec_set.parent / "images")
+    rc, _, err = cli(monkeypatch, capsys, "eval", tiny_run, "--refexp", path)
+    one_line_error(rc, err, "no usable referring expression", "1 bad line(s)", "outside the")
