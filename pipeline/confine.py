@@ -3,7 +3,7 @@
 - the output directory is checked before any work (not a file, not under a file, writable), and it
   must never be, or lie inside, an input (its shards would overwrite or be read as inputs);
 - ``show`` and ``export`` read a row's ``image_uri`` only inside the dataset and the input roots its
-  job recorded (``--allow-any-image-uri`` lifts that).
+  job recorded (``--allow-any-image-uri`` lifts that); they say how many rows that left out, and why.
 
 Reading inputs themselves is confined in ``sources`` (links out of the input are never followed).
 """
@@ -111,9 +111,22 @@ def image_uri_allowed(uri: str, roots: list[str]) -> bool:
     return any(real == r or real.startswith(r.rstrip("/") + "/") for r in roots)
 
 
+OUTSIDE = "_image_uri_outside"  # marks a row whose image_uri confine_row dropped, so callers can say why
+ALLOW_ANY_IMAGE_URI = "--allow-any-image-uri"
+
+
 def confine_row(row: dict[str, Any], roots: list[str] | None) -> dict[str, Any]:
-    """``row`` without an ``image_uri`` outside ``roots`` (None: any allowed), so nothing reads it."""
+    """``row`` without an ``image_uri`` outside ``roots`` (None: any allowed), so nothing reads it; such a
+    row is marked with :data:`OUTSIDE`."""
     uri = row.get("image_uri")
     if roots is None or row.get("image") is not None or not uri or image_uri_allowed(uri, roots):
         return row
-    return {**row, "image_uri": None}
+    return {**row, "image_uri": None, OUTSIDE: True}
+
+
+def outside_note(n: int, what: str = "row(s)") -> str | None:
+    """The one line telling the user that ``n`` rows' images were not read, why, and the flag that reads them."""
+    if not n:
+        return None
+    return (f"{n} {what} have an image_uri outside the dataset and the inputs its job recorded, so their images were "
+            f"not read; pass {ALLOW_ANY_IMAGE_URI} if you trust those paths")

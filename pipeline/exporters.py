@@ -27,6 +27,7 @@ from typing import Any
 from vesl.errors import UserError
 
 FORMATS = ("wds", "coco", "odvg")
+OUTSIDE_REASON = "image_outside_dataset"  # skip reason: the row's image_uri lies outside the dataset and its inputs
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 
 
@@ -38,8 +39,23 @@ class ExportResult:
     regions: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows left out
 
+    @property
+    def note(self) -> str | None:
+        """One line for rows left out because their image lies outside the dataset (and the flag to allow it)."""
+        from vesl.pipeline.confine import outside_note
+
+        return outside_note(self.skipped.get(OUTSIDE_REASON, 0))
+
 
 COCO_ANNOTATIONS = "annotations.json"  # the COCO file name, for `vesl export` and `vesl synth` alike
+
+
+def _skip_reason(row: dict[str, Any]) -> str:
+    """Why a row's image could not be exported: outside the dataset (confined) or unreadable."""
+    from vesl.pipeline.confine import OUTSIDE
+
+    return OUTSIDE_REASON if row.get(OUTSIDE) else "unreadable_image"
+
 
 def _image_bytes(row: dict[str, Any]) -> tuple[bytes, str] | None:
     """Original bytes and a file extension from the decoded format; None when unreadable."""
@@ -96,7 +112,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 def _rows(dataset_dir: Path, allow_any_image_uri: bool = False) -> Iterator[dict[str, Any]]:
     """The dataset's rows; an ``image_uri`` outside the dataset and its job's inputs is dropped (the
-    row is then skipped as unreadable) unless ``allow_any_image_uri``."""
+    row is then skipped as ``image_outside_dataset``) unless ``allow_any_image_uri``."""
     from vesl.pipeline.confine import confine_row, image_uri_roots
     from vesl.schemas.dataset import iter_rows
 
@@ -129,7 +145,7 @@ def export_wds(dataset_dir: str | Path, out: str | Path, shard_size: int = 1000,
         for row in _rows(Path(dataset_dir), allow_any_image_uri):
             img = _image_bytes(row)
             if img is None:
-                skipped["unreadable_image"] += 1
+                skipped[_skip_reason(row)] += 1
                 continue
             if tar is None or in_tar >= shard_size:
                 if tar is not None:
@@ -159,7 +175,7 @@ def _copy_image(row: dict, images_dir: Path, keys: _Keys, skipped: Counter) -> s
     """Write the row's original image bytes under a stable file name; None (counted) when unreadable."""
     img = _image_bytes(row)
     if img is None:
-        skipped["unreadable_image"] += 1
+        skipped[_skip_reason(row)] += 1
         return None
     fname = f"{keys(row['key'])}.{img[1]}"
     (images_dir / fname).write_bytes(img[0])

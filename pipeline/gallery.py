@@ -77,9 +77,12 @@ def render_image(row: dict[str, Any], max_side: int = 512, max_upscale: float = 
     w, h = int(row.get("width") or 0), int(row.get("height") or 0)
     img = load_image(row)
     if img is None:
+        from vesl.pipeline.confine import ALLOW_ANY_IMAGE_URI, OUTSIDE
+
         w, h = (w, h) if w > 0 and h > 0 else (max_side, max_side)
         img = Image.new("RGB", (w, h), (60, 60, 60))
-        ImageDraw.Draw(img).text((4, 4), "image unavailable", fill=(230, 230, 230), font=_font(12))
+        why = f"image outside the dataset\n({ALLOW_ANY_IMAGE_URI})" if row.get(OUTSIDE) else "image unavailable"
+        ImageDraw.Draw(img).text((4, 4), why, fill=(230, 230, 230), font=_font(12))
     scale = min(max_side / max(img.size), max_upscale)
     size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
     if size != img.size:
@@ -208,6 +211,14 @@ def _figure_html(k: int, row: dict[str, Any], img_rel: str, size: tuple[int, int
     )
 
 
+def gallery_rows(dataset_dir: Path, n: int, query: str | None, allow_any_image_uri: bool) -> list[dict[str, Any]]:
+    """The rows a gallery shows, confined (:func:`vesl.pipeline.confine.confine_row`) unless allowed."""
+    from vesl.pipeline.confine import confine_row, image_uri_roots
+
+    roots = None if allow_any_image_uri else image_uri_roots(dataset_dir)
+    return [confine_row(r, roots) for r in _select(dataset_dir, n, query)]
+
+
 def render_gallery(
     dataset_dir: str | Path,
     out_dir: str | Path,
@@ -216,21 +227,21 @@ def render_gallery(
     cell: int = 256,
     max_side: int = 512,
     allow_any_image_uri: bool = False,
+    rows: list[dict[str, Any]] | None = None,
 ) -> tuple[Path, Path]:
     """Render the first ``n`` images (with ``query``: those with a matching phrase); returns (html, png).
 
     A row's ``image_uri`` is read only inside the dataset and its job's inputs, unless
-    ``allow_any_image_uri`` (other rows show a placeholder).
+    ``allow_any_image_uri`` (other rows show a placeholder that says so). ``rows``: the
+    :func:`gallery_rows` already selected, for a caller that also reports on them.
     """
-    from vesl.pipeline.confine import confine_row, image_uri_roots
-
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
     if query is not None and not query.strip():
         raise UserError("--query is empty; pass a phrase such as --query 'red circle', or leave it out")
     d, out = Path(dataset_dir), Path(out_dir)
-    roots = None if allow_any_image_uri else image_uri_roots(d)
-    rows = [confine_row(r, roots) for r in _select(d, n, query)]
+    if rows is None:
+        rows = gallery_rows(d, n, query, allow_any_image_uri)
     if not rows and query is None:
         raise UserError(f"{d} has no rows to show (every sample failed?); see the errors files or `vesl inspect {d}`")
     if not rows:

@@ -2,8 +2,9 @@
 
 ``vesl label`` holds ``OUT/.vesl-lock.json`` (created with O_EXCL) for the whole job: a second job on
 the same directory stops at once with one line naming the holder, before it reads, cleans or writes
-anything. A lock left by a killed job is taken over when its process is gone (same host); a lock
-from another host must be removed by hand once that job is known to be dead.
+anything. A lock left by a killed job is taken over when its process is gone (same host), with one line on
+stderr naming that job; a lock from another host, or a corrupt one, must be removed by hand once that job is
+known to be dead (the error says so).
 
 Local directories only: object stores have no exclusive create, so a job writing to ``s3://`` /
 ``gs://`` must be the only one by the user's own arrangement (the commit protocol still keeps every
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,19 +39,23 @@ def _alive(pid: int) -> bool:
 
 
 def _read(path: str) -> dict[str, Any] | None:
+    """The lock's fields; None when there is no lock; ``{}`` when it is not a vesl lock (corrupt)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        return data if isinstance(data, dict) else {}
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        return {}  # half-written by a job killed while taking it: treated as unknown owner
+        return {}  # half-written by a job killed while taking it, or not a lock at all: corrupt
+    if not isinstance(data, dict) or not isinstance(data.get("pid"), int) or not isinstance(data.get("host"), str):
+        return {}
+    return data
 
 
 def _holder(info: dict[str, Any]) -> str:
-    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info["started"])) if "started" in info else "?"
-    return f"pid {info.get('pid', '?')} on {info.get('host', '?')}, run {info.get('run_id', '?')}, since {since}"
+    started = info.get("started")
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)) if isinstance(started, int) else "?"
+    return f"pid {info['pid']} on {info['host']}, run {info.get('run_id', '?')}, since {since}"
 
 
 def _stale(info: dict[str, Any]) -> bool:
@@ -71,11 +77,23 @@ def acquire(out_dir: str) -> tuple[str, str]:
             held = _read(path)
             if held is None:
                 continue  # released meanwhile
+            if not held:
+                time.sleep(0.2)  # a job that has just created it may still be writing it
+                held = _read(path)
+                if held is None:
+                    continue
+            if not held:
+                raise UserError(
+                    f"{path} is corrupt (not a vesl lock; a job killed while taking it leaves one): if no other "
+                    f"vesl job writes to {out_dir}, delete it and rerun"
+                ) from None
             if _stale(held):
                 try:
                     os.unlink(path)  # its job is dead; take over
                 except FileNotFoundError:
-                    pass
+                    continue
+                print(f"vesl: took over the lock of {out_dir} from a job that is gone ({_holder(held)})",
+                      file=sys.stderr, flush=True)
                 continue
             raise UserError(
                 f"{out_dir} is being written by another vesl job ({_holder(held)}): wait for it to finish, "

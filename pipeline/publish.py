@@ -279,6 +279,7 @@ class PublishResult:
     gallery_html: Path
     gallery_png: Path
     checksums: Path
+    note: str | None = None  # one line for the user: gallery rows whose image lies outside the dataset
 
 
 def _check_license(license_id: str) -> None:
@@ -295,9 +296,15 @@ def publish(
     license_id: str,
     description: str | None = None,
     gallery_n: int = 16,
+    allow_any_image_uri: bool = False,
 ) -> PublishResult:
-    """Validate, then write the dataset card, stats, plots, gallery and checksums into ``dataset_dir``."""
-    from vesl.pipeline.gallery import render_gallery
+    """Validate, then write the dataset card, stats, plots, gallery and checksums into ``dataset_dir``.
+
+    The gallery reads a row's ``image_uri`` only inside the dataset and its job's inputs unless
+    ``allow_any_image_uri``; the result's ``note`` says how many it left out, and why.
+    """
+    from vesl.pipeline.confine import OUTSIDE, outside_note
+    from vesl.pipeline.gallery import gallery_rows, render_gallery
 
     d = Path(dataset_dir)
     if not name or not name.strip():
@@ -319,7 +326,8 @@ def publish(
         raise UserError(f"{d} has no rows to publish (every sample failed?); see its *.errors.parquet files")
     card_dir = d / CARD_DIR
     plots = write_plots(stats, card_dir / "plots")
-    html, png = render_gallery(d, card_dir / "gallery", n=gallery_n)
+    shown = gallery_rows(d, gallery_n, None, allow_any_image_uri)
+    html, png = render_gallery(d, card_dir / "gallery", n=gallery_n, rows=shown)
 
     public_stats = {k: v for k, v in stats.items() if not k.startswith("_")}
     stats_path = card_dir / "stats.json"
@@ -350,4 +358,5 @@ def publish(
     lines = [f"{sha256_file(p)}  {rel(p)}" for p in sorted(files, key=rel)]
     checksums = d / CHECKSUMS_FILE
     checksums.write_text("\n".join(lines) + "\n")
-    return PublishResult(card_path, stats_path, plots, html, png, checksums)
+    note = outside_note(sum(bool(r.get(OUTSIDE)) for r in shown), "gallery row(s)")
+    return PublishResult(card_path, stats_path, plots, html, png, checksums, note)

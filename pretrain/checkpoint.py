@@ -51,17 +51,24 @@ def save_checkpoint(ck_dir: Path, model, optimizer, state: dict[str, Any], keep:
     return ck_dir
 
 
-def load_weights(model, path: str | os.PathLike) -> None:
+REEXPORT = "re-export it with `vesl export-model`"  # what to do about an unusable weights file of an export
+
+
+def read_safetensors(path: str | os.PathLike, next_step: str, device: str = "cpu") -> dict:
+    """The tensors of a safetensors file; one line naming the file and ``next_step`` when it is missing or not
+    safetensors (garbage, truncated, a header too large), instead of the reader's traceback."""
     from safetensors.torch import load_file
 
     try:
-        weights = load_file(str(path))
-    except Exception as exc:
+        return load_file(str(path), device=str(device))
+    except Exception as exc:  # SafetensorError, OSError, a header that is not JSON: all mean an unusable file
         raise UserError(
-            f"{path} is not a readable safetensors file ({type(exc).__name__}: {first_line(exc, 200)}); "
-            "resume from another checkpoint, or start without --resume"
+            f"{path} is not a readable safetensors file ({type(exc).__name__}: {first_line(exc, 200)}); {next_step}"
         ) from None
-    model.load_state_dict(weights)
+
+
+def load_weights(model, path: str | os.PathLike) -> None:
+    model.load_state_dict(read_safetensors(path, "resume from another checkpoint, or start without --resume"))
 
 
 def load_optimizer_state(path: str | os.PathLike, device) -> dict:

@@ -20,6 +20,7 @@ results table, and splitting them per task would repeat that setup in each.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -29,6 +30,13 @@ from vesl.errors import UserError, first_line
 
 METHODS = ("prompter", "roi_align", "crop")
 REC_METHODS = ("ground", "prompter", "roi_align", "crop")
+MAX_REFEXP_CANDIDATES = 100
+"""The most candidate boxes one referring-expression line may hold; a line with more becomes an error row.
+
+RefCOCO-style candidate sets (MAttNet or detector proposals) hold about ten boxes, and every candidate costs a
+Prompter row, a RoI and, for crop ranking, a whole image encode: a cap keeps one hostile line from exhausting memory.
+"""
+BOX_SLACK_PX = 1.0  # how far (in pixels) a box may reach past the image's edge: rounding in converted annotations
 # Zero-shot class prompts, averaged per category as in CLIP's prompt ensembles. Region phrases are worded
 # "<article> <size> <name>" ("a small red circle"), so the ensemble covers both sizes; `vesl demo --full` uses
 # the same default, so `vesl eval` reproduces its table. Recorded in the results JSON.
@@ -184,15 +192,25 @@ def shard_metrics(model, data: str | list[str], *, batch_size: int = 32, regions
 
 
 def _xywh_ok(b: Any) -> bool:
-    return (isinstance(b, (list, tuple)) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
+    """A pixel ``[x, y, w, h]`` of four finite numbers with w, h > 0 (NaN, infinities and booleans are not)."""
+    return (isinstance(b, (list, tuple)) and len(b) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b)
             and b[2] > 0 and b[3] > 0)
+
+
+def _outside(b: list[float], width: int, height: int) -> bool:
+    """Whether the pixel ``[x, y, w, h]`` reaches past the image by more than :data:`BOX_SLACK_PX`."""
+    s = BOX_SLACK_PX
+    return b[0] < -s or b[1] < -s or b[0] + b[2] > width + s or b[1] + b[3] > height + s
 
 
 def read_refexp(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
     """(valid items, error rows) of a REC JSONL; each bad line becomes an error row ({"line", "error"}).
 
     A line holds ``image`` (a path relative to the JSONL's folder, or absolute), ``expression``, ``bbox``
-    (pixel ``[x, y, w, h]``) and ``candidates`` (a list of such boxes; optional for the grounding head).
+    (pixel ``[x, y, w, h]`` of finite numbers) and ``candidates`` (a list of at most
+    :data:`MAX_REFEXP_CANDIDATES` such boxes; optional for the grounding head). Boxes are checked against the
+    image's size when it is opened (:func:`refexp_metrics`).
     """
     p = Path(path)
     if not p.is_file():
@@ -215,10 +233,13 @@ def read_refexp(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
         elif not isinstance(d.get("expression"), str) or not d["expression"].strip():
             problem = "no expression"
         elif not _xywh_ok(d.get("bbox")):
-            problem = "bbox is not a pixel [x, y, w, h] with w, h > 0"
-        elif "candidates" in d and (not isinstance(d["candidates"], list)
-                                    or not all(_xywh_ok(c) for c in d["candidates"])):
+            problem = "bbox is not a pixel [x, y, w, h] of finite numbers with w, h > 0"
+        elif "candidates" in d and not isinstance(d["candidates"], list):
             problem = "candidates is not a list of pixel [x, y, w, h] boxes"
+        elif len(d.get("candidates") or []) > MAX_REFEXP_CANDIDATES:
+            problem = f"{len(d['candidates'])} candidates; at most {MAX_REFEXP_CANDIDATES} per line"
+        elif not all(_xywh_ok(c) for c in d.get("candidates") or []):
+            problem = "candidates is not a list of pixel [x, y, w, h] boxes of finite numbers with w, h > 0"
         elif not (p.parent / d["image"]).is_file():
             problem = f"image {d['image']} not found"
         if problem:
@@ -232,6 +253,15 @@ def _xywh_to_xyxy(b: list[float]) -> list[float]:
     return [b[0], b[1], b[0] + b[2], b[1] + b[3]]
 
 
+def _crop(pil: Any, c: list[float]) -> Any:
+    """The pixel box ``x0, y0, x1, y1`` of ``pil``, clipped to the image and at least one pixel wide and high."""
+    x0 = min(max(int(c[0]), 0), pil.width - 1)
+    y0 = min(max(int(c[1]), 0), pil.height - 1)
+    x1 = min(max(int(round(c[2])), x0 + 1), pil.width)
+    y1 = min(max(int(round(c[3])), y0 + 1), pil.height)
+    return pil.crop((x0, y0, x1, y1))
+
+
 def refexp_metrics(model, path: str | os.PathLike, *, methods: tuple[str, ...] = REC_METHODS, batch_size: int = 32,
                    max_items: int | None = None) -> dict[str, Any]:
     """REC acc@0.5 per method, the chance level of picking a candidate at random, and the error rows."""
@@ -241,12 +271,17 @@ def refexp_metrics(model, path: str | os.PathLike, *, methods: tuple[str, ...] =
     from vesl.pretrain.data import Preprocess, letterbox_box, unletterbox_box
     from vesl.schemas.boxes import box_iou
 
+    def none_usable() -> UserError:
+        errors.sort(key=lambda e: e["line"])
+        return UserError(f"{path} holds no usable referring expression ({len(errors)} bad line(s); first: "
+                         f"{errors[0]['error'] if errors else 'empty file'})")
+
     items, errors = read_refexp(path)
     items = items[:max_items]
     if not items:
-        raise UserError(f"{path} holds no usable referring expression ({len(errors)} bad line(s); first: "
-                        f"{errors[0]['error'] if errors else 'empty file'})")
+        raise none_usable()
     pre = Preprocess.from_model(model)
+    usable = 0
     hits: dict[str, list[bool]] = {m: [] for m in methods}
     chance: list[float] = []
     with torch.no_grad():
@@ -254,12 +289,20 @@ def refexp_metrics(model, path: str | os.PathLike, *, methods: tuple[str, ...] =
             pils, ok = [], []
             for it in chunk:
                 try:
-                    pils.append(Image.open(it["path"]).convert("RGB"))
-                    ok.append(it)
-                except OSError as exc:
+                    pil = Image.open(it["path"]).convert("RGB")
+                except (OSError, Image.DecompressionBombError) as exc:
                     errors.append({"line": it["line"], "error": f"unreadable image: {first_line(exc)}"})
+                    continue
+                bad = [b for b in (it["bbox"], *(it.get("candidates") or [])) if _outside(b, *pil.size)]
+                if bad:
+                    errors.append({"line": it["line"], "error": f"box {bad[0]} lies outside the {pil.width}x"
+                                                                f"{pil.height} image"})
+                    continue
+                pils.append(pil)
+                ok.append(it)
             if not ok:
                 continue
+            usable += len(ok)
             batch = torch.stack([pre(im) for im in pils])
             texts = [it["expression"] for it in ok]
             targets = [_xywh_to_xyxy(it["bbox"]) for it in ok]
@@ -285,17 +328,15 @@ def refexp_metrics(model, path: str | os.PathLike, *, methods: tuple[str, ...] =
                 feats["prompter"] = model.encode_regions(sub, canvas)
             if "roi_align" in rank_methods:
                 feats["roi_align"] = model.roi_align_regions(sub, canvas)
-            if "crop" in rank_methods:
-                crops = []
-                for i, cs in zip(ranked, cands, strict=True):
-                    for c in cs:
-                        x0, y0 = int(c[0]), int(c[1])
-                        crops.append(pre(pils[i].crop((x0, y0, max(int(round(c[2])), x0 + 1), max(int(round(c[3])), y0 + 1)))))
-                feats["crop"] = list(model.encode_image(torch.stack(crops)).split([len(cs) for cs in cands]))
+            if "crop" in rank_methods:  # one image's crops at a time: at most MAX_REFEXP_CANDIDATES encodes
+                feats["crop"] = [model.encode_image(torch.stack([pre(_crop(pils[i], c)) for c in cs]))
+                                 for i, cs in zip(ranked, cands, strict=True)]
             for m, per_item in feats.items():
                 for k, (f, cs) in enumerate(zip(per_item, cands, strict=True)):
                     best = int((f @ text[k]).argmax())
                     hits[m].append(box_iou(cs[best], targets[ranked[k]]) >= 0.5)
+    if not usable:  # every line that parsed failed on its image: the same one line as an empty file
+        raise none_usable()
     out: dict[str, Any] = {m: {"acc@0.5": 100.0 * sum(v) / len(v), "n": len(v)} for m, v in hits.items() if v}
     out["chance"] = {"acc@0.5": sum(chance) / len(chance) if chance else 0.0, "n": len(chance)}
     out["errors"] = len(errors)

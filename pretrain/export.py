@@ -43,8 +43,8 @@ def _checkpoint_dir(path: Path) -> Path:
 def load(path: str | os.PathLike, device: str = "cpu"):
     """The full CLOC model from an export folder, a run directory (latest checkpoint) or a checkpoint."""
     import torch
-    from safetensors.torch import load_file
 
+    from vesl.pretrain.checkpoint import REEXPORT, read_safetensors
     from vesl.pretrain.model import CLOCModel, PrompterConfig, create_model
 
     p = Path(path)
@@ -58,9 +58,10 @@ def load(path: str | os.PathLike, device: str = "cpu"):
             from vesl.pretrain.hf import load_open_clip_from_hf
 
             return load_open_clip_from_hf(p, device=device)
+        read_safetensors(p / CLIP_WEIGHTS, REEXPORT)  # open_clip would read it with a traceback when unusable
         clip = open_clip.create_model(f"local-dir:{p.resolve()}", device=device)
         model = CLOCModel(clip, f"local-dir:{p.resolve()}", PrompterConfig.from_saved(cfg["prompter"]))
-        heads = load_file(str(p / HEADS_WEIGHTS))
+        heads = read_safetensors(p / HEADS_WEIGHTS, REEXPORT)
         missing = model.load_state_dict(heads, strict=False)
         if missing.unexpected_keys or any(not k.startswith("clip.") for k in missing.missing_keys):
             raise UserError(f"{p / HEADS_WEIGHTS} does not match the model; re-export it with `vesl export-model`")
@@ -69,7 +70,8 @@ def load(path: str | os.PathLike, device: str = "cpu"):
     meta = json.loads((ck / "state.json").read_text())["model"]
     model = create_model(meta["model_name"], None, PrompterConfig.from_saved(meta["prompter"]), seed=None, device=device)
     with torch.no_grad():
-        model.load_state_dict(load_file(str(ck / "model.safetensors"), device=str(device)))
+        model.load_state_dict(read_safetensors(ck / "model.safetensors", "pass another checkpoint (checkpoints/step-*)",
+                                               device))
     return model.eval()
 
 

@@ -308,8 +308,8 @@ def load_open_clip_from_hf(path: Path, device: str = "cpu"):
     """The full vesl ``CLOCModel`` (open_clip towers) from a transformers export; exact inverse of the export."""
     import open_clip
     import torch
-    from safetensors.torch import load_file
 
+    from vesl.pretrain.checkpoint import REEXPORT, read_safetensors
     from vesl.pretrain.model import (
         CLOCModel,
         PrompterConfig,
@@ -325,7 +325,7 @@ def load_open_clip_from_hf(path: Path, device: str = "cpu"):
             clip = open_clip.create_model(name)
         else:
             clip = open_clip.model.CLIP(**cfg["open_clip_model_cfg"])
-    hf_sd = load_file(str(path / "model.safetensors"))
+    hf_sd = read_safetensors(path / "model.safetensors", REEXPORT)
     with torch.no_grad():
         clip.load_state_dict(from_hf_state_dict(hf_sd, clip), strict=True)
     model = CLOCModel(clip, name, PrompterConfig(**cfg["prompter"]))
@@ -334,9 +334,9 @@ def load_open_clip_from_hf(path: Path, device: str = "cpu"):
 
 
 def _load_heads(model: Any, path: Path) -> None:
-    from safetensors.torch import load_file
+    from vesl.pretrain.checkpoint import REEXPORT, read_safetensors
 
-    res = model.load_state_dict(load_file(str(path / HEADS_WEIGHTS)), strict=False)
+    res = model.load_state_dict(read_safetensors(path / HEADS_WEIGHTS, REEXPORT), strict=False)
     if res.unexpected_keys or any(not k.startswith("clip.") for k in res.missing_keys):
         raise UserError(f"{path / HEADS_WEIGHTS} does not match the model; re-export it with `vesl export-model`")
 
@@ -381,9 +381,9 @@ class CLOCRegionModel:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu") -> CLOCRegionModel:
         import torch
-        from safetensors.torch import load_file
         from transformers import CLIPModel, CLIPTokenizer
 
+        from vesl.pretrain.checkpoint import REEXPORT, read_safetensors
         from vesl.pretrain.model import GroundingHead, Prompter, PrompterConfig
 
         p = Path(path)
@@ -400,7 +400,7 @@ class CLOCRegionModel:
         embed_dim = clip.config.projection_dim
         prompter = Prompter(vc.hidden_size, embed_dim, grid, pcfg)
         head = GroundingHead(embed_dim, pcfg.ground_hidden or 2 * embed_dim, grid, pcfg.ground_head, vc.hidden_size)
-        heads = load_file(str(p / HEADS_WEIGHTS))
+        heads = read_safetensors(p / HEADS_WEIGHTS, REEXPORT)
         with torch.no_grad():
             prompter.load_state_dict({k[len("prompter."):]: v for k, v in heads.items() if k.startswith("prompter.")})
             head.load_state_dict({k[len("ground_head."):]: v for k, v in heads.items() if k.startswith("ground_head.")})

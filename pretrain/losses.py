@@ -99,6 +99,7 @@ class ContrastiveLoss(nn.Module):
         self.text_sim_threshold = text_sim_threshold
         self.drop_hardest = drop_hardest
         self.dropped_share: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None  # valid pairs of the last call's global batch (a device tensor)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, valid: torch.Tensor | None = None,
                 text_keys: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,6 +119,7 @@ class ContrastiveLoss(nn.Module):
         ga, gb = gather_rows(a, v, **kw), gather_rows(b, v, **kw)
         gk = gather_rows(keys, v, gather_with_grad=False, rank=self.rank, world_size=w) if keys is not None else None
         total = ga.valid.sum().to(torch.float32)  # the gathered masks: the same on every rank
+        self.count = total
         if self.local_loss:
             rows_a, rows_b, row_valid = ga.rows[ga.offset:ga.offset + ga.count], gb.rows[gb.offset:gb.offset + gb.count], v
             labels = torch.arange(ga.count, device=a.device) + ga.offset
@@ -216,6 +218,7 @@ class GroundingLoss(nn.Module):
         self.kw = {"l1_weight": l1_weight, "giou_weight": giou_weight} if kind == "l1+giou" else {}
         self.rank = rank
         self.world_size = world_size
+        self.count: torch.Tensor | None = None  # valid regions of the last call's global batch (a device tensor)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         v = valid.reshape(-1).bool()
@@ -226,6 +229,7 @@ class GroundingLoss(nn.Module):
         p, t = torch.where(ok, p, unit), torch.where(ok, t, unit)
         per_box = torch.where(v, self.fn(p, t, **self.kw), torch.zeros((), device=p.device))
         total = _global_count(v, self.world_size)
+        self.count = total
         return per_box.sum() / (total.clamp_min(1) / self.world_size)
 
 
@@ -269,6 +273,8 @@ class CLOCLoss(nn.Module):
         self.clip = ContrastiveLoss(**kw)
         self.region = ContrastiveLoss(text_sim_threshold=text_sim_threshold, **kw)
         self.ground = GroundingLoss(ground_loss, rank, world_size, l1_weight, giou_weight)
+        self._most: dict[str, torch.Tensor] = {}  # per term, the most valid inputs of one step since the last check
+        self._starved_warned = False
 
     def set_progress(self, step: int, total: int) -> None:
         """Ramp the region loss's dropped share linearly over the first quarter of training (Co-teaching's
@@ -297,7 +303,34 @@ class CLOCLoss(nn.Module):
             if self.region.dropped_share is not None:
                 losses["region_neg_dropped"] = self.region.dropped_share.detach()
         losses["loss"] = total
+        for name in losses.keys() & STARVED_BELOW.keys():
+            c = getattr(self, name).count.detach()
+            self._most[name] = torch.maximum(self._most[name], c) if name in self._most else c
         return losses
+
+    def starved_warning(self) -> str | None:
+        """Once per run, the warning for terms that had no usable input in any step since the last call (one host
+        read; call it where the loop reads values back anyway). Such a term is 0 and trains nothing, which the
+        logged ``region 0.0000`` alone does not tell apart from a converged one."""
+        most, self._most = self._most, {}
+        if self._starved_warned or not most:
+            return None
+        counts = dict(zip(most, torch.stack(list(most.values())).tolist(), strict=True))
+        starved = [f"{_TERM_NAMES[k]} ({STARVED_BELOW[k][1]})" for k in STARVED_BELOW if counts.get(k, 2) < STARVED_BELOW[k][0]]
+        if not starved:
+            return None
+        self._starved_warned = True
+        return (f"warning: {', '.join(starved)}: no step since the last log had the input these loss terms need, so "
+                "they are 0 and train nothing; check the data (`vesl validate`, `vesl inspect`) or raise batch_size")
+
+
+# the fewest valid inputs a term needs in a global batch to train anything, and what that means
+STARVED_BELOW = {
+    "clip": (2, "fewer than 2 readable images per global batch: no negatives"),
+    "region": (2, "fewer than 2 regions with a valid box per global batch: no negatives"),
+    "ground": (1, "no region with a finite box inside [0, 1]"),
+}
+_TERM_NAMES = {"clip": "L_clip", "region": "L_region", "ground": "L_ground"}
 
 
 def filter_warning(dropped_share: float, threshold: float) -> str | None:

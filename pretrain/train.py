@@ -445,6 +445,8 @@ def train_one_epoch(run: Run, epoch: int, loader_resume: Any) -> bool:
         run.log.step(run.step, epoch, lr, losses, batch["keys"] if run.log.keys_log else [])
         if run.step % cfg.log_every == 0 or run.step == run.total:
             run.log.report(model, run.step, epoch, run.total, run.warmup, lr)
+            if (starved := run.loss_fn.starved_warning()) and run.d.main:
+                print(starved, file=sys.stderr, flush=True)
         if run.step % cfg.save_every == 0:
             save(run, epoch)
             run.last_saved = run.step

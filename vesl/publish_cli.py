@@ -27,16 +27,22 @@ def publish_cmd(
     name: str = typer.Option(..., "--name", help="Display name of the dataset (the card's title)."),
     license_id: str = typer.Option(..., "--license", help="SPDX license id, e.g. CC-BY-4.0, Apache-2.0."),
     description: Optional[str] = typer.Option(None, "--description", help="A paragraph for the card."),
+    allow_any_image_uri: bool = typer.Option(
+        False, "--allow-any-image-uri", help="Read image_uri values outside the dataset and its inputs (URLs too)."
+    ),
 ) -> None:
     """Validate, then write a dataset card (README.md), stats, plots, a gallery and checksums into DIR."""
     from vesl.pipeline.publish import publish
     from vesl.schemas.dataset import InvalidDataset
 
     try:
-        res = publish(dataset_dir, name=name, license_id=license_id, description=description)
+        res = publish(dataset_dir, name=name, license_id=license_id, description=description,
+                      allow_any_image_uri=allow_any_image_uri)
     except InvalidDataset as exc:
         _print_violations(exc)
         raise
+    if res.note:
+        typer.echo(res.note, err=True)
     typer.echo(f"dataset card: {res.card}")
     typer.echo(f"checksums: {res.checksums}")
 
@@ -84,6 +90,8 @@ def export_cmd(
         raise
     skipped = ", ".join(f"{k}: {v}" for k, v in sorted(res.skipped.items())) or "none"
     typer.echo(f"{fmt}: {res.images} images, {res.regions} regions -> {res.out} (skipped: {skipped})")
+    if res.note:
+        typer.echo(res.note, err=True)
 
 
 def register(app: typer.Typer) -> None:
