@@ -1,83 +1,105 @@
-"""`vesl train`, `vesl eval`, `vesl export-model`. Heavy imports stay inside the command bodies."""
+"""`vesl train`, `vesl eval`, `vesl export-model`. Heavy imports stay inside the command bodies.
+
+`vesl train`'s options are made from ``TrainConfig``'s fields (type, range, description), so a new training
+option needs one edit, on the config, and its flag and help follow.
+"""
 
 from __future__ import annotations
 
+import inspect
+import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from types import UnionType
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import typer
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 
 from vesl.errors import UserError
 
+# The train command's options are TrainConfig's fields, so each is declared once (name, type, range and help
+# live on the field). Only these differ from the rule "field foo_bar -> --foo-bar, a bool -> --foo-bar/--no-foo-bar":
+OPTION_NAMES = {"lam": "--lambda", "clip_only": "--clip-only/--cloc"}
+CLI_ONLY = {  # flags that are not TrainConfig fields
+    "config": typer.Option(None, "--config", "-c", help="YAML file with any of the options below (flags override it)"),
+    "nproc_per_node": typer.Option(1, "--nproc-per-node", min=1, max=1024,
+                                   help="launch this many processes with torchrun"),
+}
 
-def _train(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with any of the options below"),
-    data: Optional[list[str]] = typer.Option(None, "--data", help="region-text shards (dir, glob, file, fsspec URL)"),
-    out: Optional[str] = typer.Option(None, "--out", help="run directory [runs/vesl]"),
-    model: Optional[str] = typer.Option(None, "--model", help="open_clip model name or vesl-tiny-vit [vesl-tiny-vit]"),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag or weights file"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="[1]"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="cap on optimizer steps"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per process per step [32]"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="loader workers per process [2]"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate [5e-4]"),
-    warmup: Optional[int] = typer.Option(None, "--warmup", help="warmup steps [100]"),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="[0.2]"),
-    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="max grad norm [1.0]"),
-    regions_per_image: Optional[int] = typer.Option(None, "--regions-per-image", help="M [4]"),
-    lam: Optional[float] = typer.Option(None, "--lambda", help="the paper's shared factor of L_region and L_ground [1.0]"),
-    region_weight: Optional[float] = typer.Option(None, "--region-weight", help="weight of L_region inside --lambda [1.0]"),
-    ground_weight: Optional[float] = typer.Option(None, "--ground-weight", help="weight of L_ground inside --lambda [1]"),
-    ground_head: Optional[str] = typer.Option(
-        None, "--ground-head", help="locate (soft-argmax over the text prompt's Prompter attention) | patch (a box per patch, "
-        "picked by the text) | mlp (paper) [patch]"),
-    region_position_words: Optional[float] = typer.Option(
-        None, "--region-position-words", help="share of region texts given their box's position words [0]"),
-    ground_cell_weight: Optional[float] = typer.Option(
-        None, "--ground-cell-weight", help="--ground-head locate: weight of the centre-cell cross-entropy [0: off]"),
-    ground_l1_weight: Optional[float] = typer.Option(None, "--ground-l1-weight", help="--ground-loss l1+giou: L1 weight [5]"),
-    ground_giou_weight: Optional[float] = typer.Option(
-        None, "--ground-giou-weight", help="--ground-loss l1+giou: GIoU weight [2]"),
-    text_sim_threshold: Optional[float] = typer.Option(None, "--text-sim-threshold", help="[0.9]"),
-    region_loss_drop: Optional[float] = typer.Option(
-        None, "--region-loss-drop", help="leave out this share of the hardest region pairs (noisy labels) [0]"),
-    ground_loss: Optional[str] = typer.Option(None, "--ground-loss", help="l1+giou (DETR) | l2 (paper) [l1+giou]"),
-    prompter_pool: Optional[str] = typer.Option(None, "--prompter-pool", help="prompt | mean [prompt]"),
-    box_bias: Optional[bool] = typer.Option(None, "--box-bias/--no-box-bias",
-                                            help="bias box-prompt attention to covered patches [on; off = paper-literal]"),
-    clip_only: Optional[bool] = typer.Option(None, "--clip-only/--cloc", help="CLIP baseline only [--cloc]"),
-    local_loss: Optional[bool] = typer.Option(None, "--local-loss/--no-local-loss"),
-    gather_with_grad: Optional[bool] = typer.Option(None, "--gather-with-grad/--no-gather-with-grad"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="auto | fp32 | bf16 [auto: bf16 on GPU]"),
-    grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing"),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="checkpoint every N steps [100]"),
-    resume: Optional[str] = typer.Option(None, "--resume", help="'latest' or a checkpoint folder"),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite",
-                                             help="train into a run directory that holds an earlier run, deleting it"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="[0]"),
-    log_every: Optional[int] = typer.Option(None, "--log-every", help="[10]"),
-    text_field: Optional[str] = typer.Option(None, "--text-field", help="caption | alt_text [caption]"),
-    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="launch this many processes with torchrun"),
-) -> None:
+
+def _cli_type(name: str, annotation: Any) -> tuple[Any, str]:
+    """The option type of a TrainConfig field, and its metavar (a Literal's choices, a JSON object)."""
+    args = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    args = tuple(a for a in args if a is not type(None))
+    if any(get_origin(a) is list for a in args):
+        return list[str], "<str, repeatable>"
+    if any(a is dict or get_origin(a) is dict for a in args):
+        return str, "<json object>"
+    if len(args) == 1 and get_origin(args[0]) is Literal:
+        return str, "<" + "|".join(str(c) for c in get_args(args[0])) + ">"
+    if len(args) == 1 and args[0] in (bool, int, float, str):
+        return args[0], f"<{args[0].__name__}>"
+    raise TypeError(f"TrainConfig.{name}: no command-line type for {annotation} (add one in vesl/cli/train.py)")
+
+
+def option_name(name: str, field: FieldInfo) -> str:
+    """The flag of a field, e.g. ``--batch-size`` or ``--box-bias/--no-box-bias``."""
+    if name in OPTION_NAMES:
+        return OPTION_NAMES[name]
+    flag = name.replace("_", "-")
+    return f"--{flag}/--no-{flag}" if _cli_type(name, field.annotation)[0] is bool else f"--{flag}"
+
+
+def _option(name: str, field: FieldInfo) -> tuple[Any, Any]:
+    """(type, typer.Option) of a field: its description as help, its default in brackets."""
+    kind, metavar = _cli_type(name, field.annotation)
+    text, default = field.description or "", field.get_default()
+    if kind is bool:
+        text += f" [{option_name(name, field).split('/')[0 if default else 1]}]"
+    elif default is not None and default is not PydanticUndefined:
+        text += f" [{default}]"
+    return Optional[kind], typer.Option(None, option_name(name, field), help=text,
+                                        metavar=None if kind is bool else metavar)
+
+
+def train_options() -> dict[str, tuple[Any, Any]]:
+    """Option name -> (type, typer.Option): every TrainConfig field, then the flags that are not fields."""
+    from vesl.pretrain.train import TrainConfig
+
+    out = {name: _option(name, field) for name, field in TrainConfig.model_fields.items()}
+    return {"config": (Optional[Path], CLI_ONLY["config"]), **out,
+            "nproc_per_node": (int, CLI_ONLY["nproc_per_node"])}
+
+
+def _overrides(options: dict[str, Any]) -> dict[str, Any]:
+    """Flag values -> TrainConfig overrides (None: not given, so the YAML file or the default holds)."""
+    from vesl.pretrain.train import TrainConfig
+
+    out = {}
+    for name, value in options.items():
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = value[0] if len(value) == 1 else value
+        elif _cli_type(name, TrainConfig.model_fields[name].annotation)[1] == "<json object>":
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{option_name(name, TrainConfig.model_fields[name])} must be a JSON object, e.g. "
+                                f"'{{\"anon\": true}}' ({exc})") from None
+        out[name] = value
+    return out
+
+
+def _train(config: Optional[Path] = None, nproc_per_node: int = 1, **options: Any) -> None:
     """Train a CLOC model (CLIP + region-text + grounding losses) on region-text shards."""
     import yaml
 
     from vesl.pretrain.train import load_config, train
 
-    overrides = {
-        "data": (data[0] if data and len(data) == 1 else data) or None, "out": out, "model": model,
-        "pretrained": pretrained, "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
-        "workers": workers, "lr": lr, "warmup": warmup, "weight_decay": weight_decay, "grad_clip": grad_clip,
-        "regions_per_image": regions_per_image, "lam": lam, "region_weight": region_weight,
-        "ground_weight": ground_weight, "ground_head": ground_head, "ground_l1_weight": ground_l1_weight,
-        "ground_cell_weight": ground_cell_weight,
-        "ground_giou_weight": ground_giou_weight, "overwrite": overwrite, "text_sim_threshold": text_sim_threshold,
-        "region_loss_drop": region_loss_drop, "region_position_words": region_position_words,
-        "ground_loss": ground_loss, "prompter_pool": prompter_pool, "box_bias": box_bias, "clip_only": clip_only, "local_loss": local_loss,
-        "gather_with_grad": gather_with_grad, "precision": precision, "grad_checkpointing": grad_checkpointing,
-        "save_every": save_every, "resume": resume, "seed": seed, "log_every": log_every, "text_field": text_field,
-    }
-    cfg = load_config(config, **overrides)
+    cfg = load_config(config, **_overrides(options))
     if nproc_per_node > 1:
         import subprocess
         import sys
@@ -91,6 +113,21 @@ def _train(
         raise typer.Exit(subprocess.call(cmd))
     run_dir = train(cfg)
     typer.echo(f"run directory: {run_dir}")
+
+
+def _train_command() -> Callable[..., None]:
+    """``_train`` with a signature typer reads as one option per TrainConfig field."""
+
+    def command(**kwargs: Any) -> None:
+        _train(**kwargs)
+
+    options = train_options()
+    command.__doc__ = _train.__doc__
+    command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind)
+         for n, (kind, opt) in options.items()])
+    command.__annotations__ = {n: kind for n, (kind, _) in options.items()}
+    return command
 
 
 def _eval(
@@ -141,6 +178,6 @@ def _export(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train")(_train)
+    app.command("train")(_train_command())
     app.command("eval")(_eval)
     app.command("export-model")(_export)
