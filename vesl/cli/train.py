@@ -1,7 +1,8 @@
 """`vesl train`, `vesl eval`, `vesl export-model`. Heavy imports stay inside the command bodies.
 
 `vesl train`'s options are made from ``TrainConfig``'s fields (type, range, description), so a new training
-option needs one edit, on the config, and its flag and help follow.
+option needs one edit, on the config, and its flag and help follow. Building them imports
+``vesl.pretrain.train`` (pydantic and yaml; torch loads only when training starts).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from vesl.errors import UserError
 # The train command's options are TrainConfig's fields, so each is declared once (name, type, range and help
 # live on the field). Only these differ from the rule "field foo_bar -> --foo-bar, a bool -> --foo-bar/--no-foo-bar":
 OPTION_NAMES = {"lam": "--lambda", "clip_only": "--clip-only/--cloc"}
+JSON = "<json object>"  # the metavar of a dict field, given as JSON on the command line
 CLI_ONLY = {  # flags that are not TrainConfig fields
     "config": typer.Option(None, "--config", "-c", help="YAML file with any of the options below (flags override it)"),
     "nproc_per_node": typer.Option(1, "--nproc-per-node", min=1, max=1024,
@@ -36,7 +38,7 @@ def _cli_type(name: str, annotation: Any) -> tuple[Any, str]:
     if any(get_origin(a) is list for a in args):
         return list[str], "<str, repeatable>"
     if any(a is dict or get_origin(a) is dict for a in args):
-        return str, "<json object>"
+        return str, JSON
     if len(args) == 1 and get_origin(args[0]) is Literal:
         return str, "<" + "|".join(str(c) for c in get_args(args[0])) + ">"
     if len(args) == 1 and args[0] in (bool, int, float, str):
@@ -83,7 +85,7 @@ def _overrides(options: dict[str, Any]) -> dict[str, Any]:
             continue
         if isinstance(value, list):
             value = value[0] if len(value) == 1 else value
-        elif _cli_type(name, TrainConfig.model_fields[name].annotation)[1] == "<json object>":
+        elif _cli_type(name, TrainConfig.model_fields[name].annotation)[1] == JSON:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as exc:
