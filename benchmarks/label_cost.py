@@ -37,8 +37,8 @@ GOALS = {"projection_error": 0.20}
 
 
 def _job(inputs: list[Path], out: Path, **overrides) -> tuple[float, dict]:
+    from vesl.cli.profiles import resolve_config
     from vesl.pipeline.engines import run
-    from vesl.profiles import resolve_config
 
     cfg = resolve_config("demo", None, {"inputs": [str(p) for p in inputs], "output": str(out), **overrides})
     t = time.perf_counter()

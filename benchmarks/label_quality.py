@@ -49,10 +49,10 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
+    from vesl.cli.profiles import profile
     from vesl.demo import ASSETS_DIR
     from vesl.demo.recipes.quality import evaluate, mentions
     from vesl.demo.synth import TEST_SEEDS, VALIDATION_SEEDS, make_scenes
-    from vesl.profiles import profile
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=200, help="scenes per world")

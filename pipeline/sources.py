@@ -8,8 +8,9 @@ installs that fsspec driver):
 - ``parquet``: an image-bytes column (also HF image datasets' ``{bytes, path}`` struct) or a path
   column, as img2dataset's parquet output and HF datasets lay them out;
 - ``folder``: images with sidecar ``.txt`` captions; one folder is one shard;
-- a registered URI scheme (:func:`register_source`): its own reader, e.g. the demo world's generated
-  scenes ``synth://N?seed=S&shard_size=K`` (``vesl.demo.source``).
+- a URI scheme with its own reader (a :class:`SourceScheme`): an installed package declares it as an entry
+  point in the ``vesl.sources`` group (``name = "package.module:attribute"`` reads inputs ``name://...``),
+  or code registers it with :func:`register_source`.
 
 Shard numbering: ``list_shards`` returns shards in a stable order (each input's expansion sorted,
 inputs in the order given, duplicates dropped) and a shard's index is its position in that list. The
@@ -127,25 +128,42 @@ class SourceScheme:
     count: Callable[[str], int | None] | None = None
 
 
-_SCHEMES: dict[str, str] = {}  # URI prefix ("synth://") -> "module:attribute" of its SourceScheme
+SOURCE_GROUP = "vesl.sources"  # entry points: ``name = "package.module:attribute"`` of a SourceScheme
+_REGISTERED: dict[str, str] = {}  # URI prefix ("name://") -> "module:attribute", from register_source
 
 
 def register_source(prefix: str, target: str) -> None:
     """Make inputs starting with ``prefix`` readable through the :class:`SourceScheme` at ``target``
-    ("module:attribute"). It is imported by name wherever a shard is read, so engine workers in other
-    processes find it without registering anything themselves."""
-    _SCHEMES[prefix] = target
+    ("module:attribute"), in this process. It is imported by name wherever a shard is read, so engine workers
+    in other processes find it without registering anything themselves."""
+    _REGISTERED[prefix] = target
+
+
+@functools.cache
+def _installed_schemes() -> dict[str, str]:
+    """The ``vesl.sources`` entry points of the installed packages, read once per process."""
+    from importlib.metadata import entry_points
+
+    return {f"{ep.name}://": f"{ep.module}:{ep.attr}" for ep in entry_points(group=SOURCE_GROUP)}
+
+
+def _schemes() -> dict[str, str]:
+    return {**_installed_schemes(), **_REGISTERED}
 
 
 def _load_scheme(target: str) -> SourceScheme:
     module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"input source {target} failed to load ({type(exc).__name__}: {exc}): check the package "
+                        "that declares it") from None
 
 
 def _scheme_of(ref: ShardRef) -> SourceScheme | None:
     if ref.reader:
         return _load_scheme(ref.reader)
-    for target in _SCHEMES.values():
+    for target in _schemes().values():
         scheme = _load_scheme(target)
         if scheme.kind == ref.kind:
             return scheme
@@ -153,14 +171,14 @@ def _scheme_of(ref: ShardRef) -> SourceScheme | None:
 
 
 def _schemes_hint() -> str:
-    return "".join(f" or {prefix}N" for prefix in sorted(_SCHEMES))
+    return "".join(f" or {prefix}N" for prefix in sorted(_schemes()))
 
 
 # ---------------------------------------------------------------- listing
 
 
 def list_shards(inputs: list[str], cfg: SourceConfig) -> list[ShardRef]:
-    """Expand inputs (files, directories, globs, registered URIs such as ``synth://``) into numbered shards.
+    """Expand inputs (files, directories, globs, URIs of a registered scheme) into numbered shards.
 
     A directory expands, recursively, to its tars if it holds any (img2dataset writes a
     metadata-only ``.parquet`` next to every tar; those are not shards), else to its parquet files,
@@ -218,7 +236,7 @@ def glob_root(path: str) -> str:
 
 def _expand(raw: str, cfg: SourceConfig) -> list[tuple[str, str, str, str]]:
     """(uri, kind, root, reader) of every shard ``raw`` names; links that lead out of the root are skipped."""
-    for prefix, target in _SCHEMES.items():
+    for prefix, target in _schemes().items():
         if raw.startswith(prefix):
             scheme = _load_scheme(target)
             return [(u, scheme.kind, "", target) for u in scheme.expand(raw)]

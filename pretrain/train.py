@@ -39,43 +39,55 @@ from vesl.pretrain.checkpoint import (
 )
 from vesl.pretrain.distributed import Dist
 
+MAX_STEPS = 10**9  # upper bound of every step count: far above any run, far below an index overflow
+MAX_FACTOR = 1e6  # upper bound of every weight, rate and norm: far above any sensible value, and finite
+
 
 class TrainConfig(BaseModel):
-    """Every `vesl train` option; a YAML file with the same keys can set any of them."""
+    """Every `vesl train` option (the command's flags and help are made from these fields); a YAML file with the
+    same keys can set any of them. Every number has a range and must be finite, so a mistake is one line here,
+    not a traceback in a loader worker."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     data: str | list[str] = Field(description="region-text shards: directory, glob, file or fsspec URL")
     out: str = Field("runs/vesl", description="run directory (checkpoints, logs, TensorBoard)")
     model: str = Field("vesl-tiny-vit", description="open_clip model name or a vesl tiny config")
     pretrained: str | None = Field(None, description="open_clip pretrained tag or weights file to start from")
-    prompter_pool: Literal["prompt", "mean"] = "prompt"
-    patch_pos: bool = True
+    prompter_pool: Literal["prompt", "mean"] = Field("prompt", description="prompt: the Prompter's output at the "
+                                                     "prompt token (cheap); mean: all outputs mean-pooled (paper)")
+    patch_pos: bool = Field(True, description="add each patch's own cell as a box encoding to its Prompter token")
     box_bias: bool = Field(True, description="bias box-prompt attention toward the patches the box covers (not in the paper)")
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="cap on total optimizer steps (schedule follows it)")
-    batch_size: int = Field(32, ge=1, description="images per process and step")
-    workers: int = Field(2, ge=0, description="loader worker processes per rank")
-    lr: float = Field(5e-4, gt=0)
-    warmup: int = Field(100, ge=0, description="linear warmup steps")
-    weight_decay: float = 0.2
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    grad_clip: float | None = Field(1.0, description="max global grad norm (null: off)")
-    regions_per_image: int = Field(4, ge=1)
-    lam: float = Field(1.0, ge=0, description="the paper's shared factor lambda of the region and grounding terms")
-    region_weight: float = Field(1.0, ge=0, description="weight of L_region inside lambda (1 in the paper)")
-    ground_weight: float = Field(1.0, ge=0, description="weight of L_ground inside lambda (1, as in the paper)")
-    text_sim_threshold: float = Field(0.9, description="region negatives with text cosine above this are removed")
+    epochs: int = Field(1, ge=1, le=MAX_STEPS, description="passes over the data")
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="cap on total optimizer steps (schedule "
+                                  "follows it)")
+    batch_size: int = Field(32, ge=1, le=65536, description="images per process and step")
+    workers: int = Field(2, ge=0, le=256, description="loader worker processes per rank")
+    lr: float = Field(5e-4, gt=0, le=MAX_FACTOR, description="peak learning rate (AdamW, cosine schedule)")
+    warmup: int = Field(100, ge=0, le=MAX_STEPS, description="linear warmup steps")
+    weight_decay: float = Field(0.2, ge=0, le=MAX_FACTOR, description="AdamW weight decay (not on norms, biases, "
+                                "logit scale)")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    beta2: float = Field(0.98, ge=0, lt=1, description="AdamW beta2")
+    eps: float = Field(1e-6, gt=0, le=1, description="AdamW epsilon")
+    grad_clip: float | None = Field(1.0, ge=0, le=MAX_FACTOR, description="max global grad norm (0 or null: off)")
+    regions_per_image: int = Field(4, ge=1, le=1024, description="M, regions sampled per image")
+    lam: float = Field(1.0, ge=0, le=MAX_FACTOR, description="the paper's shared factor lambda of the region and "
+                       "grounding terms")
+    region_weight: float = Field(1.0, ge=0, le=MAX_FACTOR, description="weight of L_region inside lambda (1 in the "
+                                 "paper)")
+    ground_weight: float = Field(1.0, ge=0, le=MAX_FACTOR, description="weight of L_ground inside lambda (1, as in "
+                                 "the paper)")
+    text_sim_threshold: float = Field(0.9, ge=-1, le=1, description="region negatives with text cosine above this "
+                                      "are removed")
     region_loss_drop: float = Field(0.0, ge=0.0, lt=1.0, description="share of region pairs with the highest loss "
                                     "left out of L_region, for noisy pseudo-labels (0: paper-literal)")
     ground_loss: Literal["l2", "l1+giou"] = Field("l1+giou", description="l1+giou: DETR's box loss (chosen on "
                                                   "validation worlds of the demo, see the README); l2: the paper's")
-    ground_cell_weight: float = Field(0.0, ge=0, description="--ground-head locate: weight of the cross-entropy that "
+    ground_cell_weight: float = Field(0.0, ge=0, le=MAX_FACTOR, description="--ground-head locate: weight of the cross-entropy that "
                                       "points the text prompt's attention at the cell holding the box centre (0: off)")
-    ground_l1_weight: float = Field(5.0, ge=0, description="--ground-loss l1+giou: weight of L1 (DETR's 5)")
-    ground_giou_weight: float = Field(2.0, ge=0, description="--ground-loss l1+giou: weight of 1 - GIoU (DETR's 2)")
+    ground_l1_weight: float = Field(5.0, ge=0, le=MAX_FACTOR, description="--ground-loss l1+giou: weight of L1 (DETR's 5)")
+    ground_giou_weight: float = Field(2.0, ge=0, le=MAX_FACTOR, description="--ground-loss l1+giou: weight of 1 - GIoU (DETR's 2)")
     ground_head: Literal["locate", "mlp", "patch"] = Field(
         "patch", description="locate: soft-argmax over the text prompt's Prompter attention plus offset and size; "
         "patch: a box from every patch token, picked by the text (OWL-ViT style); mlp: the paper's MLP")
@@ -83,23 +95,25 @@ class TrainConfig(BaseModel):
                                          "box's position on a 3x3 grid appended ('... at the top left'), so box "
                                          "geometry meets position words (0: the phrases as labeled)")
     clip_only: bool = Field(False, description="train the CLIP baseline only (same data and steps)")
-    local_loss: bool = False
-    gather_with_grad: bool = False
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    grad_checkpointing: bool = False
-    save_every: int = Field(100, ge=1, description="checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = Field(2, ge=1)
+    local_loss: bool = Field(False, description="each process scores its own features against the gathered batch "
+                             "(open_clip)")
+    gather_with_grad: bool = Field(False, description="gradients flow through the all-gather (open_clip)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    grad_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less memory)")
+    save_every: int = Field(100, ge=1, le=MAX_STEPS, description="checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = Field(2, ge=1, le=MAX_STEPS, description="newest checkpoints kept")
     resume: str | None = Field(None, description="'latest' or a checkpoint directory")
     overwrite: bool = Field(False, description="train into a run directory that holds an earlier run, deleting its "
                             "config, logs, TensorBoard events and checkpoints")
-    seed: int = 0
-    log_every: int = Field(10, ge=1)
-    tensorboard: bool = True
-    text_field: Literal["caption", "alt_text"] = "caption"
-    stop_after: int | None = Field(None, ge=1, description="stop (as if killed) after this global step")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the initialisation and the data order")
+    log_every: int = Field(10, ge=1, le=MAX_STEPS, description="log a line every N steps")
+    tensorboard: bool = Field(True, description="write TensorBoard events under RUN/tb")
+    text_field: Literal["caption", "alt_text"] = Field("caption", description="the image text trained on")
+    stop_after: int | None = Field(None, ge=1, le=MAX_STEPS, description="stop (as if killed) after this global step")
     record_keys: bool = Field(False, description="write each step's sample keys to keys-rank*.jsonl")
-    device: str = "auto"
-    storage_options: dict[str, Any] | None = None
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: each process on its local rank's GPU "
+                                                   "when there is one, else the CPU")
+    storage_options: dict[str, Any] | None = Field(None, description="fsspec options for remote --data")
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> TrainConfig:

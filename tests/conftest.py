@@ -7,8 +7,6 @@ import tempfile
 
 import pytest
 
-import vesl.demo  # noqa: F401  (registers synth://, the demo world's input scheme, which many tests label)
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")

@@ -123,8 +123,8 @@ def test_user_mistakes_get_one_line_errors(tmp_path, args, expect):
 
 
 def test_config_precedence_cli_over_file_over_profile(tmp_path):
+    from vesl.cli.profiles import resolve_config
     from vesl.demo import ASSETS_DIR
-    from vesl.profiles import resolve_config
 
     (tmp_path / "job.yaml").write_text("detector:\n  threshold: 0.3\nphrases:\n  max_phrases: 7\nworkers: 3\n")
     cfg = resolve_config("paper", tmp_path / "job.yaml", {"detector": {"spec": "none"}, "workers": 1})

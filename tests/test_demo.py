@@ -58,7 +58,7 @@ def test_results_table_goal():
 
 
 def test_demo_labels_sample_end_to_end(tmp_path, capsys):
-    from vesl.profiles import resolve_config
+    from vesl.cli.profiles import resolve_config
     from vesl.schemas.manifest import check_dataset
 
     lines: list[str] = []

@@ -39,9 +39,9 @@ def test_shipped_models_are_small_and_carry_their_recipe():
 
 
 def test_shipped_models_load_through_hf_and_owlv2_specs():
+    from vesl.cli.profiles import profile
     from vesl.labelers.captioners import make_captioner
     from vesl.labelers.detectors import make_detector
-    from vesl.profiles import profile
     from vesl.schemas.config import CaptionerConfig, DetectorConfig
 
     demo = profile("demo")
@@ -58,9 +58,9 @@ def test_shipped_models_load_through_hf_and_owlv2_specs():
 def test_demo_models_meet_the_goal_check_on_test_scenes():
     import torch
 
+    from vesl.cli.profiles import profile
     from vesl.demo.recipes.quality import evaluate
     from vesl.demo.synth import TEST_SEEDS, make_scenes
-    from vesl.profiles import profile
 
     torch.set_num_threads(2)
     scenes = list(make_scenes(GOAL_SCENES, seed=TEST_SEEDS[0]))

@@ -1,14 +1,16 @@
-"""Which way imports go (DESIGN.md, "Which way imports go"), checked on the source with ``ast``.
+"""Which way imports go, checked on the source with ``ast``. The layers, top to bottom:
 
-Every import counts, including those inside functions (lazy imports still tie modules together):
-
-- ``schemas/`` (the data contract) imports no other vesl folder;
-- ``labelers/`` import no ``pipeline``; ``pretrain/`` imports only ``schemas``;
-- ``pipeline/`` reaches ``labelers`` only through ``wiring.py``; ``pipeline/engines/`` hold no model code;
-- nothing in the product (``pipeline``, ``labelers``, ``schemas``, ``pretrain``) imports the demo world
-  (``vesl.demo``) or the command line (``vesl.cli`` and the other ``vesl/*.py`` modules);
+- ``vesl/demo/`` (the synthetic world, its recipes, runner and commands) may use everything below it;
+- ``vesl/cli/`` (the command line: ``vesl.cli`` and its command groups, the labeling profiles) uses the product,
+  never the demo;
+- the product: ``pipeline/`` (reaches ``labelers`` only through ``wiring.py``; ``pipeline/engines/`` hold no
+  model code), ``pretrain/`` (only ``schemas``; a library without command-line code), ``labelers/`` (no
+  ``pipeline``), ``schemas/`` (the data contract: no other vesl folder). No product module imports the command
+  line or the demo;
 - no two modules import each other, directly or through others.
 
+Every import counts, including those inside functions (lazy imports still tie modules together). The demo plugs
+in through entry points (``pyproject.toml``), so no module outside ``vesl/demo/`` names it, not even as a string.
 The leaves every folder may use: ``vesl.errors``, ``vesl.redact`` and the package root ``vesl`` (its
 ``__version__``); they import nothing from vesl themselves.
 """
@@ -25,6 +27,7 @@ FOLDERS = {"schemas": "vesl.schemas", "labelers": "vesl.labelers", "pipeline": "
            "pretrain": "vesl.pretrain", "vesl": "vesl"}  # fmt: skip
 PRODUCT = ("vesl.schemas", "vesl.labelers", "vesl.pipeline", "vesl.pretrain")
 LEAVES = {"vesl", "vesl.errors", "vesl.redact"}
+CLI, DEMO = "vesl.cli", "vesl.demo"
 MODEL_LIBRARIES = ("torch", "torchvision", "transformers", "open_clip", "vllm", "spacy")
 
 
@@ -114,8 +117,18 @@ def product_rule(m: str, i: str) -> bool:
     return any(_in(m, p) for p in PRODUCT) and upward
 
 
+def cli_rule(m: str, i: str) -> bool:
+    return _in(m, CLI) and _in(i, DEMO)
+
+
+def library_rule(m: str, i: str) -> bool:
+    """The trainer is a library (as open_clip beside open_clip_train): no command-line framework in it."""
+    return _in(m, "vesl.pretrain") and i.split(".")[0] in ("typer", "click")
+
+
 RULES = {"schemas": schemas_rule, "labelers": labelers_rule, "pretrain": pretrain_rule,
-         "pipeline": pipeline_rule, "engines": engines_rule, "product": product_rule}  # fmt: skip
+         "pipeline": pipeline_rule, "engines": engines_rule, "product": product_rule, "cli": cli_rule,
+         "library": library_rule}  # fmt: skip
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
@@ -125,6 +138,35 @@ def test_imports_go_one_way(rule):
 
 def test_leaves_import_no_vesl_module():
     assert {m: GRAPH[m] for m in LEAVES if GRAPH[m]} == {}
+
+
+def test_every_module_sits_in_a_layer():
+    """A new module at the package root is neither the command line nor a leaf: it goes into a folder."""
+    layers = (*PRODUCT, CLI, DEMO)
+    assert [m for m in MODULES if not any(_in(m, p) for p in layers) and m not in LEAVES] == []
+
+
+def names_the_demo(source: str) -> list[str]:
+    """Imports of the demo, and strings that name it as a module or a registration target ("vesl.demo...",
+    "demo")."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if _in(a.name, DEMO)]
+        elif isinstance(node, ast.ImportFrom) and _in(node.module or "", DEMO):
+            found.append(node.module)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            value = node.value.strip()
+            if value == "demo" or DEMO in value:
+                found.append(repr(node.value))
+    return found
+
+
+def test_no_module_outside_the_demo_names_it():
+    """The demo plugs in through entry points, as a user's package would: the product works with it deleted."""
+    named = {m: found for m, path in MODULES.items() if not _in(m, DEMO)
+             if (found := names_the_demo(path.read_text())) or DEMO in path.read_text()}  # fmt: skip
+    assert named == {}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -179,8 +221,16 @@ def test_the_checks_catch_violations():
     assert engines_rule("vesl.pipeline.engines.ray_engine", "vesl.labelers.prompts")
     assert engines_rule("vesl.pipeline.engines.local", "torch")
     assert product_rule("vesl.pipeline.sources", "vesl.demo.synth")
-    assert product_rule("vesl.labelers.captioners", "vesl.label_cli")
+    assert product_rule("vesl.labelers.captioners", "vesl.cli.label")
     assert not product_rule("vesl.demo.runner", "vesl.pipeline.engines")
+    assert cli_rule("vesl.cli.profiles", "vesl.demo")
+    assert not cli_rule("vesl.demo.runner", "vesl.cli.label")
+    assert library_rule("vesl.pretrain.train", "typer")
+    assert names_the_demo("import importlib\nimportlib.import_module('vesl.demo.cli')\n") == ["'vesl.demo.cli'"]
+    assert names_the_demo("register_source('synth://', 'vesl.demo.source:SYNTH')") == ["'vesl.demo.source:SYNTH'"]
+    assert names_the_demo("def f():\n    from vesl.demo import demo_profile\n") == ["vesl.demo"]
+    assert names_the_demo("if name == 'demo':\n    pass\n") == ["'demo'"]
+    assert names_the_demo("raise UserError('use --profile demo')") == []  # a hint to the user names no target
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 

@@ -1,13 +1,15 @@
 """The demo world: shows the product, is not part of it (the product works with this folder deleted).
 
 - ``synth``: the synthetic scene world (images of coloured shapes, web-like alt-text, ground truth);
-- ``source``: ``synth://`` as a labeling input, registered into ``vesl.pipeline.sources`` on import;
+- ``source``: ``synth://`` as a labeling input;
 - ``recipes/``: the recipes that train the tiny demo models, and their quality checks;
 - ``assets/``: those models (captioner, detector), with their recipe records;
 - ``ground_truth``: oracle labels of the synthetic world as a stage (``vesl demo --full --labels gt``);
 - ``runner``: ``vesl demo`` and ``vesl demo --full``; ``cli``: the ``demo`` and ``synth`` commands.
 
-Nothing in ``pipeline/``, ``labelers/``, ``schemas/`` or ``pretrain/`` imports this package.
+It plugs into vesl the way a user's package would, through the entry points declared in ``pyproject.toml``:
+``synth://`` (group ``vesl.sources``), the ``demo`` profile (``vesl.profiles``) and the ``synth`` and ``demo``
+commands (``vesl.commands``). Nothing outside this folder names it.
 """
 
 from __future__ import annotations
@@ -15,12 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vesl.pipeline.sources import register_source
-
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"  # the one place the demo models are looked up
-
-register_source("synth://", "vesl.demo.source:SYNTH")
-
 
 def demo_profile() -> dict[str, Any]:
     """The ``demo`` labeling profile: the bundled offline models when shipped, else alt-text captions only.

@@ -1,4 +1,4 @@
-"""`vesl demo` and `vesl synth`: the demo world's commands (registered by ``vesl.cli`` when the demo is installed)."""
+"""`vesl demo` and `vesl synth`: the demo world's commands (the ``vesl.commands`` entry point ``demo``)."""
 
 from __future__ import annotations
 

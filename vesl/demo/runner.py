@@ -66,8 +66,8 @@ def label(
     input_dir: Path, output_dir: Path, profile: str = "demo", progress: bool = True, **overrides: Any
 ) -> dict:
     """Label ``input_dir`` into ``output_dir`` through the same code path as ``vesl label --profile``."""
+    from vesl.cli.profiles import resolve_config
     from vesl.pipeline.engines import run
-    from vesl.profiles import resolve_config
 
     cfg = resolve_config(
         profile,
@@ -79,7 +79,7 @@ def label(
 
 def demo_models_note(profile: str) -> str | None:
     """A warning when ``--profile demo`` runs without the shipped tiny models (alt-text captions only)."""
-    from vesl.profiles import resolve_config
+    from vesl.cli.profiles import resolve_config
 
     cfg = resolve_config(profile)
     if profile == "demo" and (cfg.captioner.spec == "alt_text" or cfg.detector.spec == "none"):
@@ -92,7 +92,7 @@ def demo_models_note(profile: str) -> str | None:
 
 def print_inspect(dataset_dir: Path) -> dict[str, Any]:
     """Print the ``vesl inspect`` summary of a labeled dataset; returns it as a dict."""
-    from vesl.label_cli import print_report
+    from vesl.cli.label import print_report
     from vesl.schemas.statistics import inspect_dataset
 
     report = inspect_dataset(dataset_dir)

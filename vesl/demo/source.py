@@ -1,5 +1,5 @@
-"""``synth://N?seed=S&shard_size=K``: the synthetic world as a labeling input, through the product's
-source registry (``vesl.pipeline.sources.register_source``; ``vesl.demo`` registers it on import)."""
+"""``synth://N?seed=S&shard_size=K``: the synthetic world as a labeling input, declared to the product as the
+``synth`` entry point of the ``vesl.sources`` group (``pyproject.toml``)."""
 
 from __future__ import annotations
 

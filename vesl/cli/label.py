@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from vesl.cli.profiles import profile_names, resolve_config
 from vesl.errors import UserError
 
 
@@ -54,7 +55,7 @@ def label(
     ] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Redo shards that are already committed")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML file of LabelConfig fields (flags override it)")] = None,
-    profile: Annotated[str, typer.Option(help="default | paper | grit | demo")] = "default",
+    profile: Annotated[str, typer.Option(help=" | ".join(profile_names()))] = "default",
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling stages [0]")] = None,
     trust_remote_code: Annotated[
         Optional[bool], typer.Option("--trust-remote-code", help="Allow model repos to run their own code (off by default)")
@@ -68,7 +69,6 @@ def label(
     Arguments after a bare `--` are passed to Beam as pipeline options, e.g. `-- --num_workers=4`.
     """
     from vesl.pipeline.engines import run
-    from vesl.profiles import resolve_config
 
     for flag, value, top in (("--limit", limit, 2**62), ("--workers", workers, 4096)):
         if value is not None and not 1 <= value <= top:

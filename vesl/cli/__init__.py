@@ -1,14 +1,12 @@
 """The one `vesl` command line (typer).
 
-Each area registers its own commands (``register(app)``) so this file stays a thin index; command
-modules import heavy libraries (torch, transformers) inside the command bodies, keeping `vesl --help`
-fast.
+One module per command group (``label``, ``publish``, ``train``), each with ``register(app)``, so this file
+stays a thin index; installed packages add commands through the ``vesl.commands`` entry-point group. Command
+modules import heavy libraries (torch, transformers) inside the command bodies, keeping `vesl --help` fast.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import sys
 
 import typer
@@ -52,19 +50,25 @@ def set_verbosity(verbose: bool) -> None:
         os.environ["VESL_VERBOSE"] = "1"
         os.environ["TRANSFORMERS_VERBOSITY"] = "info"
 
-COMMAND_MODULES = (
-    "vesl.label_cli",  # label, inspect, validate
-    "vesl.publish_cli",  # publish, show, export
-    "vesl.pretrain.cli",  # train, eval, export-model
-)
-DEMO_COMMANDS = "vesl.demo.cli"  # synth, demo: the demo world, which an install may leave out
+
+PLUGIN_GROUP = "vesl.commands"  # entry points: ``name = "package.module:register"``, called with the app
 
 
 def _register_all() -> None:
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(app)
-    if importlib.util.find_spec("vesl.demo") is not None:
-        importlib.import_module(DEMO_COMMANDS).register(app)
+    """The product's commands, then every installed plugin's: a package plugs in with an entry point, so this
+    module names none of them."""
+    from importlib.metadata import entry_points
+
+    from vesl.cli import label, publish, train
+
+    for module in (label, publish, train):
+        module.register(app)
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        try:
+            ep.load()(app)
+        except Exception as exc:  # a broken plugin must not take the product's commands down with it
+            print(f"warning: vesl plugin {ep.name!r} ({ep.value}) failed to load, its commands are missing: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 _register_all()

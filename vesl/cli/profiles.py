@@ -1,6 +1,7 @@
 """Named labeling profiles and config resolution.
 
-A profile is a partial config (plain data). The final ``LabelConfig`` is built with the precedence
+A profile is a partial config (plain data): the built-in ones below, or an installed package's, declared
+in the ``vesl.profiles`` entry-point group. The final ``LabelConfig`` is built with the precedence
 CLI flags > ``--config`` YAML file > ``--profile`` > built-in defaults.
 """
 
@@ -8,10 +9,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vesl.errors import UserError
-from vesl.pipeline.config import LabelConfig
+
+if TYPE_CHECKING:  # imported where a config is built, so that listing the profiles for `--help` stays light
+    from vesl.pipeline.config import LabelConfig
 
 PAPER = {
     # CLOC's VESL setting: VeCap-style recaption, NP chunking, OWLv2 CLIP L/14 (ST+FT) with score > 0.1.
@@ -21,7 +24,7 @@ PAPER = {
 }
 
 DEFAULT = {
-    # Production default: a real VLM recaptioner and OWLv2 from the hub (offline: use --profile demo).
+    # Production default: a real VLM recaptioner and OWLv2 from the hub (offline: a local model path, or an installed plugin's profile).
     "captioner": {"spec": "hf:Qwen/Qwen2.5-VL-3B-Instruct"},
     "phrases": {"mode": "paper"},
     "detector": {"spec": "owlv2:google/owlv2-base-patch16-ensemble", "threshold": 0.1},
@@ -40,29 +43,37 @@ GRIT = {
 }
 
 
-def _demo() -> dict[str, Any]:
-    """The demo world's profile (its bundled offline models); the demo world is optional."""
-    try:
-        from vesl.demo import demo_profile
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("vesl.demo", "vesl"):
-            raise
-        raise UserError("--profile demo needs the demo world (vesl/demo/), which this install lacks") from None
-    return demo_profile()
+PROFILE_GROUP = "vesl.profiles"  # entry points: ``name = "package.module:attr"``, a dict or a function returning one
+BUILT_IN = {"default": DEFAULT, "paper": PAPER, "grit": GRIT}
+
+
+def _plugins() -> dict[str, Any]:
+    """Installed packages' profiles by name; a built-in name cannot be taken over."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=PROFILE_GROUP) if ep.name not in BUILT_IN}
 
 
 def profile_names() -> list[str]:
-    return ["default", "demo", "grit", "paper"]
+    return sorted([*BUILT_IN, *_plugins()])
 
 
 def profile(name: str) -> dict[str, Any]:
     """The partial config of profile ``name`` (a fresh copy)."""
-    table = {"default": DEFAULT, "paper": PAPER, "grit": GRIT}
-    if name == "demo":
-        return _demo()
-    if name not in table:
+    if name in BUILT_IN:
+        return copy.deepcopy(BUILT_IN[name])
+    ep = _plugins().get(name)
+    if ep is None:
         raise UserError(f"unknown profile {name!r}: use one of {', '.join(profile_names())}")
-    return copy.deepcopy(table[name])
+    try:
+        found = ep.load()
+        data = found() if callable(found) else copy.deepcopy(found)
+    except Exception as exc:
+        raise UserError(f"profile {name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"profile {name!r} ({ep.value}) must give a mapping of LabelConfig fields, "
+                        f"got {type(data).__name__}")
+    return data
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -99,6 +110,8 @@ def resolve_config(
 
     Unknown keys anywhere raise pydantic's ValidationError (the CLI prints it as one line).
     """
+    from vesl.pipeline.config import LabelConfig
+
     merged = profile(profile_name or "default")
     if yaml_path is not None:
         merged = deep_merge(merged, load_yaml(yaml_path))
