@@ -115,7 +115,7 @@ def check_call(args: list[str]) -> list[str]:
             if tok not in commands_of(text):
                 return [*problems, f"`{where}` has no command {tok!r}"]
             path.append(tok)
-    if not path:
+    if not path and not any(a in ("--help", "-h", "--version") for a in args):
         problems.append(f"no command in `vesl {' '.join(args)}`")
     return problems
 
