@@ -25,6 +25,7 @@ from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.confine import JOB_FILE, check_not_input, check_output_dir, input_roots
 from vesl.pipeline.writer import write_shard
 from vesl.redact import redact
+from vesl.schemas.config import row_settings
 from vesl.schemas.dataset import read_stats
 from vesl.schemas.region_text import SCHEMA_VERSION
 
@@ -216,17 +217,16 @@ def check_same_settings(cfg: LabelConfig, stats: dict[str, Any]) -> None:
         raise _differs(cfg, diffs)
 
 
-_COMPARED_PATHS = ("captioner.spec", "detector.spec")
-
-
 def _private_settings(cfg: LabelConfig) -> dict[str, Any]:
-    return {"captioner.spec": redact(cfg.captioner.spec), "detector.spec": redact(cfg.detector.spec),
-            "input_roots": input_roots(cfg.inputs)}
+    """What the hidden job file keeps: every text setting as the user wrote it (local paths included,
+    credentials redacted) under its dotted name, and the input roots."""
+    text = {k: redact(v) for k, v in _flat(row_settings(cfg)).items() if isinstance(v, str) and k != "captioner.prompt_template"}
+    return {**text, "input_roots": input_roots(cfg.inputs)}
 
 
 def check_same_paths(cfg: LabelConfig) -> None:
-    """Model specs as the user wrote them (local paths included) must match the last job's: the
-    public provenance keeps only a model directory's name."""
+    """Text settings as the user wrote them (model paths included) must match the last job's: the
+    public provenance keeps only a local path's name. Only the settings the job file holds are compared."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(str(cfg.output))
@@ -238,8 +238,8 @@ def check_same_paths(cfg: LabelConfig) -> None:
     if not isinstance(stored, dict) or not committed_any(cfg.output):
         return
     current = _private_settings(cfg)
-    diffs = settings_difference({k: stored.get(k) for k in _COMPARED_PATHS if k in stored},
-                                {k: current[k] for k in _COMPARED_PATHS if k in stored})
+    compared = [k for k in stored if k != "input_roots"]
+    diffs = settings_difference({k: stored[k] for k in compared}, {k: current.get(k) for k in compared})
     if diffs:
         raise _differs(cfg, diffs)
 
@@ -276,6 +276,14 @@ def _is_local_path(value: str) -> bool:
     return os.path.isabs(value) or value.startswith(("./", "../", "~")) or os.path.exists(value)
 
 
+def _public_text(value: str) -> str:
+    """A text setting as published: no credentials, and a local path by its name only."""
+    value = redact(value)
+    if "://" not in value and _is_local_path(value):
+        return posixpath.basename(value.rstrip("/")) or value
+    return value
+
+
 def _public_value(value: Any) -> Any:
     if isinstance(value, str) and "://" not in value and os.path.isabs(value):
         return posixpath.basename(value.rstrip("/")) or value
@@ -301,38 +309,27 @@ def job_provenance(cfg: LabelConfig, stages: list[Stage]) -> dict[str, Any]:
 
 
 def job_settings(cfg: LabelConfig) -> dict[str, Any]:
-    """The settings part of the provenance: what a resume must match."""
-    c, p, d = cfg.captioner, cfg.phrases, cfg.detector
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "seed": cfg.seed,
-        "stage_threads": cfg.stage_threads,
-        "decode": cfg.decode.model_dump(exclude={"batch_size"}),
-        "captioner": {
-            "spec": public_spec(c.spec),
-            "prompt_template_sha256": _short_hash(c.prompt_template),
-            "max_new_tokens": c.max_new_tokens,
-            "revision": c.revision,
-            "dtype": c.dtype,
-        },
-        "phrases": {
-            "mode": p.mode,
-            "max_phrases": p.max_phrases,
-            "expand_referring": p.expand_referring,
-            "spacy_model": p.spacy_model,
-        },
-        "detector": {
-            "spec": public_spec(d.spec),
-            "threshold": d.threshold,
-            "text_threshold": d.text_threshold,
-            "nms": d.nms,
-            "nms_iou": d.nms_iou,
-            "min_box_size": d.min_box_size,
-            "max_regions": d.max_regions,
-            "revision": d.revision,
-            "dtype": d.dtype,
-        },
-    }
+    """The settings part of the provenance, what a resume must match: every row-changing field of the
+    config (``row_settings``: all but those marked ``NOT_IN_ROWS``), in its published form."""
+    return {"schema_version": SCHEMA_VERSION, **_published(row_settings(cfg))}
+
+
+def _published(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as the data shows them: model specs by ``public_spec``, the prompt by its hash, and any
+    other text without credentials and a local path by its name."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out[key] = _published(value)
+        elif key == "spec":
+            out[key] = public_spec(value)
+        elif key == "prompt_template":
+            out["prompt_template_sha256"] = _short_hash(value)
+        elif isinstance(value, list):
+            out[key] = [_public_text(v) if isinstance(v, str) else v for v in value]
+        else:
+            out[key] = _public_text(value) if isinstance(value, str) else value
+    return out
 
 
 def apply_stage_numerics(cfg: LabelConfig) -> None:
