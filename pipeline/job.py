@@ -1,4 +1,13 @@
-"""Job planning shared by every engine: which shards to (re)do, the ``--limit`` cut, provenance.
+"""The one job API every engine calls, and what it rests on: planning, resume checks, provenance, commit.
+
+Every engine (local, Beam, Ray) walks a job the same way, in one direction::
+
+    plan(cfg, engine) -> Job                        which shards to (re)do; the output readied
+      per worker: setup_stage(cfg, stage)          each stage set up once, its provenance recorded
+      per shard:  read -> run_stage (each batch through each stage) -> stopped? -> commit
+    finish(job, results, workers) -> summary        the manifest, then the run summary
+
+No engine reaches the writer itself: ``commit`` writes a shard, ``finish`` the manifest.
 
 ``--limit N`` keeps the first N samples of the input in shard order (shards sorted as
 ``list_shards`` returns them, samples in their order inside each shard). Shards after the cut are
@@ -340,15 +349,7 @@ def _published(settings: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# ---------------------------------------------------------------- the job API every engine calls
-#
-#   plan(cfg, engine) -> Job                                   the driver, once
-#   setup_stage(cfg, stage) -> its provenance                  each worker, once per stage
-#   per shard:  read(cfg, task, batch_size) -> batches
-#               run_stage(stage, batch, first)                 each batch through each stage
-#               stopped(name, batch) -> failed result | None   an infrastructure failure stops the job
-#               commit(cfg, task, samples, provenance, timings) -> result
-#   finish(job, results, workers) -> summary                   the driver, once: manifest and summary
+# ---------------------------------------------------------------- the job API every engine calls (see the top)
 #
 # A result is ``{"shard", "ok": True, "stats"}`` or ``{"shard", "ok": False, "error"}``, with ``"stop": True``
 # when the shard hit an infrastructure failure: the engine then starts no more shards.
@@ -445,33 +446,21 @@ def run_stage(stage: Stage, batch: list[Sample], first: bool) -> float:
     return time.perf_counter() - t
 
 
-def check_committable(samples: list[Sample]) -> None:
-    """Raise ``InfrastructureError`` if any sample failed because of the infrastructure."""
-    from vesl.errors import InfrastructureError
-    from vesl.schemas.stage import infrastructure_failure
-
-    broken = infrastructure_failure(samples)
-    if broken is not None:
-        n = sum(1 for s in samples if s.error is not None and s.error.infrastructure)
-        raise InfrastructureError(
-            f"{n} sample(s) hit an infrastructure failure in stage {broken.stage} ({broken.error_type}: "
-            f"{broken.message[:300]}); not committed: fix the service or device, then rerun to retry"
-        )
-
-
 def stopped(name: str, samples: list[Sample]) -> dict[str, Any] | None:
     """The failed result of shard ``name`` if ``samples`` hit an infrastructure failure, else None.
 
     Engines check every batch: the service or device is down, so the job stops rather than fail every
     remaining shard the same way (a rerun retries them all).
     """
-    from vesl.errors import InfrastructureError
+    from vesl.schemas.stage import infrastructure_failure
 
-    try:
-        check_committable(samples)
-    except InfrastructureError as exc:
-        return {"shard": name, "ok": False, "error": str(exc), "stop": True}
-    return None
+    broken = infrastructure_failure(samples)
+    if broken is None:
+        return None
+    n = sum(1 for s in samples if s.error is not None and s.error.infrastructure)
+    error = (f"{n} sample(s) hit an infrastructure failure in stage {broken.stage} ({broken.error_type}: "
+             f"{broken.message[:300]}); not committed: fix the service or device, then rerun to retry")
+    return {"shard": name, "ok": False, "error": error, "stop": True}
 
 
 def commit(
