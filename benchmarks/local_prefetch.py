@@ -64,7 +64,7 @@ def stages(cfg):
 
 def serial(cfg, st) -> float:
     from vesl.pipeline.apply import apply_stage
-    from vesl.pipeline.job import commit_shard, job_provenance, plan_shards, read_task
+    from vesl.pipeline.job import commit, job_provenance, plan_shards, read_task
 
     prov = job_provenance(cfg, st)
     t = time.perf_counter()
@@ -78,7 +78,7 @@ def serial(cfg, st) -> float:
                 apply_stage(stage, ok[i : i + bs])
         for s in samples:
             s.image = None
-        commit_shard(cfg, task, samples, prov)
+        commit(cfg, task, samples, prov)
     return time.perf_counter() - t
 
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from vesl.schemas.config import CaptionerConfig, DetectorConfig, PhrasesConfig, StrictConfig
+from vesl.schemas.config import NOT_IN_ROWS, CaptionerConfig, DetectorConfig, PhrasesConfig, StrictConfig
 
 
 class SourceConfig(StrictConfig):
@@ -26,7 +26,8 @@ class SourceConfig(StrictConfig):
     max_file_bytes: int = Field(256 * 2**20, ge=1)
     # Re-grounding a labeled dataset stored without image bytes: its original inputs, named by the user. A
     # row's image is read again from its ``source_shard`` only when that shard is one of these inputs'.
-    image_sources: list[str] = Field(default_factory=list)
+    # Where the images are, as INPUT says where the samples are: paths, never settings.
+    image_sources: list[str] = Field(default_factory=list, json_schema_extra=NOT_IN_ROWS)
 
 
 class DecodeConfig(StrictConfig):
@@ -34,25 +35,31 @@ class DecodeConfig(StrictConfig):
     max_caption_chars: int = Field(10_000, ge=1)
     keep_image_bytes: bool = True  # store the source image bytes in the output rows
     allow_empty_alt_text: bool = False  # empty alt-text is an error row unless a VLM recaptions anyway
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, json_schema_extra=NOT_IN_ROWS)
 
 
 class LabelConfig(StrictConfig):
-    inputs: list[str] = Field(default_factory=list)
-    output: str = ""
-    engine: Literal["local", "beam", "ray"] = "local"
-    workers: int = Field(1, ge=1, le=4096)
-    limit: int | None = Field(None, ge=1, le=2**62)
-    overwrite: bool = False
+    """Every field is a setting a resume must match (``row_settings``) unless marked ``NOT_IN_ROWS``."""
+
+    # which shards, where to, on which engine: never what a shard's rows hold (inputs and model paths are
+    # matched through the output's private job file instead; ``limit`` through each shard's ``sample_limit``)
+    inputs: list[str] = Field(default_factory=list, json_schema_extra=NOT_IN_ROWS)
+    output: str = Field("", json_schema_extra=NOT_IN_ROWS)
+    engine: Literal["local", "beam", "ray"] = Field("local", json_schema_extra=NOT_IN_ROWS)
+    workers: int = Field(1, ge=1, le=4096, json_schema_extra=NOT_IN_ROWS)
+    limit: int | None = Field(None, ge=1, le=2**62, json_schema_extra=NOT_IN_ROWS)
+    overwrite: bool = Field(False, json_schema_extra=NOT_IN_ROWS)
     seed: int = Field(0, ge=0, le=2**32 - 1)
     # The numerical set-up of every stage worker, on every engine: torch's intra-op thread count. CPU
     # matmuls and convolutions split their float sums by thread, so scores can differ in the last bits
     # between thread counts; shards are byte-identical across engines and machines for equal values.
     stage_threads: int = Field(1, ge=1, le=1024)
     trust_remote_code: bool = False  # applies to every model stage; off unless the user asks
-    beam_runner: str = "DirectRunner"
-    beam_options: list[str] = Field(default_factory=list)  # extra Beam pipeline options, passed through
-    ray_address: str | None = None  # None: ray.init() locally; "auto" or "ray://host:port" for a cluster
+    beam_runner: str = Field("DirectRunner", json_schema_extra=NOT_IN_ROWS)
+    # extra Beam pipeline options, passed through
+    beam_options: list[str] = Field(default_factory=list, json_schema_extra=NOT_IN_ROWS)
+    # None: ray.init() locally; "auto" or "ray://host:port" for a cluster
+    ray_address: str | None = Field(None, json_schema_extra=NOT_IN_ROWS)
     source: SourceConfig = Field(default_factory=SourceConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     captioner: CaptionerConfig = Field(default_factory=CaptionerConfig)

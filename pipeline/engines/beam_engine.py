@@ -26,9 +26,9 @@ Pipeline::
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
-import uuid
 from typing import Any
 
 import apache_beam as beam
@@ -37,7 +37,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils import shared
 
-from vesl.errors import UserError
+from vesl.errors import InfrastructureError, UserError
 from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.engines.distributed import (
     ShardEnd,
@@ -48,12 +48,24 @@ from vesl.pipeline.engines.distributed import (
     write_items,
 )
 from vesl.pipeline.engines.runtime_logs import quiet_runtime_logs
-from vesl.pipeline.job import job_summary, read_batch_size, start_job
+from vesl.pipeline.job import Job, finish, plan, read_batch_size, stopped
 from vesl.pipeline.wiring import build_stages
 
 log = logging.getLogger(__name__)
 LOCAL_RUNNERS = {"directrunner", "direct", "fnapirunner"}
 METRICS_NAMESPACE = "vesl"
+
+
+class _Stop(InfrastructureError):
+    """Raised by a stage DoFn whose batch hit an infrastructure failure: it fails the pipeline, so the job
+    stops within that batch (Beam workers cannot hand a result back to the driver). Carries the failed
+    shard's name and message; Beam re-raises it with the step's name added to the first argument."""
+
+    def __init__(self, message: str, shard: str = "", error: str = "") -> None:
+        super().__init__(message, shard, error)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class _ReadShard(beam.DoFn):
@@ -89,7 +101,11 @@ class _StageDoFn(beam.DoFn):
 
     def process(self, element):
         assert self.runner is not None
-        self.runner([element[1]])
+        name, item = element
+        self.runner([item])
+        failed = stopped(name, item) if isinstance(item, list) else None
+        if failed is not None:
+            raise _Stop(f"shard {name}: {failed['error']}", name, failed["error"])
         yield element
 
 
@@ -161,32 +177,56 @@ def build_pipeline(
 
 def run_beam(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, progress: bool = True) -> dict[str, Any]:
     """Label every planned shard of ``cfg`` with Beam, then write the manifest; returns a summary."""
-    from vesl.pipeline.writer import write_manifest
-
-    t0 = time.perf_counter()
-    todo, skipped = start_job(cfg)
-    run_id = uuid.uuid4().hex
+    job = plan(cfg, "beam")
     if quiet_runtime_logs("apache_beam") > logging.INFO:
         # vesl reports a failing stage setup itself, in one line; Beam would log its traceback first
         logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
+    failed = _run_pipeline(job, stages_factory, progress) if job.todo else []
+    return finish(job, committed_results(cfg, job.todo, job.run_id) + failed, 1)
+
+
+def _run_pipeline(job: Job, stages_factory: StagesFactory, progress: bool) -> list[dict[str, Any]]:
+    """Run the pipeline; returns the shard that stopped it with an infrastructure failure (or nothing)."""
+    cfg = job.cfg
     options = PipelineOptions(list(cfg.beam_options))
-    if todo:
-        try:
-            p = beam.Pipeline(runner=_runner(cfg.beam_runner, options), options=options)
-        except ValueError as exc:  # unknown runner name
-            raise UserError(f"Beam cannot use runner {cfg.beam_runner!r} ({exc}): try DirectRunner, FlinkRunner, SparkRunner or DataflowRunner") from None
-        build_pipeline(p, cfg, todo, stages_factory, run_id)
-        if progress:
-            print(f"vesl beam: {len(todo)} shards on {cfg.beam_runner} ({len(skipped)} already committed)", file=sys.stderr)
+    try:
+        p = beam.Pipeline(runner=_runner(cfg.beam_runner, options), options=options)
+    except ValueError as exc:  # unknown runner name
+        raise UserError(f"Beam cannot use runner {cfg.beam_runner!r} ({exc}): try DirectRunner, FlinkRunner, SparkRunner or DataflowRunner") from None
+    build_pipeline(p, cfg, job.todo, stages_factory, job.run_id)
+    if progress:
+        print(f"vesl beam: {len(job.todo)} shards on {cfg.beam_runner} ({len(job.skipped)} already committed)", file=sys.stderr)
+    try:
         result = p.run()
         state = result.wait_until_finish()
-        if progress:
-            _print_metrics(result, t0)
-        if str(state) not in ("DONE", "PipelineState.DONE"):
-            log.warning("vesl beam: pipeline ended in state %s", state)
-    manifest = write_manifest(cfg.output)
-    results = committed_results(cfg, todo, run_id)
-    return job_summary("beam", cfg, todo, skipped, results, time.perf_counter() - t0, 1, manifest)
+    except Exception as exc:
+        stop = _stop_of(exc)
+        if stop is None:
+            raise
+        shard, error = stop
+        return [{"shard": shard, "ok": False, "error": error, "stop": True}]
+    if progress:
+        _print_metrics(result, job.started)
+    if str(state) not in ("DONE", "PipelineState.DONE"):
+        log.warning("vesl beam: pipeline ended in state %s", state)
+    return []
+
+
+_STOP_TEXT = re.compile(r"shard (\S+): (\d+ sample\(s\) hit an infrastructure failure .*?rerun to retry)")
+
+
+def _stop_of(exc: BaseException) -> tuple[str, str] | None:
+    """(shard, message) of the ``_Stop`` that failed the pipeline, wherever the runner wrapped it; from
+    its text when a runner in other processes passed it on as another exception."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            break
+        if isinstance(seen, _Stop):
+            return str(seen.args[1]), str(seen.args[2])
+        seen = seen.__cause__ or seen.__context__
+    found = _STOP_TEXT.search(str(exc))
+    return (found.group(1), found.group(2)) if found else None
 
 
 def _print_metrics(result: Any, t0: float) -> None:

@@ -21,7 +21,6 @@ per-stage seconds like the local engine's; only ``timings`` differ between engin
 
 from __future__ import annotations
 
-import itertools
 import pickle
 import threading
 import time
@@ -29,17 +28,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from vesl.errors import InfrastructureError
-from vesl.pipeline.apply import apply_stage, apply_stage_chunked, teardown_stages
+from vesl.pipeline.apply import teardown_stages
 from vesl.pipeline.config import LabelConfig
-from vesl.pipeline.job import (
-    ShardTask,
-    apply_stage_numerics,
-    check_committable,
-    commit_shard,
-    job_provenance,
-    read_task,
-)
+from vesl.pipeline.job import ShardTask, commit, job_provenance, read, read_failed, run_stage, setup_stage
 from vesl.schemas.dataset import read_stats
 from vesl.schemas.stage import Sample, Stage
 
@@ -64,13 +55,12 @@ Item = list[Sample] | ShardEnd
 def read_items(task: ShardTask, cfg: LabelConfig, batch_size: int) -> Iterator[Item]:
     """The shard's samples (at most ``task.limit``) in read batches, then its :class:`ShardEnd`."""
     started, count, error = time.time(), 0, None
-    samples = read_task(task, cfg)
     try:
-        while batch := list(itertools.islice(samples, batch_size)):
+        for batch in read(cfg, task, batch_size):
             count += len(batch)
             yield batch
     except Exception as exc:  # unreadable shard: reported, left uncommitted, retried on rerun
-        error = f"cannot read {task.ref.uri}: {type(exc).__name__}: {exc}"
+        error = read_failed(task, exc)["error"]
     yield ShardEnd(task, count, error, started)
 
 
@@ -113,10 +103,7 @@ class StageRunner:
 
     def setup(self) -> StageRunner:
         stage = self.factory(self.cfg)[self.position]
-        stage.setup()
-        apply_stage_numerics(self.cfg)
-        fn = getattr(stage, "provenance", None)
-        self.provenance = {str(k): v for k, v in (fn() if callable(fn) else {}).items()}
+        self.provenance = setup_stage(self.cfg, stage)
         self.stage = stage
         return self
 
@@ -139,12 +126,7 @@ class StageRunner:
 
     def _run(self, batch: list[Sample]) -> None:
         stage = self.stage
-        t = time.perf_counter()
-        if self.position == 0:
-            apply_stage(stage, batch)
-        else:
-            apply_stage_chunked(stage, batch)
-        share = (time.perf_counter() - t) / len(batch)
+        share = run_stage(stage, batch, first=self.position == 0) / len(batch)
         for s in batch:
             secs = s.meta.setdefault(SECONDS_KEY, {})
             secs[stage.name] = secs.get(stage.name, 0.0) + share
@@ -152,19 +134,8 @@ class StageRunner:
                 s.image = None  # decoded pixels never travel to the writer
 
 
-@dataclass(frozen=True)
-class _RecordedStage:
-    """Stands in for a stage in ``job_provenance``: the provenance its worker recorded."""
-
-    name: str
-    recorded: dict[str, Any]
-
-    def provenance(self) -> dict[str, Any]:
-        return self.recorded
-
-
 def write_items(cfg: LabelConfig, name: str, items: Iterable[Item], engine: str, run_id: str = "") -> dict[str, Any]:
-    """Commit one shard from all of its items (any order); returns ``{"shard", "ok", "stats"|"error"}``."""
+    """Commit one shard from all of its items (any order); returns its result (see ``vesl.pipeline.job``)."""
     samples: list[Sample] = []
     ends: list[ShardEnd] = []
     for x in items:
@@ -179,11 +150,7 @@ def write_items(cfg: LabelConfig, name: str, items: Iterable[Item], engine: str,
         return {"shard": name, "ok": False, "error": end.error}
     if len(samples) != end.count:
         return {"shard": name, "ok": False, "error": f"read {end.count} samples but {len(samples)} reached the writer"}
-    try:
-        check_committable(samples)
-    except InfrastructureError as exc:
-        return {"shard": name, "ok": False, "error": str(exc)}
-    provenance = job_provenance(cfg, [_RecordedStage(k, v) for k, v in end.provenance.items()])
+    provenance = job_provenance(cfg, end.provenance)
     seconds: dict[str, float] = {}
     for s in samples:
         for k, v in s.meta.pop(SECONDS_KEY, {}).items():
@@ -192,10 +159,7 @@ def write_items(cfg: LabelConfig, name: str, items: Iterable[Item], engine: str,
     timings["wall_s"] = round(time.time() - end.started, 4)
     timings["engine"] = engine
     timings["run_id"] = run_id
-    stats = commit_shard(cfg, end.task, samples, provenance, timings)
-    return {"shard": name, "ok": True, "stats": stats}
-
-
+    return commit(cfg, end.task, samples, provenance, timings)
 
 
 def committed_results(cfg: LabelConfig, todo: list[ShardTask], run_id: str) -> list[dict[str, Any]]:

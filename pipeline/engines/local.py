@@ -11,7 +11,6 @@ input cannot be read is reported and left uncommitted, so a rerun retries it.
 
 from __future__ import annotations
 
-import itertools
 import multiprocessing as mp
 import os
 import queue
@@ -23,22 +22,24 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from vesl.errors import InfrastructureError, UserError
-from vesl.pipeline.apply import apply_stage, apply_stage_chunked, teardown_stages
+from vesl.errors import UserError
+from vesl.pipeline.apply import teardown_stages
 from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.job import (
     ShardTask,
-    apply_stage_numerics,
-    check_committable,
-    commit_shard,
+    commit,
+    finish,
     job_provenance,
-    job_summary,
+    plan,
+    read,
     read_batch_size,
-    read_task,
-    start_job,
+    read_failed,
+    run_stage,
+    setup_stage,
+    stopped,
 )
 from vesl.pipeline.wiring import build_stages
-from vesl.schemas.stage import Sample, Stage, infrastructure_failure
+from vesl.schemas.stage import Sample, Stage
 
 PREFETCH_BATCHES = 4  # decoded batches waiting for the models, per process
 DECODE_THREADS = 2
@@ -60,9 +61,7 @@ class _ShardState:
 
 
 def _timed_apply(stage: Stage, batch: list[Sample]) -> tuple[list[Sample], float]:
-    t = time.perf_counter()
-    apply_stage(stage, batch)
-    return batch, time.perf_counter() - t
+    return batch, run_stage(stage, batch, first=True)
 
 
 def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
@@ -89,12 +88,11 @@ def _reader(
             if stop.is_set():
                 return
             try:
-                samples = read_task(task, cfg)
-                while batch := list(itertools.islice(samples, batch_size)):
+                for batch in read(cfg, task, batch_size):
                     if not _put(q, ("batch", task, pool.submit(_timed_apply, first, batch)), stop):
                         return
             except Exception as exc:  # unreadable shard: reported, left uncommitted, retried on rerun
-                if not _put(q, ("fail", task, f"{type(exc).__name__}: {exc}"), stop):
+                if not _put(q, ("fail", task, read_failed(task, exc)), stop):
                     return
                 continue
             if not _put(q, ("end", task, None), stop):
@@ -113,8 +111,8 @@ def process_tasks(
     report: Report | None = None,
     extra_timings: dict[str, Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Label and commit each shard of ``tasks`` with already set-up ``stages``; yields one result
-    per shard: ``{"shard", "ok", "stats"}`` or ``{"shard", "ok": False, "error"}``.
+    """Label and commit each shard of ``tasks`` with already set-up ``stages``; yields one result per
+    shard (see ``vesl.pipeline.job``), and stops after the first shard hit by an infrastructure failure.
 
     Also a Ray worker's loop when all stages share one actor pool (``extra_timings``: its engine and run id).
     """
@@ -129,26 +127,21 @@ def process_tasks(
     )
     reader.start()
     states: dict[str, _ShardState] = {}
-    pending: list[tuple[str, Future]] = []
+    pending: list[Future] = []
 
     def finished(block: bool) -> Iterator[dict[str, Any]]:
-        while pending and (block or pending[0][1].done()):
-            name, fut = pending.pop(0)
-            try:
-                yield {"shard": name, "ok": True, "stats": fut.result()}
-            except InfrastructureError as exc:
-                yield {"shard": name, "ok": False, "error": str(exc)}
-            except Exception as exc:  # e.g. the output filesystem failed: shard stays uncommitted
-                yield {"shard": name, "ok": False, "error": f"write failed: {type(exc).__name__}: {exc}"}
+        while pending and (block or pending[0].done()):
+            yield pending.pop(0).result()
 
     def write(st: _ShardState) -> dict[str, Any]:
         t = time.perf_counter()
         timings = {k: round(v, 4) for k, v in sorted(st.seconds.items())}
         timings["wall_s"] = round(t - st.started, 4)
         timings.update(extra_timings or {})
-        stats = commit_shard(cfg, st.task, st.samples, provenance, timings)
-        stats["timings"]["write_s"] = round(time.perf_counter() - t, 4)  # in the returned copy only
-        return stats
+        result = commit(cfg, st.task, st.samples, provenance, timings)
+        if result["ok"]:
+            result["stats"]["timings"]["write_s"] = round(time.perf_counter() - t, 4)  # in the returned copy only
+        return result
 
     try:
         while True:
@@ -162,33 +155,27 @@ def process_tasks(
                 batch, dt = payload.result()
                 st.add_time(first.name, dt)
                 for stage in rest:
-                    t = time.perf_counter()
-                    apply_stage_chunked(stage, batch)
-                    st.add_time(stage.name, time.perf_counter() - t)
+                    st.add_time(stage.name, run_stage(stage, batch, first=False))
                 for s in batch:
                     s.image = None  # never kept past the last stage
                 st.samples.extend(batch)
                 if report is not None:
                     ok = [s for s in batch if s.ok]
                     report(len(batch), sum(len(s.regions) for s in ok), len(batch) - len(ok))
-                if infrastructure_failure(batch) is not None:
-                    # the service or device is down: this shard fails, and the job stops here rather
-                    # than fail every remaining shard the same way (rerun to retry them all)
+                failed = stopped(task.name, batch)
+                if failed is not None:  # the service or device is down: this shard fails and the job stops
                     del states[task.name]
-                    try:
-                        check_committable(batch)
-                    except InfrastructureError as exc:
-                        yield {"shard": task.name, "ok": False, "error": str(exc)}
+                    yield failed
                     yield from finished(block=True)
                     return
             elif kind == "end":
                 del states[task.name]
                 while len(pending) >= MAX_PENDING_WRITES:
                     yield from finished(block=True)
-                pending.append((task.name, write_pool.submit(write, st)))
+                pending.append(write_pool.submit(write, st))
             elif kind == "fail":
                 del states[task.name]
-                yield {"shard": task.name, "ok": False, "error": f"cannot read {task.ref.uri}: {payload}"}
+                yield payload
             yield from finished(block=False)
         yield from finished(block=True)
     finally:
@@ -203,10 +190,7 @@ def setup_stages(cfg: LabelConfig, stages_factory: StagesFactory) -> tuple[list[
     stages = stages_factory(cfg)
     if not stages:
         raise UserError("the stage list is empty")
-    for s in stages:
-        s.setup()
-    apply_stage_numerics(cfg)
-    return stages, job_provenance(cfg, stages)
+    return stages, job_provenance(cfg, {s.name: setup_stage(cfg, s) for s in stages})
 
 
 class _Progress:
@@ -321,6 +305,11 @@ def _run_workers(
         elif kind == "shard":
             results.append(payload)
             prog.shard_done()
+            if payload.get("stop"):  # an infrastructure failure: the other workers start no more shards
+                for p in procs:
+                    if p.is_alive():
+                        p.terminate()  # a shard in its commit is left uncommitted (the commit is atomic)
+                    exited.add(p.pid)
         elif kind == "exit":
             exited.add(pid)
         elif kind == "fatal":
@@ -364,10 +353,8 @@ def _run_workers(
 
 def run_local(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, progress: bool = True) -> dict[str, Any]:
     """Label every planned shard of ``cfg`` on this machine, then write the manifest; returns a summary."""
-    from vesl.pipeline.writer import write_manifest
-
-    t0 = time.perf_counter()
-    todo, skipped = start_job(cfg)
+    job = plan(cfg, "local")
+    todo = job.todo
     prog = _Progress(progress, todo, cfg.source)
     n = min(cfg.workers, len(todo))
     try:
@@ -385,5 +372,4 @@ def run_local(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, pr
             results = _run_workers(cfg, stages_factory, todo, n, prog)
     finally:
         prog.close()
-    manifest = write_manifest(cfg.output)
-    return job_summary("local", cfg, todo, skipped, results, time.perf_counter() - t0, max(n, 1), manifest)
+    return finish(job, results, max(n, 1))

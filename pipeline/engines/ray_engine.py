@@ -42,7 +42,6 @@ import logging
 import math
 import sys
 import time
-import uuid
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -65,7 +64,7 @@ from vesl.pipeline.engines.distributed import (
 from vesl.pipeline.engines.local import process_tasks, setup_stages
 from vesl.pipeline.engines.ray_llm import offers_llm_processor, place_llm_processor
 from vesl.pipeline.engines.runtime_logs import quiet_runtime_logs
-from vesl.pipeline.job import job_summary, read_batch_size, start_job
+from vesl.pipeline.job import Job, finish, plan, read_batch_size, stopped
 from vesl.pipeline.wiring import build_stages
 from vesl.schemas.dataset import read_stats
 
@@ -131,11 +130,18 @@ class _ShardCollector:
         self.pending: list[tuple[str, Future]] = []
         self.results: list[dict[str, Any]] = []
         self.images = self.errors = 0
+        self.stopped = False  # a shard hit an infrastructure failure: the job starts no more shards
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="vesl-ray-write")
 
     def add(self, name: str, item: Any) -> None:
         if name in self.closed:
             return  # a sample of a shard whose read failed: the shard is redone on rerun
+        failed = stopped(name, item) if isinstance(item, list) else None
+        if failed is not None:  # the job stops at the first batch hit by an infrastructure failure
+            self.closed.add(name)
+            self.open.pop(name, None)
+            self.record(failed)
+            return
         self.open.setdefault(name, []).append(item)
         if isinstance(item, ShardEnd):
             self.ends[name] = item
@@ -167,6 +173,7 @@ class _ShardCollector:
     def record(self, result: dict[str, Any]) -> None:
         """A shard's outcome (committed here, or by a shard actor)."""
         self.results.append(result)
+        self.stopped = self.stopped or bool(result.get("stop"))
         if result["ok"]:
             self.images += result["stats"]["input_count"]
             self.errors += result["stats"]["errors"]
@@ -183,8 +190,9 @@ class _ShardCollector:
     def close(self) -> list[dict[str, Any]]:
         self._collect(block=True)
         self.pool.shutdown(wait=True)
-        for name, items in self.open.items():  # never completed: should not happen; reported, not written
-            self.results.append({"shard": name, "ok": False, "error": f"only {len(items)} items arrived; rerun to resume"})
+        if not self.stopped:  # (a stopped job leaves its open shards to the summary: not finished)
+            for name, items in self.open.items():  # never completed: should not happen; reported, not written
+                self.results.append({"shard": name, "ok": False, "error": f"only {len(items)} items arrived; rerun to resume"})
         return self.results
 
 
@@ -224,16 +232,9 @@ def _run_shard_actors(cfg: LabelConfig, tasks: list, factory: StagesFactory, run
                 if getattr(exc, "_actor_init_failed", False):
                     raise
                 del running[call]
-                rest = []
-                for t in group:
-                    if t.name in reported:
-                        continue
-                    stats = read_stats(cfg.output, t.name)
-                    if stats is not None and stats.get("timings", {}).get("run_id") == run_id:
-                        collector.record({"shard": t.name, "ok": True, "stats": stats})  # committed, not yet reported
-                    else:
-                        rest.append(t)
-                        tries[t.name] = tries.get(t.name, 1) + 1
+                rest = _record_committed(cfg, [t for t in group if t.name not in reported], run_id, collector)
+                for t in rest:
+                    tries[t.name] = tries.get(t.name, 1) + 1
                 again = [t for t in rest if tries[t.name] <= MAX_SHARD_ATTEMPTS]
                 for t in rest:
                     if tries[t.name] > MAX_SHARD_ATTEMPTS:
@@ -248,6 +249,12 @@ def _run_shard_actors(cfg: LabelConfig, tasks: list, factory: StagesFactory, run
                 continue
             reported.add(result["shard"])
             collector.record(result)
+            if collector.stopped:  # an infrastructure failure: no more shards; those in flight are dropped
+                for actor, group, done in running.values():
+                    _record_committed(cfg, [t for t in group if t.name not in done], run_id, collector)
+                    ray.kill(actor)
+                running.clear()
+                todo.clear()
         try:  # the stages' teardown, then the processes go; every shard is already committed or reported
             ray.get([a.close.remote() for a in idle], timeout=120)
         except RayError as exc:  # a timeout or an actor lost after its last shard
@@ -255,6 +262,18 @@ def _run_shard_actors(cfg: LabelConfig, tasks: list, factory: StagesFactory, run
     finally:
         for actor in idle + [a for a, _, _ in running.values()]:
             ray.kill(actor)
+
+
+def _record_committed(cfg: LabelConfig, tasks: list, run_id: str, collector: _ShardCollector) -> list:
+    """Record the shards of ``tasks`` that this run committed but a lost call never reported; returns the others."""
+    rest = []
+    for t in tasks:
+        stats = read_stats(cfg.output, t.name)
+        if stats is not None and stats.get("timings", {}).get("run_id") == run_id:
+            collector.record({"shard": t.name, "ok": True, "stats": stats})
+        else:
+            rest.append(t)
+    return rest
 
 
 def _init_ray(cfg: LabelConfig) -> bool:
@@ -371,42 +390,43 @@ def build_dataset(cfg: LabelConfig, tasks: list, factory: StagesFactory, stages:
 
 def run_ray(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, progress: bool = True) -> dict[str, Any]:
     """Label every planned shard of ``cfg`` with Ray, then write the manifest; returns a summary."""
-    from vesl.pipeline.writer import write_manifest
+    job = plan(cfg, "ray")
+    results = _run_job(job, stages_factory, progress) if job.todo else []
+    return finish(job, results, max(1, cfg.workers))
 
-    t0 = time.perf_counter()
-    todo, skipped = start_job(cfg)
-    run_id = uuid.uuid4().hex
-    results: list[dict[str, Any]] = []
-    started = False
-    if todo:
-        import ray
 
-        started = _init_ray(cfg)
-        ctx = ray.data.DataContext.get_current()
-        saved = ctx.enable_progress_bars
-        ctx.enable_progress_bars = progress
-        collector = _ShardCollector(cfg, run_id, len(todo), t0, progress)
-        try:
-            stages = stages_factory(cfg)  # built, not set up: only names and resources are read here
-            pools = _stage_pools(stages, cfg.workers)
-            groups = _pool_groups(stages, pools)
-            if _fits_one_pool(stages, groups):
-                _run_shard_actors(cfg, todo, stages_factory, run_id, pools[0], collector)
-            else:
-                ds = build_dataset(cfg, todo, stages_factory, stages, pools, groups)
-                for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-                    for name, data in zip(batch["shard"], batch["item"], strict=True):
-                        collector.add(str(name), loads(data))
-        except Exception as exc:
-            cause = _cause(exc)
-            if isinstance(cause, UserError):
-                raise UserError(str(cause)) from None
-            raise
-        finally:
-            results = collector.close()  # shards already complete still commit when the job fails
-            ctx.enable_progress_bars = saved
-            if started:
-                ray.shutdown()
-    manifest = write_manifest(cfg.output)
-    workers = max(1, cfg.workers)
-    return job_summary("ray", cfg, todo, skipped, results, time.perf_counter() - t0, workers, manifest)
+def _run_job(job: Job, stages_factory: StagesFactory, progress: bool) -> list[dict[str, Any]]:
+    """Every shard's result; shards already complete still commit when the job fails."""
+    import ray
+
+    cfg = job.cfg
+    started = _init_ray(cfg)
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars
+    ctx.enable_progress_bars = progress
+    collector = _ShardCollector(cfg, job.run_id, len(job.todo), job.started, progress)
+    try:
+        stages = stages_factory(cfg)  # built, not set up: only names and resources are read here
+        pools = _stage_pools(stages, cfg.workers)
+        groups = _pool_groups(stages, pools)
+        if _fits_one_pool(stages, groups):
+            _run_shard_actors(cfg, job.todo, stages_factory, job.run_id, pools[0], collector)
+        else:
+            ds = build_dataset(cfg, job.todo, stages_factory, stages, pools, groups)
+            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                for name, data in zip(batch["shard"], batch["item"], strict=True):
+                    collector.add(str(name), loads(data))
+                if collector.stopped:
+                    break
+    except Exception as exc:
+        cause = _cause(exc)
+        if isinstance(cause, UserError):
+            raise UserError(str(cause)) from None
+        raise
+    finally:
+        results = collector.close()
+        ctx.enable_progress_bars = saved
+        if started:
+            ray.shutdown()
+    return results
+
