@@ -491,8 +491,11 @@ def commit(
 def finish(job: Job, results: list[dict[str, Any]], workers: int) -> dict[str, Any]:
     """Write the manifest of everything committed so far; returns the run summary (`vesl label` prints it)."""
     from vesl.pipeline.writer import write_manifest
+    from vesl.schemas.dataset import repeated_keys
 
-    return job_summary(job, results, workers, write_manifest(job.cfg.output))
+    summary = job_summary(job, results, workers, write_manifest(job.cfg.output))
+    summary["repeated_keys"] = repeated_keys(job.cfg.output)  # keys are the inputs': two inputs may share them
+    return summary
 
 
 def job_summary(job: Job, results: list[dict[str, Any]], workers: int, manifest: Any) -> dict[str, Any]:

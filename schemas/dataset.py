@@ -98,6 +98,18 @@ def uncommitted_shards(out_dir: str | Path, committed: list[str] | set[str]) -> 
                   if not p.name.endswith(ERRORS_SUFFIX) and p.name[: -len(PARQUET_SUFFIX)] not in done)  # fmt: skip
 
 
+def repeated_keys(out_dir: str | os.PathLike) -> dict[str, list[str]]:
+    """Keys that more than one committed row holds, each with the shards holding it (``validate`` rejects
+    them). Reads only the ``key`` column of each committed shard."""
+    fs, root = dataset_fs(out_dir)
+    where: dict[str, list[str]] = {}
+    for name in committed_shards(out_dir):
+        with fs.open(f"{root}/{name}{PARQUET_SUFFIX}", "rb") as f:
+            for key in pq.read_table(f, columns=["key"]).column("key").to_pylist():
+                where.setdefault(key, []).append(name)
+    return {k: v for k, v in where.items() if len(v) > 1}
+
+
 # ---------------------------------------------------------------- data shards and rows
 
 

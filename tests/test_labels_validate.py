@@ -144,3 +144,23 @@ def test_writer_turns_a_row_that_breaks_the_rules_into_an_error_row(tmp_path):
     assert all(e["stage"] == "writer" and e["error_type"] == "SchemaViolation" for e in errors)
     assert pq.read_table(tmp_path / "part-00000.parquet").column("key").to_pylist() == ["k0"]
     assert validate(tmp_path / "part-00000.parquet") == []
+
+
+def test_inputs_that_reuse_keys_are_reported_not_silently_written(tmp_path):
+    """Two synth worlds both number their scenes from 000000000: the rows commit, but `vesl label` says in one
+    line that validate will refuse the dataset, and exits 1."""
+    from tests.test_cli import vesl
+
+    out = tmp_path / "out"
+    r = vesl("label", "synth://4?seed=1&shard_size=4", "synth://4?seed=2&shard_size=4", "--output", str(out),
+             "--captioner", "alt_text", "--detector", "none")
+    assert r.returncode == 1, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert "4 key(s) appear in more than one row" in errors[0]
+    assert "part-00000, part-00001" in errors[0]
+    assert "Traceback" not in r.stderr
+    assert any(v.kind == "duplicate_key" for v in validate(out))
+    ok = vesl("label", "synth://4?seed=1&shard_size=4", "--output", str(tmp_path / "one"),
+              "--captioner", "alt_text", "--detector", "none")
+    assert ok.returncode == 0, ok.stderr

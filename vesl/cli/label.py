@@ -111,11 +111,18 @@ def label(
         f"{summary.get('errors', 0)} error rows, {summary.get('images_per_s', 0)} images/s; "
         f"manifest {summary.get('manifest', '')}"
     )
+    repeated = summary.get("repeated_keys") or {}
+    if repeated:
+        key, shards = next(iter(sorted(repeated.items())))
+        typer.echo(f"error: {len(repeated)} key(s) appear in more than one row (e.g. {key!r} in "
+                   f"{', '.join(shards[:3])}), so `vesl validate` and `publish` will refuse {cfg.output}: the "
+                   "inputs reuse each other's keys; label such inputs into separate outputs", err=True)
     failed = summary.get("failed") or []
     for f in failed:
         typer.echo(f"failed: {f['shard']}: {f['error']}", err=True)
     if failed:
         typer.echo(f"{len(failed)} shard(s) not committed; rerun the same command to retry them", err=True)
+    if failed or repeated:
         raise typer.Exit(1)
 
 
