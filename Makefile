@@ -40,9 +40,13 @@ test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow and not benchmark"
 
-# The suite under other CPUs' kernels and thread counts (not part of `make test`; run it before you stop
-# whenever you touch numerics). `native` is this machine's own kernels. Narrow it with MATRIX_TESTS=...
-MATRIX_TESTS ?= tests
+# The numeric and engine tests under other CPUs' kernels and thread counts (not part of `make test`; run it
+# before you stop whenever you touch numerics). `native` is this machine's own kernels. MATRIX_TESTS=tests
+# runs the whole suite in every cell.
+MATRIX_TESTS ?= $(addprefix tests/,test_boxes.py test_labels_validate.py test_detectors.py test_captioners.py \
+	test_keep_captions.py test_engines.py test_local_engine.py test_crash_resume.py test_writer.py \
+	test_loss_balance.py test_pretrain_losses.py test_pretrain_train.py test_train_defaults.py \
+	test_grounding_learns.py test_step_syncs.py test_hf_export.py test_refexp.py test_demo.py test_synth.py)
 test-matrix: $(STAMP)
 	@fail=""; for cap in default avx2 native; do for t in 1 2; do \
 	  echo "== ATEN_CPU_CAPABILITY=$$cap OMP_NUM_THREADS=$$t"; \
