@@ -113,7 +113,17 @@ def _load_error(model_id: str, exc: BaseException) -> UserError:
     )
 
 
-class HFCaptioner(CaptionerBase):
+class _LocalWeightsCaptioner(CaptionerBase):
+    """A backend that loads the VLM's weights and processor into this process (hf:, vllm:)."""
+
+    def __init__(self, cfg: CaptionerConfig, model: str, trust_remote_code: bool = False):
+        super().__init__(cfg, model)
+        self.trust_remote_code = trust_remote_code
+        self._processor = None
+        self._control_tokens: frozenset[str] = frozenset()  # the processor's special tokens, kept out of prompts
+
+
+class HFCaptioner(_LocalWeightsCaptioner):
     """transformers VLM (Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM, ...) with batched greedy ``generate``.
 
     Prompts are left-padded: a decoder-only model continues from the last position, so padding on the
@@ -123,12 +133,9 @@ class HFCaptioner(CaptionerBase):
     backend = "hf"
 
     def __init__(self, cfg: CaptionerConfig, model: str, trust_remote_code: bool = False):
-        super().__init__(cfg, model)
-        self.trust_remote_code = trust_remote_code
+        super().__init__(cfg, model, trust_remote_code)
         self.device = cfg.device
         self._model = None
-        self._processor = None
-        self._control_tokens: frozenset[str] = frozenset()
 
     def setup(self) -> None:
         if self._model is not None:
@@ -261,7 +268,7 @@ class OpenAICaptioner(CaptionerBase):
 # -------------------------------------------------------------------------------------------- vllm
 
 
-class VLLMCaptioner(CaptionerBase):
+class VLLMCaptioner(_LocalWeightsCaptioner):
     """In-process ``vllm.LLM``: prompts from the model's own chat template, images as multi-modal data.
 
     Under the Ray engine it can run as a ``ray.data.llm`` processor instead (``pipeline/engines/ray_llm.py``
@@ -274,12 +281,9 @@ class VLLMCaptioner(CaptionerBase):
     def __init__(self, cfg: CaptionerConfig, model: str, trust_remote_code: bool = False, seed: int = 0):
         if importlib.util.find_spec("vllm") is None:
             raise UserError("the vllm: captioner needs vLLM: pip install 'vesl[vllm]' (Linux with a CUDA GPU)")
-        super().__init__(cfg, model)
-        self.trust_remote_code = trust_remote_code
+        super().__init__(cfg, model, trust_remote_code)
         self.seed = seed
         self._llm = None
-        self._processor = None
-        self._control_tokens: frozenset[str] = frozenset()
 
     def setup(self) -> None:
         if self._llm is not None:

@@ -166,13 +166,9 @@ class BatchBuilder:
                  with_regions: bool = True, position_share: float = 0.0):
         self.position_share = position_share  # share of region texts that get their box's position words
         self.with_regions = with_regions  # False (CLIP-only training): skip region sampling and phrase tokenizing
-        self.tokenizer = tokenizer
-        self.pre = preprocess
-        self.b = batch_size
-        self.m = regions_per_image
-        self.text_field = text_field
-        self.seed = seed
-        self.storage_options = storage_options
+        self.tokenizer, self.pre, self.text_field = tokenizer, preprocess, text_field
+        self.b, self.m = batch_size, regions_per_image  # the batch's fixed shape: images, regions per image
+        self.seed, self.storage_options = seed, storage_options
         self._phrase_cache: dict[str, torch.Tensor] = {}  # phrase -> token ids (see _phrase_tokens)
 
     def _image(self, row: dict) -> Image.Image:
@@ -309,11 +305,8 @@ class RegionTextLoader:
         self.paths = training_shards(data, storage_options)
         self.units = scan_units(self.paths, storage_options)
         self.num_rows = sum(u.num_rows for u in self.units)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.rank, self.world_size = rank, world_size  # this process's place among the ranks
         self.storage_options = storage_options
         self.builder = BatchBuilder(tokenizer, preprocess, batch_size, regions_per_image, text_field, seed, storage_options,
                                     with_regions, position_share)

@@ -445,33 +445,26 @@ def evaluate(model_or_path: Any, *, coco_annotations: str | None = None, coco_im
 
 
 def format_table(results: dict[str, Any]) -> str:
-    lines = []
+    """One text table per task that ran, a blank line between them."""
+    sections: list[list[str]] = []
     rc = results.get("region_classification")
     if rc:
-        lines.append(f"class templates: {' | '.join(results.get('templates', []))}")
+        rows = [f"class templates: {' | '.join(results.get('templates', []))}"]
         if "coco_grounding_acc@0.5" in results:
-            lines.append(f"grounding acc@0.5 (phrase -> box): {results['coco_grounding_acc@0.5']:.1f}")
-        lines.append(f"{'region classification':<24}{'mAcc':>8}{'top-1':>8}{'regions':>9}")
-        for m, r in rc.items():
-            lines.append(f"{m:<24}{r['mAcc']:>8.1f}{r['top1']:>8.1f}{r['n']:>9d}")
+            rows.append(f"grounding acc@0.5 (phrase -> box): {results['coco_grounding_acc@0.5']:.1f}")
+        rows.append(f"{'region classification':<24}{'mAcc':>8}{'top-1':>8}{'regions':>9}")
+        sections.append(rows + [f"{m:<24}{r['mAcc']:>8.1f}{r['top1']:>8.1f}{r['n']:>9d}" for m, r in rc.items()])
     sh = results.get("shards")
     if sh:
-        if lines:
-            lines.append("")
-        lines.append(f"{'held-out shards':<24}{'value':>8}")
-        for k, v in sh.items():
-            lines.append(f"{k:<24}{v:>8.1f}")
+        sections.append([f"{'held-out shards':<24}{'value':>8}", *(f"{k:<24}{v:>8.1f}" for k, v in sh.items())])
     rx = results.get("refexp")
     if rx:
-        if lines:
-            lines.append("")
-        lines.append(f"{'referring expressions':<24}{'acc@0.5':>8}{'n':>9}")
         names = {"ground": "ground (no candidates)", "prompter": "prompter ranking", "roi_align": "roi_align ranking",
                  "crop": "crop ranking", "chance": "random candidate"}
-        for m in (*REC_METHODS, "chance"):
-            if m in rx:
-                lines.append(f"{names[m]:<24}{rx[m]['acc@0.5']:>8.1f}{rx[m]['n']:>9d}")
+        rows = [f"{'referring expressions':<24}{'acc@0.5':>8}{'n':>9}"]
+        rows += [f"{names[m]:<24}{rx[m]['acc@0.5']:>8.1f}{rx[m]['n']:>9d}" for m in (*REC_METHODS, "chance") if m in rx]
         if rx.get("errors"):
-            lines.append(f"{rx['errors']} bad line(s) skipped, e.g. line {rx['error_rows'][0]['line']}: "
-                         f"{rx['error_rows'][0]['error']}")
-    return "\n".join(lines)
+            rows.append(f"{rx['errors']} bad line(s) skipped, e.g. line {rx['error_rows'][0]['line']}: "
+                        f"{rx['error_rows'][0]['error']}")
+        sections.append(rows)
+    return "\n\n".join("\n".join(rows) for rows in sections)

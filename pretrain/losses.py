@@ -92,12 +92,9 @@ class ContrastiveLoss(nn.Module):
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0, world_size: int = 1,
                  text_sim_threshold: float | None = None, drop_hardest: float = 0.0):
         super().__init__()
-        self.local_loss = local_loss
-        self.gather_with_grad = gather_with_grad
-        self.rank = rank
-        self.world_size = world_size
-        self.text_sim_threshold = text_sim_threshold
-        self.drop_hardest = drop_hardest
+        self.local_loss, self.gather_with_grad = local_loss, gather_with_grad  # how rows meet the global batch
+        self.rank, self.world_size = rank, world_size
+        self.text_sim_threshold, self.drop_hardest = text_sim_threshold, drop_hardest  # which pairs leave the loss
         self.dropped_share: torch.Tensor | None = None
         self.count: torch.Tensor | None = None  # valid pairs of the last call's global batch (a device tensor)
 

@@ -14,6 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 # as ``image_uri`` when the image bytes are kept, so published rows never show the local file system.
 SOURCE_PATH_KEY = "source_path"
 
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 normalized to [0, 1] of the original image
+
 
 @dataclass(frozen=True)
 class Phrase:
@@ -31,7 +33,7 @@ class Region:
     phrase: str
     char_start: int
     char_end: int
-    box: tuple[float, float, float, float]
+    box: Box
     score: float
 
 

@@ -26,14 +26,24 @@ from vesl.schemas.validation import validate
 REFUSED = {"s01-0003", "s02-0000"}  # the grounding stage raises on these keys
 
 
-class CaptionFromAltText:
-    """Caption = alt-text with a fixed prefix, like a recaptioner that trusts the alt-text."""
+class _NothingToLoad:
+    """The test stages load no model; ``kind`` says what each does in the shard's provenance."""
 
-    name = "caption"
-    resources = StageResources(batch_size=3)
+    kind = ""
 
     def setup(self) -> None:
         pass
+
+    def provenance(self) -> dict[str, str]:
+        return {"kind": self.kind}
+
+
+class CaptionFromAltText(_NothingToLoad):
+    """Caption = alt-text with a fixed prefix, like a recaptioner that trusts the alt-text."""
+
+    name = "caption"
+    kind = "alt-text-prefix"
+    resources = StageResources(batch_size=3)
 
     def __call__(self, batch: list[Sample]) -> list[Sample]:
         for s in batch:
@@ -41,19 +51,14 @@ class CaptionFromAltText:
             s.caption, s.caption_source = f"a photo of {s.alt_text}", "vlm"
         return batch
 
-    def provenance(self) -> dict[str, str]:
-        return {"kind": "alt-text-prefix"}
 
-
-class GroundNonBlack:
+class GroundNonBlack(_NothingToLoad):
     """Grounds the alt-text phrase to the box of the non-black pixels; raises on refused keys
     (the whole batch call fails, so the engine must isolate the one sample)."""
 
     name = "detect"
+    kind = "non-black-bbox"
     resources = StageResources(batch_size=4)
-
-    def setup(self) -> None:
-        pass
 
     def __call__(self, batch: list[Sample]) -> list[Sample]:
         for s in batch:
@@ -69,9 +74,6 @@ class GroundNonBlack:
                 Region(s.alt_text, start, start + len(s.alt_text), (x0 / s.width, y0 / s.height, x1 / s.width, y1 / s.height), 1.0)
             ]
         return batch
-
-    def provenance(self) -> dict[str, str]:
-        return {"kind": "non-black-bbox"}
 
 
 def make_test_stages(cfg: LabelConfig) -> list:

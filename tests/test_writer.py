@@ -98,16 +98,21 @@ def test_duplicate_indices_are_refused(tmp_path):
         writer.write_shard(tmp_path, "part-00000", "u", s, PROV)
 
 
-def test_crash_before_stats_leaves_shard_uncommitted(tmp_path, monkeypatch):
-    """The stats file is the commit marker: a write that dies before it leaves nothing committed."""
+def _crash_on_write(monkeypatch, suffix: str, message: str) -> None:
+    """The writer's atomic write of a file ending in ``suffix`` raises OSError(message), as a crash there would."""
     real = writer.atomic_write_bytes
 
     def dying(out_dir, filename, data):
-        if filename.endswith(".stats.json"):
-            raise OSError("disk gone")
+        if filename.endswith(suffix):
+            raise OSError(message)
         return real(out_dir, filename, data)
 
     monkeypatch.setattr(writer, "atomic_write_bytes", dying)
+
+
+def test_crash_before_stats_leaves_shard_uncommitted(tmp_path, monkeypatch):
+    """The stats file is the commit marker: a write that dies before it leaves nothing committed."""
+    _crash_on_write(monkeypatch, ".stats.json", "disk gone")
     with pytest.raises(OSError, match="disk gone"):
         writer.write_shard(tmp_path, "part-00001", "u", _samples(4), PROV)
     assert not dataset.is_committed(tmp_path, "part-00001")
@@ -118,14 +123,7 @@ def test_crash_before_stats_leaves_shard_uncommitted(tmp_path, monkeypatch):
 def test_overwrite_uncommits_first(tmp_path, monkeypatch):
     writer.write_shard(tmp_path, "part-00001", "u", _samples(4), PROV)
     assert dataset.is_committed(tmp_path, "part-00001")
-    real = writer.atomic_write_bytes
-
-    def dying(out_dir, filename, data):
-        if filename.endswith(".errors.parquet"):
-            raise OSError("killed")
-        return real(out_dir, filename, data)
-
-    monkeypatch.setattr(writer, "atomic_write_bytes", dying)
+    _crash_on_write(monkeypatch, ".errors.parquet", "killed")
     with pytest.raises(OSError, match="killed"):
         writer.write_shard(tmp_path, "part-00001", "u", _samples(8), PROV)
     # New parquet is in place but the old stats no longer vouch for it.

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from tests.tiny_dims import encoder_dims
+
 DEFAULT_CORPUS = [
     "a photo of a cat sitting on a red sofa next to a remote control",
     "a black dog on the left of the wooden bench and a cat",
@@ -60,25 +62,11 @@ def build_tiny_owlv2(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_clip_tokenizer(corpus or DEFAULT_CORPUS, vocab_size=vocab_size)
-    text = {
-        "vocab_size": len(tok),
-        "hidden_size": hidden_size,
-        "intermediate_size": hidden_size * 2,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "max_position_embeddings": 16,
-        "pad_token_id": tok.pad_token_id,
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_id": tok.eos_token_id,
-    }
-    vision = {
-        "hidden_size": hidden_size,
-        "intermediate_size": hidden_size * 2,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "image_size": image_size,
-        "patch_size": patch_size,
-    }
+    text = encoder_dims(
+        hidden_size, num_layers, num_heads, vocab_size=len(tok), max_position_embeddings=16,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    vision = encoder_dims(hidden_size, num_layers, num_heads, image_size=image_size, patch_size=patch_size)
     config = Owlv2Config(text_config=text, vision_config=vision, projection_dim=projection_dim)
     torch.manual_seed(seed)
     model = Owlv2ForObjectDetection(config).eval()
@@ -154,14 +142,7 @@ def build_tiny_grounding_dino(
         window_size=2,
         out_features=["stage2", "stage3", "stage4"],
     )
-    text = {
-        "vocab_size": len(tok),
-        "hidden_size": text_hidden,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": text_hidden * 2,
-        "max_position_embeddings": 256,
-    }
+    text = encoder_dims(text_hidden, 1, 2, vocab_size=len(tok), max_position_embeddings=256)
     config = GroundingDinoConfig(
         backbone_config=backbone,
         text_config=text,

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # The same special tokens and Qwen2-VL chat template as the shipped demo captioner's recipe.
+from tests.tiny_dims import encoder_dims
 from vesl.demo.recipes.train_captioner import CHAT_TEMPLATE, SPECIAL_TOKENS
 
 _COLORS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple", "brown", "gray"]
@@ -69,6 +70,17 @@ def _wrap(tok, *, eos: str, pad: str, template: str, **extra):
     )
 
 
+def _save_greedy(model_cls, config, out_dir: Path, *, seed: int, eos: list[int], pad: int, bos: int) -> None:
+    """Seeded random weights and a greedy generation config, saved in the ``from_pretrained`` layout."""
+    import torch
+    from transformers import GenerationConfig
+
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=bos, do_sample=False)
+    model.save_pretrained(out_dir)
+
+
 def build_tokenizer(corpus: Sequence[str], vocab_size: int = 512):
     """Byte-level BPE trained on ``corpus``, wrapped as a transformers fast tokenizer with Qwen specials."""
     return _wrap(
@@ -100,9 +112,7 @@ def build_tiny_vlm(
     ``max_pixels`` caps image tokens (28*28*16 -> at most 16 tokens per image) so CPU generation is fast.
     The large ``initializer_range`` spreads the random logits so greedy decoding has no near-ties.
     """
-    import torch
     from transformers import (
-        GenerationConfig,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
         Qwen2VLImageProcessor,
@@ -119,20 +129,13 @@ def build_tiny_vlm(
     half = head_dim // 2
     mrope = [half - 2 * (half // 3), half // 3, half // 3]
     config = Qwen2VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden_size,
-            "intermediate_size": hidden_size * 2,
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": num_heads,
-            "num_key_value_heads": num_heads,
-            "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-            "initializer_range": initializer_range,
-        },
+        text_config=encoder_dims(
+            hidden_size, num_layers, num_heads, vocab_size=len(tokenizer), num_key_value_heads=num_heads,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            initializer_range=initializer_range,
+        ),
         vision_config={
             "depth": vision_depth,
             "embed_dim": vision_dim,
@@ -150,15 +153,8 @@ def build_tiny_vlm(
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"],
-        bos_token_id=ids["<|endoftext|>"],
-        do_sample=False,
-    )
-    model.save_pretrained(out_dir)
+    _save_greedy(Qwen2VLForConditionalGeneration, config, out_dir, seed=seed,
+                 eos=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad=ids["<|endoftext|>"], bos=ids["<|endoftext|>"])
 
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     processor = Qwen2VLProcessor(
@@ -212,9 +208,7 @@ def build_tiny_idefics3(
     Images are split into at most 2x2 tiles plus a global view; each tile gives
     ``(image_size // patch_size) ** 2 / 4`` image tokens (4 with the defaults).
     """
-    import torch
     from transformers import (
-        GenerationConfig,
         Idefics3Config,
         Idefics3ForConditionalGeneration,
         Idefics3ImageProcessor,
@@ -229,43 +223,23 @@ def build_tiny_idefics3(
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in IDEFICS3_SPECIAL_TOKENS}
     scale = 2
     config = Idefics3Config(
-        text_config={
-            "model_type": "llama",
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden_size,
-            "intermediate_size": hidden_size * 2,
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": num_heads,
-            "num_key_value_heads": num_heads,
-            "max_position_embeddings": 4096,
-            "bos_token_id": ids["<|im_start|>"],
-            "eos_token_id": ids["<end_of_utterance>"],
-            "pad_token_id": ids["<|endoftext|>"],
-            "initializer_range": initializer_range,
-        },
-        vision_config={
-            "hidden_size": vision_dim,
-            "intermediate_size": vision_dim * 2,
-            "num_hidden_layers": vision_depth,
-            "num_attention_heads": num_heads,
-            "image_size": image_size,
-            "patch_size": patch_size,
-            "initializer_range": initializer_range,
-        },
+        text_config=encoder_dims(
+            hidden_size, num_layers, num_heads, model_type="llama", vocab_size=len(tokenizer),
+            num_key_value_heads=num_heads, max_position_embeddings=4096, bos_token_id=ids["<|im_start|>"],
+            eos_token_id=ids["<end_of_utterance>"], pad_token_id=ids["<|endoftext|>"],
+            initializer_range=initializer_range,
+        ),
+        vision_config=encoder_dims(
+            vision_dim, vision_depth, num_heads, image_size=image_size, patch_size=patch_size,
+            initializer_range=initializer_range,
+        ),
         image_token_id=ids["<image>"],
         scale_factor=scale,
         pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(
-        eos_token_id=[ids["<end_of_utterance>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"],
-        bos_token_id=ids["<|im_start|>"],
-        do_sample=False,
-    )
-    model.save_pretrained(out_dir)
+    _save_greedy(Idefics3ForConditionalGeneration, config, out_dir, seed=seed,
+                 eos=[ids["<end_of_utterance>"], ids["<|endoftext|>"]], pad=ids["<|endoftext|>"], bos=ids["<|im_start|>"])
     image_processor = Idefics3ImageProcessor(
         size={"longest_edge": 2 * image_size}, max_image_size={"longest_edge": image_size}
     )

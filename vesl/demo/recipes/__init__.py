@@ -6,12 +6,17 @@ models, so the offline demo exercises the real labeling path rather than a speci
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
+import sys
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +84,40 @@ def set_threads(n: int) -> None:
 
     torch.set_num_threads(n)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def recipe_main(
+    argv: list[str] | None,
+    *,
+    doc: str,
+    recipe_cls: type,
+    flags: list[str],
+    default_out: Path,
+    module: str,
+    title: str,
+    train: Callable[..., dict],
+    data: Callable[[Any], dict],
+) -> None:
+    """The command line both recipes share: each name in ``flags`` is a recipe field and a ``--flag``.
+
+    Trains, then writes the record with the exact command that redoes the run (flags in ``flags`` order).
+    """
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--out", type=Path, default=default_out)
+    for name in flags:
+        default = getattr(recipe_cls, name)
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+    p.add_argument("--init", type=Path, default=None, help="continue from this checkpoint (a recipe output)")
+    args = p.parse_args(argv)
+    recipe = recipe_cls(**{name: getattr(args, name) for name in flags})
+    stats = train(recipe, args.out, init=args.init)
+    words = ["--out", str(args.out)]
+    for name in flags:
+        words += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    command = f"python -m {module} " + shlex.join(words + (["--init", str(args.init)] if args.init else []))
+    record = {"config": asdict(recipe), "data": data(recipe), **stats}
+    if args.init:
+        prev = args.init / "recipe.json"
+        record["init_recipe"] = json.loads(prev.read_text()) if prev.is_file() else str(args.init)
+    write_recipe_record(args.out, title, command, record)
+    print(f"saved to {args.out}: {stats}", file=sys.stderr)

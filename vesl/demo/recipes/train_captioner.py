@@ -9,16 +9,12 @@ The model learns the VeCap task of the synthetic world: given the image and the 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
-import json
 import math
 import random
-import shlex
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vesl.demo import ASSETS_DIR
-from vesl.demo.recipes import cpu_seconds, save_checkpoint, set_threads, write_recipe_record
+from vesl.demo.recipes import cpu_seconds, recipe_main, save_checkpoint, set_threads
 from vesl.labelers.prompts import ALT_TEXT_FIELD, render_prompt
 from vesl.schemas.config import DEFAULT_PROMPT
 
@@ -337,34 +333,13 @@ def train(recipe: CaptionerRecipe, out: Path, log=print, init: Path | None = Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=ASSETS_DIR / "captioner")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=CaptionerRecipe.steps)
-    p.add_argument("--batch-size", type=int, default=CaptionerRecipe.batch_size)
-    p.add_argument("--lr", type=float, default=CaptionerRecipe.lr)
-    p.add_argument("--threads", type=int, default=CaptionerRecipe.threads)
-    p.add_argument("--pool", type=int, default=CaptionerRecipe.pool)
-    p.add_argument("--init", type=Path, default=None, help="continue from this checkpoint (a recipe output)")
-    args = p.parse_args(argv)
-    recipe = CaptionerRecipe(
-        seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr, threads=args.threads,
-        pool=args.pool,
+    recipe_main(
+        argv, doc=__doc__, recipe_cls=CaptionerRecipe, flags=["seed", "steps", "batch_size", "lr", "threads", "pool"],
+        default_out=ASSETS_DIR / "captioner", module="vesl.demo.recipes.train_captioner",
+        title="vesl demo captioner (tiny Qwen2-VL)", train=train,
+        data=lambda r: {"train_seed": r.data_seed, "train_scenes": f"make_scene({r.data_seed}, i) for i in range({r.pool})",
+                        "tokenizer_scenes": f"the first {r.tokenizer_scenes} of the pool"},
     )
-    stats = train(recipe, args.out, init=args.init)
-    command = "python -m vesl.demo.recipes.train_captioner " + shlex.join(
-        ["--out", str(args.out), "--seed", str(args.seed), "--steps", str(args.steps),
-         "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--threads", str(args.threads), "--pool", str(args.pool)]
-        + (["--init", str(args.init)] if args.init else [])
-    )
-    record = {"config": asdict(recipe), "data": {"train_seed": recipe.data_seed,
-              "train_scenes": f"make_scene({recipe.data_seed}, i) for i in range({recipe.pool})",
-              "tokenizer_scenes": f"the first {recipe.tokenizer_scenes} of the pool"}, **stats}
-    if args.init:
-        prev = args.init / "recipe.json"
-        record["init_recipe"] = json.loads(prev.read_text()) if prev.is_file() else str(args.init)
-    write_recipe_record(args.out, "vesl demo captioner (tiny Qwen2-VL)", command, record)
-    print(f"saved to {args.out}: {stats}", file=sys.stderr)
 
 
 if __name__ == "__main__":

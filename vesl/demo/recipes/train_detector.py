@@ -12,15 +12,12 @@ processor pads every image bottom/right to a square before resizing, so targets 
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
 import random
-import shlex
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +26,7 @@ from PIL import Image
 from torchvision.ops import box_convert, generalized_box_iou
 
 from vesl.demo import ASSETS_DIR
-from vesl.demo.recipes import cpu_seconds, save_checkpoint, set_threads, write_recipe_record
+from vesl.demo.recipes import cpu_seconds, recipe_main, save_checkpoint, set_threads
 
 
 @dataclass
@@ -345,36 +342,13 @@ def train(recipe: DetectorRecipe, out: Path, log=print, init: Path | None = None
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=ASSETS_DIR / "detector")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=DetectorRecipe.steps)
-    p.add_argument("--batch-size", type=int, default=DetectorRecipe.batch_size)
-    p.add_argument("--lr", type=float, default=DetectorRecipe.lr)
-    p.add_argument("--pool", type=int, default=DetectorRecipe.pool)
-    p.add_argument("--threads", type=int, default=DetectorRecipe.threads)
-    p.add_argument("--matches-per-object", type=int, default=DetectorRecipe.matches_per_object)
-    p.add_argument("--hard-negative-rate", type=float, default=DetectorRecipe.hard_negative_rate)
-    p.add_argument("--init", type=Path, default=None, help="continue from this checkpoint (a recipe output)")
-    args = p.parse_args(argv)
-    recipe = DetectorRecipe(
-        seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr, pool=args.pool, threads=args.threads,
-        matches_per_object=args.matches_per_object, hard_negative_rate=args.hard_negative_rate,
+    recipe_main(
+        argv, doc=__doc__, recipe_cls=DetectorRecipe,
+        flags=["seed", "steps", "batch_size", "lr", "pool", "threads", "matches_per_object", "hard_negative_rate"],
+        default_out=ASSETS_DIR / "detector", module="vesl.demo.recipes.train_detector",
+        title="vesl demo detector (tiny OWLv2)", train=train,
+        data=lambda r: {"train_scenes": f"make_scenes({r.pool}, seed={r.data_seed})"},
     )
-    stats = train(recipe, args.out, init=args.init)
-    command = "python -m vesl.demo.recipes.train_detector " + shlex.join(
-        ["--out", str(args.out), "--seed", str(args.seed), "--steps", str(args.steps),
-         "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--pool", str(args.pool), "--threads", str(args.threads),
-         "--matches-per-object", str(args.matches_per_object), "--hard-negative-rate", str(args.hard_negative_rate)]
-        + (["--init", str(args.init)] if args.init else [])
-    )
-    record = {"config": asdict(recipe),
-              "data": {"train_scenes": f"make_scenes({recipe.pool}, seed={recipe.data_seed})"}, **stats}
-    if args.init:
-        prev = args.init / "recipe.json"
-        record["init_recipe"] = json.loads(prev.read_text()) if prev.is_file() else str(args.init)
-    write_recipe_record(args.out, "vesl demo detector (tiny OWLv2)", command, record)
-    print(f"saved to {args.out}: {stats}", file=sys.stderr)
 
 
 if __name__ == "__main__":
