@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -84,6 +85,32 @@ def set_threads(n: int) -> None:
 
     torch.set_num_threads(n)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def lr_at(step: int, recipe: Any) -> float:
+    """Linear warmup over ``recipe.warmup`` steps, then a cosine down to 5% of ``recipe.lr`` at the last step."""
+    if step < recipe.warmup:
+        return recipe.lr * (step + 1) / recipe.warmup
+    t = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+    return recipe.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def save_step(model, processor, out: Path, recipe: Any, step: int) -> None:
+    """Every ``recipe.save_every`` steps an intermediate checkpoint ``OUT.stepN``, so a long run can be inspected."""
+    if recipe.save_every and (step + 1) % recipe.save_every == 0 and step + 1 < recipe.steps:
+        save_checkpoint(model, processor, out.with_name(out.name + f".step{step + 1}"))
+
+
+def finish(model, processor, out: Path, *, params: int, final_loss_ema: Any, t0: float, c0: float) -> dict:
+    """Save the final checkpoint (in eval mode) and return the run's stats for the record."""
+    model.eval()
+    save_checkpoint(model, processor, out)
+    return {
+        "params": params,
+        "final_loss_ema": final_loss_ema,
+        "wall_s": round(time.time() - t0, 1),
+        "cpu_s": round(cpu_seconds() - c0, 1),
+    }
 
 
 def recipe_main(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import io
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vesl.demo import ASSETS_DIR
-from vesl.demo.recipes import cpu_seconds, recipe_main, save_checkpoint, set_threads
+from vesl.demo.recipes import cpu_seconds, finish, lr_at, recipe_main, save_step, set_threads
 from vesl.labelers.prompts import ALT_TEXT_FIELD, render_prompt
 from vesl.schemas.config import DEFAULT_PROMPT
 
@@ -247,13 +246,6 @@ def token_labels(scenes, grid_thw: torch.Tensor, merge: int = 2) -> torch.Tensor
     return torch.tensor(rows, dtype=torch.long)
 
 
-def _lr_at(step: int, recipe: CaptionerRecipe) -> float:
-    if step < recipe.warmup:
-        return recipe.lr * (step + 1) / recipe.warmup
-    t = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
-    return recipe.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 def train(recipe: CaptionerRecipe, out: Path, log=print, init: Path | None = None) -> dict:
     """Train from scratch, or continue from the checkpoint ``init`` (a warm restart of the schedule)."""
     from vesl.demo.synth import make_scene, make_scenes
@@ -304,7 +296,7 @@ def train(recipe: CaptionerRecipe, out: Path, log=print, init: Path | None = Non
         scenes = [scene(epoch_order(recipe.seed, k // recipe.pool, recipe.pool)[k % recipe.pool]) for k in ks]
         batch = encode_batch(processor, scenes, recipe)
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, recipe)
+            g["lr"] = lr_at(step, recipe)
         captured.clear()
         lm_loss = model(**batch).loss
         labels = token_labels(scenes, batch["image_grid_thw"])
@@ -318,18 +310,10 @@ def train(recipe: CaptionerRecipe, out: Path, log=print, init: Path | None = Non
         ema = lm_loss.item() if ema is None else 0.95 * ema + 0.05 * lm_loss.item()
         aux_ema = aux_loss.item() if step == 0 else 0.95 * aux_ema + 0.05 * aux_loss.item()
         if step % 50 == 0 or step == recipe.steps - 1:
-            log(f"step {step:5d} loss {ema:.4f} aux {aux_ema:.4f} lr {_lr_at(step, recipe):.2e} "
+            log(f"step {step:5d} loss {ema:.4f} aux {aux_ema:.4f} lr {lr_at(step, recipe):.2e} "
                 f"wall {time.time() - t0:.0f}s cpu {cpu_seconds() - c0:.0f}s")
-        if recipe.save_every and (step + 1) % recipe.save_every == 0 and step + 1 < recipe.steps:
-            save_checkpoint(model, processor, out.with_name(out.name + f".step{step + 1}"))
-    model.eval()
-    save_checkpoint(model, processor, out)
-    return {
-        "params": n_params,
-        "final_loss_ema": round(float(ema), 5),
-        "wall_s": round(time.time() - t0, 1),
-        "cpu_s": round(cpu_seconds() - c0, 1),
-    }
+        save_step(model, processor, out, recipe, step)
+    return finish(model, processor, out, params=n_params, final_loss_ema=round(float(ema), 5), t0=t0, c0=c0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from PIL import Image
 from torchvision.ops import box_convert, generalized_box_iou
 
 from vesl.demo import ASSETS_DIR
-from vesl.demo.recipes import cpu_seconds, recipe_main, save_checkpoint, set_threads
+from vesl.demo.recipes import cpu_seconds, finish, lr_at, recipe_main, save_step, set_threads
 
 
 @dataclass
@@ -214,13 +213,6 @@ def _queries(
     return qs[:n]
 
 
-def _lr_at(step: int, recipe: DetectorRecipe) -> float:
-    if step < recipe.warmup:
-        return recipe.lr * (step + 1) / recipe.warmup
-    t = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
-    return recipe.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 def detection_loss(logits, pred_boxes, targets, recipe: DetectorRecipe) -> tuple[torch.Tensor, dict]:
     """Hungarian-matched L1 + GIoU box loss and sigmoid focal class loss over all patch x query logits.
 
@@ -317,7 +309,7 @@ def train(recipe: DetectorRecipe, out: Path, log=print, init: Path | None = None
         ids, mask = encode(queries)
         pixel_values = torch.stack([it.pixel_values for it in batch]).float()
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, recipe)
+            g["lr"] = lr_at(step, recipe)
         outputs = model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask)
         loss, parts = detection_loss(outputs.logits, outputs.pred_boxes, targets, recipe)
         opt.zero_grad(set_to_none=True)
@@ -329,16 +321,8 @@ def train(recipe: DetectorRecipe, out: Path, log=print, init: Path | None = None
         if step % 25 == 0 or step == recipe.steps - 1:
             log(f"step {step:5d} " + " ".join(f"{k} {v:.4f}" for k, v in ema.items())
                 + f" wall {time.time() - t0:.0f}s cpu {cpu_seconds() - c0:.0f}s")
-        if recipe.save_every and (step + 1) % recipe.save_every == 0 and step + 1 < recipe.steps:
-            save_checkpoint(model, processor, out.with_name(out.name + f".step{step + 1}"))
-    model.eval()
-    save_checkpoint(model, processor, out)
-    return {
-        "params": n_params,
-        "final_loss_ema": {k: round(v, 5) for k, v in ema.items()},
-        "wall_s": round(time.time() - t0, 1),
-        "cpu_s": round(cpu_seconds() - c0, 1),
-    }
+        save_step(model, processor, out, recipe, step)
+    return finish(model, processor, out, params=n_params, final_loss_ema={k: round(v, 5) for k, v in ema.items()}, t0=t0, c0=c0)
 
 
 def main(argv: list[str] | None = None) -> None:
