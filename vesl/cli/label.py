@@ -54,6 +54,15 @@ def label(
                      "input (repeatable); rows read their image again from their source shard there"),
     ] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Redo shards that are already committed")] = None,
+    duplicates: Annotated[
+        Optional[str],
+        typer.Option("--duplicates", help="A `vesl dedup` output: caption and ground only each group's representative"),
+    ] = None,
+    duplicates_policy: Annotated[
+        Optional[str],
+        typer.Option("--duplicates-policy", help="copy: a duplicate's row copies its representative's labels "
+                     "(marked duplicate_of) | skip: no row [copy]"),
+    ] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML file of LabelConfig fields (flags override it)")] = None,
     profile: Annotated[str, typer.Option(help=" | ".join(profile_names()))] = "default",
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling stages [0]")] = None,
@@ -95,6 +104,10 @@ def label(
         ov["beam_options"] = beam_options
     if image_source:
         ov["source"] = {"image_sources": list(image_source)}
+    if duplicates_policy is not None and duplicates is None:
+        raise UserError("--duplicates-policy needs --duplicates DUPS (the output of `vesl dedup`)")
+    if duplicates is not None:
+        ov["duplicates"] = {"table": duplicates, **({"policy": duplicates_policy} if duplicates_policy else {})}
     if captioner is not None:
         ov["captioner"] = {"spec": captioner}
     if phrases is not None:
