@@ -116,9 +116,8 @@ def shard_caps(refs: list[ShardRef], cfg: LabelConfig) -> dict[str, int | None]:
 def plan_shards(cfg: LabelConfig) -> tuple[list[ShardTask], list[ShardRef]]:
     """(shards to label, committed shards skipped). A committed shard is redone only with
     ``cfg.overwrite`` or when its ``--limit`` cut differs from this job's."""
-    from vesl.pipeline.sources import list_shards
-
     from vesl.pipeline.dedup import resolve_duplicates
+    from vesl.pipeline.sources import list_shards
 
     check_job(cfg)
     resolve_duplicates(cfg)

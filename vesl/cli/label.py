@@ -138,6 +138,8 @@ def print_report(r: dict[str, Any]) -> None:
     echo(f"shards     {r['shards']} committed" + (f", {len(r['uncommitted'])} uncommitted" if r["uncommitted"] else ""))
     echo(f"rows       {r['rows']}")
     echo(f"errors     {r['errors']}")
+    if r.get("duplicates"):
+        echo(f"duplicates {r['duplicates']} (labels of their representative, or left out)")
     for k, v in r["errors_by_type"].items():
         echo(f"  {v:>8}  {k}")
     if r["errors_by_stage"]:
@@ -162,6 +164,9 @@ def print_report(r: dict[str, Any]) -> None:
             echo(f"  {stage:<10} {c['seconds']:>9.1f} s  {c['images_per_s'] or 0:>9.1f} img/s  {100 * c['share']:5.1f}%")
         echo(f"  projected: {cost['hours_per_million_images_per_worker']} hours per million images per worker "
              "on this machine (model loading not included)")
+    if cost and cost.get("model_calls_saved") is not None:
+        echo(f"  duplicates: VLM and detector ran on {cost['model_images']} of {cost['images']} images "
+             f"({100 * cost['model_calls_saved']:.1f}% fewer calls; {r['duplicates']} copied or skipped)")
 
 
 def inspect(
