@@ -530,7 +530,8 @@ def finish(job: Job, results: list[dict[str, Any]], workers: int) -> dict[str, A
     if cfg.duplicates.table and cfg.duplicates.policy == "copy":
         from vesl.pipeline.dedup import fill_duplicates
 
-        fill_duplicates(cfg, names)
+        if fill_duplicates(cfg, names):  # the summary counts the filled rows' regions
+            results = [{**r, "stats": read_stats(cfg.output, r["shard"]) or r["stats"]} if r["ok"] else r for r in results]
     return job_summary(job, results, workers, write_manifest(cfg.output))
 
 
