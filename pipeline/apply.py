@@ -50,9 +50,9 @@ def apply_stage_chunked(stage: Stage, batch: list[Sample]) -> list[Sample]:
     """Run ``stage`` on the ok samples of ``batch`` in chunks of its own batch size.
 
     Every engine cuts chunks the same way, so batched model calls (not bit-exact across batch
-    contents) see the same batches on every engine.
+    contents) see the same batches on every engine. Known duplicates (``Sample.duplicate_of``) are left out.
     """
-    ok = [s for s in batch if s.ok]
+    ok = [s for s in batch if s.ok and s.duplicate_of is None]  # a duplicate gets its representative's labels
     size = stage_batch_size(stage)
     for i in range(0, len(ok), size):
         apply_stage(stage, ok[i : i + size])

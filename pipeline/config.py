@@ -38,6 +38,19 @@ class DecodeConfig(StrictConfig):
     batch_size: int = Field(32, ge=1, json_schema_extra=NOT_IN_ROWS)
 
 
+class DuplicatesConfig(StrictConfig):
+    """``vesl label --duplicates DUPS``: label only the representatives of a `vesl dedup` table.
+
+    ``table`` is where the user keeps it (a path, compared through its content): the job records the
+    table's ``table_sha256`` and ``threshold``, filled in from the table when the job is planned.
+    """
+
+    table: str = Field("", json_schema_extra=NOT_IN_ROWS)
+    policy: Literal["copy", "skip"] = "copy"  # copy: a duplicate's row gets its representative's labels
+    table_sha256: str = ""
+    threshold: int | None = None
+
+
 class LabelConfig(StrictConfig):
     """Every field is a setting a resume must match (``row_settings``) unless marked ``NOT_IN_ROWS``."""
 
@@ -65,3 +78,18 @@ class LabelConfig(StrictConfig):
     captioner: CaptionerConfig = Field(default_factory=CaptionerConfig)
     phrases: PhrasesConfig = Field(default_factory=PhrasesConfig)
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    duplicates: DuplicatesConfig = Field(default_factory=DuplicatesConfig)
+
+
+class DedupSettings(StrictConfig):
+    """The perceptual hash of `vesl dedup` and the Hamming distance at or under which two images are one."""
+
+    hash: Literal["phash"] = "phash"
+    hash_size: int = Field(16, ge=4, le=32)  # a hash_size x hash_size bit hash: 256 bits
+    threshold: int = Field(31, ge=0)  # chosen on the validation worlds (docs/benchmarks.md)
+
+
+class DedupConfig(LabelConfig):
+    """A `vesl dedup` job: the labeling job's inputs, output, engines and resume rules, with a hash stage."""
+
+    dedup: DedupSettings = Field(default_factory=DedupSettings)

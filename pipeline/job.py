@@ -116,9 +116,11 @@ def shard_caps(refs: list[ShardRef], cfg: LabelConfig) -> dict[str, int | None]:
 def plan_shards(cfg: LabelConfig) -> tuple[list[ShardTask], list[ShardRef]]:
     """(shards to label, committed shards skipped). A committed shard is redone only with
     ``cfg.overwrite`` or when its ``--limit`` cut differs from this job's."""
+    from vesl.pipeline.dedup import resolve_duplicates
     from vesl.pipeline.sources import list_shards
 
     check_job(cfg)
+    resolve_duplicates(cfg)
     refs = list_shards(list(cfg.inputs), cfg.source)
     if not refs:
         raise UserError(f"no input shards found in {cfg.inputs}: check the paths (tar, parquet, image folder, synth://)")
@@ -415,9 +417,10 @@ def read_batch_size(cfg: LabelConfig, stages: list[Stage]) -> int:
 
 def read_task(task: ShardTask, cfg: LabelConfig) -> Iterator[Sample]:
     """The samples of one task in shard order, cut at ``task.limit``."""
+    from vesl.pipeline.dedup import mark_duplicates
     from vesl.pipeline.sources import read_shard
 
-    return itertools.islice(read_shard(task.ref, cfg.source), task.limit)
+    return mark_duplicates(cfg, itertools.islice(read_shard(task.ref, cfg.source), task.limit))
 
 
 def read(cfg: LabelConfig, task: ShardTask, batch_size: int) -> Iterator[list[Sample]]:
@@ -475,26 +478,63 @@ def commit(
     The one call every engine makes per shard, so engines write byte-identical files. A shard with an
     infrastructure failure is never committed (a ``stop`` result); a failed write leaves it uncommitted.
     """
+    from vesl.pipeline.config import DedupConfig
+    from vesl.pipeline.dedup import write_hash_shard
     from vesl.pipeline.writer import write_shard
 
     failed = stopped(task.name, samples)
     if failed is not None:
         return failed
     try:
-        stats = write_shard(cfg.output, task.name, task.ref.source, samples, provenance, timings,
-                            keep_image_bytes=cfg.decode.keep_image_bytes, sample_limit=task.limit)
+        if isinstance(cfg, DedupConfig):
+            stats = write_hash_shard(cfg, task.name, task.ref.source, samples, provenance, timings, task.limit)
+        else:
+            samples, extra = _duplicate_rows(cfg, samples)
+            stats = write_shard(cfg.output, task.name, task.ref.source, samples, provenance, timings,
+                                keep_image_bytes=cfg.decode.keep_image_bytes, sample_limit=task.limit, extra_stats=extra)
     except Exception as exc:  # e.g. the output filesystem failed: the shard stays uncommitted
         return {"shard": task.name, "ok": False, "error": f"write failed: {type(exc).__name__}: {exc}"}
     return {"shard": task.name, "ok": True, "stats": stats}
 
 
+def _duplicate_rows(cfg: LabelConfig, samples: list[Sample]) -> tuple[list[Sample], dict[str, Any] | None]:
+    """``--duplicates``: a duplicate's row waits for its representative's labels (``duplicates_pending``, filled
+    by ``finish``), or is left out with ``--duplicates-policy skip``."""
+    if not cfg.duplicates.table:
+        return samples, None
+    dups = [s for s in samples if s.duplicate_of is not None and s.ok]
+    if cfg.duplicates.policy == "skip":
+        return [s for s in samples if s.duplicate_of is None], {"duplicates_skipped": len(dups)}
+    return samples, {"duplicates_pending": len(dups)}
+
+
 def finish(job: Job, results: list[dict[str, Any]], workers: int) -> dict[str, Any]:
-    """Write the manifest of everything committed so far; returns the run summary (`vesl label` prints it)."""
+    """Write the manifest of everything committed so far (a dedup job: its table); returns the run summary.
+
+    With ``--duplicates`` (copy), the second phase runs first: every committed shard of the job whose
+    duplicate rows still wait gets its representatives' labels (``fill_duplicates``).
+    """
+    from vesl.pipeline.config import DedupConfig
     from vesl.pipeline.writer import write_manifest
     from vesl.schemas.dataset import repeated_keys
 
-    summary = job_summary(job, results, workers, write_manifest(job.cfg.output))
-    summary["repeated_keys"] = repeated_keys(job.cfg.output)  # keys are the inputs': two inputs may share them
+    cfg = job.cfg
+    names = sorted({t.name for t in job.todo} | {r.name for r in job.skipped})
+    if isinstance(cfg, DedupConfig):
+        from vesl.pipeline.dedup import TABLE_NAME, write_table
+
+        done = {r["shard"] for r in results if r["ok"]} | {r.name for r in job.skipped}
+        summary = job_summary(job, results, workers, f"{cfg.output.rstrip('/')}/{TABLE_NAME}")
+        if not summary["failed"]:  # the table groups every shard, so it waits for all of them
+            summary["dedup"] = write_table(cfg, [n for n in names if n in done], job.engine, summary["wall_s"])
+        return summary
+    if cfg.duplicates.table and cfg.duplicates.policy == "copy":
+        from vesl.pipeline.dedup import fill_duplicates
+
+        if fill_duplicates(cfg, names):  # the summary counts the filled rows' regions
+            results = [{**r, "stats": read_stats(cfg.output, r["shard"]) or r["stats"]} if r["ok"] else r for r in results]
+    summary = job_summary(job, results, workers, write_manifest(cfg.output))
+    summary["repeated_keys"] = repeated_keys(cfg.output)  # keys are the inputs': two inputs may share them
     return summary
 
 

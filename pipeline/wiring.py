@@ -1,4 +1,4 @@
-"""The stage list of a labeling job: decode -> captioner -> phrases -> detector.
+"""The stage list of a labeling job: decode -> captioner -> phrases -> detector (a dedup job: decode -> hash).
 
 Every engine builds its stages through :func:`build_stages` (once per worker), so local, Beam and
 Ray run the same code. Imports are lazy: building the list loads no model; ``setup()`` does.
@@ -16,6 +16,12 @@ if TYPE_CHECKING:
 
 def build_stages(cfg: LabelConfig) -> list[Stage]:
     """The stages for ``cfg``, in order; the detector is left out when its spec is ``none``."""
+    from vesl.pipeline.config import DedupConfig
+
+    if isinstance(cfg, DedupConfig):  # `vesl dedup`: decode -> perceptual hash
+        from vesl.pipeline.dedup import build_dedup_stages
+
+        return build_dedup_stages(cfg)
     from vesl.labelers.captioners import make_captioner
     from vesl.labelers.phrases import PhraseStage
     from vesl.pipeline.decode import DecodeStage

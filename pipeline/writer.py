@@ -156,6 +156,7 @@ def _row(s: Sample, keep_image_bytes: bool) -> dict[str, Any]:
         "alt_text": s.alt_text,
         "caption": caption,
         "caption_source": s.caption_source or "alt_text",
+        "duplicate_of": s.duplicate_of,
         "regions": [
             {
                 "phrase": r.phrase,
@@ -247,6 +248,7 @@ def shard_stats(
         "regions": sum(len(s.regions) for s in ok),
         "regions_per_image": {str(k): v for k, v in sorted(per_image.items())},
         "caption_source": dict(sorted(Counter(s.caption_source or "alt_text" for s in ok).items())),
+        "duplicates": sum(1 for s in ok if s.duplicate_of is not None),
         "provenance_sha256": provenance_sha256(provenance),
     }
 
@@ -261,6 +263,7 @@ def write_shard(
     *,
     keep_image_bytes: bool = True,
     sample_limit: int | None = None,
+    extra_stats: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write and commit one output shard (see the module docstring); returns its stats.
 
@@ -272,12 +275,21 @@ def write_shard(
         raise ValueError(f"{name}: duplicate Sample.index values; each sample must be written once")
     _remove(out_dir, name + STATS_SUFFIX)  # uncommit first (overwrite)
     reject_invalid_rows(samples, keep_image_bytes)
-    files = shard_files(name)
     data = parquet_bytes(rows_table(samples, provenance, keep_image_bytes))
-    errs = parquet_bytes(errors_table(samples))
+    stats = {**shard_stats(name, source_uri, samples, provenance, sample_limit), **(extra_stats or {})}
+    return commit_files(out_dir, name, data, errors_table(samples), stats, timings)
+
+
+def commit_files(
+    out_dir: str | os.PathLike, name: str, data: bytes, errors: pa.Table, stats: dict[str, Any], timings: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Steps 1-4 of the commit protocol for a shard's serialized rows and its errors; returns the stats written."""
+    _remove(out_dir, name + STATS_SUFFIX)
+    files = shard_files(name)
+    errs = parquet_bytes(errors)
     atomic_write_bytes(out_dir, files["parquet"], data)
     atomic_write_bytes(out_dir, files["errors"], errs)
-    stats = shard_stats(name, source_uri, samples, provenance, sample_limit)
+    stats = dict(stats)
     stats["files"] = {
         "parquet": {"name": files["parquet"], "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
         "errors": {"name": files["errors"], "bytes": len(errs), "sha256": hashlib.sha256(errs).hexdigest()},

@@ -15,7 +15,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = "1"
+# 1.1 added the nullable ``duplicate_of`` column; a v1 shard (without it) still reads and validates.
+SCHEMA_VERSION = "1.1"
+READABLE_VERSIONS = ("1", "1.1")
 SCHEMA_VERSION_KEY = "vesl.schema_version"
 PROVENANCE_KEY = "vesl.provenance"
 CAPTION_SOURCES = ("alt_text", "vlm")
@@ -41,6 +43,8 @@ _FIELDS = [
     pa.field("caption", pa.string(), nullable=False),
     pa.field("caption_source", pa.string(), nullable=False),
     pa.field("regions", pa.list_(pa.field("item", REGION_TYPE, nullable=False)), nullable=False),
+    # the key of the representative whose caption and regions this near-duplicate row copies (`--duplicates`)
+    pa.field("duplicate_of", pa.string()),
 ]
 
 ERRORS_SCHEMA = pa.schema(
@@ -194,7 +198,7 @@ def validate_rows(path_or_table: str | Path | pa.Table) -> list[Violation]:
             continue
         meta = table.schema.metadata or {}
         version = meta.get(SCHEMA_VERSION_KEY.encode())
-        if where != "<table>" and version != SCHEMA_VERSION.encode():
+        if where != "<table>" and version not in {v.encode() for v in READABLE_VERSIONS}:
             out.append(Violation("schema_version", where, f"file metadata {SCHEMA_VERSION_KEY}={version!r}, expected {SCHEMA_VERSION!r}"))
         types = _check_types(table, where)
         out += types

@@ -73,6 +73,8 @@ class Sample:
     phrases: list[Phrase] = field(default_factory=list)
     regions: list[Region] = field(default_factory=list)
     error: SampleError | None = None
+    # key of the image this one is a near-duplicate of (`vesl label --duplicates`): the model stages skip it
+    duplicate_of: str | None = None
 
     @property
     def ok(self) -> bool:

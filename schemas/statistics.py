@@ -115,7 +115,7 @@ def inspect_dataset(out_dir: str | Path, top: int = 15) -> dict[str, Any]:
     st = RegionStatistics()
     errors_by_type: Counter = Counter()
     errors_by_stage: Counter = Counter()
-    errors = 0
+    errors = duplicates = 0
     timings: list[dict[str, Any]] = []
     for name in names:
         try:
@@ -129,6 +129,7 @@ def inspect_dataset(out_dir: str | Path, top: int = 15) -> dict[str, Any]:
             ) from None
         timings.append({"images": stats.get("input_count", 0), **stats.get("timings", {})})
         st.add(t)
+        duplicates += stats.get("duplicates", 0) + stats.get("duplicates_skipped", 0)
         errors += stats["errors"]
         errors_by_type.update(stats["errors_by_type"])
         errors_by_stage.update(stats["errors_by_stage"])
@@ -152,8 +153,17 @@ def inspect_dataset(out_dir: str | Path, top: int = 15) -> dict[str, Any]:
         "regions_per_image_hist": hist,
         "score_quantiles": _quantiles(st.all_scores(), (0.0, 0.1, 0.5, 0.9, 1.0)),
         "top_phrases": st.phrases.most_common(top),
-        "cost": cost_report(timings),
+        "duplicates": duplicates,
+        "cost": {**cost_report(timings), **_model_calls(timings, duplicates)},
     }
+
+
+def _model_calls(shards: list[dict[str, Any]], duplicates: int) -> dict[str, Any]:
+    """How the captioner and detector calls fell with ``--duplicates``: a duplicate never reaches them."""
+    images = sum(s.get("images", 0) for s in shards)
+    if not duplicates or not images:
+        return {}
+    return {"model_images": images - duplicates, "model_calls_saved": round(duplicates / images, 4)}
 
 
 def compute_stats(dataset_dir: str | Path, top_k: int = 25) -> dict[str, Any]:

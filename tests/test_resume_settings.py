@@ -20,7 +20,7 @@ from vesl.schemas.config import row_changing
 
 INPUT = "synth://4?seed=2&shard_size=2"
 # changing these changes what the job is, not how its shards are labeled: checked elsewhere
-NOT_A_RESUME = {"inputs", "output", "limit", "overwrite"}
+NOT_A_RESUME = {"inputs", "output", "limit", "overwrite", "duplicates.table"}  # the table: by its sha256
 
 
 def _fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:

@@ -12,7 +12,7 @@ from vesl.pipeline import writer
 from vesl.pipeline.writer import write_manifest
 from vesl.schemas import dataset
 from vesl.schemas.manifest import build_manifest, check_dataset
-from vesl.schemas.region_text import ERRORS_SCHEMA, PROVENANCE_KEY
+from vesl.schemas.region_text import ERRORS_SCHEMA, PROVENANCE_KEY, SCHEMA_VERSION
 from vesl.schemas.stage import Region, Sample, SampleError
 from vesl.schemas.validation import validate
 
@@ -149,7 +149,7 @@ def test_manifest_lists_committed_shards_deterministically(tmp_path):
     assert [s["name"] for s in m["shards"]] == ["part-00000", "part-00001", "part-00002"]
     assert m["totals"]["rows"] == 24
     assert m["totals"]["errors"] == 6
-    assert m["schema_version"] == "1"
+    assert m["schema_version"] == SCHEMA_VERSION == "1.1"
     assert list(m["provenance"].values()) == [PROV]
     import hashlib
 

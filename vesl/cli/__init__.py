@@ -59,9 +59,9 @@ def _register_all() -> None:
     module names none of them."""
     from importlib.metadata import entry_points
 
-    from vesl.cli import label, publish, train
+    from vesl.cli import dedup, label, publish, train
 
-    for module in (label, publish, train):
+    for module in (label, dedup, publish, train):
         module.register(app)
     for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
         try:

@@ -54,6 +54,15 @@ def label(
                      "input (repeatable); rows read their image again from their source shard there"),
     ] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Redo shards that are already committed")] = None,
+    duplicates: Annotated[
+        Optional[str],
+        typer.Option("--duplicates", help="A `vesl dedup` output: caption and ground only each group's representative"),
+    ] = None,
+    duplicates_policy: Annotated[
+        Optional[str],
+        typer.Option("--duplicates-policy", help="copy: a duplicate's row copies its representative's labels "
+                     "(marked duplicate_of) | skip: no row [copy]"),
+    ] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML file of LabelConfig fields (flags override it)")] = None,
     profile: Annotated[str, typer.Option(help=" | ".join(profile_names()))] = "default",
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling stages [0]")] = None,
@@ -95,6 +104,10 @@ def label(
         ov["beam_options"] = beam_options
     if image_source:
         ov["source"] = {"image_sources": list(image_source)}
+    if duplicates_policy is not None and duplicates is None:
+        raise UserError("--duplicates-policy needs --duplicates DUPS (the output of `vesl dedup`)")
+    if duplicates is not None:
+        ov["duplicates"] = {"table": duplicates, **({"policy": duplicates_policy} if duplicates_policy else {})}
     if captioner is not None:
         ov["captioner"] = {"spec": captioner}
     if phrases is not None:
@@ -132,6 +145,8 @@ def print_report(r: dict[str, Any]) -> None:
     echo(f"shards     {r['shards']} committed" + (f", {len(r['uncommitted'])} uncommitted" if r["uncommitted"] else ""))
     echo(f"rows       {r['rows']}")
     echo(f"errors     {r['errors']}")
+    if r.get("duplicates"):
+        echo(f"duplicates {r['duplicates']} (labels of their representative, or left out)")
     for k, v in r["errors_by_type"].items():
         echo(f"  {v:>8}  {k}")
     if r["errors_by_stage"]:
@@ -156,6 +171,9 @@ def print_report(r: dict[str, Any]) -> None:
             echo(f"  {stage:<10} {c['seconds']:>9.1f} s  {c['images_per_s'] or 0:>9.1f} img/s  {100 * c['share']:5.1f}%")
         echo(f"  projected: {cost['hours_per_million_images_per_worker']} hours per million images per worker "
              "on this machine (model loading not included)")
+    if cost and cost.get("model_calls_saved") is not None:
+        echo(f"  duplicates: VLM and detector ran on {cost['model_images']} of {cost['images']} images "
+             f"({100 * cost['model_calls_saved']:.1f}% fewer calls; {r['duplicates']} copied or skipped)")
 
 
 def inspect(

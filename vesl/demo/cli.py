@@ -20,6 +20,11 @@ def synth(
     seed: Annotated[int, typer.Option(help="Same seed, same bytes")] = 0,
     fmt: Annotated[str, typer.Option("--format", help="wds | parquet | coco | refexp (RefCOCO-style JSONL)")] = "wds",
     shard_size: Annotated[int, typer.Option(help="Scenes per shard (wds and parquet)")] = 100,
+    duplicates: Annotated[
+        float,
+        typer.Option(help="Fraction of the N items that are near-duplicate copies (re-encoded, resized) of others; "
+                     "adds 5% look-alike hard negatives; the json's vesl_synth says which is which"),
+    ] = 0.0,
 ) -> None:
     """Generate synthetic scenes with ground-truth captions and boxes (input data or COCO eval set)."""
     from vesl.demo import synth as synthetic
@@ -28,6 +33,10 @@ def synth(
         raise UserError(f"--format {fmt!r} is not supported: use one of {', '.join(SYNTH_FORMATS)}")
     if n < 1 or shard_size < 1:
         raise UserError("--n and --shard-size must be >= 1")
+    if not 0.0 <= duplicates < 1.0:
+        raise UserError(f"--duplicates must be a fraction in [0, 1), got {duplicates}")
+    if duplicates and fmt == "refexp":
+        raise UserError("--duplicates applies to scenes: use --format wds, parquet or coco")
     from vesl.pipeline.confine import check_output_dir
 
     check_output_dir(out, "--out")
@@ -35,7 +44,10 @@ def synth(
         path = synthetic.write_refexp((synthetic.make_refexp(seed, i) for i in range(n)), out)
         typer.echo(f"wrote {n} referring expressions to {path} (seed {seed}); evaluate with `vesl eval MODEL --refexp {path}`")
         return
-    scenes = synthetic.make_scenes(n, seed)
+    try:
+        scenes = synthetic.make_world(n, seed, duplicates) if duplicates else synthetic.make_scenes(n, seed)
+    except ValueError as exc:
+        raise UserError(f"{exc}: raise --n or lower --duplicates") from None
     if fmt == "wds":
         paths = synthetic.write_webdataset(scenes, out, shard_size)
     elif fmt == "parquet":

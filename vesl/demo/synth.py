@@ -26,7 +26,7 @@ import math
 import random
 import tarfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +133,8 @@ class Scene:
     caption: str
     regions: list[Region]
     objects: list[SceneObject]
+    duplicate_of: str | None = None  # a near-duplicate copy (re-encoded, resized) of this scene key
+    look_alike_of: str | None = None  # a distinct scene with the same objects as this key, moved
 
 
 def categories() -> list[str]:
@@ -301,8 +303,11 @@ def _caption(objects: list[SceneObject]) -> tuple[str, list[Region]]:
 # ----------------------------------------------------------------------------- scenes
 
 
-def make_scene(seed: int, index: int) -> Scene:
-    """Scene ``index`` of the world ``seed``; the same arguments always give the same bytes."""
+def make_scene(seed: int, index: int, moved: bool = False) -> Scene:
+    """Scene ``index`` of the world ``seed``; the same arguments always give the same bytes.
+
+    ``moved``: a hard negative for deduplication, the same canvas and objects (colour, shape) placed anew.
+    """
     rng = random.Random(f"{seed}-{index}")
     nrng = np.random.default_rng(rng.getrandbits(64))
     w, h = rng.randint(MIN_SIDE, MAX_SIDE), rng.randint(MIN_SIDE, MAX_SIDE)
@@ -311,6 +316,8 @@ def make_scene(seed: int, index: int) -> Scene:
 
     n_objects = rng.randint(2, 5)
     cats = rng.sample([(c, s) for c in COLORS for s in SHAPES], n_objects)
+    if moved:  # everything after the choice of objects (sizes, places, shades, alt-text) drawn anew
+        rng = random.Random(f"{seed}-{index}-moved")
     placed: list[tuple[str, str, str, tuple[float, float, float, float], Image.Image]] = []
     for color, shape in cats:
         for _attempt in range(60):
@@ -345,6 +352,53 @@ def make_scene(seed: int, index: int) -> Scene:
     )
 
 
+LOOK_ALIKE_RATE = 0.05  # hard negatives per scene of a world with duplicates
+
+
+def _near_copy(scene: Scene, key: str, rng: random.Random) -> Scene:
+    """``scene`` as the web serves it again: re-encoded at another JPEG quality, resized, or both."""
+    img = Image.open(io.BytesIO(scene.image)).convert("RGB")
+    kind = rng.choice(("reencode", "resize", "resize+reencode"))
+    if kind != "reencode":
+        scale = rng.uniform(0.5, 1.5)
+        img = img.resize((max(32, round(img.width * scale)), max(32, round(img.height * scale))), Image.BICUBIC)
+    quality = rng.randint(30, 85) if kind != "resize" else JPEG_QUALITY
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality, optimize=False, progressive=False)
+    return replace(scene, key=key, image=buf.getvalue(), width=img.width, height=img.height,
+                               duplicate_of=scene.key)
+
+
+def make_world(n: int, seed: int, duplicates: float) -> list[Scene]:
+    """``n`` items of world ``seed`` of which ``round(duplicates * n)`` are near-duplicate copies of other items
+    and ``round(LOOK_ALIKE_RATE * n)`` (when ``duplicates`` > 0) are look-alikes: distinct scenes with the same
+    objects moved. Originals keep their scene index as key; copies and look-alikes get the next keys. A copy
+    comes after its original in the output order, a look-alike anywhere; ``Scene.duplicate_of`` and
+    ``Scene.look_alike_of`` say which is which.
+    """
+    if not 0.0 <= duplicates < 1.0:
+        raise ValueError(f"duplicates must be in [0, 1), got {duplicates}")
+    n_dup = round(duplicates * n)
+    n_like = round(LOOK_ALIKE_RATE * n) if n_dup else 0
+    n_orig = n - n_dup - n_like
+    if n_orig < 1:
+        raise ValueError(f"{n} scenes leave no original for {n_dup} duplicates and {n_like} look-alikes")
+    rng = random.Random(f"{seed}-world-{duplicates}")
+    items: list[tuple[float, Scene]] = [(float(i), s) for i, s in enumerate(make_scenes(n_orig, seed))]
+    originals = [s for _, s in items]
+    next_key = n_orig
+    for _ in range(n_dup):
+        i = rng.randrange(n_orig)
+        items.append((rng.uniform(i, n_orig), _near_copy(originals[i], f"{next_key:09d}", rng)))
+        next_key += 1
+    for i in sorted(rng.sample(range(n_orig), n_like)):
+        moved = make_scene(seed, i, moved=True)
+        items.append((rng.uniform(0, n_orig), replace(moved, key=f"{next_key:09d}", look_alike_of=originals[i].key)))
+        next_key += 1
+    items.sort(key=lambda t: t[0])  # stable: an original precedes copies placed at its own position
+    return [s for _, s in items]
+
+
 def make_scenes(n: int, seed: int, start: int = 0) -> Iterator[Scene]:
     """Scenes ``start .. start+n-1`` of world ``seed``; keys are the scene indices (``000000042``)."""
     for i in range(start, start + n):
@@ -355,7 +409,9 @@ def make_scenes(n: int, seed: int, start: int = 0) -> Iterator[Scene]:
 
 
 def _ground_truth(scene: Scene) -> dict:
+    which = {k: v for k, v in (("duplicate_of", scene.duplicate_of), ("look_alike_of", scene.look_alike_of)) if v}
     return {
+        **which,
         "caption": scene.caption,
         "regions": [
             {"phrase": r.phrase, "char_start": r.char_start, "char_end": r.char_end, "box": list(r.box)}
