@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
-MAX_README_BYTES = 25 * 1024
+MAX_README_BYTES = 25_000  # "25 KB", as the issue counted the 63 KB README (63,461 bytes)
 
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 INLINE = re.compile(r"`(vesl [^`]+)`")
