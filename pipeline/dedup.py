@@ -65,10 +65,10 @@ class HashStage:
     """The perceptual hash of each decoded image (``Sample.meta[HASH_KEY]``, hex), with the maintained ``imagehash``."""
 
     name = "hash"
+    resources = StageResources(batch_size=64)  # a hash costs far less than a decode: large batches
 
     def __init__(self, cfg: DedupSettings) -> None:
         self.cfg = cfg
-        self.resources = StageResources(batch_size=64)
 
     def setup(self) -> None:
         import imagehash  # noqa: F401  (fail at setup, not on the first batch)

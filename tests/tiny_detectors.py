@@ -39,14 +39,7 @@ def build_clip_tokenizer(corpus: Iterable[str], vocab_size: int = 600):
 def build_tiny_owlv2(
     out_dir,
     *,
-    image_size: int = 64,
-    patch_size: int = 16,
-    hidden_size: int = 32,
-    num_layers: int = 2,
-    num_heads: int = 2,
-    projection_dim: int = 32,
     corpus: Iterable[str] | None = None,
-    vocab_size: int = 600,
     seed: int = 0,
     prior_boxes: bool = True,
 ) -> Path:
@@ -59,6 +52,7 @@ def build_tiny_owlv2(
     import torch
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
+    image_size, patch_size, hidden_size, num_layers, num_heads, projection_dim, vocab_size = 64, 16, 32, 2, 2, 32, 600
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_clip_tokenizer(corpus or DEFAULT_CORPUS, vocab_size=vocab_size)
@@ -112,10 +106,6 @@ def build_bert_tokenizer(corpus: Iterable[str], vocab_size: int = 400):
 def build_tiny_grounding_dino(
     out_dir,
     *,
-    d_model: int = 32,
-    text_hidden: int = 32,
-    num_queries: int = 30,
-    image_size: int = 64,
     corpus: Iterable[str] | None = None,
     seed: int = 0,
 ) -> Path:
@@ -130,6 +120,7 @@ def build_tiny_grounding_dino(
         SwinConfig,
     )
 
+    d_model, text_hidden, num_queries, image_size = 32, 32, 30, 64
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_bert_tokenizer(corpus or DEFAULT_CORPUS)

@@ -20,6 +20,10 @@ _OBJECTS = ["dog", "cat", "car", "tree", "house", "person", "bicycle", "boat", "
 _PLACES = ["on the left", "on the right", "at the top", "at the bottom", "in the center", "near the edge"]
 
 
+# Large: spreads the random logits so that greedy decoding has no near-ties (the sizes live in each builder).
+INITIALIZER_RANGE = 0.2
+
+
 def synthetic_captions(n: int = 400, seed: int = 0) -> list[str]:
     """Caption-like sentences (plus prompt words) so the BPE learns useful merges for the tests."""
     rng = random.Random(seed)
@@ -95,16 +99,9 @@ def build_tokenizer(corpus: Sequence[str], vocab_size: int = 512):
 def build_tiny_vlm(
     out_dir: Path,
     *,
-    hidden_size: int = 32,
-    num_layers: int = 2,
-    num_heads: int = 2,
-    vision_dim: int = 32,
-    vision_depth: int = 1,
-    vocab_size: int = 512,
     captions: Sequence[str] | None = None,
     min_pixels: int = 28 * 28 * 4,
     max_pixels: int = 28 * 28 * 16,
-    initializer_range: float = 0.2,
     seed: int = 0,
 ) -> Path:
     """Save a tiny Qwen2-VL (config, safetensors weights, tokenizer, processor, chat template) to ``out_dir``.
@@ -120,6 +117,8 @@ def build_tiny_vlm(
         Qwen2VLVideoProcessor,
     )
 
+    hidden_size, num_layers, num_heads, vision_dim, vision_depth, vocab_size = 32, 2, 2, 32, 1, 512
+    initializer_range = INITIALIZER_RANGE
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(captions if captions is not None else synthetic_captions(seed=seed), vocab_size)
@@ -191,16 +190,7 @@ IDEFICS3_CHAT_TEMPLATE = (
 def build_tiny_idefics3(
     out_dir: Path,
     *,
-    hidden_size: int = 32,
-    num_layers: int = 2,
-    num_heads: int = 2,
-    vision_dim: int = 32,
-    vision_depth: int = 1,
-    image_size: int = 32,
-    patch_size: int = 8,
-    vocab_size: int = 512,
     captions: Sequence[str] | None = None,
-    initializer_range: float = 0.2,
     seed: int = 0,
 ) -> Path:
     """Save a tiny Idefics3 (the SmolVLM family): SigLIP-style tiles of ``image_size`` px, Llama text model.
@@ -215,6 +205,8 @@ def build_tiny_idefics3(
         Idefics3Processor,
     )
 
+    hidden_size, num_layers, num_heads, vision_dim, vision_depth, vocab_size = 32, 2, 2, 32, 1, 512
+    image_size, patch_size, initializer_range = 32, 8, INITIALIZER_RANGE
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus = captions if captions is not None else synthetic_captions(seed=seed)
