@@ -224,6 +224,18 @@ def make_optimizer(model, cfg: TrainConfig):
         return torch.optim.AdamW(groups, **kw)
 
 
+def make_loss(cfg: TrainConfig, d: Dist):
+    """The CLOC loss that ``cfg`` asks for, on this process's rank."""
+    from vesl.pretrain.losses import CLOCLoss
+
+    return CLOCLoss(
+        lam=cfg.lam, text_sim_threshold=cfg.text_sim_threshold, ground_loss=cfg.ground_loss,
+        local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, rank=d.rank, world_size=d.world_size,
+        region_loss_drop=cfg.region_loss_drop, region_weight=cfg.region_weight, ground_weight=cfg.ground_weight,
+        l1_weight=cfg.ground_l1_weight, giou_weight=cfg.ground_giou_weight, cell_weight=cfg.ground_cell_weight,
+    )
+
+
 def host_prepare(batch: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """What the step needs read from the batch, read while it is still on the host: its number of valid images,
     and the text inputs in the form that lets the forward run without host reads (``prepare_texts``)."""
@@ -238,7 +250,7 @@ def _to(batch: dict[str, Any], device) -> dict[str, Any]:
 
 
 def _build_model(cfg: TrainConfig, device):
-    """The model, or a one-line UserError for a wrong model name (with the closest names) or unusable weights."""
+    """The model (heads frozen with ``clip_only``), or a one-line UserError for a wrong model name (with the closest names) or unusable weights."""
     import open_clip
 
     from vesl.errors import first_line
@@ -262,7 +274,7 @@ def _build_model(cfg: TrainConfig, device):
     root = logging.getLogger()
     root.addFilter(no_download_log)
     try:
-        return create_model(cfg.model, cfg.pretrained, prompter, seed=cfg.seed, device=device)
+        model = create_model(cfg.model, cfg.pretrained, prompter, seed=cfg.seed, device=device)
     except (RuntimeError, ValueError, OSError) as exc:
         if cfg.pretrained:
             raise UserError(f"open_clip could not load {cfg.model} with --pretrained {cfg.pretrained}: "
@@ -270,6 +282,10 @@ def _build_model(cfg: TrainConfig, device):
         raise
     finally:
         root.removeFilter(no_download_log)
+    if cfg.clip_only:  # the heads stay as built: no gradients, no optimizer state
+        model.prompter.requires_grad_(False)
+        model.ground_head.requires_grad_(False)
+    return model
 
 
 # ---- the training half (as open_clip splits ``main`` and ``train_one_epoch``) ----------------------
@@ -430,32 +446,41 @@ def wrap_ddp(model, d: Dist):
     return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
-def train_one_epoch(run: Run, epoch: int, loader_resume: Any) -> bool:
-    """The steps of one epoch (from ``loader_resume`` when resuming); True when training is done."""
+def train_step(run: Run, batch: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """One optimizer step on a ``host_prepare``d batch on the device; advances ``run.step``. (lr, loss tensors).
+
+    A function of its own so that benchmarks/train_step.py times exactly this step, on fixed inputs.
+    """
     import torch
 
+    cfg, model = run.cfg, run.model
+    lr = cosine_lr(run.step, cfg.lr, run.warmup, run.total)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    model.train()
+    with torch.autocast(run.d.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
+        out = run.ddp(batch["images"], batch["texts"], batch["region_boxes"], batch["region_texts"],
+                      batch["region_valid"], clip_only=cfg.clip_only, phrase_index=batch.get("phrase_index"))
+    run.loss_fn.set_progress(run.step, run.total)
+    losses = run.loss_fn(out, batch)
+    run.optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    run.step += 1
+    return lr, losses
+
+
+def train_one_epoch(run: Run, epoch: int, loader_resume: Any) -> bool:
+    """The steps of one epoch (from ``loader_resume`` when resuming); True when training is done."""
     cfg, model = run.cfg, run.model
     for batch in run.loader.epoch(epoch, loader_resume):
         n_valid, batch = host_prepare(batch)
         run.log.seen_last += n_valid
-        batch = _to(batch, run.d.device)
-        lr = cosine_lr(run.step, cfg.lr, run.warmup, run.total)
-        for g in run.optimizer.param_groups:
-            g["lr"] = lr
-        model.train()
-        with torch.autocast(run.d.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
-            out = run.ddp(batch["images"], batch["texts"], batch["region_boxes"], batch["region_texts"],
-                          batch["region_valid"], clip_only=cfg.clip_only, phrase_index=batch.get("phrase_index"))
-        run.loss_fn.set_progress(run.step, run.total)
-        losses = run.loss_fn(out, batch)
-        run.optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        run.optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        run.step += 1
+        lr, losses = train_step(run, _to(batch, run.d.device))
         run.log.step(run.step, epoch, lr, losses, batch["keys"] if run.log.keys_log else [])
         if run.step % cfg.log_every == 0 or run.step == run.total:
             run.log.report(model, run.step, epoch, run.total, run.warmup, lr)
@@ -472,7 +497,6 @@ def train_one_epoch(run: Run, epoch: int, loader_resume: Any) -> bool:
 def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
     """Train (or resume) a CLOC model; returns the run directory. Works under torchrun or alone."""
     from vesl.pretrain.data import Preprocess, RegionTextLoader, scan_units
-    from vesl.pretrain.losses import CLOCLoss
     from vesl.schemas.dataset import training_shards
 
     if isinstance(config, (str, os.PathLike)):
@@ -500,9 +524,6 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
         if cfg.grad_checkpointing:
             model.clip.set_grad_checkpointing(True)
-        if cfg.clip_only:
-            model.prompter.requires_grad_(False)
-            model.ground_head.requires_grad_(False)
         loader = RegionTextLoader(
             cfg.data, batch_size=cfg.batch_size, tokenizer=model.tokenizer, preprocess=Preprocess.from_model(model),
             regions_per_image=cfg.regions_per_image, num_workers=workers, rank=d.rank, world_size=d.world_size,
@@ -518,12 +539,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
             print(note, file=sys.stderr, flush=True)
         optimizer = make_optimizer(model, cfg)
         step, epoch, loader_resume = resume(cfg, d, run_dir, model, optimizer, steps_per_epoch)
-        loss_fn = CLOCLoss(
-            lam=cfg.lam, text_sim_threshold=cfg.text_sim_threshold, ground_loss=cfg.ground_loss,
-            local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, rank=d.rank, world_size=d.world_size,
-            region_loss_drop=cfg.region_loss_drop, region_weight=cfg.region_weight, ground_weight=cfg.ground_weight,
-            l1_weight=cfg.ground_l1_weight, giou_weight=cfg.ground_giou_weight, cell_weight=cfg.ground_cell_weight,
-        )
+        loss_fn = make_loss(cfg, d)
         run = Run(cfg, d, run_dir, model, wrap_ddp(model, d), optimizer, loss_fn, loader, RunLog(cfg, d, run_dir),
                   total, warmup, workers, use_bf16, step=step, last_saved=step)  # fmt: skip
         while epoch < cfg.epochs and run.step < total:

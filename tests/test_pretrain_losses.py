@@ -420,3 +420,35 @@ def test_generalized_iou_equals_torchvision():
     a = torch.cat([torch.minimum(a[:, :2], a[:, 2:]), torch.maximum(a[:, :2], a[:, 2:])], -1)
     b = torch.cat([torch.minimum(b[:, :2], b[:, 2:]), torch.maximum(b[:, :2], b[:, 2:])], -1)
     assert torch.allclose(1 - generalized_iou(a, b), generalized_box_iou_loss(a, b, reduction="none"), atol=1e-6)
+
+
+def test_vit_b16_builds_with_the_prompter_and_heads_at_vit_width():
+    """benchmarks/train_step.py measures CLOC's overhead on open_clip's ViT-B-16 with random weights: the
+    Prompter and the grounding head must be built at its width, and a CLOC forward must fit together at 224 px.
+    Built and run on the meta device (shapes only): real weights take seconds to initialise."""
+    from vesl.pretrain.model import create_model
+
+    with torch.device("meta"):
+        model = create_model("ViT-B-16", seed=0, device="meta")
+    assert (model.prompter.width, model.grid, model.embed_dim, model.image_size) == (768, (14, 14), 512, (224, 224))
+    assert model.prompter.qkv.in_features == 768
+    assert model.ground_head.key[1].in_features == 768
+    assert sum(p.numel() for p in model.clip.parameters()) == 149_620_737  # open_clip's ViT-B/16, as published
+    meta = {"device": "meta"}
+    out = model(torch.empty(2, 3, 224, 224, **meta), torch.empty(2, 12, dtype=torch.long, **meta),
+                torch.empty(2, 4, 4, **meta), torch.empty(5, 6, dtype=torch.long, **meta),
+                torch.empty(2, 4, dtype=torch.bool, **meta), phrase_index=torch.empty(2, 4, dtype=torch.long, **meta))
+    assert out["region_features"].shape == (2, 4, 512)
+    assert out["pred_boxes"].shape == (2, 4, 4)
+    assert out["image_features"].shape == out["text_features"].shape == (2, 512)
+
+
+def test_clip_only_model_trains_no_prompter_or_head_parameter():
+    from vesl.pretrain.train import TrainConfig, _build_model, make_optimizer
+
+    model = _build_model(TrainConfig(data="unused", model="vesl-micro-vit", clip_only=True), "cpu")
+    frozen = list(model.prompter.parameters()) + list(model.ground_head.parameters())
+    assert frozen
+    assert not any(p.requires_grad for p in frozen)
+    in_opt = {id(p) for group in make_optimizer(model, TrainConfig(data="unused")).param_groups for p in group["params"]}
+    assert in_opt == {id(p) for p in model.clip.parameters() if p.requires_grad}
