@@ -10,7 +10,7 @@ R@10 (box-prompted region -> phrase, over the set of distinct phrases; and phras
 grounding accuracy (share of ``ground`` boxes with IoU >= 0.5), next to the trivial whole-image box.
 
 Referring-expression comprehension (REC) on a RefCOCO-style JSONL (``vesl synth --format refexp`` writes one;
-see the README for converting RefCOCO/+/g): acc@0.5 of the grounding head (no candidates), and of ranking the
+see docs/training.md for converting RefCOCO/+/g): acc@0.5 of the grounding head (no candidates), and of ranking the
 candidate boxes against the expression with the Prompter, RoI-Align and crop-and-encode.
 
 Longer than 400 lines on purpose: every benchmark shares one loader, one set of region embeddings and one

@@ -83,7 +83,7 @@ class TrainConfig(BaseModel):
     region_loss_drop: float = Field(0.0, ge=0.0, lt=1.0, description="share of region pairs with the highest loss "
                                     "left out of L_region, for noisy pseudo-labels (0: paper-literal)")
     ground_loss: Literal["l2", "l1+giou"] = Field("l1+giou", description="l1+giou: DETR's box loss (chosen on "
-                                                  "validation worlds of the demo, see the README); l2: the paper's")
+                                                  "validation worlds of the demo, see docs/demo-report.md); l2: the paper's")
     ground_cell_weight: float = Field(0.0, ge=0, le=MAX_FACTOR, description="--ground-head locate: weight of the cross-entropy that "
                                       "points the text prompt's attention at the cell holding the box centre (0: off)")
     ground_l1_weight: float = Field(5.0, ge=0, le=MAX_FACTOR, description="--ground-loss l1+giou: weight of L1 (DETR's 5)")

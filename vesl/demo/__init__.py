@@ -23,7 +23,7 @@ def demo_profile() -> dict[str, Any]:
     """The ``demo`` labeling profile: the bundled offline models when shipped, else alt-text captions only.
 
     One box per phrase with box voting: every phrase of this world names one object and the tiny
-    detector fires on several neighbouring patches of it (the measurements are in the README).
+    detector fires on several neighbouring patches of it (the measurements are in docs/demo-report.md).
     """
     captioner, detector = ASSETS_DIR / "captioner", ASSETS_DIR / "detector"
     out: dict[str, Any] = {"phrases": {"mode": "paper"}}

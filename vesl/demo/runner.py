@@ -33,7 +33,7 @@ FULL_TRAIN_SEED = 1001  # --full: the web-like pairs that get labeled and traine
 DEMO_N = 200
 FULL_N = 2000
 FULL_EVAL_N = 300
-FULL_STEPS = 3000  # why 3,000: README, "Demo settings, and why"
+FULL_STEPS = 3000  # why 3,000: docs/demo-report.md, "Demo settings, and why"
 SHARD_SIZE = 100
 GOAL_POINTS = 15.0
 
@@ -186,7 +186,7 @@ DEFAULT_TRAIN = {
     "lr": 2e-3,
     "warmup": 20,
     "regions_per_image": 4,
-    # the settings below, and the measurements behind them: README, "Demo settings, and why"
+    # the settings below, and the measurements behind them: docs/demo-report.md, "Demo settings, and why"
     "text_sim_threshold": 0.999,
     "region_loss_drop": 0.2,
     "region_position_words": 0.3,
