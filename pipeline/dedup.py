@@ -289,10 +289,11 @@ def fill_duplicates(cfg: LabelConfig, names: list[str]) -> int:
     from vesl.schemas.stage import SampleError
 
     out = cfg.output.rstrip("/")
-    pending = [(n, st) for n in names if (st := read_stats(out, n)) and st.get("duplicates_pending")]
+    committed = {n: st for n in committed_shards(out) if (st := read_stats(out, n))}
+    pending = [(n, committed[n]) for n in names if n in committed and committed[n].get("duplicates_pending")]
     if not pending:
         return 0
-    by_source = {st["source_uri"]: n for n in committed_shards(out) if (st := read_stats(out, n))}
+    by_source = {st["source_uri"]: n for n, st in committed.items()}
     dups = duplicates_of(cfg.duplicates.table, cfg.duplicates.table_sha256)
 
     @functools.lru_cache(maxsize=64)

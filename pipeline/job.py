@@ -280,9 +280,7 @@ def public_spec(spec: str) -> str:
     (``hf:/home/me/models/captioner`` -> ``hf:captioner``), so the data never shows the file system."""
     spec = redact(spec)
     backend, sep, target = spec.partition(":")
-    if sep and target and "://" not in target and _is_local_path(target):
-        return f"{backend}:{posixpath.basename(target.rstrip('/')) or target}"
-    return spec
+    return f"{backend}:{_public_text(target)}" if sep and target else spec
 
 
 def _is_local_path(value: str) -> bool:

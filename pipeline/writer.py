@@ -273,7 +273,6 @@ def write_shard(
     keys = [s.index for s in samples]
     if len(set(keys)) != len(keys):
         raise ValueError(f"{name}: duplicate Sample.index values; each sample must be written once")
-    _remove(out_dir, name + STATS_SUFFIX)  # uncommit first (overwrite)
     reject_invalid_rows(samples, keep_image_bytes)
     data = parquet_bytes(rows_table(samples, provenance, keep_image_bytes))
     stats = {**shard_stats(name, source_uri, samples, provenance, sample_limit), **(extra_stats or {})}
@@ -284,7 +283,7 @@ def commit_files(
     out_dir: str | os.PathLike, name: str, data: bytes, errors: pa.Table, stats: dict[str, Any], timings: dict[str, Any] | None
 ) -> dict[str, Any]:
     """Steps 1-4 of the commit protocol for a shard's serialized rows and its errors; returns the stats written."""
-    _remove(out_dir, name + STATS_SUFFIX)
+    _remove(out_dir, name + STATS_SUFFIX)  # uncommit first (overwrite)
     files = shard_files(name)
     errs = parquet_bytes(errors)
     atomic_write_bytes(out_dir, files["parquet"], data)

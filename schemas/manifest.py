@@ -26,10 +26,10 @@ from vesl.schemas.dataset import (
 )
 from vesl.schemas.region_text import (
     ERRORS_SCHEMA,
-    READABLE_VERSIONS,
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
     Violation,
+    readable_version,
 )
 
 MANIFEST_NAME = "manifest.json"
@@ -122,7 +122,7 @@ def check_dataset(out_dir: str | os.PathLike) -> list[Violation]:
                     out.append(Violation("errors_schema", meta["name"], f"schema {schema} is not ERRORS_SCHEMA"))
             elif kind == "parquet":
                 version = (schema.metadata or {}).get(SCHEMA_VERSION_KEY.encode())
-                if version not in {v.encode() for v in READABLE_VERSIONS}:
+                if not readable_version(version):
                     out.append(Violation("schema_version", meta["name"], f"schema version {version!r}"))
     manifest = root / MANIFEST_NAME
     if not manifest.exists():

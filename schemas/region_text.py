@@ -19,6 +19,11 @@ import pyarrow.parquet as pq
 SCHEMA_VERSION = "1.1"
 READABLE_VERSIONS = ("1", "1.1")
 SCHEMA_VERSION_KEY = "vesl.schema_version"
+
+
+def readable_version(version: bytes | None) -> bool:
+    """Whether a file's ``vesl.schema_version`` metadata value is one this vesl reads."""
+    return version is not None and version.decode(errors="replace") in READABLE_VERSIONS
 PROVENANCE_KEY = "vesl.provenance"
 CAPTION_SOURCES = ("alt_text", "vlm")
 
@@ -198,7 +203,7 @@ def validate_rows(path_or_table: str | Path | pa.Table) -> list[Violation]:
             continue
         meta = table.schema.metadata or {}
         version = meta.get(SCHEMA_VERSION_KEY.encode())
-        if where != "<table>" and version not in {v.encode() for v in READABLE_VERSIONS}:
+        if where != "<table>" and not readable_version(version):
             out.append(Violation("schema_version", where, f"file metadata {SCHEMA_VERSION_KEY}={version!r}, expected {SCHEMA_VERSION!r}"))
         types = _check_types(table, where)
         out += types
