@@ -2,7 +2,9 @@
 
 Backends (``DetectorConfig.spec``):
 
-- ``owlv2:<hub id or path>``: ``Owlv2ForObjectDetection``. All images of a batch go through ONE forward;
+- ``owlv2:<hub id or path>``: ``Owlv2ForObjectDetection``. On a GPU all images of a batch go through ONE
+  forward; on a CPU one image per forward (``DetectorConfig.forward``: batching buys nothing there, and a
+  row then never depends on its batch-mates, so a deduplicated run equals a full run). In a batched forward
   each image's phrase set is padded to the batch's largest set (padded queries are masked). Each box is
   labeled with its best-scoring phrase and kept when that score > ``threshold`` (0.1 in the paper).
 - ``grounding-dino:<hub id or path>``: ``GroundingDinoForObjectDetection``. An image's phrases are joined
@@ -263,7 +265,7 @@ class _HFDetector:
                 fail(s, self.name, "no decoded image reached the detector", "MissingImage")
             elif s.phrases:
                 todo.append(s)
-        step = max(1, self.cfg.batch_size)
+        step = max(1, self.cfg.batch_size) if self.batched else 1
         for k in range(0, len(todo), step):
             chunk = todo[k : k + step]
             with torch.inference_mode():
@@ -273,6 +275,13 @@ class _HFDetector:
             for s, r in zip(chunk, regions, strict=True):
                 s.regions = r
         return batch
+
+    @property
+    def batched(self) -> bool:
+        """Whether a batch goes through the model in one forward (see ``DetectorConfig.forward``)."""
+        if self.cfg.forward == "auto":
+            return self.device is not None and self.device.type != "cpu"
+        return self.cfg.forward == "batch"
 
     def detect(self, images, phrases, sizes) -> list[list[Region]]:
         raise NotImplementedError

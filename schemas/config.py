@@ -86,6 +86,10 @@ class DetectorConfig(ModelStageConfig):
     spec: str = "none"  # none | owlv2:<id or path> | grounding-dino:<id or path>
     threshold: float = Field(0.1, ge=0.0, le=1.0)
     text_threshold: float = Field(0.25, ge=0.0, le=1.0)
+    # images per model forward. auto: one on a CPU, where batching buys nothing (benchmarks/detector_batching.py)
+    # and one-image forwards make each row independent of which images share its batch (so a deduplicated
+    # run's rows equal a full run's bit for bit); the whole batch on a GPU. batch / per_image force either.
+    forward: Literal["auto", "batch", "per_image"] = Field("auto", json_schema_extra=NOT_IN_ROWS)
     nms: Literal["per_phrase", "class_agnostic", "none"] = "per_phrase"
     nms_iou: float = Field(0.5, ge=0.0, le=1.0)
     min_box_size: float = Field(0.0, ge=0.0, le=1.0)  # fraction of the shorter image side

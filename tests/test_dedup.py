@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vesl.cli import app
+from vesl.cli.profiles import resolve_config
 from vesl.demo.synth import make_world, write_webdataset
 from vesl.pipeline.config import DedupConfig, LabelConfig
 from vesl.pipeline.dedup import group
@@ -115,6 +116,26 @@ def test_label_duplicates_copy_and_skip(world, tmp_path):
     assert not any(s["duplicates_pending"] for s in stats)
     r = CliRunner().invoke(app, ["inspect", str(tmp_path / "copy"), "--json"])
     assert json.loads(r.output)["duplicates"] == len(dups)
+
+
+def test_with_models_a_deduplicated_run_equals_the_full_run(world, tmp_path):
+    """The demo's real captioner and detector: every representative's row is bit-identical to the full run's,
+    although skipping duplicates changes which images share a batch (the detector forwards one image at a time
+    on a CPU; see ``DetectorConfig.forward``)."""
+    inputs, scenes = world
+    demo = resolve_config("demo", None, {"inputs": [str(inputs)]})
+    models = {"captioner": demo.captioner.model_dump(), "detector": demo.detector.model_dump()}
+    _dedup(inputs, tmp_path / "d")
+    _label(inputs, tmp_path / "full", **models)
+    _label(inputs, tmp_path / "copy", tmp_path / "d", **models)
+    full, copy = _rows(tmp_path / "full"), _rows(tmp_path / "copy")
+    dups = {s.key: s.duplicate_of for s in scenes if s.duplicate_of}
+    assert sum(bool(r["regions"]) for r in full.values()) > len(full) // 2  # the models really label
+    for k, r in copy.items():
+        if k in dups:
+            assert (r["caption"], r["regions"]) == (copy[dups[k]]["caption"], copy[dups[k]]["regions"])
+        else:
+            assert r == full[k]
 
 
 def test_resume_refuses_another_table(world, tmp_path):

@@ -237,7 +237,7 @@ def _count_forwards(stage):
 
 
 def test_tiny_owlv2_one_batched_forward(tiny_owlv2_dir):
-    stage = make_detector(DetectorConfig(spec=f"owlv2:{tiny_owlv2_dir}", threshold=0.0, nms="none"))
+    stage = make_detector(DetectorConfig(spec=f"owlv2:{tiny_owlv2_dir}", threshold=0.0, nms="none", forward="batch"))
     assert stage.name == "detect"
     stage.setup()
     calls = _count_forwards(stage)
@@ -270,7 +270,8 @@ def test_tiny_owlv2_one_batched_forward(tiny_owlv2_dir):
 
 
 def test_tiny_grounding_dino_one_batched_forward(tiny_grounding_dino_dir):
-    cfg = DetectorConfig(spec=f"grounding-dino:{tiny_grounding_dino_dir}", threshold=0.0, text_threshold=0.0)
+    cfg = DetectorConfig(spec=f"grounding-dino:{tiny_grounding_dino_dir}", threshold=0.0, text_threshold=0.0,
+                         forward="batch")
     stage = make_detector(cfg)
     stage.setup()
     calls = _count_forwards(stage)
@@ -281,6 +282,25 @@ def test_tiny_grounding_dino_one_batched_forward(tiny_grounding_dino_dir):
     assert any(s.regions for s in batch)
     assert batch[2].regions == []
     assert stage.provenance()["detector.text_threshold"] == "0.0"
+
+
+def test_on_cpu_each_image_is_its_own_forward_so_batch_mates_never_change_a_row(tiny_owlv2_dir):
+    """``forward: auto`` on a CPU: one forward per image, and an image's regions are bit-identical whichever
+    images share its batch (what lets a deduplicated run equal a full run)."""
+    stage = make_detector(DetectorConfig(spec=f"owlv2:{tiny_owlv2_dir}", threshold=0.0, nms="none"))
+    stage.setup()
+    assert stage.device.type == "cpu"
+    assert not stage.batched
+    calls = _count_forwards(stage)
+    together = _batch()
+    stage(together)
+    assert len(calls) == 3  # the image without phrases needs no forward
+    for drop in range(4):
+        apart = [s for i, s in enumerate(_batch()) if i != drop]
+        stage(apart[::-1])
+        for s in apart:
+            same = next(b for b in together if b.key == s.key)
+            assert [(r.phrase, r.box, r.score) for r in s.regions] == [(r.phrase, r.box, r.score) for r in same.regions]
 
 
 def test_unreachable_hub_id_offline_is_a_one_line_user_error(monkeypatch, tmp_path):

@@ -88,7 +88,7 @@ def test_the_walk_covers_every_stage_model_and_marking_a_field_is_a_visible_deci
                 "breaker_cooldown_s"}
     assert {p for p, info in FIELDS if not row_changing(info)} == {
         *NOT_A_RESUME, "engine", "workers", "beam_runner", "beam_options", "ray_address", "source.image_sources",
-        "decode.batch_size", "phrases.batch_size", *(f"detector.{f}" for f in stage),
+        "decode.batch_size", "phrases.batch_size", "detector.forward", *(f"detector.{f}" for f in stage),
         *(f"captioner.{f}" for f in stage | requests),
     }
 
