@@ -41,6 +41,8 @@ def _figures(q, alt_recall: float) -> dict[str, float]:
         "detector_gt_phrases_precision": s["detector_labeled"]["precision"],
         "detector_gt_phrases_recall": s["detector_labeled"]["recall"],
         "alt_text_caption_recall": alt_recall,
+        "recall_lost_caption": q.recall_fates["caption"],
+        "recall_lost_detector": q.recall_fates["detector"],
     }
 
 
@@ -116,6 +118,8 @@ def main() -> int:
           f"{spread('lenient_box_recall')}")
     print(f"  detector alone with GT phrases, phrase-aware P / R: {spread('detector_gt_phrases_precision')} / "
           f"{spread('detector_gt_phrases_recall')}")
+    print(f"  where recall is lost (fractions of all objects):    caption never names it "
+          f"{spread('recall_lost_caption')}; named, no right box {spread('recall_lost_detector')}")
     print(f"total wall {wall:.1f}s")
     if args.json:
         with open(args.json, "w") as f:

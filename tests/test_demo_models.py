@@ -74,4 +74,8 @@ def test_demo_models_meet_the_goal_check_on_test_scenes():
     got = {"caption_recall": q.caption_object_recall, "caption_precision": q.caption_object_precision,
            "box_precision": q.pipeline_labeled.precision, "box_recall": q.pipeline_labeled.recall}  # fmt: skip
     assert all(got[k] >= BOUNDS[k] for k in BOUNDS), (got, q.examples)
+    # every object's fate is attributed once: found, never named by the caption, or named but missed
+    assert abs(sum(q.recall_fates.values()) - 1.0) < 1e-9, q.recall_fates
+    assert abs(q.recall_fates["found"] - q.pipeline_labeled.recall) < 1e-9, q.recall_fates
+    assert q.recall_fates["caption"] <= 1 - q.caption_object_recall + 1e-9, q.recall_fates
     assert q.pipeline_box.precision > raw.pipeline_box.precision, (q.summary(), raw.summary())

@@ -41,8 +41,18 @@ def greedy_match(
     ``preds``: (box, score, label); ``gts``: (box, label); boxes normalized xyxy. With ``same_label``
     a prediction may only match a GT box of the same label. Returns the number of matches.
     """
+    return len(matched_gts(preds, gts, iou_threshold, same_label))
+
+
+def matched_gts(
+    preds: Sequence[tuple[Sequence[float], float, str]],
+    gts: Sequence[tuple[Sequence[float], str]],
+    iou_threshold: float = 0.5,
+    same_label: bool = False,
+) -> set[int]:
+    """The indices of the GT boxes that ``greedy_match`` matches (so recall losses can be attributed)."""
     free = set(range(len(gts)))
-    hits = 0
+    hit: set[int] = set()
     for box, _score, label in sorted(preds, key=lambda p: -p[1]):
         best, best_iou = None, iou_threshold
         for j in free:
@@ -53,8 +63,8 @@ def greedy_match(
                 best, best_iou = j, iou
         if best is not None:
             free.discard(best)
-            hits += 1
-    return hits
+            hit.add(best)
+    return hit
 
 
 def phrase_category(phrase: str, categories: Sequence[str]) -> str:
@@ -93,6 +103,10 @@ class LabelQuality:
     pipeline_labeled: Counts = field(default_factory=Counts)  # ... and the phrase names the GT category
     detector_box: Counts = field(default_factory=Counts)  # detector alone, queried with the GT phrases
     detector_labeled: Counts = field(default_factory=Counts)
+    # where phrase-aware recall is lost, as fractions of all GT objects: "caption" (the caption never names
+    # the object's colour and shape, so no phrase could ask for it) or "detector" (named, but no box with
+    # the right phrase lies on it). found + caption + detector == 1.
+    recall_fates: dict = field(default_factory=lambda: {"found": 0.0, "caption": 0.0, "detector": 0.0})
     seconds: dict = field(default_factory=dict)
     examples: list = field(default_factory=list)
 
@@ -104,12 +118,14 @@ class LabelQuality:
         return out
 
 
-def _count(counts: Counts, regions, scene, categories: Sequence[str], same_label: bool) -> None:
+def _count(counts: Counts, regions, scene, categories: Sequence[str], same_label: bool) -> set[int]:
     preds = [(r.box, r.score, phrase_category(r.phrase, categories)) for r in regions]
     gts = [(o.box, o.category) for o in scene.objects]
-    counts.tp += greedy_match(preds, gts, 0.5, same_label)
+    hit = matched_gts(preds, gts, 0.5, same_label)
+    counts.tp += len(hit)
     counts.n_pred += len(preds)
     counts.n_gt += len(gts)
+    return hit
 
 
 def evaluate(
@@ -160,11 +176,13 @@ def evaluate(
             apply_stage(st, batch)
             q.seconds[st.name] = round(q.seconds.get(st.name, 0.0) + time.perf_counter() - t, 2)
     named = exact = mentioned = mentioned_right = 0
+    fates = dict.fromkeys(("found", "caption", "detector"), 0)
     for s, sample in zip(scenes, samples, strict=True):
         if not sample.ok:
             q.caption_errors += 1
             _count(q.pipeline_box, [], s, cats, False)
             _count(q.pipeline_labeled, [], s, cats, True)
+            fates["caption"] += len(s.objects)
             continue
         cap = sample.caption or ""
         said = Counter(named_categories(cap, list(COLORS), SHAPES))
@@ -176,12 +194,15 @@ def evaluate(
             pos = s.caption[r.char_end:].split(",")[0].split(" and ")[0].rstrip(".").strip()
             exact += f"{o.phrase} {pos}" in cap
         _count(q.pipeline_box, sample.regions, s, cats, False)
-        _count(q.pipeline_labeled, sample.regions, s, cats, True)
+        hit = _count(q.pipeline_labeled, sample.regions, s, cats, True)
+        for j, o in enumerate(s.objects):
+            fates["found" if j in hit else "detector" if mentions(cap, o.color, o.shape) else "caption"] += 1
         if len(q.examples) < n_examples:
             q.examples.append({"gt": s.caption, "caption": cap,
                                "regions": [(r.phrase, [round(v, 3) for v in r.box], round(r.score, 3))
                                            for r in sample.regions]})  # fmt: skip
     q.caption_object_recall = named / max(1, q.n_objects)
+    q.recall_fates = {k: v / max(1, q.n_objects) for k, v in fates.items()}
     q.caption_object_precision = mentioned_right / mentioned if mentioned else 0.0
     q.caption_exact_recall = exact / max(1, q.n_objects)
     if detector_only:
