@@ -3,7 +3,7 @@
 - ``synth``: the synthetic scene world (images of coloured shapes, web-like alt-text, ground truth);
 - ``source``: ``synth://`` as a labeling input;
 - ``recipes/``: the recipes that train the tiny demo models, and their quality checks;
-- ``assets/``: those models (captioner, detector), with their recipe records;
+- ``assets/``: those models (captioner, detector, verifier), with their recipe records;
 - ``ground_truth``: oracle labels of the synthetic world as a stage (``vesl demo --full --labels gt``);
 - ``runner``: ``vesl demo`` and ``vesl demo --full``; ``cli``: the ``demo`` and ``synth`` commands.
 
@@ -30,4 +30,6 @@ def demo_profile() -> dict[str, Any]:
     out["captioner"] = {"spec": f"hf:{captioner}"} if captioner.is_dir() else {"spec": "alt_text"}
     detector_cfg = {"spec": f"owlv2:{detector}", "boxes_per_phrase": 1, "box_voting_iou": 0.3}
     out["detector"] = detector_cfg if detector.is_dir() else {"spec": "none"}
+    if verifier.is_dir() and detector.is_dir():
+        out["verify"] = {"spec": f"clip:{verifier}", "min_score": 0.0, "min_margin": 0.05}
     return out
