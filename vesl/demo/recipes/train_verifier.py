@@ -168,6 +168,11 @@ def train(r: VerifierRecipe, out: Path, init: Path | None = None) -> dict:
     form_cat = torch.tensor([cat_index[c] for _, c in forms])
     obj = [i for i, c in enumerate(cats) if c is not None]
     bg = [i for i, c in enumerate(cats) if c is None]
+    target = torch.tensor([cat_index[c] if c is not None else -1 for c in cats])
+    scene_cat = torch.zeros(len(cats), len(categories), dtype=torch.bool)
+    for i, sc in enumerate(scene_cats):
+        scene_cat[i, [cat_index[c] for c in sc]] = True
+    scene_mask = scene_cat[:, form_cat]  # [N, forms]
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -189,15 +194,15 @@ def train(r: VerifierRecipe, out: Path, init: Path | None = None) -> dict:
         txt = F.normalize(model.encode_text(texts), dim=-1)
         logits = model.logit_scale.exp() * img @ txt.T  # [B, forms]
         logp = logits.log_softmax(-1)
-        loss_obj, loss_bg = [], []
-        for k, i in enumerate(idx):
-            if cats[i] is not None:  # all size forms of the right category
-                loss_obj.append(-torch.logsumexp(logp[k, form_cat == cat_index[cats[i]]], 0))
-            else:  # uniform over the scene's own phrases, among themselves
-                cols = torch.cat([torch.nonzero(form_cat == cat_index[c]).flatten() for c in scene_cats[i]])
-                loss_bg.append(-logits[k, cols].log_softmax(-1).mean())
-        lo = torch.stack(loss_obj).mean()
-        lb = torch.stack(loss_bg).mean() if loss_bg else lo.new_zeros(())
+        is_obj = target[idx] >= 0
+        right = form_cat[None, :] == target[idx][:, None]  # [B, forms]: the forms of the crop's category
+        lo = -logp.masked_fill(~right, float("-inf")).logsumexp(-1)[is_obj].mean()
+        own = scene_mask[idx][~is_obj]  # [b, forms]: the forms of the crop's scene's categories
+        if len(own):  # uniform over its scene's own phrases, among themselves
+            within = logits[~is_obj].masked_fill(~own, float("-inf")).log_softmax(-1)
+            lb = -(within.masked_fill(~own, 0.0).sum(-1) / own.sum(-1)).mean()
+        else:
+            lb = lo.new_zeros(())
         loss = lo + lb
         opt.zero_grad(set_to_none=True)
         loss.backward()
