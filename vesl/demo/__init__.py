@@ -23,9 +23,10 @@ def demo_profile() -> dict[str, Any]:
     """The ``demo`` labeling profile: the bundled offline models when shipped, else alt-text captions only.
 
     One box per phrase with box voting: every phrase of this world names one object and the tiny
-    detector fires on several neighbouring patches of it (the measurements are in docs/demo-report.md).
+    detector fires on several neighbouring patches of it (the measurements are in docs/demo-report.md). The tiny
+    CLIP verifier then drops the boxes whose phrase it does not confirm (docs/labeling.md, "Verification").
     """
-    captioner, detector = ASSETS_DIR / "captioner", ASSETS_DIR / "detector"
+    captioner, detector, verifier = ASSETS_DIR / "captioner", ASSETS_DIR / "detector", ASSETS_DIR / "verifier"
     out: dict[str, Any] = {"phrases": {"mode": "paper"}}
     out["captioner"] = {"spec": f"hf:{captioner}"} if captioner.is_dir() else {"spec": "alt_text"}
     detector_cfg = {"spec": f"owlv2:{detector}", "boxes_per_phrase": 1, "box_voting_iou": 0.3}
