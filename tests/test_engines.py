@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.shard_checks import stats_without_timings
+from vesl.demo import ASSETS_DIR
 from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.engines.distributed import StageRunner
 from vesl.pipeline.wiring import build_stages
-from vesl.demo import ASSETS_DIR
 from vesl.schemas.config import CaptionerConfig, DetectorConfig, VerifierConfig
 
 pytest.importorskip("apache_beam")
