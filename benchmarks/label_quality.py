@@ -12,9 +12,13 @@ instead: that is the split to tune on. The headline metrics count what CLOC trai
 The lenient box figures (any phrase) follow as secondary lines.
 
 Baseline: the alt-text itself as the caption (the paper's "without VESL" labels), for caption recall.
-Exits 1 when a goal is missed.
+Verification (``--verifier``, default: the demo profile's): the box figures are given for detection alone and
+with the verification stage, with the verifier's cost per image. ``--sweep`` also prints the box figures over
+a grid of ``min_score`` x ``min_margin`` (scores computed once, the keep rule applied per cell): tune on
+``--split validation``. Exits 1 when a goal is missed.
 
     python benchmarks/label_quality.py [--n 200] [--split test|validation] [--seeds 7001,7002,7003]
+        [--verifier off|clip:DIR|cloc:RUN] [--min-score S] [--min-margin M] [--sweep]
 """
 
 from __future__ import annotations
@@ -27,6 +31,53 @@ import sys
 import time
 
 GOALS = {"caption_recall": 0.9, "caption_precision": 0.9, "box_precision": 0.85, "box_recall": 0.85}
+SWEEP_SCORES = (0.0, 0.1, 0.2, 0.3, 0.4)
+SWEEP_MARGINS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
+
+
+def _verify(verify: dict, scenes, samples) -> tuple[dict[str, float], dict, float]:
+    """The verification stage on the detector's labels: (box figures, scores per region for the sweep, s/image)."""
+    import copy
+
+    import torch
+
+    from vesl.demo.recipes.quality import labeled_counts
+    from vesl.labelers.verifiers import _phrase_texts, make_verifier
+    from vesl.schemas.config import VerifierConfig
+
+    stage = make_verifier(VerifierConfig(**verify))
+    stage.setup()
+    verified = [copy.copy(s) for s in samples]
+    t = time.perf_counter()
+    stage([s for s in verified if s.ok])
+    per_image = (time.perf_counter() - t) / len(samples)
+    c = labeled_counts(scenes, [s.regions if s.ok else [] for s in verified])
+    figures = {"box_precision": c.precision, "box_recall": c.recall,
+               "verifier_dropped": sum(s.verifier_dropped or 0 for s in verified if s.ok)}
+    scored = []  # per sample: (own score, margin) of each region
+    with torch.inference_mode():
+        for s in samples:
+            if not s.ok or not s.regions:
+                scored.append([])
+                continue
+            texts = _phrase_texts(s.phrases, s.regions)
+            m = stage.scorer.score(s.image, [r.box for r in s.regions], texts)
+            row = []
+            for k, r in enumerate(s.regions):
+                j = texts.index(r.phrase)
+                others = torch.cat([m[k, :j], m[k, j + 1 :]])
+                row.append((float(m[k, j]), float(m[k, j]) - float(others.max()) if len(others) else float("inf")))
+            scored.append(row)
+    return figures, scored, per_image
+
+
+def _sweep_cell(scenes, samples, scored, min_score: float, min_margin: float) -> tuple[float, float]:
+    from vesl.demo.recipes.quality import labeled_counts
+
+    kept = [[r for r, (own, margin) in zip(s.regions, sc, strict=True) if own >= min_score and margin >= min_margin]
+            if s.ok else [] for s, sc in zip(samples, scored, strict=True)]
+    c = labeled_counts(scenes, kept)
+    return c.precision, c.recall
 
 
 def _figures(q, alt_recall: float) -> dict[str, float]:
@@ -68,6 +119,11 @@ def main() -> int:
     p.add_argument("--box-voting-iou", type=float, default=None,
                    help="detector box voting IoU, 0 = off (default: what --profile demo uses)")
     p.add_argument("--threshold", type=float, default=None, help="detector score threshold (default: the demo's)")
+    p.add_argument("--verifier", default=None,
+                   help="off | clip:<open_clip model> | cloc:<vesl run> (default: the demo profile's verifier)")
+    p.add_argument("--min-score", type=float, default=None, help="verifier min_score (default: the demo's)")
+    p.add_argument("--min-margin", type=float, default=None, help="verifier min_margin (default: the demo's)")
+    p.add_argument("--sweep", action="store_true", help="box figures over a grid of min_score x min_margin")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
@@ -75,7 +131,13 @@ def main() -> int:
     split = TEST_SEEDS if args.split == "test" else VALIDATION_SEEDS
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else list(split[:3])
 
-    detector = profile("demo")["detector"]
+    demo = profile("demo")
+    detector = demo["detector"]
+    verify = dict(demo.get("verify") or {"spec": "off"})
+    for key, value in (("spec", args.verifier), ("min_score", args.min_score), ("min_margin", args.min_margin)):
+        if value is not None:
+            verify[key] = value
+    verifying = verify.get("spec", "off") != "off"
     options = {k: v for k, v in detector.items() if k not in ("spec", "threshold")}
     threshold = args.threshold if args.threshold is not None else detector.get("threshold", 0.1)
     if args.boxes_per_phrase is not None:
@@ -84,14 +146,26 @@ def main() -> int:
         options["box_voting_iou"] = args.box_voting_iou
 
     per_seed: dict[int, dict[str, float]] = {}
+    grid: dict[int, dict[tuple[float, float], tuple[float, float]]] = {}
     t = time.perf_counter()
     for seed in seeds:
         scenes = list(make_scenes(args.n, seed=seed))
         n_obj = sum(len(s.objects) for s in scenes)
         alt = sum(mentions(s.alt_text, o.color, o.shape) for s in scenes for o in s.objects) / n_obj
+        samples: list = []
         q = evaluate(scenes, args.captioner, args.detector, batch_size=args.batch_size, threshold=threshold,
-                     detector_options=options)
+                     detector_options=options, keep=samples)
         per_seed[seed] = _figures(q, alt)
+        if verifying:
+            figures, scored, per_image = _verify(verify, scenes, samples)
+            per_seed[seed]["detection_box_precision"] = per_seed[seed]["box_precision"]
+            per_seed[seed]["detection_box_recall"] = per_seed[seed]["box_recall"]
+            per_seed[seed].update(figures)
+            per_seed[seed]["verifier_ms_per_image"] = 1000 * per_image
+            per_seed[seed]["detect_ms_per_image"] = 1000 * q.seconds.get("detect", 0.0) / len(scenes)
+            if args.sweep:
+                grid[seed] = {(a, b): _sweep_cell(scenes, samples, scored, a, b)
+                              for a in SWEEP_SCORES for b in SWEEP_MARGINS}
         print(f"  world {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in per_seed[seed].items()), flush=True)
     wall = time.perf_counter() - t
 
@@ -105,6 +179,7 @@ def main() -> int:
     print(f"label quality, {args.split} worlds {seeds}, {args.n} scenes each "
           f"({'reported figures' if args.split == 'test' else 'for tuning; not reported'})")
     print(f"  captioner {args.captioner}\n  detector  {args.detector} (threshold {threshold}, {options})")
+    print(f"  verifier  {verify}")
     missed = []
     for key, label in (("caption_recall", "caption recall (objects named by colour and shape)"),
                        ("caption_precision", "caption precision (named objects that exist)"),
@@ -120,6 +195,17 @@ def main() -> int:
           f"{spread('detector_gt_phrases_recall')}")
     print(f"  where recall is lost (fractions of all objects):    caption never names it "
           f"{spread('recall_lost_caption')}; named, no right box {spread('recall_lost_detector')}")
+    if verifying:
+        print(f"  detection alone, phrase-aware P / R:              {spread('detection_box_precision')} / "
+              f"{spread('detection_box_recall')}")
+        print(f"  regions dropped by the verifier: {sum(f['verifier_dropped'] for f in per_seed.values()):.0f}; its cost "
+              f"{spread('verifier_ms_per_image')} ms per image (detector {spread('detect_ms_per_image')} ms)")
+    if grid:
+        print("sweep (mean over worlds): precision / recall; rows min_score, columns min_margin")
+        print("      " + "".join(f"{b:>14}" for b in SWEEP_MARGINS))
+        for a in SWEEP_SCORES:
+            cells = [tuple(statistics.fmean(g[(a, b)][i] for g in grid.values()) for i in (0, 1)) for b in SWEEP_MARGINS]
+            print(f"{a:5}  " + "".join(f"   {pr:.3f}/{rc:.3f}" for pr, rc in cells))
     print(f"total wall {wall:.1f}s")
     if args.json:
         with open(args.json, "w") as f:

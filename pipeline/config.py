@@ -11,7 +11,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from vesl.schemas.config import NOT_IN_ROWS, CaptionerConfig, DetectorConfig, PhrasesConfig, StrictConfig
+from vesl.schemas.config import (
+    NOT_IN_ROWS,
+    CaptionerConfig,
+    DetectorConfig,
+    PhrasesConfig,
+    StrictConfig,
+    VerifierConfig,
+)
 
 
 class SourceConfig(StrictConfig):
@@ -78,6 +85,7 @@ class LabelConfig(StrictConfig):
     captioner: CaptionerConfig = Field(default_factory=CaptionerConfig)
     phrases: PhrasesConfig = Field(default_factory=PhrasesConfig)
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    verify: VerifierConfig = Field(default_factory=VerifierConfig)  # after the detector; off unless asked
     duplicates: DuplicatesConfig = Field(default_factory=DuplicatesConfig)
 
 

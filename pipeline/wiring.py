@@ -1,4 +1,4 @@
-"""The stage list of a labeling job: decode -> captioner -> phrases -> detector (a dedup job: decode -> hash).
+"""The stage list of a labeling job: decode -> captioner -> phrases -> detector -> verifier (a dedup job: decode -> hash).
 
 Every engine builds its stages through :func:`build_stages` (once per worker), so local, Beam and
 Ray run the same code. Imports are lazy: building the list loads no model; ``setup()`` does.
@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 
 def build_stages(cfg: LabelConfig) -> list[Stage]:
-    """The stages for ``cfg``, in order; the detector is left out when its spec is ``none``."""
+    """The stages for ``cfg``, in order; the detector is left out when its spec is ``none``, the verifier when
+    there is no detector or its spec is ``off``."""
     from vesl.pipeline.config import DedupConfig
 
     if isinstance(cfg, DedupConfig):  # `vesl dedup`: decode -> perceptual hash
@@ -41,4 +42,11 @@ def build_stages(cfg: LabelConfig) -> list[Stage]:
     detector = make_detector(cfg.detector, trust_remote_code=trust)
     if detector is not None:
         stages.append(detector)
+    if detector is None or cfg.verify.spec == "off":
+        return stages
+    from vesl.labelers.verifiers import make_verifier
+
+    verifier = make_verifier(cfg.verify)
+    if verifier is not None:
+        stages.append(verifier)
     return stages

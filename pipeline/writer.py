@@ -250,7 +250,14 @@ def shard_stats(
         "caption_source": dict(sorted(Counter(s.caption_source or "alt_text" for s in ok).items())),
         "duplicates": sum(1 for s in ok if s.duplicate_of is not None),
         "provenance_sha256": provenance_sha256(provenance),
+        **_verifier_stats(ok),
     }
+
+
+def _verifier_stats(ok: list[Sample]) -> dict[str, int]:
+    """``verifier_dropped``: the regions the verifier took out (only in a job that verifies)."""
+    counts = [s.verifier_dropped for s in ok if s.verifier_dropped is not None]
+    return {"verifier_dropped": sum(counts)} if counts else {}
 
 
 def write_shard(

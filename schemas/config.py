@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.fields import FieldInfo
 
 DEFAULT_PROMPT = (
@@ -97,3 +97,41 @@ class DetectorConfig(ModelStageConfig):
     boxes_per_phrase: int = Field(0, ge=0)  # 0: no limit; 1: phrase grounding (one box per phrase)
     # 0: off; t: each kept box becomes the score-weighted mean of its phrase's boxes with IoU >= t
     box_voting_iou: float = Field(0.0, ge=0.0, le=1.0)
+
+
+
+VERIFIER_GROUP = "vesl.verifiers"  # entry points: ``kind = "package.module:ScorerClass"`` (docs/plugins.md)
+
+
+def verifier_kinds() -> list[str]:
+    """The verifier kinds a spec may name: ``clip`` (built in) and the installed ``vesl.verifiers`` plugins."""
+    from importlib.metadata import entry_points
+
+    return sorted({"clip", *(ep.name for ep in entry_points(group=VERIFIER_GROUP))})
+
+
+class VerifierConfig(ModelStageConfig):
+    """A second region-text model re-scores every (phrase, box) the detector gave (``labelers/verifiers.py``).
+
+    A region is kept when its score (cosine of box and phrase embeddings) is >= ``min_score`` and beats the
+    best other phrase of the same image by >= ``min_margin``: a box the detector labeled with the wrong
+    phrase loses to the right one. Tuned on validation worlds (docs/labeling.md, "Verification").
+    """
+
+    spec: str = "off"  # off | clip:<open_clip model name, local dir or hf-hub:id> | cloc:<vesl run dir or export>
+    min_score: float = Field(0.0, ge=0.0, le=1.0)  # an absolute cosine threshold
+    min_margin: float = Field(0.05, ge=0.0, le=2.0)  # cosines differ by at most 2
+    # context kept around a box crop, as a fraction of the box side on each side: a shape is told by its edge
+    pad: float = Field(0.1, ge=0.0, le=1.0)
+
+    @field_validator("spec")
+    @classmethod
+    def _known_kind(cls, spec: str) -> str:
+        spec = spec.strip()
+        kind, sep, target = spec.partition(":")
+        if kind == "off" and not sep:
+            return spec
+        kinds = verifier_kinds()
+        if kind not in kinds or not target:
+            raise ValueError(f"unknown verifier spec {spec!r}: use off or " + ", ".join(f"{k}:<model>" for k in kinds))
+        return spec

@@ -75,6 +75,8 @@ class Sample:
     error: SampleError | None = None
     # key of the image this one is a near-duplicate of (`vesl label --duplicates`): the model stages skip it
     duplicate_of: str | None = None
+    # regions the verification stage dropped (None: no verifier ran); counted in the shard's stats
+    verifier_dropped: int | None = None
 
     @property
     def ok(self) -> bool:

@@ -116,6 +116,7 @@ def inspect_dataset(out_dir: str | Path, top: int = 15) -> dict[str, Any]:
     errors_by_type: Counter = Counter()
     errors_by_stage: Counter = Counter()
     errors = duplicates = 0
+    dropped: int | None = None  # regions the verifier took out; None: no shard was verified
     timings: list[dict[str, Any]] = []
     for name in names:
         try:
@@ -130,6 +131,8 @@ def inspect_dataset(out_dir: str | Path, top: int = 15) -> dict[str, Any]:
         timings.append({"images": stats.get("input_count", 0), **stats.get("timings", {})})
         st.add(t)
         duplicates += stats.get("duplicates", 0) + stats.get("duplicates_skipped", 0)
+        if "verifier_dropped" in stats:
+            dropped = (dropped or 0) + stats["verifier_dropped"]
         errors += stats["errors"]
         errors_by_type.update(stats["errors_by_type"])
         errors_by_stage.update(stats["errors_by_stage"])
@@ -154,6 +157,7 @@ def inspect_dataset(out_dir: str | Path, top: int = 15) -> dict[str, Any]:
         "score_quantiles": _quantiles(st.all_scores(), (0.0, 0.1, 0.5, 0.9, 1.0)),
         "top_phrases": st.phrases.most_common(top),
         "duplicates": duplicates,
+        "verifier_dropped": dropped,
         "cost": {**cost_report(timings), **_model_calls(timings, duplicates)},
     }
 

@@ -16,10 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.shard_checks import stats_without_timings
+from vesl.demo import ASSETS_DIR
 from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.engines.distributed import StageRunner
 from vesl.pipeline.wiring import build_stages
-from vesl.schemas.config import CaptionerConfig, DetectorConfig
+from vesl.schemas.config import CaptionerConfig, DetectorConfig, VerifierConfig
 
 pytest.importorskip("apache_beam")
 pytest.importorskip("ray")
@@ -57,6 +58,8 @@ def _cfg(inputs: Path, out: Path, vlm: Path, owl: Path, **kw) -> LabelConfig:
         output=str(out),
         captioner=CaptionerConfig(spec=f"hf:{vlm}", max_new_tokens=12, batch_size=4, device="cpu"),
         detector=DetectorConfig(spec=f"owlv2:{owl}", threshold=0.0, max_regions=5, batch_size=4, device="cpu"),
+        # the verification stage too (the demo's tiny CLIP): its drops must be the same on every engine
+        verify=VerifierConfig(spec=f"clip:{ASSETS_DIR / 'verifier'}", min_score=0.0, min_margin=0.0, device="cpu"),
         **kw,
     )
 

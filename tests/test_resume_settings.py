@@ -39,6 +39,8 @@ def _other(path: str, info: Any, value: Any) -> Any:
     """A valid value different from ``value`` for the field's type."""
     ann = info.annotation
     args = [a for a in typing.get_args(ann) if a is not type(None)]
+    if path == "verify.spec":  # a verifier where there was none: refused like another detector
+        return "clip:some-model"
     if typing.get_origin(ann) is Literal:
         return next(a for a in args if a != value)
     if ann is bool:
@@ -81,7 +83,7 @@ def test_the_walk_covers_every_stage_model_and_marking_a_field_is_a_visible_deci
     names = {p for p, _ in FIELDS}
     for expected in ("seed", "stage_threads", "decode.keep_image_bytes", "captioner.prompt_template",
                      "captioner.timeout_s", "phrases.max_phrases", "detector.boxes_per_phrase",
-                     "detector.box_voting_iou", "source.caption_column"):
+                     "detector.box_voting_iou", "source.caption_column", "verify.spec", "verify.min_margin"):
         assert expected in names
     stage = {"batch_size", "concurrency", "num_gpus", "device"}
     requests = {"api_key_env", "max_concurrent_requests", "timeout_s", "max_retries", "breaker_failures",
@@ -89,7 +91,7 @@ def test_the_walk_covers_every_stage_model_and_marking_a_field_is_a_visible_deci
     assert {p for p, info in FIELDS if not row_changing(info)} == {
         *NOT_A_RESUME, "engine", "workers", "beam_runner", "beam_options", "ray_address", "source.image_sources",
         "decode.batch_size", "phrases.batch_size", "detector.forward", *(f"detector.{f}" for f in stage),
-        *(f"captioner.{f}" for f in stage | requests),
+        *(f"captioner.{f}" for f in stage | requests), *(f"verify.{f}" for f in stage),
     }
 
 

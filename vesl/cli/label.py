@@ -41,6 +41,15 @@ def label(
     captioner: Annotated[Optional[str], typer.Option(help="alt_text | hf:<id or path> | openai:<base_url>#<model> | vllm:<model> | keep (a labeled dataset's captions)")] = None,
     phrases: Annotated[Optional[str], typer.Option(help="Phrase extraction mode: paper | noun_chunks [profile's]")] = None,
     detector: Annotated[Optional[str], typer.Option(help="none | owlv2:<id or path> | grounding-dino:<id or path>")] = None,
+    verifier: Annotated[
+        Optional[str],
+        typer.Option(help="off | clip:<open_clip model, local dir or hf-hub:id> | cloc:<vesl run or export>: re-score "
+                     "each (phrase, box) and drop the unconfirmed (docs/labeling.md, Verification) [profile's]"),
+    ] = None,
+    min_score: Annotated[Optional[float], typer.Option(help="Verifier: keep a region whose cosine with its phrase is >= this")] = None,
+    min_margin: Annotated[
+        Optional[float], typer.Option(help="Verifier: ... and beats the image's best other phrase by >= this")
+    ] = None,
     engine: Annotated[Optional[str], typer.Option(help="local | beam | ray [local]")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Local engine: processes over shards; Ray: actors per stage [1]")] = None,
     stage_threads: Annotated[
@@ -114,6 +123,9 @@ def label(
         ov["phrases"] = {"mode": phrases}
     if detector is not None:
         ov["detector"] = {"spec": detector}
+    verify = {k: v for k, v in (("spec", verifier), ("min_score", min_score), ("min_margin", min_margin)) if v is not None}
+    if verify:
+        ov["verify"] = verify
     cfg = resolve_config(profile, config, ov)
     if beam_options and cfg.engine != "beam":
         raise UserError(f"arguments after `--` ({' '.join(beam_options)}) are Beam pipeline options: add --engine beam")
@@ -153,6 +165,8 @@ def print_report(r: dict[str, Any]) -> None:
         echo("  by stage: " + ", ".join(f"{k}={v}" for k, v in r["errors_by_stage"].items()))
     echo("captions   " + ", ".join(f"{k}={v}" for k, v in r["caption_source"].items()))
     echo(f"regions    {r['regions']} ({r['regions_per_image_mean']} per image)")
+    if r.get("verifier_dropped") is not None:
+        echo(f"verified   {r['verifier_dropped']} regions dropped by the verifier (their phrase was not confirmed)")
     echo("regions per image:")
     most = max(r["regions_per_image_hist"].values(), default=0) or 1
     for k, v in r["regions_per_image_hist"].items():

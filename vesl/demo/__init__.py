@@ -3,7 +3,7 @@
 - ``synth``: the synthetic scene world (images of coloured shapes, web-like alt-text, ground truth);
 - ``source``: ``synth://`` as a labeling input;
 - ``recipes/``: the recipes that train the tiny demo models, and their quality checks;
-- ``assets/``: those models (captioner, detector), with their recipe records;
+- ``assets/``: those models (captioner, detector, verifier), with their recipe records;
 - ``ground_truth``: oracle labels of the synthetic world as a stage (``vesl demo --full --labels gt``);
 - ``runner``: ``vesl demo`` and ``vesl demo --full``; ``cli``: the ``demo`` and ``synth`` commands.
 
@@ -23,11 +23,14 @@ def demo_profile() -> dict[str, Any]:
     """The ``demo`` labeling profile: the bundled offline models when shipped, else alt-text captions only.
 
     One box per phrase with box voting: every phrase of this world names one object and the tiny
-    detector fires on several neighbouring patches of it (the measurements are in docs/demo-report.md).
+    detector fires on several neighbouring patches of it (the measurements are in docs/demo-report.md). The tiny
+    CLIP verifier then drops the boxes whose phrase it does not confirm (docs/labeling.md, "Verification").
     """
-    captioner, detector = ASSETS_DIR / "captioner", ASSETS_DIR / "detector"
+    captioner, detector, verifier = ASSETS_DIR / "captioner", ASSETS_DIR / "detector", ASSETS_DIR / "verifier"
     out: dict[str, Any] = {"phrases": {"mode": "paper"}}
     out["captioner"] = {"spec": f"hf:{captioner}"} if captioner.is_dir() else {"spec": "alt_text"}
     detector_cfg = {"spec": f"owlv2:{detector}", "boxes_per_phrase": 1, "box_voting_iou": 0.3}
     out["detector"] = detector_cfg if detector.is_dir() else {"spec": "none"}
+    if verifier.is_dir() and detector.is_dir():
+        out["verify"] = {"spec": f"clip:{verifier}", "min_score": 0.0, "min_margin": 0.05}
     return out

@@ -118,6 +118,17 @@ class LabelQuality:
         return out
 
 
+def labeled_counts(scenes, regions_per_scene) -> Counts:
+    """Phrase-aware box counts (IoU >= 0.5 and the phrase names the GT category) of given regions per scene."""
+    from vesl.demo.synth import categories as all_categories
+
+    cats = sorted(all_categories(), key=len, reverse=True)
+    c = Counts()
+    for scene, regions in zip(scenes, regions_per_scene, strict=True):
+        _count(c, regions, scene, cats, True)
+    return c
+
+
 def _count(counts: Counts, regions, scene, categories: Sequence[str], same_label: bool) -> set[int]:
     preds = [(r.box, r.score, phrase_category(r.phrase, categories)) for r in regions]
     gts = [(o.box, o.category) for o in scene.objects]
@@ -137,10 +148,14 @@ def evaluate(
     detector_options: dict | None = None,
     detector_only: bool = True,
     n_examples: int = 3,
+    verify: dict | None = None,
+    keep: list | None = None,
 ) -> LabelQuality:
     """Label ``scenes`` with ``hf:<captioner>`` + ``owlv2:<detector>`` through the product stages.
 
     ``detector_options``: further ``DetectorConfig`` fields (post-processing), e.g. the demo profile's.
+    ``verify``: ``VerifierConfig`` fields (the verification stage runs after the detector). ``keep``: a list
+    that receives the labeled Samples (with their decoded images), for measurements on top of these labels.
     """
     from collections import Counter
 
@@ -158,6 +173,7 @@ def evaluate(
         captioner=CaptionerConfig(spec=f"hf:{captioner}", batch_size=batch_size),
         detector=DetectorConfig(spec=f"owlv2:{detector}", batch_size=batch_size, threshold=threshold,
                                 **(detector_options or {})),
+        verify=verify or {},
     )
     stages = build_stages(cfg)
     q = LabelQuality(n_images=len(scenes), n_objects=sum(len(s.objects) for s in scenes))
@@ -201,12 +217,14 @@ def evaluate(
             q.examples.append({"gt": s.caption, "caption": cap,
                                "regions": [(r.phrase, [round(v, 3) for v in r.box], round(r.score, 3))
                                            for r in sample.regions]})  # fmt: skip
+    if keep is not None:
+        keep.extend(samples)
     q.caption_object_recall = named / max(1, q.n_objects)
     q.recall_fates = {k: v / max(1, q.n_objects) for k, v in fates.items()}
     q.caption_object_precision = mentioned_right / mentioned if mentioned else 0.0
     q.caption_exact_recall = exact / max(1, q.n_objects)
     if detector_only:
-        det, decode = stages[-1], stages[0]
+        det, decode = next(st for st in stages if st.name == "detect"), stages[0]
         gt_samples = [
             Sample(key=s.key, source_shard="quality", index=i, image_bytes=s.image, alt_text=s.alt_text,
                    caption=s.caption, phrases=[Phrase(r.phrase, r.char_start, r.char_end) for r in s.regions])
