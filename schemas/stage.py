@@ -75,6 +75,8 @@ class Sample:
     error: SampleError | None = None
     # key of the image this one is a near-duplicate of (`vesl label --duplicates`): the model stages skip it
     duplicate_of: str | None = None
+    # whether a detector was asked for ``phrases``: the writer then records the ones without a region as unmatched
+    queried: bool = False
 
     @property
     def ok(self) -> bool:
