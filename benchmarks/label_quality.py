@@ -14,7 +14,13 @@ The lenient box figures (any phrase) follow as secondary lines.
 Baseline: the alt-text itself as the caption (the paper's "without VESL" labels), for caption recall.
 Exits 1 when a goal is missed.
 
+Several looks (docs/labeling.md, "Several looks"): ``--tta``, ``--also-detector`` and ``--fusion-*`` run the
+detector once more with those settings on the same captions and phrases, and print detection alone beside
+detection with TTA/fusion, each with its detector seconds per image and the whole labeling time per image
+against today's (``--variants FILE.json``, name -> DetectorConfig fields, compares several in one run).
+
     python benchmarks/label_quality.py [--n 200] [--split test|validation] [--seeds 7001,7002,7003]
+        [--tta hflip,scale:1.25] [--also-detector owlv2:PATH] [--fusion-threshold 0.15] [--fusion-iou 0.55]
 """
 
 from __future__ import annotations
@@ -66,6 +72,13 @@ def main() -> int:
     p.add_argument("--box-voting-iou", type=float, default=None,
                    help="detector box voting IoU, 0 = off (default: what --profile demo uses)")
     p.add_argument("--threshold", type=float, default=None, help="detector score threshold (default: the demo's)")
+    p.add_argument("--tta", default="", help="test-time looks, comma-separated: hflip, scale:S, hflip+scale:S")
+    p.add_argument("--also-detector", action="append", default=[], help="another detector spec to fuse (repeatable)")
+    p.add_argument("--fusion-iou", type=float, default=None, help="weighted box fusion IoU (default 0.55)")
+    p.add_argument("--fusion-skip", type=float, default=None, help="boxes under this score are left out of fusion")
+    p.add_argument("--fusion-conf-type", default=None, help="avg | max | box_and_model_avg | absent_model_aware_avg")
+    p.add_argument("--fusion-threshold", type=float, default=None, help="drop fused boxes scoring <= this")
+    p.add_argument("--variants", default=None, help="JSON file: name -> DetectorConfig fields, each compared")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
@@ -81,15 +94,36 @@ def main() -> int:
     if args.box_voting_iou is not None:
         options["box_voting_iou"] = args.box_voting_iou
 
+    variants = {}
+    fusion = {k: v for k, v in (("iou_thr", args.fusion_iou), ("skip_box_thr", args.fusion_skip),
+                                ("conf_type", args.fusion_conf_type), ("threshold", args.fusion_threshold))
+              if v is not None}  # fmt: skip
+    looks = [t.strip() for t in args.tta.split(",") if t.strip()]
+    if looks or args.also_detector or fusion:
+        variants["fused"] = {**options, "threshold": threshold, "tta": looks, "also": args.also_detector,
+                             "fusion": fusion}
+    if args.variants:
+        with open(args.variants) as f:
+            variants.update({k: {**options, "threshold": threshold, **v} for k, v in json.load(f).items()})
     per_seed: dict[int, dict[str, float]] = {}
+    costs: dict[int, dict[str, float]] = {}
     t = time.perf_counter()
     for seed in seeds:
         scenes = list(make_scenes(args.n, seed=seed))
         n_obj = sum(len(s.objects) for s in scenes)
         alt = sum(mentions(s.alt_text, o.color, o.shape) for s in scenes for o in s.objects) / n_obj
         q = evaluate(scenes, args.captioner, args.detector, batch_size=args.batch_size, threshold=threshold,
-                     detector_options=options)
+                     detector_options=options, variants=variants)
         per_seed[seed] = _figures(q, alt)
+        labeling = sum(v for k, v in q.seconds.items() if k not in ("setup", "detect_gt_phrases")) / args.n
+        costs[seed] = {"labeling_s_per_image": labeling, "detect_s_per_image": q.seconds.get("detect", 0.0) / args.n}
+        for name, v in q.variants.items():
+            per_seed[seed][f"{name}_box_precision"] = v["counts"].precision
+            per_seed[seed][f"{name}_box_recall"] = v["counts"].recall
+            costs[seed][f"{name}_detect_s_per_image"] = v["seconds"] / args.n
+            # the whole labeling time with this detector instead of today's, over today's
+            costs[seed][f"{name}_labeling_ratio"] = (labeling - costs[seed]["detect_s_per_image"]
+                                                     + v["seconds"] / args.n) / labeling
         print(f"  world {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in per_seed[seed].items()), flush=True)
     wall = time.perf_counter() - t
 
@@ -116,11 +150,25 @@ def main() -> int:
           f"{spread('lenient_box_recall')}")
     print(f"  detector alone with GT phrases, phrase-aware P / R: {spread('detector_gt_phrases_precision')} / "
           f"{spread('detector_gt_phrases_recall')}")
+    if variants:
+        def cost(k: str) -> float:
+            return statistics.fmean(c[k] for c in costs.values())
+
+        print(f"  detection alone: P / R {spread('box_precision')} / {spread('box_recall')}, detector "
+              f"{1000 * cost('detect_s_per_image'):.0f} ms/image, labeling {1000 * cost('labeling_s_per_image'):.0f} "
+              "ms/image")
+        for name, v in variants.items():
+            print(f"  {name}: P / R {spread(name + '_box_precision')} / {spread(name + '_box_recall')}, detector "
+                  f"{1000 * cost(name + '_detect_s_per_image'):.0f} ms/image "
+                  f"({cost(name + '_detect_s_per_image') / cost('detect_s_per_image'):.2f}x), labeling "
+                  f"{cost(name + '_labeling_ratio'):.2f}x today's   "
+                  f"{ {k: v[k] for k in ('tta', 'also', 'fusion') if k in v} }")
     print(f"total wall {wall:.1f}s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"split": args.split, "seeds": seeds, "n": args.n, "goals": GOALS, "per_seed": per_seed,
-                       "mean": {k: mean(k) for k in next(iter(per_seed.values()))}, "missed": missed}, f, indent=2)
+                       "mean": {k: mean(k) for k in next(iter(per_seed.values()))}, "missed": missed,
+                       "costs": costs, "variants": variants}, f, indent=2)
     if missed:
         print(f"goals missed: {', '.join(missed)}", file=sys.stderr)
         return 1
