@@ -17,7 +17,9 @@ from vesl.schemas.config import FusionConfig
 from vesl.schemas.stage import Phrase, Region
 
 
-def fuse_looks(looks: Sequence[Sequence[Region]], phrases: Sequence[Phrase], cfg: FusionConfig) -> list[Region]:
+def fuse_looks(
+    looks: Sequence[Sequence[Region]], phrases: Sequence[Phrase], cfg: FusionConfig
+) -> list[Region]:
     """Fuse the regions of several looks at one image (each a list of regions of ``phrases``) per phrase.
 
     Returns the fused regions by decreasing score (ties: phrase order, then box), every box clipped to [0, 1].
@@ -30,12 +32,18 @@ def fuse_looks(looks: Sequence[Sequence[Region]], phrases: Sequence[Phrase], cfg
     boxes, scores, labels = [], [], []
     for look in looks:
         try:
-            labels.append([index[(r.phrase, r.char_start, r.char_end)] for r in look])
+            lab = np.asarray([index[(r.phrase, r.char_start, r.char_end)] for r in look], dtype=np.int64)
         except KeyError as exc:
-            raise ValueError(f"a look labeled a box with {exc.args[0]!r}, which is not one of the image's phrases") from None
-        boxes.append([list(r.box) for r in look] or np.zeros((0, 4)))
-        scores.append([r.score for r in look])
-    if not any(labels):
+            raise ValueError(
+                f"a look labeled a box with {exc.args[0]!r}, which is not one of the image's phrases"
+            ) from None
+        # a shrunk view's boxes on its padding map past the image: clipped, and those left empty dropped
+        b = np.clip(np.asarray([list(r.box) for r in look], dtype=np.float64).reshape(-1, 4), 0.0, 1.0)
+        real = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+        boxes.append(b[real])
+        scores.append(np.asarray([r.score for r in look], dtype=np.float64)[real])
+        labels.append(lab[real])
+    if not any(len(lab) for lab in labels):
         return []
     fb, fs, fl = weighted_boxes_fusion(
         boxes, scores, labels, iou_thr=cfg.iou_thr, skip_box_thr=cfg.skip_box_thr, conf_type=cfg.conf_type
@@ -45,6 +53,8 @@ def fuse_looks(looks: Sequence[Sequence[Region]], phrases: Sequence[Phrase], cfg
         if score > cfg.threshold:
             p = phrases[int(label)]
             out.append(Region(p.text, p.char_start, p.char_end, tuple(float(v) for v in box), float(score)))
-    order = sorted(range(len(out)), key=lambda k: (-out[k].score, index[(out[k].phrase, out[k].char_start,
-                                                                           out[k].char_end)], out[k].box))
+    order = sorted(
+        range(len(out)),
+        key=lambda k: (-out[k].score, index[(out[k].phrase, out[k].char_start, out[k].char_end)], out[k].box),
+    )
     return [out[k] for k in order]

@@ -93,7 +93,9 @@ class FusedDetector:
         self.cfg = cfg
         self.detectors = detectors
         self.looks = ["", *cfg.tta]
-        self.resources = StageResources(batch_size=cfg.batch_size, concurrency=cfg.concurrency, num_gpus=cfg.num_gpus)
+        self.resources = StageResources(
+            batch_size=cfg.batch_size, concurrency=cfg.concurrency, num_gpus=cfg.num_gpus
+        )
 
     def setup(self) -> None:
         for d in self.detectors:
@@ -155,9 +157,13 @@ class FusedDetector:
     def provenance(self) -> dict[str, str]:
         prov = dict(self.detectors[0].provenance())
         for i, d in enumerate(self.detectors[1:], 1):
-            prov.update({k.replace("detector.", f"detector.also.{i}.", 1): v for k, v in d.provenance().items()})
+            prov.update(
+                {k.replace("detector.", f"detector.also.{i}.", 1): v for k, v in d.provenance().items()}
+            )
         prov["detector.tta"] = ",".join(self.cfg.tta)
         f = self.cfg.fusion
-        prov["detector.fusion"] = f"wbf iou_thr={f.iou_thr} skip_box_thr={f.skip_box_thr} conf_type={f.conf_type} " \
-                                  f"threshold={f.threshold}"
+        prov["detector.fusion"] = (
+            f"wbf iou_thr={f.iou_thr} skip_box_thr={f.skip_box_thr} conf_type={f.conf_type} "
+            f"threshold={f.threshold}"
+        )
         return prov

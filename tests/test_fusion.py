@@ -21,7 +21,11 @@ from vesl.schemas.region_text import SCHEMA_VERSION_KEY, validate_rows
 from vesl.schemas.stage import Phrase, Region, Sample
 
 CAPTION = "a red circle and a blue square on a gray canvas"
-RED, BLUE, GRAY = Phrase("a red circle", 0, 12), Phrase("a blue square", 17, 30), Phrase("a gray canvas", 34, 47)
+RED, BLUE, GRAY = (
+    Phrase("a red circle", 0, 12),
+    Phrase("a blue square", 17, 30),
+    Phrase("a gray canvas", 34, 47),
+)
 PHRASES = [RED, BLUE, GRAY]
 
 
@@ -37,7 +41,8 @@ def test_two_agreeing_looks_give_one_box_with_the_mean_box_and_score():
     a = [_region(RED, (0.1, 0.1, 0.5, 0.5), 0.8)]
     b = [_region(RED, (0.12, 0.1, 0.5, 0.52), 0.6)]
     (fused,) = fuse_looks([a, b], PHRASES, FusionConfig())
-    assert fused.phrase == RED.text and (fused.char_start, fused.char_end) == (0, 12)
+    assert fused.phrase == RED.text
+    assert (fused.char_start, fused.char_end) == (0, 12)
     assert fused.score == pytest.approx(0.7, abs=1e-6)  # (0.8 + 0.6) / 2 looks
     # the score-weighted mean box: x0 = (0.8 * 0.1 + 0.6 * 0.12) / 1.4
     assert fused.box == pytest.approx((0.10857, 0.1, 0.5, 0.50857), abs=1e-4)
@@ -48,7 +53,11 @@ def test_disagreeing_looks_keep_both_boxes_each_scored_over_the_number_of_looks(
     b = [_region(RED, (0.6, 0.6, 0.9, 0.9), 0.6), _region(BLUE, (0.1, 0.1, 0.5, 0.5), 0.5)]
     fused = fuse_looks([a, b], PHRASES, FusionConfig())
     # a box of another phrase never merges, however it overlaps; a box one look of two found keeps half its score
-    assert [(r.phrase, round(r.score, 5)) for r in fused] == [(RED.text, 0.4), (RED.text, 0.3), (BLUE.text, 0.25)]
+    assert [(r.phrase, round(r.score, 5)) for r in fused] == [
+        (RED.text, 0.4),
+        (RED.text, 0.3),
+        (BLUE.text, 0.25),
+    ]
     kept = fuse_looks([a, b], PHRASES, FusionConfig(threshold=0.3))  # fused score <= threshold: dropped
     assert [(r.phrase, round(r.score, 5)) for r in kept] == [(RED.text, 0.4)]
     most = fuse_looks([a, b], PHRASES, FusionConfig(conf_type="max"))  # max: a lone box keeps its own score
@@ -98,7 +107,9 @@ def test_flip_look_maps_a_real_detectors_boxes_back_exactly(tiny_owlv2):
     spec = f"owlv2:{tiny_owlv2}"
     plain = make_detector(DetectorConfig(spec=spec, threshold=0.0, nms="none", max_regions=500))
     assert isinstance(plain, Owlv2Detector)  # one detector, no TTA: the plain stage, rows as before
-    fused = make_detector(DetectorConfig(spec=spec, threshold=0.0, nms="none", max_regions=500, tta=["hflip"]))
+    fused = make_detector(
+        DetectorConfig(spec=spec, threshold=0.0, nms="none", max_regions=500, tta=["hflip"])
+    )
     assert isinstance(fused, FusedDetector)
     fused.setup()
     a = _asymmetric()
@@ -141,7 +152,8 @@ def test_a_labeling_job_writes_unmatched_phrases_that_validate(tmp_path, tiny_ow
     t = pq.read_table(tmp_path / "out" / "part-00000.parquet")
     assert t.schema.metadata[SCHEMA_VERSION_KEY.encode()] == b"1.2"
     prov = json.loads(t.schema.metadata[b"vesl.provenance"])
-    assert prov["detector"]["tta"] == ["hflip"] and prov["detector"]["fusion"]["threshold"] == 0.6  # settings
+    assert prov["detector"]["tta"] == ["hflip"]
+    assert prov["detector"]["fusion"]["threshold"] == 0.6
     assert prov["stages"]["detect"]["detector.tta"] == "hflip"
     n_regions = n_unmatched = 0
     for row in t.to_pylist():
@@ -151,7 +163,8 @@ def test_a_labeling_job_writes_unmatched_phrases_that_validate(tmp_path, tiny_ow
             assert (p["text"], p["char_start"], p["char_end"]) not in grounded
         n_regions += len(row["regions"])
         n_unmatched += len(row["unmatched_phrases"])
-    assert n_regions > 0 and n_unmatched > 0  # the tiny random detector keeps some phrases and misses others
+    assert n_regions > 0
+    assert n_unmatched > 0
     assert validate(tmp_path / "out") == []
 
 
@@ -174,7 +187,9 @@ def _as_schema_1_1(d: Path) -> None:
     for f in sorted(d.glob("part-*[0-9].parquet")):
         t = pq.read_table(f)
         meta = {**t.schema.metadata, SCHEMA_VERSION_KEY.encode(): b"1.1"}
-        pq.write_table(t.drop_columns(["unmatched_phrases"]).replace_schema_metadata(meta), f, compression="zstd")
+        pq.write_table(
+            t.drop_columns(["unmatched_phrases"]).replace_schema_metadata(meta), f, compression="zstd"
+        )
         stats_path = f.with_name(f.name.replace(".parquet", ".stats.json"))
         stats = json.loads(stats_path.read_text())
         stats["files"]["parquet"] = {"name": f.name, "bytes": f.stat().st_size,
