@@ -140,6 +140,17 @@ def test_unmatched_phrases_are_the_queried_phrases_without_a_kept_box():
     assert _row(_sample([], []), True)["unmatched_phrases"] == []
 
 
+def test_a_row_read_back_for_the_duplicates_copy_pass_writes_the_same_unmatched_phrases():
+    from vesl.pipeline.dedup import _row_sample
+    from vesl.pipeline.writer import _row
+
+    row = _row(_sample([GRAY, RED, BLUE], [_region(BLUE, (0.1, 0.1, 0.5, 0.5), 0.5)]), True)
+    assert [p["text"] for p in row["unmatched_phrases"]] == [GRAY.text, RED.text]
+    again = _row(_row_sample(row, 0), True)
+    assert again["unmatched_phrases"] == row["unmatched_phrases"]
+    assert _row(_row_sample({**row, "unmatched_phrases": None}, 0), True)["unmatched_phrases"] is None
+
+
 def test_a_labeling_job_writes_unmatched_phrases_that_validate(tmp_path, tiny_owlv2):
     from vesl.pipeline.config import LabelConfig
     from vesl.pipeline.engines.local import run_local
