@@ -244,3 +244,43 @@ def test_bad_settings_are_one_line_errors_before_any_shard(tmp_path, monkeypatch
 
     with pytest.raises(UserError, match="--detector SPEC"):
         build_stages(LabelConfig(detector={"tta": ["hflip"]}))
+
+
+def test_unmatched_negatives_enter_the_region_loss_and_near_copies_of_the_positive_are_filtered():
+    import torch
+    import torch.nn.functional as F
+
+    from vesl.pretrain.losses import ContrastiveLoss
+
+    torch.manual_seed(0)
+    a, b = F.normalize(torch.randn(2, 3, 8), dim=-1), F.normalize(torch.randn(2, 3, 8), dim=-1)
+    valid, scale = torch.ones(2, 3, dtype=torch.bool), torch.tensor(10.0)
+    loss = ContrastiveLoss(text_sim_threshold=0.9)
+    base = loss(a, b, scale, valid, text_keys=b)
+    hard = a[:, :1].clone()  # a negative text right on the first region of each image: a harder softmax
+    with_neg = loss(a, b, scale, valid, text_keys=b, extra_b=hard, extra_valid=torch.ones(2, 1, dtype=torch.bool))
+    assert with_neg > base + 0.1
+    off = loss(a, b, scale, valid, text_keys=b, extra_b=hard, extra_valid=torch.zeros(2, 1, dtype=torch.bool))
+    assert torch.allclose(off, base)  # padded negatives never count
+    copy = b[:, :1].clone()  # the first positive's own text: removed for that row, a negative for the others
+    same = loss(a[:, :1], b[:, :1], scale, valid[:, :1], text_keys=b[:, :1], extra_b=copy,
+                extra_valid=torch.tensor([[True], [False]]))  # fmt: skip
+    alone = loss(a[:, :1], b[:, :1], scale, valid[:, :1], text_keys=b[:, :1])
+    assert same > alone  # row 1 sees row 0's text as one more negative; row 0 does not see its own
+
+
+def test_the_loader_draws_unmatched_phrases_as_negative_texts():
+    import open_clip
+
+    from vesl.pretrain.data import BatchBuilder, Preprocess
+
+    tok = open_clip.get_tokenizer("ViT-B-32")
+    row = {"key": "k", "image": None, "width": 10, "height": 10, "caption": CAPTION, "image_uri": None,
+           "regions": [{"phrase": BLUE.text, "char_start": 17, "char_end": 30, "box": [0.1, 0.1, 0.5, 0.5], "score": 0.5}],
+           "unmatched_phrases": [{"text": t, "char_start": 0, "char_end": 0} for t in ("a red circle", "a gray canvas")]}  # fmt: skip
+    builder = BatchBuilder(tok, Preprocess(16, (0.5,) * 3, (0.5,) * 3), 2, 2, unmatched_negatives=1)
+    builder._image = lambda r: Image.new("RGB", (10, 10))
+    out = builder.build([row, {**row, "key": "old", "unmatched_phrases": None}], 0)
+    assert out["negative_valid"].tolist() == [[True], [False]]  # a row without the column gives none
+    drawn = out["negative_texts"][0, 0]
+    assert any(bool((drawn == tok([t])[0]).all()) for t in ("a red circle", "a gray canvas"))
