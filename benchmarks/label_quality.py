@@ -17,8 +17,14 @@ with the verification stage, with the verifier's cost per image. ``--sweep`` als
 a grid of ``min_score`` x ``min_margin`` (scores computed once, the keep rule applied per cell): tune on
 ``--split validation``. Exits 1 when a goal is missed.
 
+Several looks (docs/labeling.md, "Several looks"): ``--tta``, ``--also-detector`` and ``--fusion-*`` run the
+detector once more with those settings on the same captions and phrases, and print detection alone beside
+detection with TTA/fusion, each with its detector seconds per image and the whole labeling time per image
+against today's (``--variants FILE.json``, name -> DetectorConfig fields, compares several in one run).
+
     python benchmarks/label_quality.py [--n 200] [--split test|validation] [--seeds 7001,7002,7003]
         [--verifier off|clip:DIR|cloc:RUN] [--min-score S] [--min-margin M] [--sweep]
+        [--tta hflip,scale:1.25] [--also-detector owlv2:PATH] [--fusion-threshold 0.15] [--fusion-iou 0.55]
 """
 
 from __future__ import annotations
@@ -124,6 +130,13 @@ def main() -> int:
     p.add_argument("--min-score", type=float, default=None, help="verifier min_score (default: the demo's)")
     p.add_argument("--min-margin", type=float, default=None, help="verifier min_margin (default: the demo's)")
     p.add_argument("--sweep", action="store_true", help="box figures over a grid of min_score x min_margin")
+    p.add_argument("--tta", default="", help="test-time looks, comma-separated: hflip, scale:S, hflip+scale:S")
+    p.add_argument("--also-detector", action="append", default=[], help="another detector spec to fuse (repeatable)")
+    p.add_argument("--fusion-iou", type=float, default=None, help="weighted box fusion IoU (default 0.55)")
+    p.add_argument("--fusion-skip", type=float, default=None, help="boxes under this score are left out of fusion")
+    p.add_argument("--fusion-conf-type", default=None, help="avg | max | box_and_model_avg | absent_model_aware_avg")
+    p.add_argument("--fusion-threshold", type=float, default=None, help="drop fused boxes scoring <= this")
+    p.add_argument("--variants", default=None, help="JSON file: name -> DetectorConfig fields, each compared")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
@@ -145,8 +158,20 @@ def main() -> int:
     if args.box_voting_iou is not None:
         options["box_voting_iou"] = args.box_voting_iou
 
+    variants = {}
+    fusion = {k: v for k, v in (("iou_thr", args.fusion_iou), ("skip_box_thr", args.fusion_skip),
+                                ("conf_type", args.fusion_conf_type), ("threshold", args.fusion_threshold))
+              if v is not None}  # fmt: skip
+    looks = [t.strip() for t in args.tta.split(",") if t.strip()]
+    if looks or args.also_detector or fusion:
+        variants["fused"] = {**options, "threshold": threshold, "tta": looks, "also": args.also_detector,
+                             "fusion": fusion}
+    if args.variants:
+        with open(args.variants) as f:
+            variants.update({k: {**options, "threshold": threshold, **v} for k, v in json.load(f).items()})
     per_seed: dict[int, dict[str, float]] = {}
     grid: dict[int, dict[tuple[float, float], tuple[float, float]]] = {}
+    costs: dict[int, dict[str, float]] = {}
     t = time.perf_counter()
     for seed in seeds:
         scenes = list(make_scenes(args.n, seed=seed))
@@ -154,15 +179,28 @@ def main() -> int:
         alt = sum(mentions(s.alt_text, o.color, o.shape) for s in scenes for o in s.objects) / n_obj
         samples: list = []
         q = evaluate(scenes, args.captioner, args.detector, batch_size=args.batch_size, threshold=threshold,
-                     detector_options=options, keep=samples)
+                     detector_options=options, keep=samples, variants=variants)
         per_seed[seed] = _figures(q, alt)
+        per_seed[seed]["detection_box_precision"] = per_seed[seed]["box_precision"]
+        per_seed[seed]["detection_box_recall"] = per_seed[seed]["box_recall"]
+        labeling = sum(v for k, v in q.seconds.items() if k not in ("setup", "detect_gt_phrases")) / args.n
+        costs[seed] = {"labeling_s_per_image": labeling, "detect_s_per_image": q.seconds.get("detect", 0.0) / args.n}
+        for name, v in q.variants.items():
+            per_seed[seed][f"{name}_box_precision"] = v["counts"].precision
+            per_seed[seed][f"{name}_box_recall"] = v["counts"].recall
+            costs[seed][f"{name}_detect_s_per_image"] = v["seconds"] / args.n
+            # the whole labeling time with this detector instead of today's, over today's
+            costs[seed][f"{name}_labeling_ratio"] = (labeling - costs[seed]["detect_s_per_image"]
+                                                     + v["seconds"] / args.n) / labeling
         if verifying:
             figures, scored, per_image = _verify(verify, scenes, samples)
-            per_seed[seed]["detection_box_precision"] = per_seed[seed]["box_precision"]
-            per_seed[seed]["detection_box_recall"] = per_seed[seed]["box_recall"]
             per_seed[seed].update(figures)
             per_seed[seed]["verifier_ms_per_image"] = 1000 * per_image
             per_seed[seed]["detect_ms_per_image"] = 1000 * q.seconds.get("detect", 0.0) / len(scenes)
+            for name, v in q.variants.items():  # all together: this variant's detection, then verification
+                both, _, _ = _verify(verify, scenes, v["samples"])
+                per_seed[seed][f"{name}+verify_box_precision"] = both["box_precision"]
+                per_seed[seed][f"{name}+verify_box_recall"] = both["box_recall"]
             if args.sweep:
                 grid[seed] = {(a, b): _sweep_cell(scenes, samples, scored, a, b)
                               for a in SWEEP_SCORES for b in SWEEP_MARGINS}
@@ -206,11 +244,28 @@ def main() -> int:
         for a in SWEEP_SCORES:
             cells = [tuple(statistics.fmean(g[(a, b)][i] for g in grid.values()) for i in (0, 1)) for b in SWEEP_MARGINS]
             print(f"{a:5}  " + "".join(f"   {pr:.3f}/{rc:.3f}" for pr, rc in cells))
+    if variants:
+        def cost(k: str) -> float:
+            return statistics.fmean(c[k] for c in costs.values())
+
+        print(f"  detection alone: P / R {spread('detection_box_precision')} / {spread('detection_box_recall')}, detector "
+              f"{1000 * cost('detect_s_per_image'):.0f} ms/image, labeling {1000 * cost('labeling_s_per_image'):.0f} "
+              "ms/image")
+        for name, v in variants.items():
+            print(f"  {name}: P / R {spread(name + '_box_precision')} / {spread(name + '_box_recall')}, detector "
+                  f"{1000 * cost(name + '_detect_s_per_image'):.0f} ms/image "
+                  f"({cost(name + '_detect_s_per_image') / cost('detect_s_per_image'):.2f}x), labeling "
+                  f"{cost(name + '_labeling_ratio'):.2f}x today's   "
+                  f"{ {k: v[k] for k in ('tta', 'also', 'fusion') if k in v} }")
+            if verifying:
+                print(f"  {name} + verification: P / R {spread(name + '+verify_box_precision')} / "
+                      f"{spread(name + '+verify_box_recall')}")
     print(f"total wall {wall:.1f}s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"split": args.split, "seeds": seeds, "n": args.n, "goals": GOALS, "per_seed": per_seed,
-                       "mean": {k: mean(k) for k in next(iter(per_seed.values()))}, "missed": missed}, f, indent=2)
+                       "mean": {k: mean(k) for k in next(iter(per_seed.values()))}, "missed": missed,
+                       "costs": costs, "variants": variants}, f, indent=2)
     if missed:
         print(f"goals missed: {', '.join(missed)}", file=sys.stderr)
         return 1

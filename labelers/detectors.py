@@ -55,6 +55,14 @@ def make_detector(cfg: DetectorConfig, trust_remote_code: bool = False):
     if kind == "none":
         return None
     trust = bool(trust_remote_code or cfg.trust_remote_code)
+    if cfg.also or cfg.tta:  # several looks, fused: the plain detector's rows are left exactly as they were
+        from vesl.labelers.grounding import FusedDetector
+
+        one = {"also": [], "tta": []}
+        detectors = [make_detector(cfg.model_copy(update={**one, "spec": s}), trust) for s in [cfg.spec, *cfg.also]]
+        if any(d is None for d in detectors):
+            raise UserError("detector.also lists more detectors; none is not one (drop it)")
+        return FusedDetector(cfg, detectors)
     cls = Owlv2Detector if kind == "owlv2" else GroundingDinoDetector
     return cls(cfg, model, trust_remote_code=trust)
 
@@ -263,7 +271,9 @@ class _HFDetector:
             s.regions = []
             if s.image is None:
                 fail(s, self.name, "no decoded image reached the detector", "MissingImage")
-            elif s.phrases:
+                continue
+            s.queried = True
+            if s.phrases:
                 todo.append(s)
         step = max(1, self.cfg.batch_size) if self.batched else 1
         for k in range(0, len(todo), step):

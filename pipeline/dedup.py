@@ -269,13 +269,17 @@ def mark_duplicates(cfg: LabelConfig, samples: Iterable[Sample]) -> Iterable[Sam
 
 
 def _row_sample(row: dict[str, Any], index: int) -> Sample:
-    from vesl.schemas.stage import Region
+    from vesl.schemas.stage import Phrase, Region
 
     regions = [Region(r["phrase"], r["char_start"], r["char_end"], tuple(r["box"]), r["score"]) for r in row["regions"]]
+    # the phrases the writer needs to write the same unmatched_phrases again: the unmatched ones, in their order
+    unmatched = row.get("unmatched_phrases")
+    phrases = [Phrase(p["text"], p["char_start"], p["char_end"]) for p in unmatched or []]
+    phrases += [Phrase(r.phrase, r.char_start, r.char_end) for r in regions]
     return Sample(key=row["key"], source_shard=row["source_shard"], index=index, image_bytes=row.get("image"),
                   image_uri=row.get("image_uri"), alt_text=row["alt_text"], width=row["width"], height=row["height"],
                   caption=row["caption"], caption_source=row["caption_source"], regions=regions,
-                  duplicate_of=row.get("duplicate_of"))  # fmt: skip
+                  duplicate_of=row.get("duplicate_of"), phrases=phrases, queried=unmatched is not None)  # fmt: skip
 
 
 def fill_duplicates(cfg: LabelConfig, names: list[str]) -> int:
@@ -298,7 +302,10 @@ def fill_duplicates(cfg: LabelConfig, names: list[str]) -> int:
 
     @functools.lru_cache(maxsize=64)
     def labels(name: str) -> dict[str, dict[str, Any]]:
-        t = pq.read_table(f"{out}/{name}.parquet", columns=["key", "caption", "caption_source", "regions", "duplicate_of"])
+        path = f"{out}/{name}.parquet"
+        cols = ["key", "caption", "caption_source", "regions", "duplicate_of", "unmatched_phrases"]
+        names = set(pq.read_schema(path).names)  # a shard of schema < 1.2 has no unmatched_phrases
+        t = pq.read_table(path, columns=[c for c in cols if c in names])
         return {r["key"]: r for r in t.to_pylist() if r["duplicate_of"] is None}
 
     for name, stats in pending:
@@ -318,6 +325,7 @@ def fill_duplicates(cfg: LabelConfig, names: list[str]) -> int:
                 continue
             src = _row_sample({**rep, "source_shard": "", "alt_text": "", "width": 0, "height": 0}, 0)
             s.caption, s.caption_source, s.regions = src.caption, src.caption_source, src.regions
+            s.phrases, s.queried = src.phrases, src.queried
         prov = read_shard_provenance(out, stats["files"]["parquet"]["name"])
         write_shard(out, name, stats["source_uri"], samples, prov, stats.get("timings"),
                     keep_image_bytes=cfg.decode.keep_image_bytes, sample_limit=stats.get("sample_limit"),

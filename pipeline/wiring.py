@@ -36,6 +36,10 @@ def build_stages(cfg: LabelConfig) -> list[Stage]:
         captioner = make_captioner(cfg.captioner, trust_remote_code=trust, seed=cfg.seed)
     stages: list[Stage] = [DecodeStage(cfg.decode), captioner, PhraseStage(cfg.phrases)]
     if cfg.detector.spec.strip().lower() == "none":
+        if cfg.detector.also or cfg.detector.tta:
+            from vesl.errors import UserError
+
+            raise UserError("detector.also and detector.tta add looks to a detector: give --detector SPEC first")
         return stages  # skip importing the detector module (torch, torchvision) for a phrases-only job
     from vesl.labelers.detectors import make_detector
 

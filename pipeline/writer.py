@@ -143,6 +143,16 @@ def _image_uri(s: Sample, keep_image_bytes: bool) -> str | None:
     return s.image_uri
 
 
+def unmatched_phrases(s: Sample) -> list[dict[str, Any]] | None:
+    """The phrases a detector was asked for that kept no region, from the phrases and the regions as they are
+    when the row is written (so a later stage that drops boxes is accounted for); None when none was asked."""
+    if not s.queried:
+        return None
+    kept = {(r.phrase, r.char_start, r.char_end) for r in s.regions}
+    return [{"text": p.text, "char_start": int(p.char_start), "char_end": int(p.char_end)}
+            for p in s.phrases if (p.text, p.char_start, p.char_end) not in kept]  # fmt: skip
+
+
 def _row(s: Sample, keep_image_bytes: bool) -> dict[str, Any]:
     # No captioner ran: the caption is the alt-text itself.
     caption = s.caption if s.caption is not None else s.alt_text
@@ -157,6 +167,7 @@ def _row(s: Sample, keep_image_bytes: bool) -> dict[str, Any]:
         "caption": caption,
         "caption_source": s.caption_source or "alt_text",
         "duplicate_of": s.duplicate_of,
+        "unmatched_phrases": unmatched_phrases(s),
         "regions": [
             {
                 "phrase": r.phrase,

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from vesl.errors import UserError
-from vesl.schemas.dataset import read_row_group, row_group_sizes, training_shards, url_fs
+from vesl.schemas.dataset import TRAINING_COLUMNS, read_row_group, row_group_sizes, training_shards, url_fs
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,8 @@ class BatchBuilder:
 
     def __init__(self, tokenizer, preprocess: Preprocess, batch_size: int, regions_per_image: int,
                  text_field: str = "caption", seed: int = 0, storage_options: dict | None = None,
-                 with_regions: bool = True, position_share: float = 0.0):
+                 with_regions: bool = True, position_share: float = 0.0, unmatched_negatives: int = 0):
+        self.unmatched_negatives = unmatched_negatives  # up to this many unmatched phrases per image, as negatives
         self.position_share = position_share  # share of region texts that get their box's position words
         self.with_regions = with_regions  # False (CLIP-only training): skip region sampling and phrase tokenizing
         self.tokenizer, self.pre, self.text_field = tokenizer, preprocess, text_field
@@ -189,6 +190,8 @@ class BatchBuilder:
         region_valid = torch.zeros(b, m, dtype=torch.bool)
         sizes = torch.ones(b, 2, dtype=torch.long)
         texts, phrases, keys, bad = [""] * b, [""] * (b * m), [], 0
+        n_neg = self.unmatched_negatives
+        negatives, negative_valid = [""] * (b * n_neg), torch.zeros(b, n_neg, dtype=torch.bool)
         for i, row in enumerate(rows):
             keys.append(row["key"])
             try:
@@ -207,6 +210,9 @@ class BatchBuilder:
                 boxes[i, : len(regions)] = torch.tensor([letterbox_box(r["box"], row["width"], row["height"], s)
                                                          for r in regions])
                 region_valid[i, : len(regions)] = True
+            for j, text in enumerate(self._negatives(row, epoch) if n_neg and regions else []):
+                negatives[i * n_neg + j] = text
+                negative_valid[i, j] = True
         return {
             "images": images,
             "texts": self.tokenizer(texts),
@@ -217,7 +223,19 @@ class BatchBuilder:
             "image_sizes": sizes,
             "keys": keys,
             "bad": bad,
+            **({"negative_texts": self._phrase_tokens(negatives, b, n_neg), "negative_valid": negative_valid}
+               if n_neg else {}),
         }
+
+    def _negatives(self, row: dict, epoch: int) -> list[str]:
+        """Up to ``unmatched_negatives`` of the row's unmatched phrases (none in a shard older than schema 1.2),
+        drawn from (seed, epoch, key) like the regions; a text that is also one of its regions' is left out."""
+        have = {r["phrase"] for r in row.get("regions") or []}
+        texts = list(dict.fromkeys(p["text"] for p in row.get("unmatched_phrases") or [] if p["text"] not in have))
+        if len(texts) > self.unmatched_negatives:
+            rng = np.random.default_rng([self.seed, epoch, zlib.crc32(row["key"].encode()), 2])
+            texts = [texts[k] for k in sorted(rng.choice(len(texts), self.unmatched_negatives, replace=False))]
+        return texts
 
     def _with_position(self, key: str, epoch: int, n: int) -> list[bool]:
         """Which of a row's ``n`` regions get position words, drawn from (seed, epoch, key) like the regions."""
@@ -270,7 +288,8 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         self.plan = plan  # [epoch, offset, upos_0, row_0, upos_1, row_1, ...] (one pair per logical worker)
 
     def _read(self, unit: Unit) -> list[dict]:
-        return read_row_group(unit.path, unit.row_group, self.storage_options)
+        extra = ("unmatched_phrases",) if self.builder.unmatched_negatives else ()
+        return read_row_group(unit.path, unit.row_group, self.storage_options, columns=(*TRAINING_COLUMNS, *extra))
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -300,7 +319,8 @@ class RegionTextLoader:
     def __init__(self, data: str | list[str], *, batch_size: int, tokenizer, preprocess: Preprocess,
                  regions_per_image: int = 4, num_workers: int = 2, rank: int = 0, world_size: int = 1,
                  seed: int = 0, text_field: str = "caption", storage_options: dict | None = None,
-                 with_regions: bool = True, pin_memory: bool = False, position_share: float = 0.0):
+                 with_regions: bool = True, pin_memory: bool = False, position_share: float = 0.0,
+                 unmatched_negatives: int = 0):
         self.pin_memory = pin_memory  # page-locked batches (CUDA), so the trainer's non_blocking copies overlap
         self.paths = training_shards(data, storage_options)
         self.units = scan_units(self.paths, storage_options)
@@ -309,7 +329,7 @@ class RegionTextLoader:
         self.rank, self.world_size = rank, world_size  # this process's place among the ranks
         self.storage_options = storage_options
         self.builder = BatchBuilder(tokenizer, preprocess, batch_size, regions_per_image, text_field, seed, storage_options,
-                                    with_regions, position_share)
+                                    with_regions, position_share, unmatched_negatives)
         assign_units(self.units, seed, 0, world_size, num_workers)  # fail early with a clear message
         self.state: dict[str, Any] = {}
         self._plan = multiprocessing.Array("q", 2 + 2 * self.n_logical, lock=False)

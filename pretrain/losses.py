@@ -99,8 +99,13 @@ class ContrastiveLoss(nn.Module):
         self.count: torch.Tensor | None = None  # valid pairs of the last call's global batch (a device tensor)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, valid: torch.Tensor | None = None,
-                text_keys: torch.Tensor | None = None) -> torch.Tensor:
-        """a, b: (..., D) normalized pairs; valid: (...) bool; text_keys: (..., D) normalized texts for filtering."""
+                text_keys: torch.Tensor | None = None, extra_b: torch.Tensor | None = None,
+                extra_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """a, b: (..., D) normalized pairs; valid: (...) bool; text_keys: (..., D) normalized texts for filtering.
+
+        ``extra_b`` (..., D) with ``extra_valid`` (...): more ``b``-side texts that are no row's positive (an
+        image's unmatched phrases), added as negatives of the ``a`` -> ``b`` direction only; one near-identical to
+        a row's own text (``text_sim_threshold``) is removed for that row, as the other negatives are."""
         self.dropped_share = None
         d = a.shape[-1]
         a, b = a.reshape(-1, d), b.reshape(-1, d)
@@ -139,6 +144,14 @@ class ContrastiveLoss(nn.Module):
         neg_inf = torch.tensor(float("-inf"), device=a.device)
         zero = torch.zeros((), device=a.device)
         logits_a = torch.where(keep_row, (logit_scale * rows_a @ gb.rows.T).masked_fill(drop, neg_inf), zero)
+        if extra_b is not None:
+            ev = extra_valid.reshape(-1).bool()
+            ge = gather_rows(extra_b.reshape(-1, d), ev, **kw)
+            extra_drop = ~ge.valid.unsqueeze(0).expand(len(labels), -1)
+            if row_keys is not None and self.text_sim_threshold is not None:
+                extra_drop = extra_drop | ((row_keys @ ge.rows.detach().T) > self.text_sim_threshold)
+            extra = torch.where(keep_row, (logit_scale * rows_a @ ge.rows.T).masked_fill(extra_drop, neg_inf), zero)
+            logits_a = torch.cat([logits_a, extra], dim=1)
         logits_b = torch.where(keep_row, (logit_scale * rows_b @ ga.rows.T).masked_fill(drop, neg_inf), zero)
         per_pair = (F.cross_entropy(logits_a, labels, reduction="none")
                     + F.cross_entropy(logits_b, labels, reduction="none")) / 2  # fmt: skip
@@ -288,8 +301,13 @@ class CLOCLoss(nn.Module):
             rv = batch["region_valid"].bool()
             if image_valid is not None:
                 rv = rv & image_valid.bool().unsqueeze(1)
+            neg = out.get("negative_text_features")
+            nv = batch.get("negative_valid")
+            if neg is not None and image_valid is not None:
+                nv = nv.bool() & image_valid.bool().unsqueeze(1)
             region = self.region(out["region_features"].float(), out["region_text_features"].float(), scale, rv,
-                                 text_keys=out["region_text_features"].float())
+                                 text_keys=out["region_text_features"].float(),
+                                 extra_b=None if neg is None else neg.float(), extra_valid=nv)
             ground = self.ground(out["pred_boxes"], batch["region_boxes"], rv)
             losses.update(region=region, ground=ground)
             total = total + self.lam * (self.region_weight * region + self.ground_weight * ground)

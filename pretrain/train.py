@@ -94,6 +94,9 @@ class TrainConfig(BaseModel):
     region_position_words: float = Field(0.0, ge=0.0, le=1.0, description="share of region texts that get the "
                                          "box's position on a 3x3 grid appended ('... at the top left'), so box "
                                          "geometry meets position words (0: the phrases as labeled)")
+    unmatched_negatives: int = Field(0, ge=0, le=64, description="add up to N of each image's unmatched phrases "
+                                     "(phrases the detector found no box for; schema 1.2) as extra negative texts "
+                                     "of the region loss (0: off)")
     clip_only: bool = Field(False, description="train the CLIP baseline only (same data and steps)")
     local_loss: bool = Field(False, description="each process scores its own features against the gathered batch "
                              "(open_clip)")
@@ -234,6 +237,21 @@ def make_loss(cfg: TrainConfig, d: Dist):
         region_loss_drop=cfg.region_loss_drop, region_weight=cfg.region_weight, ground_weight=cfg.ground_weight,
         l1_weight=cfg.ground_l1_weight, giou_weight=cfg.ground_giou_weight, cell_weight=cfg.ground_cell_weight,
     )
+
+
+def negative_features(model, texts: Any, valid: Any) -> Any:
+    """(B, N, D) normalized text features of the unmatched-phrase negatives, zero where ``valid`` is False (None:
+    none is valid); only the valid ones go through the text tower (outside the DDP forward: the text tower's
+    gradients add up)."""
+    import torch
+
+    flat, v = texts.reshape(-1, texts.shape[-1]), valid.reshape(-1).bool()
+    if not bool(v.any()):
+        return None
+    feats = model.encode_text(flat[v]).float()
+    out = torch.zeros(v.shape[0], feats.shape[-1], device=feats.device, dtype=feats.dtype)
+    out[v] = feats
+    return out.view(*valid.shape, feats.shape[-1])
 
 
 def host_prepare(batch: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -461,6 +479,10 @@ def train_step(run: Run, batch: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     with torch.autocast(run.d.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
         out = run.ddp(batch["images"], batch["texts"], batch["region_boxes"], batch["region_texts"],
                       batch["region_valid"], clip_only=cfg.clip_only, phrase_index=batch.get("phrase_index"))
+        if "negative_texts" in batch and not cfg.clip_only:
+            neg = negative_features(model, batch["negative_texts"], batch["negative_valid"])
+            if neg is not None:
+                out["negative_text_features"] = neg
     run.loss_fn.set_progress(run.step, run.total)
     losses = run.loss_fn(out, batch)
     run.optimizer.zero_grad(set_to_none=True)
@@ -529,6 +551,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
             regions_per_image=cfg.regions_per_image, num_workers=workers, rank=d.rank, world_size=d.world_size,
             seed=cfg.seed, text_field=cfg.text_field, storage_options=cfg.storage_options, with_regions=not cfg.clip_only,
             pin_memory=d.device.type == "cuda", position_share=cfg.region_position_words,
+            unmatched_negatives=0 if cfg.clip_only else cfg.unmatched_negatives,
         )
         steps_per_epoch = [loader.steps_per_epoch(e) for e in range(cfg.epochs)]
         total = sum(steps_per_epoch)

@@ -82,6 +82,47 @@ class PhrasesConfig(StrictConfig):
     batch_size: int = Field(64, ge=1, json_schema_extra=NOT_IN_ROWS)
 
 
+TTA_HELP = "hflip, scale:S or hflip+scale:S (0 < S <= 4)"
+
+
+def parse_look(look: str) -> tuple[bool, float]:
+    """``"hflip+scale:1.25"`` -> ``(True, 1.25)``: whether a test-time look flips the image, and its scale.
+
+    ``scale:S`` with S < 1 shrinks the image into a canvas of its own size (objects look smaller); S > 1
+    zooms into the central 1/S of it (objects look larger). Raises ``ValueError`` with a one-line message.
+    """
+    flip, scale = False, 1.0
+    parts = look.strip().lower().split("+")
+    for part in parts:
+        if part == "hflip" and not flip:
+            flip = True
+        elif part.startswith("scale:") and scale == 1.0:
+            try:
+                scale = float(part.removeprefix("scale:"))
+            except ValueError:
+                scale = -1.0
+            if not (0.0 < scale <= 4.0) or scale == 1.0:
+                raise ValueError(f"test-time look {look!r}: the scale must be in (0, 4] and not 1 ({TTA_HELP})")
+        else:
+            raise ValueError(f"unknown test-time look {look!r}: use {TTA_HELP}")
+    return flip, scale
+
+
+class FusionConfig(StrictConfig):
+    """How the boxes of several looks (detectors, test-time augmentations) of one phrase become one set.
+
+    Weighted box fusion (ensemble-boxes): boxes of a phrase that overlap by IoU > ``iou_thr`` form a cluster
+    whose box is the score-weighted mean. With ``conf_type`` avg the cluster's score is the sum of its scores
+    over the number of looks, so a box that only one look of two found keeps half its score. Fused boxes
+    scoring <= ``threshold`` are dropped; boxes under ``skip_box_thr`` are left out before fusing.
+    """
+
+    iou_thr: float = Field(0.55, ge=0.0, le=1.0)
+    skip_box_thr: float = Field(0.0, ge=0.0, le=1.0)
+    conf_type: Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"] = "avg"
+    threshold: float = Field(0.0, ge=0.0, le=1.0)
+
+
 class DetectorConfig(ModelStageConfig):
     spec: str = "none"  # none | owlv2:<id or path> | grounding-dino:<id or path>
     threshold: float = Field(0.1, ge=0.0, le=1.0)
@@ -97,7 +138,27 @@ class DetectorConfig(ModelStageConfig):
     boxes_per_phrase: int = Field(0, ge=0)  # 0: no limit; 1: phrase grounding (one box per phrase)
     # 0: off; t: each kept box becomes the score-weighted mean of its phrase's boxes with IoU >= t
     box_voting_iou: float = Field(0.0, ge=0.0, le=1.0)
+    # more detectors (specs like ``spec``) whose boxes are fused with this one's (``fusion``); empty: one detector
+    also: list[str] = Field(default_factory=list)
+    # test-time looks besides the image itself (``parse_look``), fused with it; empty: the image alone
+    tta: list[str] = Field(default_factory=list)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
 
+    @field_validator("tta")
+    @classmethod
+    def _looks(cls, v: list[str]) -> list[str]:
+        for look in v:
+            parse_look(look)
+        if len({parse_look(look) for look in v}) != len(v):
+            raise ValueError(f"test-time looks {v} repeat one look")
+        return v
+
+    @field_validator("also")
+    @classmethod
+    def _also(cls, v: list[str]) -> list[str]:
+        if any(s.strip().lower() == "none" or not s.strip() for s in v):
+            raise ValueError("detector.also lists more detectors: none or an empty spec is not one")
+        return v
 
 
 VERIFIER_GROUP = "vesl.verifiers"  # entry points: ``kind = "package.module:ScorerClass"`` (docs/plugins.md)

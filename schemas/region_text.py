@@ -15,9 +15,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# 1.1 added the nullable ``duplicate_of`` column; a v1 shard (without it) still reads and validates.
-SCHEMA_VERSION = "1.1"
-READABLE_VERSIONS = ("1", "1.1")
+# 1.1 added the nullable ``duplicate_of`` column, 1.2 the nullable ``unmatched_phrases``; older shards (without
+# them) still read and validate.
+SCHEMA_VERSION = "1.2"
+READABLE_VERSIONS = ("1", "1.1", "1.2")
 SCHEMA_VERSION_KEY = "vesl.schema_version"
 
 
@@ -37,6 +38,15 @@ REGION_TYPE = pa.struct(
     ]
 )
 
+# a phrase the detector was asked for and that kept no box: a negative text for this image
+PHRASE_TYPE = pa.struct(
+    [
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("char_start", pa.int32(), nullable=False),
+        pa.field("char_end", pa.int32(), nullable=False),
+    ]
+)
+
 _FIELDS = [
     pa.field("key", pa.string(), nullable=False),
     pa.field("source_shard", pa.string(), nullable=False),
@@ -50,6 +60,8 @@ _FIELDS = [
     pa.field("regions", pa.list_(pa.field("item", REGION_TYPE, nullable=False)), nullable=False),
     # the key of the representative whose caption and regions this near-duplicate row copies (`--duplicates`)
     pa.field("duplicate_of", pa.string()),
+    # the phrases queried without a kept box, in caption order of extraction; null: no detector was asked
+    pa.field("unmatched_phrases", pa.list_(pa.field("item", PHRASE_TYPE, nullable=False))),
 ]
 
 ERRORS_SCHEMA = pa.schema(
@@ -147,12 +159,22 @@ def row_violations(row: dict[str, Any], at: str) -> list[Violation]:
             out.append(Violation("span_range", rat, f"char span [{s}, {e}) outside caption of length {len(cap)}"))
         elif cap[s:e] != phrase:
             out.append(Violation("span_text", rat, f"caption[{s}:{e}] is {cap[s:e]!r}, not phrase {phrase!r}"))
+    grounded = {(r.get("phrase"), r.get("char_start"), r.get("char_end")) for r in row.get("regions") or []}
+    for j, p in enumerate(row.get("unmatched_phrases") or []):
+        pat = f"{at} unmatched phrase {j}"
+        s, e, text = p.get("char_start"), p.get("char_end"), p.get("text")
+        if s is None or e is None or not (0 <= s <= e <= len(cap)):
+            out.append(Violation("span_range", pat, f"char span [{s}, {e}) outside caption of length {len(cap)}"))
+        elif cap[s:e] != text:
+            out.append(Violation("span_text", pat, f"caption[{s}:{e}] is {cap[s:e]!r}, not phrase {text!r}"))
+        elif (text, s, e) in grounded:
+            out.append(Violation("unmatched_grounded", pat, f"phrase {text!r} at [{s}, {e}) also has a region"))
     return out
 
 
 def _check_rows(table: pa.Table, where: str, seen: Counter) -> list[Violation]:
     out: list[Violation] = []
-    names = [n for n in ("key", "caption", "caption_source", "regions") if n in table.schema.names]
+    names = [n for n in ("key", "caption", "caption_source", "regions", "unmatched_phrases") if n in table.schema.names]
     for i, row in enumerate(table.select(names).to_pylist()):
         at = f"{where} row {i} key={row.get('key')!r}"
         if row.get("key"):

@@ -134,8 +134,9 @@ def test_with_models_a_deduplicated_run_equals_the_full_run(world, tmp_path):
     for k, r in copy.items():
         if k in dups:
             assert (r["caption"], r["regions"]) == (copy[dups[k]]["caption"], copy[dups[k]]["regions"])
+            assert r["unmatched_phrases"] == copy[dups[k]]["unmatched_phrases"] is not None  # copied too
         else:
-            assert r == full[k]
+            assert r == full[k]  # the representative's unmatched_phrases survive the copy pass's rewrite
 
 
 def test_resume_refuses_another_table(world, tmp_path):

@@ -49,6 +49,8 @@ def _other(path: str, info: Any, value: Any) -> Any:
         return (value or 0) + 1
     if ann is float:
         return value + 0.1 if value + 0.1 <= 1 else value - 0.1
+    if path == "detector.tta":  # a valid look, as the config checks them
+        return [*value, "hflip"]
     if typing.get_origin(ann) is list and args == [str]:
         return [*value, "x"]
     if ann is str or args == [str]:
@@ -83,7 +85,8 @@ def test_the_walk_covers_every_stage_model_and_marking_a_field_is_a_visible_deci
     names = {p for p, _ in FIELDS}
     for expected in ("seed", "stage_threads", "decode.keep_image_bytes", "captioner.prompt_template",
                      "captioner.timeout_s", "phrases.max_phrases", "detector.boxes_per_phrase",
-                     "detector.box_voting_iou", "source.caption_column", "verify.spec", "verify.min_margin"):
+                     "detector.box_voting_iou", "source.caption_column", "verify.spec", "verify.min_margin",
+                     "detector.tta", "detector.also", "detector.fusion.threshold", "detector.fusion.iou_thr"):
         assert expected in names
     stage = {"batch_size", "concurrency", "num_gpus", "device"}
     requests = {"api_key_env", "max_concurrent_requests", "timeout_s", "max_retries", "breaker_failures",

@@ -149,7 +149,7 @@ def test_manifest_lists_committed_shards_deterministically(tmp_path):
     assert [s["name"] for s in m["shards"]] == ["part-00000", "part-00001", "part-00002"]
     assert m["totals"]["rows"] == 24
     assert m["totals"]["errors"] == 6
-    assert m["schema_version"] == SCHEMA_VERSION == "1.1"
+    assert m["schema_version"] == SCHEMA_VERSION == "1.2"
     assert list(m["provenance"].values()) == [PROV]
     import hashlib
 

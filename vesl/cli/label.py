@@ -40,7 +40,6 @@ def label(
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output dataset directory (local or fsspec URL)")] = None,
     captioner: Annotated[Optional[str], typer.Option(help="alt_text | hf:<id or path> | openai:<base_url>#<model> | vllm:<model> | keep (a labeled dataset's captions)")] = None,
     phrases: Annotated[Optional[str], typer.Option(help="Phrase extraction mode: paper | noun_chunks [profile's]")] = None,
-    detector: Annotated[Optional[str], typer.Option(help="none | owlv2:<id or path> | grounding-dino:<id or path>")] = None,
     verifier: Annotated[
         Optional[str],
         typer.Option(help="off | clip:<open_clip model, local dir or hf-hub:id> | cloc:<vesl run or export>: re-score "
@@ -49,6 +48,15 @@ def label(
     min_score: Annotated[Optional[float], typer.Option(help="Verifier: keep a region whose cosine with its phrase is >= this")] = None,
     min_margin: Annotated[
         Optional[float], typer.Option(help="Verifier: ... and beats the image's best other phrase by >= this")
+    ] = None,
+    detector: Annotated[
+        Optional[list[str]],
+        typer.Option(help="none | owlv2:<id or path> | grounding-dino:<id or path>; repeat it to fuse several detectors"),
+    ] = None,
+    tta: Annotated[
+        Optional[list[str]],
+        typer.Option("--tta", help="Test-time looks fused with the image (repeatable or comma-separated): hflip, "
+                     "scale:S, hflip+scale:S (docs/labeling.md, Several looks)"),
     ] = None,
     engine: Annotated[Optional[str], typer.Option(help="local | beam | ray [local]")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Local engine: processes over shards; Ray: actors per stage [1]")] = None,
@@ -121,11 +129,14 @@ def label(
         ov["captioner"] = {"spec": captioner}
     if phrases is not None:
         ov["phrases"] = {"mode": phrases}
-    if detector is not None:
-        ov["detector"] = {"spec": detector}
     verify = {k: v for k, v in (("spec", verifier), ("min_score", min_score), ("min_margin", min_margin)) if v is not None}
     if verify:
         ov["verify"] = verify
+    if detector:
+        ov["detector"] = {"spec": detector[0], "also": list(detector[1:])}
+    if tta:
+        looks = [t.strip() for item in tta for t in item.split(",") if t.strip()]
+        ov["detector"] = {**ov.get("detector", {}), "tta": looks}
     cfg = resolve_config(profile, config, ov)
     if beam_options and cfg.engine != "beam":
         raise UserError(f"arguments after `--` ({' '.join(beam_options)}) are Beam pipeline options: add --engine beam")

@@ -109,6 +109,8 @@ class LabelQuality:
     recall_fates: dict = field(default_factory=lambda: {"found": 0.0, "caption": 0.0, "detector": 0.0})
     seconds: dict = field(default_factory=dict)
     examples: list = field(default_factory=list)
+    # other detector settings on the same captions and phrases: name -> phrase-aware Counts, detector seconds
+    variants: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if not isinstance(getattr(self, k), Counts)}
@@ -150,12 +152,15 @@ def evaluate(
     n_examples: int = 3,
     verify: dict | None = None,
     keep: list | None = None,
+    variants: dict[str, dict] | None = None,
 ) -> LabelQuality:
     """Label ``scenes`` with ``hf:<captioner>`` + ``owlv2:<detector>`` through the product stages.
 
     ``detector_options``: further ``DetectorConfig`` fields (post-processing), e.g. the demo profile's.
     ``verify``: ``VerifierConfig`` fields (the verification stage runs after the detector). ``keep``: a list
     that receives the labeled Samples (with their decoded images), for measurements on top of these labels.
+    ``variants``: name -> ``DetectorConfig`` fields replacing ``detector_options`` (TTA, more detectors,
+    fusion), each run on the same captions and phrases, so only the detector differs between them.
     """
     from collections import Counter
 
@@ -219,6 +224,8 @@ def evaluate(
                                            for r in sample.regions]})  # fmt: skip
     if keep is not None:
         keep.extend(samples)
+    for name, options in (variants or {}).items():
+        q.variants[name] = _variant(scenes, samples, cfg, options, stages[0], batch_size, cats)
     q.caption_object_recall = named / max(1, q.n_objects)
     q.recall_fates = {k: v / max(1, q.n_objects) for k, v in fates.items()}
     q.caption_object_precision = mentioned_right / mentioned if mentioned else 0.0
@@ -239,3 +246,31 @@ def evaluate(
             _count(q.detector_box, sample.regions if sample.ok else [], s, cats, False)
             _count(q.detector_labeled, sample.regions if sample.ok else [], s, cats, True)
     return q
+
+
+def _variant(scenes, samples, cfg, options: dict, decode, batch_size: int, cats) -> dict:
+    """Phrase-aware box counts and detector seconds of the detector built from ``options`` on ``samples``'
+    captions and phrases."""
+    from vesl.labelers.detectors import make_detector
+    from vesl.pipeline.apply import apply_stage
+    from vesl.schemas.config import DetectorConfig
+    from vesl.schemas.stage import Sample
+
+    det = make_detector(DetectorConfig(spec=cfg.detector.spec, batch_size=batch_size, **options))
+    det.setup()
+    again = [Sample(key=s.key, source_shard=s.source_shard, index=s.index, image_bytes=s.image_bytes,
+                    alt_text=s.alt_text, caption=s.caption, caption_source=s.caption_source,
+                    phrases=list(s.phrases)) for s in samples if s.ok]  # fmt: skip
+    seconds = 0.0
+    for k in range(0, len(again), batch_size):
+        apply_stage(decode, again[k : k + batch_size])
+        t = time.perf_counter()
+        apply_stage(det, again[k : k + batch_size])
+        seconds += time.perf_counter() - t
+    by_key = {s.key: s for s in again}
+    counts = Counts()
+    for scene in scenes:
+        s = by_key.get(scene.key)
+        _count(counts, s.regions if s is not None and s.ok else [], scene, cats, True)
+    # aligned with ``samples`` (a sample that failed before the detector stays as it was), for later stages
+    return {"counts": counts, "seconds": seconds, "samples": [by_key.get(s.key, s) for s in samples]}
