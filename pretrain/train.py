@@ -94,6 +94,10 @@ class TrainConfig(BaseModel):
     region_position_words: float = Field(0.0, ge=0.0, le=1.0, description="share of region texts that get the "
                                          "box's position on a 3x3 grid appended ('... at the top left'), so box "
                                          "geometry meets position words (0: the phrases as labeled)")
+    region_relative_words: float = Field(0.0, ge=0.0, le=1.0, description="share of region texts whose phrase "
+                                         "names another region of the image too (a look-alike) that get their side "
+                                         "against it appended ('... on the left'), so the Prompter learns which of "
+                                         "two look-alikes is meant (0: the phrases as labeled)")
     clip_only: bool = Field(False, description="train the CLIP baseline only (same data and steps)")
     local_loss: bool = Field(False, description="each process scores its own features against the gathered batch "
                              "(open_clip)")
@@ -529,6 +533,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
             regions_per_image=cfg.regions_per_image, num_workers=workers, rank=d.rank, world_size=d.world_size,
             seed=cfg.seed, text_field=cfg.text_field, storage_options=cfg.storage_options, with_regions=not cfg.clip_only,
             pin_memory=d.device.type == "cuda", position_share=cfg.region_position_words,
+            relative_share=cfg.region_relative_words,
         )
         steps_per_epoch = [loader.steps_per_epoch(e) for e in range(cfg.epochs)]
         total = sum(steps_per_epoch)

@@ -25,6 +25,11 @@ def synth(
         typer.Option(help="Fraction of the N items that are near-duplicate copies (re-encoded, resized) of others; "
                      "adds 5% look-alike hard negatives; the json's vesl_synth says which is which"),
     ] = 0.0,
+    refexp_split: Annotated[
+        str,
+        typer.Option("--refexp-split", help="--format refexp: absolute (size and grid words) or relative (an exact "
+                     "look-alike pair told apart by side: 'the red circle on the left')"),
+    ] = "absolute",
 ) -> None:
     """Generate synthetic scenes with ground-truth captions and boxes (input data or COCO eval set)."""
     from vesl.demo import synth as synthetic
@@ -35,14 +40,20 @@ def synth(
         raise UserError("--n and --shard-size must be >= 1")
     if not 0.0 <= duplicates < 1.0:
         raise UserError(f"--duplicates must be a fraction in [0, 1), got {duplicates}")
+    if refexp_split not in synthetic.REFEXP_SPLITS:
+        raise UserError(f"--refexp-split must be one of {', '.join(synthetic.REFEXP_SPLITS)}, got {refexp_split!r}")
+    if refexp_split != "absolute" and fmt != "refexp":
+        raise UserError("--refexp-split applies to --format refexp")
     if duplicates and fmt == "refexp":
         raise UserError("--duplicates applies to scenes: use --format wds, parquet or coco")
     from vesl.pipeline.confine import check_output_dir
 
     check_output_dir(out, "--out")
     if fmt == "refexp":
-        path = synthetic.write_refexp((synthetic.make_refexp(seed, i) for i in range(n)), out)
-        typer.echo(f"wrote {n} referring expressions to {path} (seed {seed}); evaluate with `vesl eval MODEL --refexp {path}`")
+        make = synthetic.REFEXP_SPLITS[refexp_split]
+        path = synthetic.write_refexp((make(seed, i) for i in range(n)), out)
+        typer.echo(f"wrote {n} {refexp_split} referring expressions to {path} (seed {seed}); evaluate with "
+                   f"`vesl eval MODEL --refexp {path}`")
         return
     try:
         scenes = synthetic.make_world(n, seed, duplicates) if duplicates else synthetic.make_scenes(n, seed)
