@@ -7,6 +7,7 @@ height (y), the schema's box format.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -86,15 +87,16 @@ class PostProcess:
     box_voting_iou: float = 0.0  # 0: off
 
 
-def per_label_cap(labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask keeping the first ``k`` rows of every label (rows already sorted by decreasing score)."""
+def per_label_cap(labels: torch.Tensor, k: int, mentions: Sequence[int] | None = None) -> torch.Tensor:
+    """Mask keeping the first ``k`` rows of every label (rows already sorted by decreasing score); label ``j``
+    keeps ``k * mentions[j]`` when given (a phrase the caption names twice may ground two look-alikes)."""
     keep = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
     if k <= 0 or labels.numel() == 0:
         return keep
     seen: dict[int, int] = {}
     for i, lab in enumerate(labels.tolist()):
         seen[lab] = seen.get(lab, 0) + 1
-        keep[i] = seen[lab] <= k
+        keep[i] = seen[lab] <= k * (mentions[lab] if mentions is not None and lab < len(mentions) else 1)
     return keep
 
 
@@ -126,11 +128,13 @@ def postprocess(
     width: int,
     height: int,
     pp: PostProcess,
+    mentions: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clip, size-filter, NMS and cap one image's thresholded boxes (normalized xyxy of the original image).
 
     With ``pp.boxes_per_phrase = k > 0`` only the ``k`` best boxes of each phrase survive (phrase
-    grounding: a phrase that names one object gets one box, however many patches fire on it). With
+    grounding: a phrase that names one object gets one box, however many patches fire on it; a phrase the
+    caption names ``mentions[label]`` times gets that many times ``k``). With
     ``pp.box_voting_iou = t > 0`` every surviving box is refined by :func:`vote_boxes`.
     Returns ``(boxes, scores, labels)`` sorted by decreasing score, at most ``pp.max_regions`` rows.
     Every box returned is finite, ordered (``x0 <= x1``, ``y0 <= y1``) and inside [0, 1]: the final
@@ -143,7 +147,7 @@ def postprocess(
     keep = min_size_keep(boxes, width, height, pp.min_box_size)
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     order = nms_keep(boxes, scores, labels, pp.nms_iou, pp.nms)
-    order = order[per_label_cap(labels[order], pp.boxes_per_phrase)][: max(pp.max_regions, 0)]
+    order = order[per_label_cap(labels[order], pp.boxes_per_phrase, mentions)][: max(pp.max_regions, 0)]
     kept = boxes[order]
     if pp.box_voting_iou > 0:
         kept = clip01(vote_boxes(kept, labels[order], boxes, scores, labels, pp.box_voting_iou))

@@ -115,7 +115,7 @@ def owlv2_regions(
         mw, mh = (model_sizes or sizes)[i]
         boxes = square_pad_to_image(box_convert(pred_boxes[i][keep], "cxcywh", "xyxy"), mw, mh)
         w, h = sizes[i]
-        out.append(_regions(ph, *postprocess(boxes, scores[keep], labels[keep], w, h, pp)))
+        out.append(_regions(ph, *postprocess(boxes, scores[keep], labels[keep], w, h, pp, [p.count for p in ph])))
     return out
 
 
@@ -191,7 +191,7 @@ def grounding_dino_regions(
         keep = (box_score > box_threshold) & (phrase_score > text_threshold)
         boxes = box_convert(pred_boxes[i][keep], "cxcywh", "xyxy")
         w, h = sizes[i]
-        out.append(_regions(ph, *postprocess(boxes, box_score[keep], labels[keep], w, h, pp)))
+        out.append(_regions(ph, *postprocess(boxes, box_score[keep], labels[keep], w, h, pp, [p.count for p in ph])))
     return out
 
 
@@ -309,6 +309,7 @@ class _HFDetector:
             "detector.min_box_size": str(self.cfg.min_box_size),
             "detector.max_regions": str(self.cfg.max_regions),
             "detector.boxes_per_phrase": str(self.cfg.boxes_per_phrase),
+            "detector.boxes_per_phrase_scope": "per mention",  # a phrase named k times keeps k x boxes_per_phrase
             "detector.box_voting_iou": str(self.cfg.box_voting_iou),
         }
         if self.model is not None:

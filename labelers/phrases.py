@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 from vesl.errors import UserError
 from vesl.schemas.config import PhrasesConfig
@@ -134,6 +135,11 @@ def is_generic(words: Iterable[str], stop_words: frozenset[str] | set[str]) -> b
 
 
 def _dedupe_and_cap(phrases: list[Phrase], max_phrases: int) -> list[Phrase]:
+    """The first mention of each distinct phrase (case-insensitive), at most ``max_phrases``, each with the
+    number of times the caption names it in ``count``."""
+    counts: dict[str, int] = {}
+    for p in phrases:
+        counts[p.text.lower()] = counts.get(p.text.lower(), 0) + 1
     seen: set[str] = set()
     out = []
     for p in phrases:
@@ -141,7 +147,7 @@ def _dedupe_and_cap(phrases: list[Phrase], max_phrases: int) -> list[Phrase]:
         if k in seen:
             continue
         seen.add(k)
-        out.append(p)
+        out.append(replace(p, count=counts[k]) if counts[k] > 1 else p)
         if len(out) >= max_phrases:
             break
     return out

@@ -32,6 +32,7 @@ from PIL import Image
 
 from vesl.errors import UserError
 from vesl.schemas.dataset import TRAINING_COLUMNS, read_row_group, row_group_sizes, training_shards, url_fs
+from vesl.schemas.referring import relative_position_word
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,10 @@ def position_words(box: Any) -> str:
     return POSITION_WORDS[(min(max(int(cy * 3), 0), 2), min(max(int(cx * 3), 0), 2))]
 
 
+def _centre(box: Any) -> tuple[float, float]:
+    return (float(box[0]) + float(box[2])) / 2, (float(box[1]) + float(box[3])) / 2
+
+
 PHRASE_CACHE_SIZE = 65_536  # distinct region phrases kept tokenized per loader process (about 40 MB at 77 tokens)
 
 
@@ -163,9 +168,11 @@ class BatchBuilder:
 
     def __init__(self, tokenizer, preprocess: Preprocess, batch_size: int, regions_per_image: int,
                  text_field: str = "caption", seed: int = 0, storage_options: dict | None = None,
-                 with_regions: bool = True, position_share: float = 0.0, unmatched_negatives: int = 0):
+                 with_regions: bool = True, position_share: float = 0.0, unmatched_negatives: int = 0,
+                 relative_share: float = 0.0):
         self.unmatched_negatives = unmatched_negatives  # up to this many unmatched phrases per image, as negatives
         self.position_share = position_share  # share of region texts that get their box's position words
+        self.relative_share = relative_share  # share of look-alike region texts that get their side of the twin
         self.with_regions = with_regions  # False (CLIP-only training): skip region sampling and phrase tokenizing
         self.tokenizer, self.pre, self.text_field = tokenizer, preprocess, text_field
         self.b, self.m = batch_size, regions_per_image  # the batch's fixed shape: images, regions per image
@@ -204,8 +211,10 @@ class BatchBuilder:
             texts[i] = row.get(self.text_field) or row.get("caption") or ""
             regions = sample_regions(row["key"], row.get("regions") or [], m, self.seed, epoch) if self.with_regions else []
             where = self._with_position(row["key"], epoch, len(regions))
+            side = self._relative_words(row, regions, epoch)
             for j, r in enumerate(regions):
-                phrases[i * m + j] = f"{r['phrase']} {position_words(r['box'])}" if where[j] else r["phrase"]
+                phrases[i * m + j] = (f"{r['phrase']} {side[j]}" if side[j] else
+                                      f"{r['phrase']} {position_words(r['box'])}" if where[j] else r["phrase"])
             if regions:
                 boxes[i, : len(regions)] = torch.tensor([letterbox_box(r["box"], row["width"], row["height"], s)
                                                          for r in regions])
@@ -243,6 +252,28 @@ class BatchBuilder:
             return [False] * n
         rng = np.random.default_rng([self.seed, epoch, zlib.crc32(key.encode()), 1])
         return (rng.random(n) < self.position_share).tolist()
+
+    def _relative_words(self, row: dict, regions: list[dict], epoch: int) -> list[str | None]:
+        """For each sampled region whose phrase names another region of the row too (a look-alike), drawn with
+        probability ``relative_share`` from (seed, epoch, key): its side against the nearest such region ("on
+        the left", :func:`vesl.schemas.referring.relative_position_word`), so the Prompter learns which of two
+        look-alikes a referring expression means. None where the phrase stays as labeled."""
+        out: list[str | None] = [None] * len(regions)
+        if self.relative_share <= 0 or len(regions) == 0:
+            return out
+        rng = np.random.default_rng([self.seed, epoch, zlib.crc32(row["key"].encode()), 2])
+        draws = rng.random(len(regions))
+        every = [r for r in row.get("regions") or [] if usable_box(r["box"])]
+        for j, r in enumerate(regions):
+            key = r["phrase"].strip().lower()
+            twins = [o for o in every if o is not r and o["phrase"].strip().lower() == key
+                     and [float(v) for v in o["box"]] != [float(v) for v in r["box"]]]
+            if not twins or draws[j] >= self.relative_share:
+                continue
+            c = _centre(r["box"])
+            near = min(twins, key=lambda o: sum((a - b) ** 2 for a, b in zip(_centre(o["box"]), c, strict=True)))
+            out[j] = relative_position_word(r["box"], near["box"])
+        return out
 
     def _phrase_tokens(self, phrases: list[str], b: int, m: int) -> torch.Tensor:
         """Token ids (b, m, L) of the region phrases, each distinct phrase tokenized once per process.
@@ -320,7 +351,7 @@ class RegionTextLoader:
                  regions_per_image: int = 4, num_workers: int = 2, rank: int = 0, world_size: int = 1,
                  seed: int = 0, text_field: str = "caption", storage_options: dict | None = None,
                  with_regions: bool = True, pin_memory: bool = False, position_share: float = 0.0,
-                 unmatched_negatives: int = 0):
+                 unmatched_negatives: int = 0, relative_share: float = 0.0):
         self.pin_memory = pin_memory  # page-locked batches (CUDA), so the trainer's non_blocking copies overlap
         self.paths = training_shards(data, storage_options)
         self.units = scan_units(self.paths, storage_options)
@@ -329,7 +360,7 @@ class RegionTextLoader:
         self.rank, self.world_size = rank, world_size  # this process's place among the ranks
         self.storage_options = storage_options
         self.builder = BatchBuilder(tokenizer, preprocess, batch_size, regions_per_image, text_field, seed, storage_options,
-                                    with_regions, position_share, unmatched_negatives)
+                                    with_regions, position_share, unmatched_negatives, relative_share)
         assign_units(self.units, seed, 0, world_size, num_workers)  # fail early with a clear message
         self.state: dict[str, Any] = {}
         self._plan = multiprocessing.Array("q", 2 + 2 * self.n_logical, lock=False)

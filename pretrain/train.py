@@ -97,6 +97,10 @@ class TrainConfig(BaseModel):
     unmatched_negatives: int = Field(0, ge=0, le=64, description="add up to N of each image's unmatched phrases "
                                      "(phrases the detector found no box for; schema 1.2) as extra negative texts "
                                      "of the region loss (0: off)")
+    region_relative_words: float = Field(0.0, ge=0.0, le=1.0, description="share of region texts whose phrase "
+                                         "names another region of the image too (a look-alike) that get their side "
+                                         "against it appended ('... on the left'), so the Prompter learns which of "
+                                         "two look-alikes is meant (0: the phrases as labeled)")
     clip_only: bool = Field(False, description="train the CLIP baseline only (same data and steps)")
     local_loss: bool = Field(False, description="each process scores its own features against the gathered batch "
                              "(open_clip)")
@@ -552,6 +556,7 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
             seed=cfg.seed, text_field=cfg.text_field, storage_options=cfg.storage_options, with_regions=not cfg.clip_only,
             pin_memory=d.device.type == "cuda", position_share=cfg.region_position_words,
             unmatched_negatives=0 if cfg.clip_only else cfg.unmatched_negatives,
+            relative_share=cfg.region_relative_words,
         )
         steps_per_epoch = [loader.steps_per_epoch(e) for e in range(cfg.epochs)]
         total = sum(steps_per_epoch)

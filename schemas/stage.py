@@ -19,11 +19,16 @@ Box = tuple[float, float, float, float]  # x0, y0, x1, y1 normalized to [0, 1] o
 
 @dataclass(frozen=True)
 class Phrase:
-    """A phrase found in a caption; ``caption[char_start:char_end] == text``."""
+    """A phrase found in a caption; ``caption[char_start:char_end] == text`` (its first mention).
+
+    ``count``: how many times the caption names it ("a red circle on the left and a red circle on the right"
+    names two look-alikes with one phrase), so a detector that keeps k boxes per phrase may keep k x count.
+    """
 
     text: str
     char_start: int
     char_end: int
+    count: int = 1
 
 
 @dataclass(frozen=True)

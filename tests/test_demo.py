@@ -120,6 +120,7 @@ def test_full_demo_tiny(tmp_path):
         "rec_cloc_prompter",
         "rec_cloc_ground",
         "rec_chance",
+        *(f"relrec_{k}" for k in ("clip_roi_align", "clip_crop", "cloc_prompter", "cloc_ground", "chance")),
     }
     assert all(0.0 <= v <= 1.0 for v in res.metrics.values())
     saved = json.loads((tmp_path / "full" / "results.json").read_text())
@@ -136,6 +137,10 @@ def test_full_demo_tiny(tmp_path):
     assert "goal: CLOC Prompter" in "\n".join(lines)
     assert "CLOC Prompter ranking" in "\n".join(lines)
     assert "REC: CLOC Prompter vs best CLIP ranking" in "\n".join(lines)
+    assert "relative REC: CLOC Prompter vs best CLIP ranking" in "\n".join(lines)
+    assert saved["relrec_margin_points"] == pytest.approx(
+        100 * (res.metrics["relrec_cloc_prompter"] - max(res.metrics["relrec_clip_roi_align"], res.metrics["relrec_clip_crop"])))
+    assert len((tmp_path / "full" / f"eval_relrec-{TEST_SEEDS[0]}" / "refexp.jsonl").read_text().splitlines()) == 10
     assert len((tmp_path / "full" / f"eval_refexp-{TEST_SEEDS[0]}" / "refexp.jsonl").read_text().splitlines()) == 10
     assert "means over training seeds 3, 4" in "\n".join(lines)
 

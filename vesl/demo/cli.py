@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from vesl.demo.runner import DEMO_N, FULL_EVAL_N, FULL_N, FULL_STEPS, run_demo, run_full_demo
+from vesl.demo.runner import DEMO_N, FULL_EVAL_N, FULL_N, FULL_STEPS, FULL_TWINS, run_demo, run_full_demo
 from vesl.errors import UserError
 
 SYNTH_FORMATS = ("wds", "parquet", "coco", "refexp")
@@ -25,6 +25,11 @@ def synth(
         typer.Option(help="Fraction of the N items that are near-duplicate copies (re-encoded, resized) of others; "
                      "adds 5% look-alike hard negatives; the json's vesl_synth says which is which"),
     ] = 0.0,
+    refexp_split: Annotated[
+        str,
+        typer.Option("--refexp-split", help="--format refexp: absolute (size and grid words) or relative (an exact "
+                     "look-alike pair told apart by side: 'the red circle on the left')"),
+    ] = "absolute",
 ) -> None:
     """Generate synthetic scenes with ground-truth captions and boxes (input data or COCO eval set)."""
     from vesl.demo import synth as synthetic
@@ -35,14 +40,20 @@ def synth(
         raise UserError("--n and --shard-size must be >= 1")
     if not 0.0 <= duplicates < 1.0:
         raise UserError(f"--duplicates must be a fraction in [0, 1), got {duplicates}")
+    if refexp_split not in synthetic.REFEXP_SPLITS:
+        raise UserError(f"--refexp-split must be one of {', '.join(synthetic.REFEXP_SPLITS)}, got {refexp_split!r}")
+    if refexp_split != "absolute" and fmt != "refexp":
+        raise UserError("--refexp-split applies to --format refexp")
     if duplicates and fmt == "refexp":
         raise UserError("--duplicates applies to scenes: use --format wds, parquet or coco")
     from vesl.pipeline.confine import check_output_dir
 
     check_output_dir(out, "--out")
     if fmt == "refexp":
-        path = synthetic.write_refexp((synthetic.make_refexp(seed, i) for i in range(n)), out)
-        typer.echo(f"wrote {n} referring expressions to {path} (seed {seed}); evaluate with `vesl eval MODEL --refexp {path}`")
+        make = synthetic.REFEXP_SPLITS[refexp_split]
+        path = synthetic.write_refexp((make(seed, i) for i in range(n)), out)
+        typer.echo(f"wrote {n} {refexp_split} referring expressions to {path} (seed {seed}); evaluate with "
+                   f"`vesl eval MODEL --refexp {path}`")
         return
     try:
         scenes = synthetic.make_world(n, seed, duplicates) if duplicates else synthetic.make_scenes(n, seed)
@@ -78,6 +89,10 @@ def register(app: typer.Typer) -> None:
         eval_split: str = typer.Option(
             "test", "--eval-split", help="--full: evaluate on the sealed test worlds, or on validation worlds to tune."
         ),
+        twins: float = typer.Option(
+            FULL_TWINS, "--twins", help="--full: share of training scenes with an exact look-alike pair (and "
+            "region_relative_words 0.5 with them)."
+        ),
     ) -> None:
         """Run the whole machinery offline on the synthetic world: synth -> label -> inspect -> gallery
         (and with --full: -> train CLOC and CLIP -> zero-shot region classification)."""
@@ -85,7 +100,7 @@ def register(app: typer.Typer) -> None:
         if full:
             res = run_full_demo(
                 out, n=FULL_N if n is None else n, eval_n=eval_n, steps=steps, profile=profile, labels=labels,
-                train_seed=train_seed, seeds=seeds, eval_split=eval_split,
+                train_seed=train_seed, seeds=seeds, eval_split=eval_split, twins=twins,
             )
             typer.echo(f"results: {out / 'full' / 'results.json'}")
             typer.echo(f"done in {time.perf_counter() - t:.0f}s; goal {'met' if res.goal_met else 'not met'}")

@@ -34,6 +34,11 @@ DEMO_N = 200
 FULL_N = 2000
 FULL_EVAL_N = 300
 FULL_STEPS = 3000  # why 3,000: docs/demo-report.md, "Demo settings, and why"
+# --full --twins: share of training scenes with an exact look-alike pair, and the trainer's region_relative_words
+# with them. Off by default: on validation world 1002 twins 0.3 / words 0.5 lowered every margin, the relative REC
+# one included (docs/demo-report.md, "Relative REC: look-alikes told apart by side").
+FULL_TWINS = 0.0
+FULL_RELATIVE_WORDS = 0.5
 SHARD_SIZE = 100
 GOAL_POINTS = 15.0
 
@@ -43,21 +48,22 @@ Echo = Callable[[str], None]
 # ----------------------------------------------------------------------------- steps
 
 
-def generate_input(out_dir: Path, n: int, seed: int, shard_size: int = SHARD_SIZE) -> list[Path]:
-    """Write ``n`` synthetic web-like pairs as img2dataset WebDataset shards (what ``vesl synth`` does).
+def generate_input(out_dir: Path, n: int, seed: int, shard_size: int = SHARD_SIZE, twins: float = 0.0) -> list[Path]:
+    """Write ``n`` synthetic web-like pairs as img2dataset WebDataset shards (what ``vesl synth`` does);
+    ``twins``: the share of scenes with an exact look-alike pair (``synth.make_scene``).
 
     Skips the work when ``out_dir`` already holds this exact sample (the scenes are deterministic).
     """
     from vesl.demo.synth import make_scenes, write_webdataset
 
     marker = out_dir / "_vesl_synth.json"
-    spec = {"n": n, "seed": seed, "shard_size": shard_size, "format": "wds"}
+    spec = {"n": n, "seed": seed, "shard_size": shard_size, "format": "wds"} | ({"twins": twins} if twins else {})
     tars = sorted(out_dir.glob("*.tar"))
     if marker.exists() and json.loads(marker.read_text()) == spec and len(tars) == -(-n // shard_size):
         return tars
     for old in tars:
         old.unlink()
-    paths = write_webdataset(make_scenes(n, seed), out_dir, shard_size=shard_size)
+    paths = write_webdataset(make_scenes(n, seed, twins=twins), out_dir, shard_size=shard_size)
     marker.write_text(json.dumps(spec))
     return paths
 
@@ -274,6 +280,30 @@ def rec_table(metrics: dict[str, float], n: int) -> str:
     return "\n".join(lines)
 
 
+def relrec_margin_points(metrics: dict[str, float]) -> float:
+    """The same margin on the relative REC set (look-alike pairs told apart by side only), in points."""
+    return 100 * (metrics["relrec_cloc_prompter"] - max(metrics["relrec_clip_roi_align"], metrics["relrec_clip_crop"]))
+
+
+def relrec_table(metrics: dict[str, float], n: int) -> str:
+    """The relative REC rows (acc@0.5): each image holds the target and one exact look-alike."""
+    rows = [
+        ("CLIP + RoI-Align ranking", metrics["relrec_clip_roi_align"]),
+        ("CLIP + crop ranking", metrics["relrec_clip_crop"]),
+        ("CLOC Prompter ranking", metrics["relrec_cloc_prompter"]),
+        ("CLOC grounding (no cand.)", metrics["relrec_cloc_ground"]),
+        ("random candidate", metrics["relrec_chance"]),
+    ]
+    margin = relrec_margin_points(metrics)
+    lines = [f"relative REC ({n} held-out, an exact look-alike pair told apart by side: 'the red circle on the left'):",
+             f"{'model + method':<26}{'metric':<12}{'value':>7}", "-" * 45]
+    lines += [f"{name:<26}{'acc@IoU0.5':<12}{100 * v:>6.1f}%" for name, v in rows]
+    lines.append("-" * 45)
+    lines.append(f"relative REC: CLOC Prompter vs best CLIP ranking {margin:+.1f} points (target +{REC_GOAL_POINTS:.0f}: "
+                 f"{'MET' if margin >= REC_GOAL_POINTS else 'NOT MET'})")
+    return "\n".join(lines)
+
+
 def results_table(
     metrics: dict[str, float], train_seeds: tuple[int, ...] = (0,), margins: tuple[float, ...] = ()
 ) -> tuple[str, bool]:
@@ -319,6 +349,7 @@ def run_full_demo(
     labels: str = "vesl",
     train_seed: int = 0,
     seeds: int = 1,
+    twins: float = FULL_TWINS,
 ) -> FullDemoResult:
     """Label web-like pairs, train CLOC and a CLIP baseline on them, and compare region recognition.
 
@@ -331,6 +362,7 @@ def run_full_demo(
         TEST_SEEDS,
         VALIDATION_SEEDS,
         make_refexp,
+        make_refexp_relative,
         make_scenes,
         write_coco,
         write_refexp,
@@ -354,9 +386,13 @@ def run_full_demo(
     times: dict[str, float] = {}
 
     t = time.perf_counter()
-    shards = generate_input(out / "input", n, seed)
+    if not 0.0 <= twins <= 1.0:
+        raise UserError(f"--twins must be a probability in [0, 1], got {twins}")
+    shards = generate_input(out / "input", n, seed, twins=twins)
     coco_jsons = [write_coco(make_scenes(eval_n, e), out / f"eval_coco-{e}") for e in eval_seeds]
     refexp_jsonls = [write_refexp((make_refexp(e, i) for i in range(eval_n)), out / f"eval_refexp-{e}") for e in eval_seeds]
+    relrec_jsonls = [write_refexp((make_refexp_relative(e, i) for i in range(eval_n)), out / f"eval_relrec-{e}")
+                     for e in eval_seeds]
     times["generate"] = time.perf_counter() - t
     echo(
         f"[1/4] {n} web-like pairs (seed {seed}, {len(shards)} shards); held-out COCO and REC sets of {eval_n} each "
@@ -368,7 +404,7 @@ def run_full_demo(
     if labels == "gt":
         from vesl.demo.ground_truth import label_ground_truth
 
-        summary = label_ground_truth(out / "input", labeled, seed, progress=progress)
+        summary = label_ground_truth(out / "input", labeled, seed, progress=progress, twins=twins)
     else:
         summary = label(out / "input", labeled, profile=profile, progress=progress, overwrite=True)
     times["label"] = time.perf_counter() - t
@@ -380,10 +416,12 @@ def run_full_demo(
     gallery(labeled, out / "gallery", n=min(50, n))
 
     kw = dict(train_kwargs or {})
+    kw.setdefault("region_relative_words", FULL_RELATIVE_WORDS if twins else 0.0)
     train_seeds = tuple(range(train_seed, train_seed + seeds))
     per_seed: list[dict[str, float]] = []
     times["train"] = times["eval"] = 0.0
-    for s, coco_json, refexp_jsonl in zip(train_seeds, coco_jsons, refexp_jsonls, strict=True):
+    for s, coco_json, refexp_jsonl, relrec_jsonl in zip(train_seeds, coco_jsons, refexp_jsonls, relrec_jsonls,
+                                                        strict=True):
         suffix = "" if seeds == 1 else f"-seed{s}"
         t = time.perf_counter()
         cloc_run = _train(labeled, out / f"cloc{suffix}", steps, seed=s, clip_only=False, **kw)
@@ -394,6 +432,8 @@ def run_full_demo(
         cloc_m = _evaluate(cloc_run, coco_json, ("prompter",), grounding=True)
         rec_clip = _evaluate_refexp(clip_run, refexp_jsonl, ("roi_align", "crop"))
         rec_cloc = _evaluate_refexp(cloc_run, refexp_jsonl, ("ground", "prompter"))
+        relrec_clip = _evaluate_refexp(clip_run, relrec_jsonl, ("roi_align", "crop"))
+        relrec_cloc = _evaluate_refexp(cloc_run, relrec_jsonl, ("ground", "prompter"))
         times["eval"] += time.perf_counter() - t
         per_seed.append({
             "clip_roi_align_macc": clip_m["roi_align_macc"],
@@ -403,6 +443,9 @@ def run_full_demo(
             "rec_clip_roi_align": rec_clip["roi_align"], "rec_clip_crop": rec_clip["crop"],
             "rec_cloc_prompter": rec_cloc["prompter"], "rec_cloc_ground": rec_cloc["ground"],
             "rec_chance": rec_cloc["chance"],
+            "relrec_clip_roi_align": relrec_clip["roi_align"], "relrec_clip_crop": relrec_clip["crop"],
+            "relrec_cloc_prompter": relrec_cloc["prompter"], "relrec_cloc_ground": relrec_cloc["ground"],
+            "relrec_chance": relrec_cloc["chance"],
         })  # fmt: skip
         if s == train_seeds[0]:
             cloc_ckpt, clip_ckpt, first_coco = cloc_run, clip_run, coco_json
@@ -416,9 +459,11 @@ def run_full_demo(
          f"({eval_split} worlds):")
     echo(table)
     echo(rec_table(metrics, eval_n))
+    echo(relrec_table(metrics, eval_n))
     record = {"metrics": metrics, "goal_met": met, "train_seeds": list(train_seeds), "eval_split": eval_split,
               "per_seed": [{"train_seed": s, "eval_seed": e, **m}
                            for s, e, m in zip(train_seeds, eval_seeds, per_seed, strict=True)],
-              "rec_margin_points": rec_margin_points(metrics), "seconds": times}  # fmt: skip
+              "rec_margin_points": rec_margin_points(metrics), "relrec_margin_points": relrec_margin_points(metrics),
+              "twins": twins, "seconds": times}  # fmt: skip
     (out / "results.json").write_text(json.dumps(record, indent=2))
     return FullDemoResult(labeled, first_coco, cloc_ckpt, clip_ckpt, metrics, met, table, times, record["per_seed"])

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vesl.schemas.boxes import box_iou
+from vesl.schemas.referring import relative_position_word
 from vesl.schemas.stage import Region
 
 # Which world seeds serve which purpose, so that no reported figure was tuned on. A figure is reported only on
@@ -203,7 +204,11 @@ def _draw_random(rng: random.Random, shape: str, size: str, w: int, h: int) -> t
     """One ``shape`` of ``size`` at a random place on a ``w`` x ``h`` canvas: (normalized xyxy box, mask), or
     None when the mask came out empty."""
     lo, hi = SIZES[size]
-    r = rng.uniform(lo, hi) * min(w, h) / 2
+    return _draw_at_random_place(rng, shape, rng.uniform(lo, hi) * min(w, h) / 2, w, h)
+
+
+def _draw_at_random_place(rng: random.Random, shape: str, r: float, w: int, h: int) -> tuple[tuple, Image.Image] | None:
+    """``shape`` of half-side ``r`` pixels at a random place (an exact look-alike reuses another's ``r``)."""
     cx, cy = rng.uniform(r + 2, w - r - 2), rng.uniform(r + 2, h - r - 2)
     mask = _draw_mask(shape, cx, cy, r, (w, h))
     bbox = mask.getbbox()
@@ -278,15 +283,32 @@ def _fill(template: str, rng: random.Random, **kw: str) -> str:
     )
 
 
-def _alt_text(rng: random.Random, objects: list[SceneObject], bg_word: str) -> str:
+def _alt_text(
+    rng: random.Random, objects: list[SceneObject], bg_word: str, pair: tuple[SceneObject, SceneObject] | None = None
+) -> str:
     if rng.random() < INFORMATIVE_RATE:
         o = rng.choice(objects)
         t = rng.choice(_INFORMATIVE)
-        return _fill(t, rng, color=o.color, shape=o.shape, size=o.size, bg=bg_word)
+        text = _fill(t, rng, color=o.color, shape=o.shape, size=o.size, bg=bg_word)
+        if pair and any(o is q for q in pair):  # one of two look-alikes: say which one
+            text += f", the one {_where(o, pair)}"
+        return text
     return _fill(rng.choice(_UNINFORMATIVE), rng)
 
 
-def _caption(objects: list[SceneObject]) -> tuple[str, list[Region]]:
+def _where(o: SceneObject, pair: tuple[SceneObject, SceneObject] | None) -> str:
+    """The position words after an object's phrase: its side against its twin for one of a look-alike pair
+    (which one is meant, as RefCOCO says "man on left"), else its cell of the 3x3 grid."""
+    if pair and o is pair[0]:
+        return relative_position_word(o.box, pair[1].box)
+    if pair and o is pair[1]:
+        return relative_position_word(o.box, pair[0].box)
+    return _POSITIONS[_position(o.box)]
+
+
+def _caption(
+    objects: list[SceneObject], pair: tuple[SceneObject, SceneObject] | None = None
+) -> tuple[str, list[Region]]:
     """The GT caption and one region per object whose span is exactly the object noun phrase."""
     caption = "There is "
     regions = []
@@ -296,17 +318,21 @@ def _caption(objects: list[SceneObject]) -> tuple[str, list[Region]]:
         start = len(caption)
         caption += o.phrase
         regions.append(Region(o.phrase, start, len(caption), o.box, 1.0))
-        caption += " " + _POSITIONS[_position(o.box)]
+        caption += " " + _where(o, pair)
     return caption + ".", regions
 
 
 # ----------------------------------------------------------------------------- scenes
 
 
-def make_scene(seed: int, index: int, moved: bool = False) -> Scene:
+def make_scene(seed: int, index: int, moved: bool = False, twins: float = 0.0) -> Scene:
     """Scene ``index`` of the world ``seed``; the same arguments always give the same bytes.
 
     ``moved``: a hard negative for deduplication, the same canvas and objects (colour, shape) placed anew.
+    ``twins``: the probability that one object gets an exact look-alike (same colour, shape and size) somewhere
+    else; the caption then names each of the two by its side against the other ("a large red circle on the left").
+    The twin's randomness comes from a stream of its own, so a scene without a twin is byte-identical to the
+    scene of ``twins=0``.
     """
     rng = random.Random(f"{seed}-{index}")
     nrng = np.random.default_rng(rng.getrandbits(64))
@@ -319,24 +345,30 @@ def make_scene(seed: int, index: int, moved: bool = False) -> Scene:
     if moved:  # everything after the choice of objects (sizes, places, shades, alt-text) drawn anew
         rng = random.Random(f"{seed}-{index}-moved")
     placed: list[tuple[str, str, str, tuple[float, float, float, float], Image.Image]] = []
+    radius: list[float] = []
     for color, shape in cats:
         for _attempt in range(60):
             size = rng.choice(tuple(SIZES))
-            drawn = _draw_random(rng, shape, size, w, h)
+            lo, hi = SIZES[size]
+            r = rng.uniform(lo, hi) * min(w, h) / 2
+            drawn = _draw_at_random_place(rng, shape, r, w, h)
             if drawn is None:
                 continue
             box, mask = drawn
             if all(_compatible(box, color, p[3], p[0], w, h) for p in placed):
                 placed.append((color, shape, size, box, mask))
+                radius.append(r)
                 break
+    twin_of = _add_twin(random.Random(f"{seed}-{index}-twin"), twins, placed, radius, w, h) if twins > 0 else None
     # Draw big objects first so small ones are never hidden behind a large one.
     for color, _shape, _size, _box, mask in sorted(placed, key=lambda p: -(p[3][2] - p[3][0])):
         jitter = tuple(max(0, min(255, c + rng.randint(-10, 10))) for c in COLORS[color])
         canvas.paste(jitter, (0, 0), mask)
 
     objects = [SceneObject(c, s, z, b) for c, s, z, b, _ in placed]
+    pair = (objects[twin_of[0]], objects[twin_of[1]]) if twin_of else None
     objects.sort(key=lambda o: (*_position(o.box), o.box[0], o.box[1]))
-    caption, regions = _caption(objects)
+    caption, regions = _caption(objects, pair)
     buf = io.BytesIO()
     canvas.save(buf, format="JPEG", quality=JPEG_QUALITY, optimize=False, progressive=False, subsampling=0)
     return Scene(
@@ -345,11 +377,29 @@ def make_scene(seed: int, index: int, moved: bool = False) -> Scene:
         image_format="jpg",
         width=w,
         height=h,
-        alt_text=_alt_text(rng, objects, bg_word),
+        alt_text=_alt_text(rng, objects, bg_word, pair),
         caption=caption,
         regions=regions,
         objects=objects,
     )
+
+
+def _add_twin(trng: random.Random, p: float, placed: list, radius: list[float], w: int, h: int) -> tuple[int, int] | None:
+    """With probability ``p``, append to ``placed`` an exact look-alike of one of its objects (same colour, shape
+    and half-side) at a free place; returns (original, twin) indices in ``placed``, or None."""
+    if not placed or trng.random() >= p:
+        return None
+    i = trng.randrange(len(placed))
+    color, shape, size, _box, _mask = placed[i]
+    for _attempt in range(60):
+        drawn = _draw_at_random_place(trng, shape, radius[i], w, h)
+        if drawn is None:
+            continue
+        box, mask = drawn
+        if all(_compatible(box, color, q[3], q[0], w, h) for q in placed):
+            placed.append((color, shape, size, box, mask))
+            return i, len(placed) - 1
+    return None
 
 
 LOOK_ALIKE_RATE = 0.05  # hard negatives per scene of a world with duplicates
@@ -399,10 +449,10 @@ def make_world(n: int, seed: int, duplicates: float) -> list[Scene]:
     return [s for _, s in items]
 
 
-def make_scenes(n: int, seed: int, start: int = 0) -> Iterator[Scene]:
+def make_scenes(n: int, seed: int, start: int = 0, twins: float = 0.0) -> Iterator[Scene]:
     """Scenes ``start .. start+n-1`` of world ``seed``; keys are the scene indices (``000000042``)."""
     for i in range(start, start + n):
-        yield make_scene(seed, i)
+        yield make_scene(seed, i, twins=twins)
 
 
 # ----------------------------------------------------------------------------- writers
@@ -663,6 +713,70 @@ def make_refexp(seed: int, index: int) -> RefExp:
                       alt_text=_alt_text(rng, objects, bg_word), caption=caption, regions=regions, objects=objects)
         return RefExp(scene, objects.index(target_obj), referring_expression(target_obj))
     raise RuntimeError(f"could not place look-alikes for refexp scene {seed}/{index}")  # pragma: no cover
+
+
+RELATIVE_MIN_RATIO = 1.5  # the pair's offset along the named axis is at least this times the other axis's
+
+
+def make_refexp_relative(seed: int, index: int) -> RefExp:
+    """Scene ``index`` of the relative REC world ``seed``: the target and one exact look-alike (same colour,
+    shape and size, drawn from one half-side), plus 0-2 objects of other categories. The expression names
+    colour, shape and the target's side against its twin ("the red circle on the left"), wherever the pair
+    sits in the image, so only the relative position tells the two apart (RefCOCO's "man on left").
+
+    The pair is placed so that one axis clearly dominates (:data:`RELATIVE_MIN_RATIO`), so the side is never a
+    judgement call on a diagonal.
+    """
+    for attempt in range(200):
+        rng = random.Random(f"refexp-relative-{seed}-{index}-{attempt}")
+        nrng = np.random.default_rng(rng.getrandbits(64))
+        w, h = rng.randint(MIN_SIDE, MAX_SIDE), rng.randint(MIN_SIDE, MAX_SIDE)
+        canvas_arr, bg_word = _background(rng, nrng, w, h)
+        cats = rng.sample([(c, s) for c in COLORS for s in SHAPES], 1 + rng.randint(0, 2))
+        (color, shape), others = cats[0], cats[1:]
+        size = rng.choice(tuple(SIZES))
+        lo, hi = SIZES[size]
+        r = rng.uniform(lo, hi) * min(w, h) / 2
+        placed: list = []
+        for _ in range(2):
+            for _try in range(80):
+                drawn = _draw_at_random_place(rng, shape, r, w, h)
+                if drawn is not None and all(_compatible(drawn[0], color, p[3], p[0], w, h) for p in placed):
+                    placed.append((color, shape, size, *drawn))
+                    break
+        if len(placed) < 2:
+            continue
+        a, b = placed[0][3], placed[1][3]
+        dx, dy = abs(a[0] + a[2] - b[0] - b[2]), abs(a[1] + a[3] - b[1] - b[3])
+        if max(dx, dy) < RELATIVE_MIN_RATIO * min(dx, dy):
+            continue
+        for c, s in others:
+            p = _place(rng, w, h, c, s, rng.choice(tuple(SIZES)), placed, set())
+            if p is not None:
+                placed.append(p)
+        canvas = Image.fromarray(canvas_arr, "RGB")
+        for c, _shape, _size, _box, mask in sorted(placed, key=lambda p: -(p[3][2] - p[3][0])):
+            jitter = tuple(max(0, min(255, v + rng.randint(-10, 10))) for v in COLORS[c])
+            canvas.paste(jitter, (0, 0), mask)
+        objects = [SceneObject(c, s, z, b) for c, s, z, b, _ in placed]
+        t = rng.randrange(2)
+        target_obj, twin = objects[t], objects[1 - t]
+        pair = (objects[0], objects[1])
+        objects.sort(key=lambda o: (*_position(o.box), o.box[0], o.box[1]))
+        caption, regions = _caption(objects, pair)
+        buf = io.BytesIO()
+        canvas.save(buf, format="JPEG", quality=JPEG_QUALITY, optimize=False, progressive=False, subsampling=0)
+        scene = Scene(key=f"{index:09d}", image=buf.getvalue(), image_format="jpg", width=w, height=h,
+                      alt_text=_alt_text(rng, objects, bg_word, pair), caption=caption, regions=regions,
+                      objects=objects)
+        expression = f"the {color} {shape} {relative_position_word(target_obj.box, twin.box)}"
+        return RefExp(scene, objects.index(target_obj), expression)
+    raise RuntimeError(f"could not place a look-alike pair for relative refexp scene {seed}/{index}")  # pragma: no cover
+
+
+# Referring sets of `vesl synth --format refexp --refexp-split`: absolute (size and 3x3 grid words, look-alikes
+# of other sizes) and relative (an exact look-alike pair told apart by side only).
+REFEXP_SPLITS = {"absolute": make_refexp, "relative": make_refexp_relative}
 
 
 def _pixel_xywh(box: tuple[float, ...], w: int, h: int) -> list[int]:
