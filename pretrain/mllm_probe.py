@@ -257,7 +257,13 @@ def image_features(tower, proc, paths: list[str], layer: int, pool: int, batch: 
 def build_llava(tower, tok, cfg: ProbeConfig, lm: str | None = None):
     """A ``LlavaForConditionalGeneration`` with ``tower`` as its vision tower (weights copied, frozen) and a
     small Llama (or the causal LM at ``lm``) as its language model."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     if lm is None:
         text_cfg = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.hidden, intermediate_size=2 * cfg.hidden,

@@ -39,10 +39,12 @@ def test_llava_export_round_trips(dataset, llava_dir):
     rows = _rows(dataset)
     train = json.loads((llava_dir / "train.json").read_text())
     evals = json.loads((llava_dir / "eval.json").read_text())
-    assert train and evals
+    assert train
+    assert evals
     # split by image: no image in both files, and the split is the documented hash
     assert not {r["image"] for r in train} & {r["image"] for r in evals}
-    assert all(is_eval(r["key"], 1, 0.25) for r in evals) and not any(is_eval(r["key"], 1, 0.25) for r in train)
+    assert all(is_eval(r["key"], 1, 0.25) for r in evals)
+    assert not any(is_eval(r["key"], 1, 0.25) for r in train)
     ids = [r["id"] for r in train + evals]
     assert len(ids) == len(set(ids))
     tasks = set()
@@ -51,7 +53,8 @@ def test_llava_export_round_trips(dataset, llava_dir):
         assert set(rec) >= {"id", "image", "conversations"}
         conv = rec["conversations"]
         assert [t["from"] for t in conv] == ["human", "gpt"]
-        assert conv[0]["value"].startswith(IMAGE_TOKEN + "\n") and conv[0]["value"].count(IMAGE_TOKEN) == 1
+        assert conv[0]["value"].startswith(IMAGE_TOKEN + "\n")
+        assert conv[0]["value"].count(IMAGE_TOKEN) == 1
         assert IMAGE_TOKEN not in conv[1]["value"]
         with Image.open(llava_dir / rec["image"]) as im:
             im.load()
@@ -62,12 +65,16 @@ def test_llava_export_round_trips(dataset, llava_dir):
         tasks.add(rec["task"])
         if rec["task"] == "grounding":
             box = parse_box(a)
-            assert box is not None and all(0 <= v <= 1 for v in box)
+            assert box is not None
+            assert all(0 <= v <= 1 for v in box)
             phrase = q.removeprefix(IMAGE_TOKEN + "\nWhere is ").removesuffix("?")
-            assert phrases.count(phrase) == 1 and boxes[a] == phrase  # the box of that phrase in that row
+            assert phrases.count(phrase) == 1
+            assert boxes[a] == phrase
         elif rec["task"] == "referring":
             box = parse_box(q)
-            assert box is not None and a in phrases and boxes[box_text(box)] == a
+            assert box is not None
+            assert a in phrases
+            assert boxes[box_text(box)] == a
         else:
             assert a == str(len(row["regions"]))
     assert tasks == {"grounding", "referring", "control"}
@@ -93,7 +100,8 @@ def test_export_cli_writes_llava(dataset, tmp_path):
     res = CliRunner().invoke(app, ["export", str(dataset), "--format", "llava", "--out", str(tmp_path / "o"),
                                    "--tasks", "referring,control", "--eval-fraction", "0.5"])
     assert res.exit_code == 0, res.output
-    assert "llava: 24 images" in res.output and "questions" in res.output
+    assert "llava: 24 images" in res.output
+    assert "questions" in res.output
     recs = json.loads((tmp_path / "o" / "train.json").read_text())
     assert {r["task"] for r in recs} == {"referring", "control"}
 
@@ -158,16 +166,20 @@ def test_tiny_probe_end_to_end_writes_json(llava_dir, tmp_path):
     res = probe(tower, llava_dir / "train.json", llava_dir / "eval.json", ProbeConfig(steps=6, batch_size=8, hidden=32),
                 out=out, echo=lines.append)
     saved = json.loads(out.read_text())
-    assert saved["metrics"] == res.metrics and set(saved["metrics"]) == {"grounding", "referring", "control"}
+    assert saved["metrics"] == res.metrics
+    assert set(saved["metrics"]) == {"grounding", "referring", "control"}
     for task, m in saved["metrics"].items():
-        assert 0 <= m["ok"] <= 1 and 0 <= m["parse_fail"] <= 1 and m["n"] == saved["n_eval"][task]
+        assert 0 <= m["ok"] <= 1
+        assert 0 <= m["parse_fail"] <= 1
+        assert m["n"] == saved["n_eval"][task]
     assert set(saved["trivial"]) == set(saved["metrics"])
     assert saved["settings"]["image_tokens"] == 64  # 8x8 patches of the 64-px tiny ViT, no pooling needed
     assert any("ETA" in line for line in lines)
     # the same seed gives the same answers
     again = probe(tower, llava_dir / "train.json", llava_dir / "eval.json", ProbeConfig(steps=6, batch_size=8, hidden=32),
                   echo=lambda _: None)
-    assert again.metrics == res.metrics and again.samples == res.samples
+    assert again.metrics == res.metrics
+    assert again.samples == res.samples
 
 
 def test_probe_learns_above_trivial(llava_dir, tmp_path):
@@ -187,10 +199,12 @@ def test_not_a_clip_vision_folder_is_one_line(tmp_path, llava_dir):
     for folder in (tmp_path / "empty", tmp_path / "llama", tmp_path / "missing"):
         with pytest.raises(UserError) as err:
             load_tower(folder)
-        assert "\n" not in str(err.value) and "CLIPVisionModel" in str(err.value)
+        assert "\n" not in str(err.value)
+        assert "CLIPVisionModel" in str(err.value)
     from vesl.cli import app
 
     res = CliRunner().invoke(app, ["probe-mllm", str(tmp_path / "llama"), "--data", str(llava_dir / "train.json"),
                                    "--eval", str(llava_dir / "eval.json")])
-    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert res.exit_code != 0
+    assert "Traceback" not in res.output
     assert "not a CLIPVisionModel" in res.output
