@@ -45,8 +45,8 @@ _ARTICLES = {"a", "an", "the"}
 
 @dataclass
 class ProbeConfig:
-    steps: int = 600
-    batch_size: int = 64
+    steps: int = 300
+    batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 30
     seed: int = 0

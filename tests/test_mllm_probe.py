@@ -182,15 +182,6 @@ def test_tiny_probe_end_to_end_writes_json(llava_dir, tmp_path):
     assert again.samples == res.samples
 
 
-def test_probe_learns_above_trivial(llava_dir, tmp_path):
-    """On a tiny set the probe must at least learn the control answers and the region phrases better than
-    the most frequent answer, else its figures mean nothing."""
-    tower = _tower(tmp_path)
-    res = probe(tower, llava_dir / "train.json", llava_dir / "train.json", ProbeConfig(steps=150, batch_size=32, hidden=64),
-                echo=lambda _: None)
-    assert res.metrics["referring"]["soft"] > res.trivial["referring"]["soft"] + 0.2
-
-
 def test_not_a_clip_vision_folder_is_one_line(tmp_path, llava_dir):
     from transformers import LlamaConfig
 

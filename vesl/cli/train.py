@@ -186,8 +186,8 @@ def _probe_mllm(
     eval_data: str = typer.Option(..., "--eval", help="LLaVA-format held-out JSON"),
     lm: Optional[str] = typer.Option(None, "--lm", help="a local causal LM folder (default: a small Llama built "
                                      "from a config, with a tokenizer made from --data)"),
-    steps: int = typer.Option(600, "--steps", help="training steps of the projector and LM"),
-    batch_size: int = typer.Option(64, "--batch-size"),
+    steps: int = typer.Option(300, "--steps", help="training steps of the projector and LM"),
+    batch_size: int = typer.Option(32, "--batch-size"),
     lr: float = typer.Option(3e-3, "--lr"),
     seed: int = typer.Option(0, "--seed"),
     pool: int = typer.Option(0, "--pool", help="average-pool the patch grid by this factor (0: to at most 8x8)"),
