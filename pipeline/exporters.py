@@ -8,7 +8,7 @@
   caption + regions with pixel ``x0, y0, x1, y1`` bbox, phrase and ``tokens_positive`` char spans), plus
   ``images/`` as the dataset root.
 - ``llava``: ``train.json`` and ``eval.json`` (LLaVA instruction format: grounding, referring and a control
-  task, split by image; see :mod:`vesl.pipeline.llava`) plus ``images/``.
+  task, split by image; see :mod:`vesl.schemas.llava`) plus ``images/``.
 
 Keys become file names: characters other than letters, digits, ``_`` and ``-`` turn into ``_`` (a dot
 would split a WebDataset key), with a numeric suffix on collisions. The original key stays in the JSON.
@@ -266,7 +266,7 @@ def export_llava(dataset_dir: str | Path, out: str | Path, overwrite: bool = Fal
                  max_questions: int = 3, eval_fraction: float = 0.1) -> ExportResult:
     """LLaVA-format ``train.json`` / ``eval.json`` (split by image) with ``images/``; ``res.regions`` counts
     the questions written."""
-    from vesl.pipeline.llava import is_eval, row_records, write_llava
+    from vesl.schemas.llava import is_eval, row_records, write_llava
 
     out, res, skipped, keys = _start_with_images(out, overwrite)
     train: list[dict] = []
@@ -294,7 +294,7 @@ def export(
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "llava":
-        from vesl.pipeline.llava import parse_tasks
+        from vesl.schemas.llava import parse_tasks
 
         llava["tasks"] = parse_tasks(llava.get("tasks", ("grounding", "referring", "control")))
         if not 0.0 <= llava.get("eval_fraction", 0.1) <= 1.0:

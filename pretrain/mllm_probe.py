@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from vesl.errors import UserError
-from vesl.pipeline.llava import IMAGE_TOKEN, TASKS, parse_box
+from vesl.schemas.llava import IMAGE_TOKEN, TASKS, parse_box
 
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", IMAGE_TOKEN]
 _PIECES = r"\d+\.\d+|\d+|[^\w\s]"  # numbers stay whole ("0.37"), punctuation splits off ("[", ",", "?")

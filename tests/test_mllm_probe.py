@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from tests.region_dataset import write_synth_region_dataset
 from vesl.errors import UserError
 from vesl.pipeline.exporters import export
-from vesl.pipeline.llava import IMAGE_TOKEN, box_text, is_eval, parse_box
 from vesl.pretrain.mllm_probe import ProbeConfig, load_tower, probe, score, word_f1
+from vesl.schemas.llava import IMAGE_TOKEN, box_text, is_eval, parse_box
 
 
 @pytest.fixture(scope="module")

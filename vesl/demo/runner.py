@@ -243,7 +243,7 @@ def probe_data(labeled: Path, eval_input: Path, eval_seed: int, out: Path) -> tu
     true boxes, on scenes neither model saw)."""
     from vesl.demo.ground_truth import label_ground_truth
     from vesl.pipeline.exporters import export
-    from vesl.pipeline.llava import EVAL_FILE, TRAIN_FILE
+    from vesl.schemas.llava import EVAL_FILE, TRAIN_FILE
 
     train_dir = out / "llava-train"
     if not (train_dir / TRAIN_FILE).is_file():
