@@ -7,6 +7,8 @@
 - ``odvg``: ``odvg.jsonl``, the Grounding DINO fine-tuning format (Open-GroundingDino ``grounding`` mode:
   caption + regions with pixel ``x0, y0, x1, y1`` bbox, phrase and ``tokens_positive`` char spans), plus
   ``images/`` as the dataset root.
+- ``llava``: ``train.json`` and ``eval.json`` (LLaVA instruction format: grounding, referring and a control
+  task, split by image; see :mod:`vesl.schemas.llava`) plus ``images/``.
 
 Keys become file names: characters other than letters, digits, ``_`` and ``-`` turn into ``_`` (a dot
 would split a WebDataset key), with a numeric suffix on collisions. The original key stays in the JSON.
@@ -26,7 +28,7 @@ from typing import Any
 
 from vesl.errors import UserError
 
-FORMATS = ("wds", "coco", "odvg")
+FORMATS = ("wds", "coco", "odvg", "llava")
 OUTSIDE_REASON = "image_outside_dataset"  # skip reason: the row's image_uri lies outside the dataset and its inputs
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 
@@ -259,21 +261,54 @@ def export_odvg(dataset_dir: str | Path, out: str | Path, overwrite: bool = Fals
     return res
 
 
+def export_llava(dataset_dir: str | Path, out: str | Path, overwrite: bool = False, allow_any_image_uri: bool = False,
+                 seed: int = 0, tasks: tuple[str, ...] = ("grounding", "referring", "control"),
+                 max_questions: int = 3, eval_fraction: float = 0.1) -> ExportResult:
+    """LLaVA-format ``train.json`` / ``eval.json`` (split by image) with ``images/``; ``res.regions`` counts
+    the questions written."""
+    from vesl.schemas.llava import is_eval, row_records, write_llava
+
+    out, res, skipped, keys = _start_with_images(out, overwrite)
+    train: list[dict] = []
+    evals: list[dict] = []
+    for row in _rows(Path(dataset_dir), allow_any_image_uri):
+        fname = _copy_image(row, out / "images", keys, skipped)
+        if fname is None:
+            continue
+        recs = row_records(row, f"images/{fname}", fname.rsplit(".", 1)[0], tasks, max_questions, seed)
+        (evals if is_eval(row["key"], seed, eval_fraction) else train).extend(recs)
+        res.images += 1
+    res.files, res.regions, res.skipped = write_llava(out, train, evals), len(train) + len(evals), dict(skipped)
+    return res
+
+
 def export(
-    dataset_dir: str | Path, fmt: str, out: str | Path, overwrite: bool = False, allow_any_image_uri: bool = False
+    dataset_dir: str | Path, fmt: str, out: str | Path, overwrite: bool = False, allow_any_image_uri: bool = False,
+    **llava: Any,
 ) -> ExportResult:
-    """Validate the dataset, then export it as ``fmt`` (one of :data:`FORMATS`)."""
+    """Validate the dataset, then export it as ``fmt`` (one of :data:`FORMATS`); ``llava`` holds
+    :func:`export_llava`'s options (seed, tasks, max_questions, eval_fraction)."""
     from vesl.schemas.dataset import InvalidDataset, data_shards
     from vesl.schemas.validation import validate
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt == "llava":
+        from vesl.schemas.llava import parse_tasks
+
+        llava["tasks"] = parse_tasks(llava.get("tasks", ("grounding", "referring", "control")))
+        if not 0.0 <= llava.get("eval_fraction", 0.1) <= 1.0:
+            raise UserError(f"--eval-fraction must lie in [0, 1], got {llava['eval_fraction']}")
+        if llava.get("max_questions", 3) < 1:
+            raise UserError(f"--max-questions must be at least 1, got {llava['max_questions']}")
     data_shards(dataset_dir)  # a clear error for a wrong directory
     violations = validate(dataset_dir)
     if violations:
         raise InvalidDataset(violations, action="export")
     if fmt == "wds":
         return export_wds(dataset_dir, out, overwrite=overwrite, allow_any_image_uri=allow_any_image_uri)
+    if fmt == "llava":
+        return export_llava(dataset_dir, out, overwrite=overwrite, allow_any_image_uri=allow_any_image_uri, **llava)
     if fmt == "coco":
         return export_coco(dataset_dir, out, overwrite=overwrite, allow_any_image_uri=allow_any_image_uri)
     return export_odvg(dataset_dir, out, overwrite=overwrite, allow_any_image_uri=allow_any_image_uri)

@@ -108,9 +108,11 @@ def test_full_demo_tiny(tmp_path):
     lines: list[str] = []
     res = run_full_demo(
         tmp_path, n=40, eval_n=10, steps=5, echo=lines.append, progress=False, train_kwargs={"workers": 0},
-        train_seed=3, seeds=2,
+        train_seed=3, seeds=2, probe_steps=2,
     )
-    assert set(res.metrics) == {
+    probe_keys = {f"probe_{who}_{k}" for who in ("clip", "cloc", "trivial")
+                  for k in ("grounding", "referring", "referring_soft", "control")}
+    assert set(res.metrics) - probe_keys == {
         "clip_roi_align_macc",
         "clip_crop_macc",
         "cloc_prompter_macc",
@@ -143,6 +145,9 @@ def test_full_demo_tiny(tmp_path):
     assert len((tmp_path / "full" / f"eval_relrec-{TEST_SEEDS[0]}" / "refexp.jsonl").read_text().splitlines()) == 10
     assert len((tmp_path / "full" / f"eval_refexp-{TEST_SEEDS[0]}" / "refexp.jsonl").read_text().splitlines()) == 10
     assert "means over training seeds 3, 4" in "\n".join(lines)
+    assert probe_keys <= set(res.metrics)
+    assert "MLLM probe" in "\n".join(lines)
+    assert (tmp_path / "full" / "cloc-seed4-hf" / "config.json").is_file()
 
 
 def test_full_demo_refuses_a_bad_split_in_one_line(tmp_path):

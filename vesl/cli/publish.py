@@ -70,26 +70,34 @@ def show_cmd(
 
 def export_cmd(
     dataset_dir: Path = typer.Argument(..., help="A region-text dataset directory."),
-    fmt: str = typer.Option(..., "--format", help="wds (WebDataset tars), coco (instances JSON) or odvg (JSONL)."),
+    fmt: str = typer.Option(..., "--format", help="wds (WebDataset tars), coco (instances JSON), odvg (JSONL) "
+                            "or llava (instruction JSON: grounding, referring, control; docs/mllm-probe.md)."),
     out: Path = typer.Option(..., "--out", help="Output directory (must be new or empty)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
     allow_any_image_uri: bool = typer.Option(
         False, "--allow-any-image-uri", help="Read image_uri values outside the dataset and its inputs (URLs too)."
     ),
+    seed: int = typer.Option(0, "--seed", help="llava: seed of the question sampling and the train/eval split."),
+    tasks: str = typer.Option("grounding,referring,control", "--tasks", help="llava: comma-separated tasks."),
+    max_questions: int = typer.Option(3, "--max-questions", help="llava: at most this many questions per task and image."),
+    eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="llava: share of images in eval.json (by image)."),
 ) -> None:
-    """Export to WebDataset, COCO or ODVG (Grounding DINO) after validating the data."""
+    """Export to WebDataset, COCO, ODVG (Grounding DINO) or LLaVA instructions after validating the data."""
     from vesl.pipeline.confine import check_output_dir
     from vesl.pipeline.exporters import export
     from vesl.schemas.dataset import InvalidDataset
 
     check_output_dir(out, "--out")
     try:
-        res = export(dataset_dir, fmt, out, overwrite=overwrite, allow_any_image_uri=allow_any_image_uri)
+        llava = {"seed": seed, "tasks": tasks, "max_questions": max_questions, "eval_fraction": eval_fraction}
+        res = export(dataset_dir, fmt, out, overwrite=overwrite, allow_any_image_uri=allow_any_image_uri,
+                     **(llava if fmt == "llava" else {}))
     except InvalidDataset as exc:
         _print_violations(exc)
         raise
     skipped = ", ".join(f"{k}: {v}" for k, v in sorted(res.skipped.items())) or "none"
-    typer.echo(f"{fmt}: {res.images} images, {res.regions} regions -> {res.out} (skipped: {skipped})")
+    what = "questions" if fmt == "llava" else "regions"
+    typer.echo(f"{fmt}: {res.images} images, {res.regions} {what} -> {res.out} (skipped: {skipped})")
     if res.note:
         typer.echo(res.note, err=True)
 

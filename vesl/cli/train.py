@@ -1,4 +1,4 @@
-"""`vesl train`, `vesl eval`, `vesl export-model`. Heavy imports stay inside the command bodies.
+"""`vesl train`, `vesl eval`, `vesl export-model`, `vesl probe-mllm`. Heavy imports stay inside the command bodies.
 
 `vesl train`'s options are made from ``TrainConfig``'s fields (type, range, description), so a new training
 option needs one edit, on the config, and its flag and help follow. Building them imports
@@ -179,7 +179,32 @@ def _export(
         typer.echo(f"exported to {path}; open_clip.create_model('local-dir:{path}') or vesl.pretrain.load('{path}')")
 
 
+def _probe_mllm(
+    tower: str = typer.Argument(..., help="vision tower: a `vesl export-model --format hf` folder or any "
+                                "CLIPVisionModel folder"),
+    data: str = typer.Option(..., "--data", help="LLaVA-format training JSON (`vesl export --format llava`)"),
+    eval_data: str = typer.Option(..., "--eval", help="LLaVA-format held-out JSON"),
+    lm: Optional[str] = typer.Option(None, "--lm", help="a local causal LM folder (default: a small Llama built "
+                                     "from a config, with a tokenizer made from --data)"),
+    steps: int = typer.Option(300, "--steps", help="training steps of the projector and LM"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    lr: float = typer.Option(3e-3, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
+    pool: int = typer.Option(0, "--pool", help="average-pool the patch grid by this factor (0: to at most 8x8)"),
+    feature_layer: int = typer.Option(-2, "--feature-layer", help="LLaVA's vision_feature_layer"),
+    out: Optional[str] = typer.Option(None, "--out", help="write the results JSON here"),
+) -> None:
+    """Train a small LLaVA on TOWER (frozen) and score grounding, referring and a control task (docs/mllm-probe.md)."""
+    from vesl.pretrain.mllm_probe import ProbeConfig, probe
+
+    cfg = ProbeConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, pool=pool, feature_layer=feature_layer)
+    probe(tower, data, eval_data, cfg, lm=lm, out=out, echo=typer.echo)
+    if out:
+        typer.echo(f"results: {out}")
+
+
 def register(app: typer.Typer) -> None:
+    app.command("probe-mllm")(_probe_mllm)
     app.command("train")(_train_command())
     app.command("eval")(_eval)
     app.command("export-model")(_export)

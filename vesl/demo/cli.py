@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from vesl.demo.runner import DEMO_N, FULL_EVAL_N, FULL_N, FULL_STEPS, FULL_TWINS, run_demo, run_full_demo
+from vesl.demo.runner import (DEMO_N, FULL_EVAL_N, FULL_N, FULL_STEPS, FULL_TWINS, PROBE_STEPS, run_demo,
+                              run_full_demo)
 from vesl.errors import UserError
 
 SYNTH_FORMATS = ("wds", "parquet", "coco", "refexp")
@@ -93,6 +94,9 @@ def register(app: typer.Typer) -> None:
             FULL_TWINS, "--twins", help="--full: share of training scenes with an exact look-alike pair (and "
             "region_relative_words 0.5 with them)."
         ),
+        probe_steps: int = typer.Option(
+            PROBE_STEPS, "--probe-steps", help="--full: MLLM probe steps per tower (0 skips the probe)."
+        ),
     ) -> None:
         """Run the whole machinery offline on the synthetic world: synth -> label -> inspect -> gallery
         (and with --full: -> train CLOC and CLIP -> zero-shot region classification)."""
@@ -100,7 +104,7 @@ def register(app: typer.Typer) -> None:
         if full:
             res = run_full_demo(
                 out, n=FULL_N if n is None else n, eval_n=eval_n, steps=steps, profile=profile, labels=labels,
-                train_seed=train_seed, seeds=seeds, eval_split=eval_split, twins=twins,
+                train_seed=train_seed, seeds=seeds, eval_split=eval_split, twins=twins, probe_steps=probe_steps,
             )
             typer.echo(f"results: {out / 'full' / 'results.json'}")
             typer.echo(f"done in {time.perf_counter() - t:.0f}s; goal {'met' if res.goal_met else 'not met'}")

@@ -239,6 +239,66 @@ def margin_points(metrics: dict[str, float]) -> float:
 
 
 REC_GOAL_POINTS = 20.0
+# the MLLM probe's steps per tower; off by default until it learns on a 2-core machine (about 20 min per tower
+# at 300 steps; docs/mllm-probe.md): `vesl demo --full --probe-steps 300` runs it
+PROBE_STEPS = 0
+PROBE_POOL = 2  # 8x8 patch tokens -> 4x4: a quarter of the sequence, what a 2-core machine affords
+
+
+def probe_data(labeled: Path, eval_input: Path, eval_seed: int, out: Path) -> tuple[Path, Path]:
+    """LLaVA instruction data: training questions from the --full pseudo-labels (``vesl export --format
+    llava``), held-out questions from the ground truth of the evaluation world (so the probe is scored on
+    true boxes, on scenes neither model saw)."""
+    from vesl.demo.ground_truth import label_ground_truth
+    from vesl.pipeline.exporters import export
+    from vesl.schemas.llava import EVAL_FILE, TRAIN_FILE
+
+    train_dir = out / "llava-train"
+    if not (train_dir / TRAIN_FILE).is_file():
+        export(labeled, "llava", train_dir, overwrite=True, eval_fraction=0.0)
+    gt = out / f"eval_gt-{eval_seed}"
+    label_ground_truth(eval_input, gt, eval_seed, progress=False)
+    eval_dir = out / f"llava-eval-{eval_seed}"
+    export(gt, "llava", eval_dir, overwrite=True, eval_fraction=1.0)
+    return train_dir / TRAIN_FILE, eval_dir / EVAL_FILE
+
+
+def _probe(run_dir: Path, hf_dir: Path, data: Path, eval_json: Path, steps: int, seed: int, echo: Echo) -> dict:
+    """Export the run's towers as a transformers folder and probe a small LLaVA on them (`vesl probe-mllm`)."""
+    from dataclasses import asdict
+
+    from vesl.pretrain.export import export_model
+    from vesl.pretrain.mllm_probe import ProbeConfig, probe
+
+    export_model(run_dir, hf_dir, format="hf", overwrite=True)
+    res = probe(hf_dir, data, eval_json, ProbeConfig(steps=steps, seed=seed, pool=PROBE_POOL),
+                out=hf_dir.parent / f"{hf_dir.name}-probe.json", echo=lambda line: echo(f"  {line}"))
+    return asdict(res)
+
+
+def probe_figures(res: dict, key: str = "metrics") -> dict[str, float]:
+    m = res[key]
+    return {"grounding": m["grounding"]["ok"], "referring": m["referring"]["ok"],
+            "referring_soft": m["referring"]["soft"], "control": m["control"]["ok"]}
+
+
+def probe_table(metrics: dict[str, float]) -> str:
+    """CLOC tower vs CLIP tower in the same small LLaVA, per task (fractions in ``metrics``)."""
+    rows = [("grounding acc@0.5", "grounding", 15.0), ("referring exact", "referring", 10.0),
+            ("referring soft", "referring_soft", None), ("control (count)", "control", -2.0)]
+    lines = ["MLLM probe (small LLaVA on each frozen tower; held-out GT questions):",
+             f"{'task':<20}{'CLIP':>7}{'CLOC':>7}{'trivial':>9}{'CLOC-CLIP':>11}  goal", "-" * 62]
+    for name, k, goal in rows:
+        d = 100 * (metrics[f"probe_cloc_{k}"] - metrics[f"probe_clip_{k}"])
+        if goal is None:
+            verdict = ""
+        elif goal < 0:
+            verdict = f">= {goal:+.0f}: {'MET' if d >= goal else 'NOT MET'}"
+        else:
+            verdict = f">= +{goal:.0f}: {'MET' if d >= goal else 'NOT MET'}"
+        lines.append(f"{name:<20}{100 * metrics[f'probe_clip_{k}']:>6.1f}%{100 * metrics[f'probe_cloc_{k}']:>6.1f}%"
+                     f"{100 * metrics[f'probe_trivial_{k}']:>8.1f}%{d:>+10.1f}  {verdict}")
+    return "\n".join(lines)
 
 
 def _evaluate_refexp(run_dir: Path, refexp_jsonl: Path, methods: tuple[str, ...]) -> dict[str, float]:
@@ -350,13 +410,15 @@ def run_full_demo(
     train_seed: int = 0,
     seeds: int = 1,
     twins: float = FULL_TWINS,
+    probe_steps: int = PROBE_STEPS,
 ) -> FullDemoResult:
     """Label web-like pairs, train CLOC and a CLIP baseline on them, and compare region recognition.
 
     ``seeds`` > 1 trains both models with seeds ``train_seed``, ``train_seed + 1``, ... and judges the means:
     on noisy pseudo-labels a single run's margin moves by several points with the seed. Training seed ``i``
     (counted from ``train_seed``) is evaluated on world ``i`` of ``eval_split`` (test: reported; validation:
-    for tuning), a fresh world per seed.
+    for tuning), a fresh world per seed. ``probe_steps`` > 0 also probes a small LLaVA on each model's
+    exported tower (0 skips the probe).
     """
     from vesl.demo.synth import (
         TEST_SEEDS,
@@ -368,7 +430,7 @@ def run_full_demo(
         write_refexp,
     )
 
-    if n < 1 or eval_n < 1 or steps < 1 or seeds < 1:
+    if n < 1 or eval_n < 1 or steps < 1 or seeds < 1 or probe_steps < 0:
         raise UserError("--n, the eval size, the steps and --seeds must each be at least 1")
     if labels not in ("vesl", "gt"):
         raise UserError(f"--labels must be vesl (pseudo-labels) or gt (oracle ground truth), got {labels!r}")
@@ -419,9 +481,9 @@ def run_full_demo(
     kw.setdefault("region_relative_words", FULL_RELATIVE_WORDS if twins else 0.0)
     train_seeds = tuple(range(train_seed, train_seed + seeds))
     per_seed: list[dict[str, float]] = []
-    times["train"] = times["eval"] = 0.0
-    for s, coco_json, refexp_jsonl, relrec_jsonl in zip(train_seeds, coco_jsons, refexp_jsonls, relrec_jsonls,
-                                                        strict=True):
+    times["train"] = times["eval"] = times["probe"] = 0.0
+    for s, eval_seed, coco_json, refexp_jsonl, relrec_jsonl in zip(train_seeds, eval_seeds, coco_jsons, refexp_jsonls,
+                                                                   relrec_jsonls, strict=True):
         suffix = "" if seeds == 1 else f"-seed{s}"
         t = time.perf_counter()
         cloc_run = _train(labeled, out / f"cloc{suffix}", steps, seed=s, clip_only=False, **kw)
@@ -447,6 +509,17 @@ def run_full_demo(
             "relrec_cloc_prompter": relrec_cloc["prompter"], "relrec_cloc_ground": relrec_cloc["ground"],
             "relrec_chance": relrec_cloc["chance"],
         })  # fmt: skip
+        if probe_steps:
+            t = time.perf_counter()
+            eval_input = out / f"eval_input-{eval_seed}"
+            generate_input(eval_input, eval_n, eval_seed)
+            data, eval_json = probe_data(labeled, eval_input, eval_seed, out)
+            probes = {name: _probe(run, out / f"{name}{suffix}-hf", data, eval_json, probe_steps, s, echo)
+                      for name, run in (("clip", clip_run), ("cloc", cloc_run))}
+            per_seed[-1].update({f"probe_{name}_{k}": v for name, r in probes.items()
+                                 for k, v in probe_figures(r).items()})
+            per_seed[-1].update({f"probe_trivial_{k}": v for k, v in probe_figures(probes["cloc"], "trivial").items()})
+            times["probe"] += time.perf_counter() - t
         if s == train_seeds[0]:
             cloc_ckpt, clip_ckpt, first_coco = cloc_run, clip_run, coco_json
     echo(
@@ -460,6 +533,10 @@ def run_full_demo(
     echo(table)
     echo(rec_table(metrics, eval_n))
     echo(relrec_table(metrics, eval_n))
+    if probe_steps:
+        echo(probe_table(metrics))
+        echo(f"(probe: {probe_steps} steps per tower, {times['probe']:.0f}s for both towers"
+             f"{' and all seeds' if seeds > 1 else ''}; by hand: docs/mllm-probe.md)")
     record = {"metrics": metrics, "goal_met": met, "train_seeds": list(train_seeds), "eval_split": eval_split,
               "per_seed": [{"train_seed": s, "eval_seed": e, **m}
                            for s, e, m in zip(train_seeds, eval_seeds, per_seed, strict=True)],

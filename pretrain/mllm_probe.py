@@ -1,0 +1,462 @@
+"""The MLLM probe: the same small LLaVA trained on top of each candidate vision tower, compared on grounding,
+referring and a control task (Cambrian-1's way to judge an encoder for MLLMs, in miniature).
+
+The model is a real ``transformers.LlavaForConditionalGeneration`` whose vision tower is the candidate
+``CLIPVisionModel`` (frozen) and whose language model is a small Llama built from a config, with a word-level
+tokenizer made from the training answers (every ``0.00``..``1.00`` coordinate is one token, so box text is a
+short sequence the small LM can learn). Only the projector and the LM train.
+
+Why it is fast: the tower is frozen, so each image's features (LLaVA's ``vision_feature_layer``, CLS dropped)
+are computed once and cached; the train loop and generation feed the LLaVA ``inputs_embeds`` with the
+projector's output at the ``<image>`` positions, exactly what ``LlavaModel.forward`` does with
+``pixel_values``, without running the tower again. Patch tokens are average-pooled on their grid first (a
+pool of 2 turns 14x14 tokens into 7x7), which shortens every sequence.
+
+Metrics (each with the share of answers that do not parse):
+
+- grounding acc@0.5: IoU >= 0.5 between the box parsed from the generated text and the reference; an answer
+  with no box, a value outside [0, 1] or an empty box is wrong;
+- referring: exact match of the normalized phrase (lowercase, articles and punctuation dropped), and a soft
+  match: word-level F1 >= 0.5 between prediction and reference (SQuAD's F1, thresholded);
+- control: exact match of the count;
+- trivial: the most frequent training answer of each task, scored the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vesl.errors import UserError
+from vesl.schemas.llava import IMAGE_TOKEN, TASKS, parse_box
+
+SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", IMAGE_TOKEN]
+_PIECES = r"\d+\.\d+|\d+|[^\w\s]"  # numbers stay whole ("0.37"), punctuation splits off ("[", ",", "?")
+_ARTICLES = {"a", "an", "the"}
+
+
+@dataclass
+class ProbeConfig:
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 30
+    seed: int = 0
+    hidden: int = 192
+    layers: int = 2
+    heads: int = 4
+    pool: int = 0  # grid pooling of the patch tokens; 0: auto (pool until the grid is at most 8x8)
+    feature_layer: int = -2  # LLaVA's vision_feature_layer (the penultimate layer, as LLaVA-1.5)
+    max_new_tokens: int = 0  # 0: the longest training answer + 2
+    threads: int = 0  # torch threads; 0 leaves torch's default
+
+
+@dataclass
+class ProbeResult:
+    tower: str
+    settings: dict[str, Any]
+    n_train: int
+    n_eval: dict[str, int]
+    metrics: dict[str, dict[str, float]]
+    trivial: dict[str, dict[str, float]]
+    seconds: dict[str, float] = field(default_factory=dict)
+    samples: list[dict[str, str]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def normalize(text: str) -> list[str]:
+    """Lowercase words without articles or punctuation (the referring match)."""
+    return [w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in _ARTICLES]
+
+
+def word_f1(pred: str, ref: str) -> float:
+    p, r = normalize(pred), normalize(ref)
+    common = sum((Counter(p) & Counter(r)).values())
+    if not p or not r or common == 0:
+        return 0.0
+    prec, rec = common / len(p), common / len(r)
+    return 2 * prec * rec / (prec + rec)
+
+
+def box_iou(a: list[float], b: list[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def score(task: str, pred: str, ref: str) -> dict[str, float]:
+    """One answer's scores: ``ok`` (the task's main metric), ``parse_fail`` and, for referring, ``soft``."""
+    if task == "grounding":
+        box, want = parse_box(pred), parse_box(ref)
+        ok = box is not None and want is not None and box_iou(box, want) >= 0.5
+        return {"ok": float(ok), "parse_fail": float(box is None)}
+    if task == "referring":
+        words = normalize(pred)
+        fail = not words or parse_box(pred) is not None
+        return {"ok": float(words == normalize(ref)), "soft": float(word_f1(pred, ref) >= 0.5),
+                "parse_fail": float(fail)}
+    fail = re.fullmatch(r"\s*\d+\s*", pred) is None
+    return {"ok": float(not fail and pred.strip() == ref.strip()), "parse_fail": float(fail)}
+
+
+def summarize(rows: list[tuple[str, str, str]]) -> dict[str, dict[str, float]]:
+    """(task, prediction, reference) -> per task: the mean of each score, and n."""
+    out: dict[str, dict[str, float]] = {}
+    for task in TASKS:
+        scores = [score(t, p, r) for t, p, r in rows if t == task]
+        if scores:
+            out[task] = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]} | {"n": len(scores)}
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_records(path: str | Path, flag: str) -> list[dict[str, Any]]:
+    """LLaVA-format records with a task this probe scores; one-line errors for a wrong file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{flag} {path}: no such file (a train.json/eval.json of `vesl export --format llava`)")
+    try:
+        recs = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{flag} {path} is not JSON: {exc}") from None
+    if not isinstance(recs, list):
+        raise UserError(f"{flag} {path}: expected a JSON list of LLaVA records")
+    out = []
+    for i, r in enumerate(recs):
+        try:
+            conv = r["conversations"]
+            q, a = conv[0]["value"], conv[1]["value"]
+            image = p.parent / r["image"]
+        except (KeyError, IndexError, TypeError):
+            raise UserError(f"{flag} {path}: record {i} lacks image or a human/gpt conversation") from None
+        if IMAGE_TOKEN not in q:
+            raise UserError(f"{flag} {path}: record {i}'s first turn has no {IMAGE_TOKEN}")
+        task = r.get("task") or _guess_task(a)
+        if task in TASKS:
+            out.append({"task": task, "image": str(image), "question": q.replace(IMAGE_TOKEN, "").strip(),
+                        "answer": a.strip()})
+    if not out:
+        raise UserError(f"{flag} {path}: no grounding, referring or control records")
+    return out
+
+
+def _guess_task(answer: str) -> str:
+    """The task of a record without ``task``: a box answer is grounding, a number control, else referring."""
+    if parse_box(answer) is not None:
+        return "grounding"
+    return "control" if answer.strip().isdigit() else "referring"
+
+
+def pieces(text: str) -> list[str]:
+    return re.findall(_PIECES, text)
+
+
+def make_tokenizer(records: list[dict[str, Any]]):
+    """A word-level tokenizer over the training text plus every two-decimal coordinate."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Counter(w for r in records for w in pieces(f"USER: {r['question']} ASSISTANT: {r['answer']}"))
+    vocab_words = sorted(set(words) | {f"{i / 100:.2f}" for i in range(101)} | set("[],?"))
+    vocab = {w: i for i, w in enumerate(SPECIALS + [w for w in vocab_words if w not in SPECIALS])}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(re.escape(IMAGE_TOKEN)), behavior="isolated"),
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Split(Regex(_PIECES), behavior="isolated"),
+    ])  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", extra_special_tokens={"image_token": IMAGE_TOKEN})
+
+
+# ----------------------------------------------------------------------------- tower
+
+
+def load_tower(path: str | Path):
+    """The frozen ``CLIPVisionModel`` of a folder (a `vesl export-model --format hf` CLIPModel folder or a
+    CLIPVisionModel folder) and its image processor; a one-line error for anything else."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    p = Path(path)
+    cfg = p / "config.json"
+    hint = "pass a `vesl export-model --format hf` folder or a CLIPVisionModel folder"
+    if not cfg.is_file():
+        raise UserError(f"tower {path} is not a CLIPVisionModel folder (no config.json): {hint}")
+    try:
+        model_type = json.loads(cfg.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise UserError(f"tower {path}: config.json is not a JSON object: {hint}") from None
+    if model_type not in ("clip", "clip_vision_model"):
+        raise UserError(f"tower {path} is a {model_type!r} model, not a CLIPVisionModel: {hint}")
+    try:
+        tower = CLIPVisionModel.from_pretrained(p, use_safetensors=True).eval()
+    except Exception as exc:  # missing or mismatched weights: one line, not a traceback
+        raise UserError(f"tower {path}: cannot load a CLIPVisionModel ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}): {hint}") from None
+    for prm in tower.parameters():
+        prm.requires_grad_(False)
+    if (p / "preprocessor_config.json").is_file():
+        proc = CLIPImageProcessor.from_pretrained(p)
+    else:
+        size = tower.config.image_size
+        proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return tower, proc
+
+
+def auto_pool(grid: int) -> int:
+    """The smallest pool that brings the patch grid to at most 8x8 (and divides it)."""
+    for k in range(1, grid + 1):
+        if grid % k == 0 and grid // k <= 8:
+            return k
+    return grid
+
+
+def image_features(tower, proc, paths: list[str], layer: int, pool: int, batch: int = 64):
+    """Pooled patch features of each image, computed once: ``{path: (tokens, dim)}``."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    out = {}
+    with torch.no_grad():
+        for i in range(0, len(paths), batch):
+            chunk = paths[i : i + batch]
+            imgs = []
+            for p in chunk:
+                with Image.open(p) as im:
+                    imgs.append(im.convert("RGB"))
+            pv = proc(images=imgs, return_tensors="pt")["pixel_values"]
+            hs = tower(pixel_values=pv, output_hidden_states=True).hidden_states[layer][:, 1:]
+            b, n, d = hs.shape
+            g = int(math.isqrt(n))
+            grid = hs.transpose(1, 2).reshape(b, d, g, g)
+            pooled = F.avg_pool2d(grid, pool) if pool > 1 else grid
+            feats = pooled.flatten(2).transpose(1, 2).contiguous()
+            for p, f in zip(chunk, feats, strict=True):
+                out[p] = f
+    return out
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_llava(tower, tok, cfg: ProbeConfig, lm: str | None = None):
+    """A ``LlavaForConditionalGeneration`` with ``tower`` as its vision tower (weights copied, frozen) and a
+    small Llama (or the causal LM at ``lm``) as its language model."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    if lm is None:
+        text_cfg = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.hidden, intermediate_size=2 * cfg.hidden,
+                               num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                               num_key_value_heads=cfg.heads, max_position_embeddings=256,
+                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id)  # fmt: skip
+    else:
+        text_cfg = AutoConfig.from_pretrained(lm)
+    llava_cfg = LlavaConfig(vision_config=tower.config, text_config=text_cfg,
+                            image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                            vision_feature_layer=cfg.feature_layer, vision_feature_select_strategy="default")
+    llava = LlavaForConditionalGeneration(llava_cfg)
+    llava.model.vision_tower.load_state_dict(tower.state_dict())
+    if lm is not None:
+        causal = AutoModelForCausalLM.from_pretrained(lm, use_safetensors=True)
+        llava.model.language_model.load_state_dict(causal.model.state_dict())
+        llava.lm_head.load_state_dict(causal.lm_head.state_dict())
+        if len(tok) > llava.get_input_embeddings().num_embeddings:
+            llava.resize_token_embeddings(len(tok))
+    for prm in llava.model.vision_tower.parameters():
+        prm.requires_grad_(False)
+    return llava
+
+
+def _load_lm_tokenizer(lm: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(lm)
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _prompt(tok, n_image: int, question: str) -> list[int]:
+    ids = tok(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
+    image = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    return [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id] + [image] * n_image + ids
+
+
+def _embed(llava, ids, feats):
+    """``inputs_embeds`` with the projected image features at the ``<image>`` positions (as LlavaModel does)."""
+    emb = llava.get_input_embeddings()(ids)
+    mask = (ids == llava.config.image_token_id).unsqueeze(-1).expand_as(emb)
+    img = llava.model.multi_modal_projector(feats).to(emb.dtype)
+    return emb.masked_scatter(mask, img)
+
+
+# ----------------------------------------------------------------------------- probe
+
+
+def probe(
+    tower_path: str | Path,
+    data: str | Path,
+    eval_data: str | Path,
+    cfg: ProbeConfig | None = None,
+    lm: str | None = None,
+    out: str | Path | None = None,
+    echo: Callable[[str], None] = print,
+) -> ProbeResult:
+    """Train the LLaVA's projector and LM on ``data``, generate answers on ``eval_data``, score them."""
+    import torch
+
+    cfg = cfg or ProbeConfig()
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise UserError("--steps and --batch-size must be at least 1")
+    if lm is not None and not (Path(lm) / "config.json").is_file():
+        raise UserError(f"--lm {lm}: not a local transformers model folder (no config.json)")
+    times: dict[str, float] = {}
+    train_recs, eval_recs = load_records(data, "--data"), load_records(eval_data, "--eval")
+    for r in train_recs + eval_recs:
+        if not Path(r["image"]).is_file():
+            raise UserError(f"image {r['image']} does not exist (paths are relative to the JSON's folder)")
+    tower, proc = load_tower(tower_path)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    t = time.perf_counter()
+    grid = int(math.isqrt((tower.config.image_size // tower.config.patch_size) ** 2))
+    pool = cfg.pool or auto_pool(grid)
+    paths = sorted({r["image"] for r in train_recs + eval_recs})
+    feats = image_features(tower, proc, paths, cfg.feature_layer, pool)
+    n_image = next(iter(feats.values())).shape[0]
+    times["features"] = time.perf_counter() - t
+    echo(f"probe: {len(paths)} images -> {n_image} pooled tokens each (pool {pool}) in {times['features']:.1f}s")
+
+    tok = _load_lm_tokenizer(lm) if lm else make_tokenizer(train_recs)
+    llava = build_llava(tower, tok, cfg, lm)
+    eos = tok.eos_token_id
+
+    def encode(r):
+        prompt = _prompt(tok, n_image, r["question"])
+        ans = tok(r["answer"], add_special_tokens=False)["input_ids"] + [eos]
+        return prompt, ans
+
+    enc = [encode(r) for r in train_recs]
+    max_new = cfg.max_new_tokens or max(len(a) for _, a in enc) + 2
+    params = [p for p in llava.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0))))
+    rng = random.Random(cfg.seed)
+    order: list[int] = []
+    llava.train()
+    llava.model.vision_tower.eval()
+    t = time.perf_counter()
+    every = max(cfg.steps // 10, 1)
+    for step in range(cfg.steps):
+        if len(order) < cfg.batch_size:
+            more = list(range(len(enc)))
+            rng.shuffle(more)
+            order += more
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        seqs = [enc[i][0] + enc[i][1] for i in idx]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(idx), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for j, i in enumerate(idx):
+            p, a = enc[i]
+            ids[j, : len(p) + len(a)] = torch.tensor(p + a)
+            labels[j, len(p) : len(p) + len(a)] = torch.tensor(a)
+            mask[j, : len(p) + len(a)] = 1
+        f = torch.stack([feats[train_recs[i]["image"]] for i in idx])
+        loss = llava(inputs_embeds=_embed(llava, ids, f), attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % every == 0 or step + 1 == cfg.steps:
+            el = time.perf_counter() - t
+            echo(f"probe: step {step + 1}/{cfg.steps} loss {loss.item():.3f} "
+                 f"({el:.0f}s, ETA {el / (step + 1) * (cfg.steps - step - 1):.0f}s)")
+    times["train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    preds = generate(llava, tok, eval_recs, feats, n_image, max_new)
+    times["generate"] = time.perf_counter() - t
+    rows = [(r["task"], p, r["answer"]) for r, p in zip(eval_recs, preds, strict=True)]
+    trivial_answers = {task: Counter(r["answer"] for r in train_recs if r["task"] == task).most_common(1)
+                       for task in TASKS}
+    trivial_rows = [(r["task"], trivial_answers[r["task"]][0][0] if trivial_answers[r["task"]] else "", r["answer"])
+                    for r in eval_recs]
+    res = ProbeResult(
+        tower=str(tower_path), settings={**asdict(cfg), "pool": pool, "image_tokens": n_image, "lm": lm,
+                                         "max_new_tokens": max_new, "vocab": len(tok)},
+        n_train=len(train_recs), n_eval=dict(Counter(r["task"] for r in eval_recs)),
+        metrics=summarize(rows), trivial=summarize(trivial_rows), seconds=times,
+        samples=[{"task": r["task"], "question": r["question"], "answer": r["answer"], "generated": p}
+                 for r, p in list(zip(eval_recs, preds, strict=True))[:12]],
+    )
+    echo(format_result(res))
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(asdict(res), indent=2))
+    return res
+
+
+def generate(llava, tok, recs: list[dict[str, Any]], feats, n_image: int, max_new: int, batch: int = 256) -> list[str]:
+    """Greedy answers, in batches of prompts of equal length (no padding: the positions match training)."""
+    import torch
+
+    llava.eval()
+    prompts = [_prompt(tok, n_image, r["question"]) for r in recs]
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    out = [""] * len(recs)
+    with torch.no_grad():
+        for group in by_len.values():
+            for k in range(0, len(group), batch):
+                idx = group[k : k + batch]
+                ids = torch.tensor([prompts[i] for i in idx])
+                f = torch.stack([feats[recs[i]["image"]] for i in idx])
+                gen = llava.generate(inputs_embeds=_embed(llava, ids, f), attention_mask=torch.ones_like(ids),
+                                     max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id,
+                                     eos_token_id=tok.eos_token_id)
+                for i, g in zip(idx, gen, strict=True):
+                    out[i] = tok.decode(g, skip_special_tokens=True).strip()
+    return out
+
+
+def format_result(res: ProbeResult) -> str:
+    m, tr = res.metrics, res.trivial
+    lines = [f"{'task':<11}{'metric':<14}{'probe':>8}{'trivial':>9}{'parse fail':>12}{'n':>6}"]
+    for task, metric, key in (("grounding", "acc@0.5", "ok"), ("referring", "exact", "ok"),
+                              ("referring", "soft (F1>=.5)", "soft"), ("control", "accuracy", "ok")):
+        if task in m:
+            lines.append(f"{task:<11}{metric:<14}{100 * m[task][key]:>7.1f}%{100 * tr[task][key]:>8.1f}%"
+                         f"{100 * m[task]['parse_fail']:>11.1f}%{int(m[task]['n']):>6}")
+    return "\n".join(lines)

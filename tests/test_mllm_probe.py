@@ -1,0 +1,201 @@
+"""The LLaVA export and the MLLM probe: the export read back as a LLaVA reader does, the answer parser, a tiny
+end-to-end probe on an exported CLOC tower, and the one-line error for a folder that is no CLIPVisionModel."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from tests.region_dataset import write_synth_region_dataset
+from vesl.errors import UserError
+from vesl.pipeline.exporters import export
+from vesl.pretrain.mllm_probe import ProbeConfig, load_tower, probe, score, word_f1
+from vesl.schemas.llava import IMAGE_TOKEN, box_text, is_eval, parse_box
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_synth_region_dataset(tmp_path_factory.mktemp("llava") / "ds", n_images=24, seed=3, n_shards=2)
+
+
+@pytest.fixture(scope="module")
+def llava_dir(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("llava-out") / "llava"
+    export(dataset, "llava", out, seed=1, eval_fraction=0.25, max_questions=3)
+    return out
+
+
+def _rows(d: Path) -> dict[str, dict]:
+    return {r["key"]: r for r in pq.read_table(sorted(d.glob("part-*[0-9].parquet"))).to_pylist()}
+
+
+def test_llava_export_round_trips(dataset, llava_dir):
+    from PIL import Image
+
+    rows = _rows(dataset)
+    train = json.loads((llava_dir / "train.json").read_text())
+    evals = json.loads((llava_dir / "eval.json").read_text())
+    assert train
+    assert evals
+    # split by image: no image in both files, and the split is the documented hash
+    assert not {r["image"] for r in train} & {r["image"] for r in evals}
+    assert all(is_eval(r["key"], 1, 0.25) for r in evals)
+    assert not any(is_eval(r["key"], 1, 0.25) for r in train)
+    ids = [r["id"] for r in train + evals]
+    assert len(ids) == len(set(ids))
+    tasks = set()
+    for rec in train + evals:
+        # the LLaVA reader contract: id, image (relative to the folder), human then gpt, <image> in turn one
+        assert set(rec) >= {"id", "image", "conversations"}
+        conv = rec["conversations"]
+        assert [t["from"] for t in conv] == ["human", "gpt"]
+        assert conv[0]["value"].startswith(IMAGE_TOKEN + "\n")
+        assert conv[0]["value"].count(IMAGE_TOKEN) == 1
+        assert IMAGE_TOKEN not in conv[1]["value"]
+        with Image.open(llava_dir / rec["image"]) as im:
+            im.load()
+        row = rows[rec["key"]]
+        boxes = {box_text(r["box"]): r["phrase"] for r in row["regions"]}
+        phrases = [r["phrase"] for r in row["regions"]]
+        q, a = conv[0]["value"], conv[1]["value"]
+        tasks.add(rec["task"])
+        if rec["task"] == "grounding":
+            box = parse_box(a)
+            assert box is not None
+            assert all(0 <= v <= 1 for v in box)
+            phrase = q.removeprefix(IMAGE_TOKEN + "\nWhere is ").removesuffix("?")
+            assert phrases.count(phrase) == 1
+            assert boxes[a] == phrase
+        elif rec["task"] == "referring":
+            box = parse_box(q)
+            assert box is not None
+            assert a in phrases
+            assert boxes[box_text(box)] == a
+        else:
+            assert a == str(len(row["regions"]))
+    assert tasks == {"grounding", "referring", "control"}
+
+
+def test_llava_export_is_deterministic_and_checks_options(dataset, llava_dir, tmp_path):
+    again = tmp_path / "again"
+    export(dataset, "llava", again, seed=1, eval_fraction=0.25, max_questions=3)
+    for name in ("train.json", "eval.json"):
+        assert (again / name).read_bytes() == (llava_dir / name).read_bytes()
+    only = json.loads((export(dataset, "llava", tmp_path / "g", tasks="grounding", eval_fraction=0.0).out
+                       / "train.json").read_text())
+    assert {r["task"] for r in only} == {"grounding"}
+    for bad in ({"tasks": "grounding,caption"}, {"eval_fraction": 1.5}, {"max_questions": 0}):
+        with pytest.raises(UserError) as err:
+            export(dataset, "llava", tmp_path / "bad", **bad)
+        assert "\n" not in str(err.value)
+
+
+def test_export_cli_writes_llava(dataset, tmp_path):
+    from vesl.cli import app
+
+    res = CliRunner().invoke(app, ["export", str(dataset), "--format", "llava", "--out", str(tmp_path / "o"),
+                                   "--tasks", "referring,control", "--eval-fraction", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert "llava: 24 images" in res.output
+    assert "questions" in res.output
+    recs = json.loads((tmp_path / "o" / "train.json").read_text())
+    assert {r["task"] for r in recs} == {"referring", "control"}
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("[0.12,0.40,0.33,0.61]", [0.12, 0.40, 0.33, 0.61]),
+        ("[ 0.12 , 0.40 , 0.33 , 0.61 ]", [0.12, 0.40, 0.33, 0.61]),  # the word tokenizer's decoded spacing
+        ("it is at [0,0.5,1,1] .", [0.0, 0.5, 1.0, 1.0]),
+        ("[0.12,0.40,0.33]", None),  # three values
+        ("[0.12,0.40,0.33,0.61", None),  # unclosed
+        ("0.12 0.40 0.33 0.61", None),  # no brackets
+        ("[0.12,0.40,1.33,0.61]", None),  # out of range
+        ("[-0.10,0.40,0.33,0.61]", None),  # negative
+        ("[0.50,0.40,0.30,0.61]", None),  # x0 > x1: empty box
+        ("[0.10,0.40,0.30,0.40]", None),  # zero height
+        ("red circle", None),
+        ("", None),
+    ],
+)
+def test_parse_box(text, want):
+    got = parse_box(text)
+    assert got == (None if want is None else pytest.approx(want))
+
+
+def test_scores():
+    ref = "[0.10,0.10,0.50,0.50]"
+    assert score("grounding", "[ 0.12 , 0.10 , 0.50 , 0.52 ]", ref) == {"ok": 1.0, "parse_fail": 0.0}
+    assert score("grounding", "[0.50,0.50,0.90,0.90]", ref) == {"ok": 0.0, "parse_fail": 0.0}
+    assert score("grounding", "[0.1,0.1,0.5", ref) == {"ok": 0.0, "parse_fail": 1.0}
+    assert score("referring", "the Red circle", "red circle") == {"ok": 1.0, "soft": 1.0, "parse_fail": 0.0}
+    assert score("referring", "large red circle", "red circle")["ok"] == 0.0
+    assert score("referring", "large red circle", "red circle")["soft"] == 1.0  # F1 0.8
+    assert score("referring", "blue square", "red circle")["soft"] == 0.0
+    assert score("referring", "", "red circle")["parse_fail"] == 1.0
+    assert word_f1("a red circle", "red circle") == 1.0
+    assert score("control", "3", "3") == {"ok": 1.0, "parse_fail": 0.0}
+    assert score("control", "three", "3") == {"ok": 0.0, "parse_fail": 1.0}
+
+
+def _tower(tmp: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    from vesl.pretrain.export import export_model
+    from vesl.pretrain.model import create_model
+
+    model = create_model("vesl-tiny-vit", seed=0).eval()
+    ck = tmp / "run" / "checkpoints" / "step-00000001"
+    ck.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ck / "model.safetensors"))
+    (ck / "state.json").write_text(json.dumps({"model": model.config_dict()}))
+    torch.manual_seed(0)
+    return export_model(tmp / "run", tmp / "hf", format="hf")
+
+
+def test_tiny_probe_end_to_end_writes_json(llava_dir, tmp_path):
+    tower = _tower(tmp_path)
+    out = tmp_path / "probe.json"
+    lines: list[str] = []
+    res = probe(tower, llava_dir / "train.json", llava_dir / "eval.json", ProbeConfig(steps=6, batch_size=8, hidden=32),
+                out=out, echo=lines.append)
+    saved = json.loads(out.read_text())
+    assert saved["metrics"] == res.metrics
+    assert set(saved["metrics"]) == {"grounding", "referring", "control"}
+    for task, m in saved["metrics"].items():
+        assert 0 <= m["ok"] <= 1
+        assert 0 <= m["parse_fail"] <= 1
+        assert m["n"] == saved["n_eval"][task]
+    assert set(saved["trivial"]) == set(saved["metrics"])
+    assert saved["settings"]["image_tokens"] == 64  # 8x8 patches of the 64-px tiny ViT, no pooling needed
+    assert any("ETA" in line for line in lines)
+    # the same seed gives the same answers
+    again = probe(tower, llava_dir / "train.json", llava_dir / "eval.json", ProbeConfig(steps=6, batch_size=8, hidden=32),
+                  echo=lambda _: None)
+    assert again.metrics == res.metrics
+    assert again.samples == res.samples
+
+
+def test_not_a_clip_vision_folder_is_one_line(tmp_path, llava_dir):
+    from transformers import LlamaConfig
+
+    (tmp_path / "empty").mkdir()
+    LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=10).save_pretrained(tmp_path / "llama")
+    for folder in (tmp_path / "empty", tmp_path / "llama", tmp_path / "missing"):
+        with pytest.raises(UserError) as err:
+            load_tower(folder)
+        assert "\n" not in str(err.value)
+        assert "CLIPVisionModel" in str(err.value)
+    from vesl.cli import app
+
+    res = CliRunner().invoke(app, ["probe-mllm", str(tmp_path / "llama"), "--data", str(llava_dir / "train.json"),
+                                   "--eval", str(llava_dir / "eval.json")])
+    assert res.exit_code != 0
+    assert isinstance(res.exception, UserError)  # the entry point prints it as one line, no traceback
+    assert "not a CLIPVisionModel" in str(res.exception)
