@@ -107,7 +107,7 @@ def check_call(args: list[str]) -> list[str]:
     for tok in args:
         text = help_text(*path)
         where = " ".join(["vesl", *path])
-        if tok.startswith("-") and len(tok) > 1:
+        if tok.startswith("-") and len(tok) > 1 and not re.fullmatch(r"-[\d.]+", tok):  # -2 is a value
             name = tok.split("=", 1)[0]
             if name not in options_of(text):
                 problems.append(f"`{where}` has no option {name}")
