@@ -8,8 +8,16 @@ from typing import Annotated
 
 import typer
 
-from vesl.demo.runner import (DEMO_N, FULL_EVAL_N, FULL_N, FULL_STEPS, FULL_TWINS, PROBE_STEPS, run_demo,
-                              run_full_demo)
+from vesl.demo.runner import (
+    DEMO_N,
+    FULL_EVAL_N,
+    FULL_N,
+    FULL_STEPS,
+    FULL_TWINS,
+    PROBE_STEPS,
+    run_demo,
+    run_full_demo,
+)
 from vesl.errors import UserError
 
 SYNTH_FORMATS = ("wds", "parquet", "coco", "refexp")
