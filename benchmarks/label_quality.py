@@ -129,6 +129,9 @@ def main() -> int:
                    help="off | clip:<open_clip model> | cloc:<vesl run> (default: the demo profile's verifier)")
     p.add_argument("--min-score", type=float, default=None, help="verifier min_score (default: the demo's)")
     p.add_argument("--min-margin", type=float, default=None, help="verifier min_margin (default: the demo's)")
+    p.add_argument("--verify-rule", default=None, help="verifier rule: drop | relabel (default: the demo's)")
+    p.add_argument("--verify-variants", default=None,
+                   help="JSON file: name -> VerifierConfig fields, each applied after every detection compared")
     p.add_argument("--sweep", action="store_true", help="box figures over a grid of min_score x min_margin")
     p.add_argument("--tta", default="", help="test-time looks, comma-separated: hflip, scale:S, hflip+scale:S")
     p.add_argument("--also-detector", action="append", default=[], help="another detector spec to fuse (repeatable)")
@@ -147,7 +150,8 @@ def main() -> int:
     demo = profile("demo")
     detector = demo["detector"]
     verify = dict(demo.get("verify") or {"spec": "off"})
-    for key, value in (("spec", args.verifier), ("min_score", args.min_score), ("min_margin", args.min_margin)):
+    for key, value in (("spec", args.verifier), ("min_score", args.min_score), ("min_margin", args.min_margin),
+                       ("rule", args.verify_rule)):
         if value is not None:
             verify[key] = value
     verifying = verify.get("spec", "off") != "off"
@@ -169,6 +173,10 @@ def main() -> int:
     if args.variants:
         with open(args.variants) as f:
             variants.update({k: {**options, "threshold": threshold, **v} for k, v in json.load(f).items()})
+    verify_variants: dict[str, dict] = {}
+    if args.verify_variants:
+        with open(args.verify_variants) as f:
+            verify_variants = json.load(f)
     per_seed: dict[int, dict[str, float]] = {}
     grid: dict[int, dict[tuple[float, float], tuple[float, float]]] = {}
     costs: dict[int, dict[str, float]] = {}
@@ -197,10 +205,16 @@ def main() -> int:
             per_seed[seed].update(figures)
             per_seed[seed]["verifier_ms_per_image"] = 1000 * per_image
             per_seed[seed]["detect_ms_per_image"] = 1000 * q.seconds.get("detect", 0.0) / len(scenes)
-            for name, v in q.variants.items():  # all together: this variant's detection, then verification
+            # all together: each detection compared, then each verification compared
+            for name, v in q.variants.items():
                 both, _, _ = _verify(verify, scenes, v["samples"])
                 per_seed[seed][f"{name}+verify_box_precision"] = both["box_precision"]
                 per_seed[seed][f"{name}+verify_box_recall"] = both["box_recall"]
+            for vname, vcfg in verify_variants.items():
+                for name, dets in (("detection", samples), *((n, v["samples"]) for n, v in q.variants.items())):
+                    both, _, _ = _verify({**verify, **vcfg}, scenes, dets)
+                    per_seed[seed][f"{name}+{vname}_box_precision"] = both["box_precision"]
+                    per_seed[seed][f"{name}+{vname}_box_recall"] = both["box_recall"]
             if args.sweep:
                 grid[seed] = {(a, b): _sweep_cell(scenes, samples, scored, a, b)
                               for a in SWEEP_SCORES for b in SWEEP_MARGINS}
@@ -260,12 +274,16 @@ def main() -> int:
             if verifying:
                 print(f"  {name} + verification: P / R {spread(name + '+verify_box_precision')} / "
                       f"{spread(name + '+verify_box_recall')}")
+    for vname in verify_variants:
+        for name in ("detection", *variants):
+            print(f"  {name} + {vname}: P / R {spread(f'{name}+{vname}_box_precision')} / "
+                  f"{spread(f'{name}+{vname}_box_recall')}   {verify_variants[vname]}")
     print(f"total wall {wall:.1f}s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"split": args.split, "seeds": seeds, "n": args.n, "goals": GOALS, "per_seed": per_seed,
                        "mean": {k: mean(k) for k in next(iter(per_seed.values()))}, "missed": missed,
-                       "costs": costs, "variants": variants}, f, indent=2)
+                       "costs": costs, "variants": variants, "verify_variants": verify_variants}, f, indent=2)
     if missed:
         print(f"goals missed: {', '.join(missed)}", file=sys.stderr)
         return 1

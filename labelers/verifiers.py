@@ -79,6 +79,33 @@ def keep_mask(scores: torch.Tensor, labels: Sequence[int], min_score: float, min
     return keep
 
 
+def relabel_map(scores: torch.Tensor, labels: Sequence[int], keep: Sequence[bool], free: Sequence[int],
+                min_score: float, min_margin: float) -> dict[int, int]:
+    """Region -> new phrase column for regions that fail the rule but pass it for a ``free`` column (a phrase of
+    the image that kept no box). Each free phrase goes to at most one region, the one scoring it highest."""
+    import torch
+
+    offers = []
+    for r, label in enumerate(labels):
+        if keep[r]:
+            continue
+        for u in free:
+            if u == label:
+                continue
+            own = float(scores[r, u])
+            others = torch.cat([scores[r, :u], scores[r, u + 1 :]])
+            margin = own - float(others.max()) if len(others) else float("inf")
+            if own >= min_score and margin >= min_margin:
+                offers.append((own, r, u))
+    taken_regions: set[int] = set()
+    out: dict[int, int] = {}
+    for _, r, u in sorted(offers, reverse=True):
+        if r not in taken_regions and u not in out.values():
+            out[r] = u
+            taken_regions.add(r)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Scorers
 # ----------------------------------------------------------------------------------------------
@@ -204,20 +231,36 @@ class VerifierStage:
                 continue
             texts = _phrase_texts(s.phrases, s.regions)
             column = {t: j for j, t in enumerate(texts)}
+            spans = {p.text: p for p in s.phrases}
             with torch.inference_mode():
                 scores = self.scorer.score(s.image, [r.box for r in s.regions], texts)
-            keep = keep_mask(scores, [column[r.phrase] for r in s.regions], self.cfg.min_score, self.cfg.min_margin)
-            s.verifier_dropped = keep.count(False)
-            s.regions = [r for r, k in zip(s.regions, keep, strict=True) if k]
+            labels = [column[r.phrase] for r in s.regions]
+            keep = keep_mask(scores, labels, self.cfg.min_score, self.cfg.min_margin)
+            moved: dict[int, int] = {}
+            if self.cfg.rule == "relabel":
+                boxed = {labels[r] for r, k in enumerate(keep) if k}
+                free = [j for j, t in enumerate(texts) if j not in boxed and t in spans]
+                moved = relabel_map(scores, labels, keep, free, self.cfg.min_score, self.cfg.min_margin)
+            s.verifier_dropped = keep.count(False) - len(moved)
+            if self.cfg.rule == "relabel":
+                s.verifier_relabeled = len(moved)
+            s.regions = [r if k else _renamed(r, spans[texts[moved[i]]])
+                         for i, (r, k) in enumerate(zip(s.regions, keep, strict=True)) if k or i in moved]
         return batch
 
     def provenance(self) -> dict[str, str]:
         return {
             "verifier.backend": self.scorer.kind,
+            **({"verifier.rule": self.cfg.rule} if self.cfg.rule != "drop" else {}),
             "verifier.min_score": str(self.cfg.min_score),
             "verifier.min_margin": str(self.cfg.min_margin),
             **self.scorer.provenance(),
         }
+
+
+def _renamed(region: Region, phrase: Phrase) -> Region:
+    return Region(phrase=phrase.text, char_start=phrase.char_start, char_end=phrase.char_end, box=region.box,
+                  score=region.score)
 
 
 def _phrase_texts(phrases: Sequence[Phrase], regions: Sequence[Region]) -> list[str]:

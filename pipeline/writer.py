@@ -266,9 +266,12 @@ def shard_stats(
 
 
 def _verifier_stats(ok: list[Sample]) -> dict[str, int]:
-    """``verifier_dropped``: the regions the verifier took out (only in a job that verifies)."""
+    """``verifier_dropped``: the regions the verifier took out (only in a job that verifies); ``verifier_relabeled``:
+    those it gave another phrase (only with ``verify.rule: relabel``)."""
     counts = [s.verifier_dropped for s in ok if s.verifier_dropped is not None]
-    return {"verifier_dropped": sum(counts)} if counts else {}
+    moved = [s.verifier_relabeled for s in ok if s.verifier_relabeled is not None]
+    return {**({"verifier_dropped": sum(counts)} if counts else {}),
+            **({"verifier_relabeled": sum(moved)} if moved else {})}
 
 
 def write_shard(

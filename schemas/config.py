@@ -184,6 +184,9 @@ class VerifierConfig(ModelStageConfig):
     min_margin: float = Field(0.05, ge=0.0, le=2.0)  # cosines differ by at most 2
     # context kept around a box crop, as a fraction of the box side on each side: a shape is told by its edge
     pad: float = Field(0.1, ge=0.0, le=1.0)
+    # drop: a region that fails the rule is dropped. relabel: it first takes a phrase of its image that kept no
+    # box, if that phrase passes the rule for it (the detector found the object but named it wrongly)
+    rule: Literal["drop", "relabel"] = "drop"
 
     @field_validator("spec")
     @classmethod

@@ -82,6 +82,8 @@ class Sample:
     duplicate_of: str | None = None
     # regions the verification stage dropped (None: no verifier ran); counted in the shard's stats
     verifier_dropped: int | None = None
+    # regions it gave another phrase of the image (rule relabel; None: that rule did not run)
+    verifier_relabeled: int | None = None
     # whether a detector was asked for ``phrases``: the writer then records the ones without a region as unmatched
     queried: bool = False
 

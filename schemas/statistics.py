@@ -117,6 +117,7 @@ def inspect_dataset(out_dir: str | Path, top: int = 15) -> dict[str, Any]:
     errors_by_stage: Counter = Counter()
     errors = duplicates = 0
     dropped: int | None = None  # regions the verifier took out; None: no shard was verified
+    relabeled: int | None = None  # regions it gave a phrase that had no box (verify.rule relabel)
     timings: list[dict[str, Any]] = []
     for name in names:
         try:
@@ -133,6 +134,8 @@ def inspect_dataset(out_dir: str | Path, top: int = 15) -> dict[str, Any]:
         duplicates += stats.get("duplicates", 0) + stats.get("duplicates_skipped", 0)
         if "verifier_dropped" in stats:
             dropped = (dropped or 0) + stats["verifier_dropped"]
+        if "verifier_relabeled" in stats:
+            relabeled = (relabeled or 0) + stats["verifier_relabeled"]
         errors += stats["errors"]
         errors_by_type.update(stats["errors_by_type"])
         errors_by_stage.update(stats["errors_by_stage"])
@@ -158,6 +161,7 @@ def inspect_dataset(out_dir: str | Path, top: int = 15) -> dict[str, Any]:
         "top_phrases": st.phrases.most_common(top),
         "duplicates": duplicates,
         "verifier_dropped": dropped,
+        "verifier_relabeled": relabeled,
         "cost": {**cost_report(timings), **_model_calls(timings, duplicates)},
     }
 

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from tests.test_hardening import cli, one_line_error
 from vesl.demo import ASSETS_DIR
-from vesl.labelers.verifiers import keep_mask, make_verifier, padded_crop_box
+from vesl.labelers.verifiers import keep_mask, make_verifier, padded_crop_box, relabel_map
 from vesl.schemas.config import VerifierConfig
 from vesl.schemas.stage import Phrase, Region, Sample
 
@@ -65,6 +65,34 @@ def test_keep_rule_on_controlled_scores():
     assert keep_mask(scores, [0, 1, 0, 0], 0.0, 0.05) == [True, False, False, True]
     assert keep_mask(scores, [0, 1, 0, 0], 0.4, 0.05) == [True, False, False, False]
     assert keep_mask(torch.tensor([[0.2]]), [0], 0.1, 0.5) == [True]  # a lone phrase: only min_score applies
+
+
+def test_relabel_gives_a_failing_region_a_free_phrase_once_and_only_if_it_passes_there():
+    scores = torch.tensor([[0.9, 0.2, 0.1], [0.3, 0.1, 0.7], [0.2, 0.1, 0.6], [0.4, 0.5, 0.0]])
+    labels = [0, 0, 0, 0]
+    keep = keep_mask(scores, labels, 0.0, 0.05)
+    assert keep == [True, False, False, False]
+    # column 2 is free (no kept box): regions 1 and 2 both pass there; the higher-scoring one takes it.
+    # Region 3 would pass for column 1 (0.1 over column 0) -- but column 1 is not free here.
+    assert relabel_map(scores, labels, keep, [2], 0.0, 0.05) == {1: 2}
+    assert relabel_map(scores, labels, keep, [1, 2], 0.0, 0.05) == {1: 2, 3: 1}
+    assert relabel_map(scores, labels, keep, [2], 0.65, 0.05) == {1: 2}  # region 2 scores 0.6 < min_score
+    assert relabel_map(scores, labels, keep, [], 0.0, 0.05) == {}
+
+
+@pytest.mark.skipif(not DEMO_VERIFIER.is_dir(), reason="the demo verifier is not shipped in this checkout")
+def test_demo_verifier_relabels_a_misnamed_box_with_the_phrase_that_had_none():
+    img, boxes = _scene()
+    stage = make_verifier(VerifierConfig(spec=f"clip:{DEMO_VERIFIER}", min_score=0.0, min_margin=0.05, rule="relabel"))
+    # the detector named the square "a large red circle" and found no box for "a large blue square"
+    sample = _sample(img, [("a large red circle", boxes["red circle"]), ("a large red circle", boxes["blue square"])])
+    stage([sample])
+    caption = sample.caption
+    assert [(r.phrase, r.box) for r in sample.regions] == [("a large red circle", boxes["red circle"]),
+                                                           ("a large blue square", boxes["blue square"])]
+    assert all(caption[r.char_start : r.char_end] == r.phrase for r in sample.regions)
+    assert (sample.verifier_dropped, sample.verifier_relabeled) == (0, 1)
+    assert stage.provenance()["verifier.rule"] == "relabel"
 
 
 def test_padded_crop_box_adds_context_and_stays_in_the_image():

@@ -49,6 +49,10 @@ def label(
     min_margin: Annotated[
         Optional[float], typer.Option(help="Verifier: ... and beats the image's best other phrase by >= this")
     ] = None,
+    verify_rule: Annotated[
+        Optional[str], typer.Option(help="Verifier: drop | relabel (a failing region first takes a phrase that kept no "
+                                    "box, if it passes for that phrase) [profile's]")
+    ] = None,
     detector: Annotated[
         Optional[list[str]],
         typer.Option(help="none | owlv2:<id or path> | grounding-dino:<id or path>; repeat it to fuse several detectors"),
@@ -129,7 +133,8 @@ def label(
         ov["captioner"] = {"spec": captioner}
     if phrases is not None:
         ov["phrases"] = {"mode": phrases}
-    verify = {k: v for k, v in (("spec", verifier), ("min_score", min_score), ("min_margin", min_margin)) if v is not None}
+    verify = {k: v for k, v in (("spec", verifier), ("min_score", min_score), ("min_margin", min_margin),
+                                                ("rule", verify_rule)) if v is not None}
     if verify:
         ov["verify"] = verify
     if detector:
@@ -178,6 +183,8 @@ def print_report(r: dict[str, Any]) -> None:
     echo(f"regions    {r['regions']} ({r['regions_per_image_mean']} per image)")
     if r.get("verifier_dropped") is not None:
         echo(f"verified   {r['verifier_dropped']} regions dropped by the verifier (their phrase was not confirmed)")
+    if r.get("verifier_relabeled") is not None:
+        echo(f"relabeled  {r['verifier_relabeled']} regions given a phrase that had no box (verify.rule relabel)")
     echo("regions per image:")
     most = max(r["regions_per_image_hist"].values(), default=0) or 1
     for k, v in r["regions_per_image_hist"].items():
