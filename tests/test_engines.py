@@ -139,7 +139,9 @@ def test_ray_matches_local_at_two_stage_threads(engines_input, tmp_path, tiny_vl
     cfg = _cfg(engines_input, tmp_path / "local", tiny_vlm_dir, tiny_owlv2_dir, stage_threads=2)
     assert run_local(cfg, progress=False)["failed"] == []
     detector = cfg.detector.model_copy(update={"concurrency": 2})
-    ray_cfg = cfg.model_copy(update={"output": str(tmp_path / "ray"), "engine": "ray", "detector": detector})
+    verify = cfg.verify.model_copy(update={"concurrency": 2})  # the verifier shares the detector's pool
+    ray_cfg = cfg.model_copy(update={"output": str(tmp_path / "ray"), "engine": "ray", "detector": detector,
+                                     "verify": verify})
     stages = build_stages(ray_cfg)
     groups = _pool_groups(stages, _stage_pools(stages, ray_cfg.workers))
     assert len(groups) == 2
