@@ -36,7 +36,8 @@ import statistics
 import sys
 import time
 
-GOALS = {"caption_recall": 0.9, "caption_precision": 0.9, "box_precision": 0.85, "box_recall": 0.85}
+# box goals: issue 31 (the demo profile with its label stages on)
+GOALS = {"caption_recall": 0.9, "caption_precision": 0.9, "box_precision": 0.92, "box_recall": 0.85}
 SWEEP_SCORES = (0.0, 0.1, 0.2, 0.3, 0.4)
 SWEEP_MARGINS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
 
@@ -248,7 +249,7 @@ def main() -> int:
     print(f"  where recall is lost (fractions of all objects):    caption never names it "
           f"{spread('recall_lost_caption')}; named, no right box {spread('recall_lost_detector')}")
     if verifying:
-        print(f"  detection alone, phrase-aware P / R:              {spread('detection_box_precision')} / "
+        print(f"  before verification, phrase-aware P / R:          {spread('detection_box_precision')} / "
               f"{spread('detection_box_recall')}")
         print(f"  regions dropped by the verifier: {sum(f['verifier_dropped'] for f in per_seed.values()):.0f}; its cost "
               f"{spread('verifier_ms_per_image')} ms per image (detector {spread('detect_ms_per_image')} ms)")
@@ -262,7 +263,7 @@ def main() -> int:
         def cost(k: str) -> float:
             return statistics.fmean(c[k] for c in costs.values())
 
-        print(f"  detection alone: P / R {spread('detection_box_precision')} / {spread('detection_box_recall')}, detector "
+        print(f"  profile's detection, no verification: P / R {spread('detection_box_precision')} / {spread('detection_box_recall')}, detector "
               f"{1000 * cost('detect_s_per_image'):.0f} ms/image, labeling {1000 * cost('labeling_s_per_image'):.0f} "
               "ms/image")
         for name, v in variants.items():

@@ -88,7 +88,7 @@ def demo_models_note(profile: str) -> str | None:
     from vesl.cli.profiles import resolve_config
 
     cfg = resolve_config(profile)
-    if profile == "demo" and (cfg.captioner.spec == "alt_text" or cfg.detector.spec == "none"):
+    if profile in ("demo", "demo-plain") and (cfg.captioner.spec == "alt_text" or cfg.detector.spec == "none"):
         return (
             "note: the tiny demo models are not in this checkout (vesl/assets/demo/); labeling falls back to "
             f"captioner={cfg.captioner.spec} detector={cfg.detector.spec}"
