@@ -86,7 +86,7 @@ def test_validate_lists_every_violation_and_exits_1(tmp_path):
     [
         (["label", "{in}", "-o", "{out}", "--engine", "spark"], "engine"),
         (["label", "{in}", "-o", "{out}", "--phrases", "verbs"], "phrases.mode"),
-        (["label", "{in}", "-o", "{out}", "--profile", "nope"], "default, demo, grit, paper"),
+        (["label", "{in}", "-o", "{out}", "--profile", "nope"], "default, demo, demo-plain, grit, paper"),
         (["label", "{in}", "-o", "{out}", "--config", "{badkey}"], "detector.treshold"),
         (["label", "{in}", "-o", "{out}", "--config", "{badyaml}"], "not valid YAML"),
         (["label", "{in}", "-o", "{out}", "--config", "{tmp}/missing.yaml"], "not found"),
