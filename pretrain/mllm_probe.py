@@ -39,7 +39,9 @@ from vesl.errors import UserError
 from vesl.schemas.llava import IMAGE_TOKEN, TASKS, parse_box
 
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", IMAGE_TOKEN]
-_PIECES = r"\d+\.\d+|\d+|[^\w\s]"  # numbers stay whole ("0.37"), punctuation splits off ("[", ",", "?")
+# numbers stay whole ("0.37"), words stay whole ("circle"), punctuation splits off ("[", ",", "?"); every piece
+# the tokenizer cuts must be a piece the vocabulary is built from, or it decodes to nothing (an <unk>)
+_PIECES = r"\d+\.\d+|\d+|[^\W\d]+|[^\w\s]"
 _ARTICLES = {"a", "an", "the"}
 
 
@@ -57,6 +59,7 @@ class ProbeConfig:
     feature_layer: int = -2  # LLaVA's vision_feature_layer (the penultimate layer, as LLaVA-1.5)
     max_new_tokens: int = 0  # 0: the longest training answer + 2
     threads: int = 0  # torch threads; 0 leaves torch's default
+    max_eval: int = 0  # score only the first N eval questions (a quick look while tuning); 0: all
 
 
 @dataclass
@@ -335,7 +338,10 @@ def probe(
     if lm is not None and not (Path(lm) / "config.json").is_file():
         raise UserError(f"--lm {lm}: not a local transformers model folder (no config.json)")
     times: dict[str, float] = {}
+    if cfg.max_eval < 0:
+        raise UserError("--max-eval must be 0 (all) or a number of questions")
     train_recs, eval_recs = load_records(data, "--data"), load_records(eval_data, "--eval")
+    eval_recs = eval_recs[: cfg.max_eval or None]
     for r in train_recs + eval_recs:
         if not Path(r["image"]).is_file():
             raise UserError(f"image {r['image']} does not exist (paths are relative to the JSON's folder)")
@@ -360,8 +366,11 @@ def probe(
 
     def encode(r):
         prompt = _prompt(tok, n_image, r["question"])
-        ans = tok(r["answer"], add_special_tokens=False)["input_ids"] + [eos]
-        return prompt, ans
+        ans = tok(r["answer"], add_special_tokens=False)["input_ids"]
+        if tok.unk_token_id is not None and tok.unk_token_id in ans:  # it would decode to nothing
+            raise UserError(f"answer {r['answer']!r} has pieces the tokenizer does not know; the probe cannot "
+                            "learn to say it (use another --lm or report this)")
+        return prompt, ans + [eos]
 
     enc = [encode(r) for r in train_recs]
     max_new = cfg.max_new_tokens or max(len(a) for _, a in enc) + 2

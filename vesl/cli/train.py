@@ -192,12 +192,15 @@ def _probe_mllm(
     seed: int = typer.Option(0, "--seed"),
     pool: int = typer.Option(0, "--pool", help="average-pool the patch grid by this factor (0: to at most 8x8)"),
     feature_layer: int = typer.Option(-2, "--feature-layer", help="LLaVA's vision_feature_layer"),
+    max_eval: int = typer.Option(0, "--max-eval", help="score only the first N --eval questions (0: all)"),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)"),
     out: Optional[str] = typer.Option(None, "--out", help="write the results JSON here"),
 ) -> None:
     """Train a small LLaVA on TOWER (frozen) and score grounding, referring and a control task (docs/mllm-probe.md)."""
     from vesl.pretrain.mllm_probe import ProbeConfig, probe
 
-    cfg = ProbeConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, pool=pool, feature_layer=feature_layer)
+    cfg = ProbeConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, pool=pool, feature_layer=feature_layer,
+                      max_eval=max_eval, threads=threads)
     probe(tower, data, eval_data, cfg, lm=lm, out=out, echo=typer.echo)
     if out:
         typer.echo(f"results: {out}")
