@@ -232,3 +232,15 @@ def test_probe_overfits_a_handful_of_questions(llava_dir, tmp_path):
         assert s["generated"].replace(" ", "") == s["answer"].replace(" ", ""), s
     assert res.metrics["referring"]["ok"] == 1.0
     assert res.metrics["grounding"]["ok"] == 1.0
+
+
+def test_coordinate_code_keeps_neighbours_close():
+    """Coordinate tokens start from this code: 0.41 must start nearer 0.42 than 0.90."""
+    import torch
+
+    from vesl.pretrain.mllm_probe import coordinate_code
+
+    code = coordinate_code([0.41, 0.42, 0.90], 64)
+    assert code.shape == (3, 64)
+    cos = torch.nn.functional.cosine_similarity(code[:1], code)
+    assert cos[1] > 0.5 > cos[2]

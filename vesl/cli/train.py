@@ -188,7 +188,7 @@ def _probe_mllm(
                                      "from a config, with a tokenizer made from --data)"),
     steps: int = typer.Option(300, "--steps", help="training steps of the projector and LM"),
     batch_size: int = typer.Option(32, "--batch-size"),
-    lr: float = typer.Option(3e-3, "--lr"),
+    lr: float = typer.Option(1e-3, "--lr"),
     seed: int = typer.Option(0, "--seed"),
     pool: int = typer.Option(0, "--pool", help="average-pool the patch grid by this factor (0: to at most 8x8)"),
     feature_layer: int = typer.Option(-2, "--feature-layer", help="LLaVA's vision_feature_layer"),
