@@ -298,7 +298,7 @@ def build_llava(tower, tok, cfg: ProbeConfig, lm: str | None = None):
 
 def coordinate_code(values, dim: int):
     """A sinusoidal code of values in [0, 1] (frequencies 1/2..32 cycles over the range, as in NeRF/Transformer
-    position codes), scaled to unit RMS: nearby coordinates get nearby codes."""
+    position codes), RMS 1/sqrt(2): nearby coordinates get nearby codes."""
     import torch
 
     v = torch.as_tensor(values, dtype=torch.float32)[:, None]

@@ -244,3 +244,13 @@ def test_coordinate_code_keeps_neighbours_close():
     assert code.shape == (3, 64)
     cos = torch.nn.functional.cosine_similarity(code[:1], code)
     assert cos[1] > 0.5 > cos[2]
+
+
+def test_max_eval_scores_the_first_questions(llava_dir, tmp_path):
+    tower = _tower(tmp_path)
+    res = probe(tower, llava_dir / "train.json", llava_dir / "eval.json",
+                ProbeConfig(steps=1, batch_size=4, hidden=32, max_eval=5), echo=lambda _: None)
+    assert sum(res.n_eval.values()) == 5
+    with pytest.raises(UserError) as err:
+        probe(tower, llava_dir / "train.json", llava_dir / "eval.json", ProbeConfig(max_eval=-1))
+    assert "\n" not in str(err.value)
