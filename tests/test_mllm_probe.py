@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from tests.region_dataset import write_synth_region_dataset
 from vesl.errors import UserError
 from vesl.pipeline.exporters import export
-from vesl.pretrain.mllm_probe import ProbeConfig, load_tower, probe, score, word_f1
+from vesl.pretrain.mllm_probe import ProbeConfig, load_tower, normalize, probe, score, word_f1
 from vesl.schemas.llava import IMAGE_TOKEN, box_text, is_eval, parse_box
 
 
@@ -199,3 +199,58 @@ def test_not_a_clip_vision_folder_is_one_line(tmp_path, llava_dir):
     assert res.exit_code != 0
     assert isinstance(res.exception, UserError)  # the entry point prints it as one line, no traceback
     assert "not a CLIPVisionModel" in str(res.exception)
+
+
+def test_word_tokenizer_knows_every_training_word(llava_dir):
+    """Every piece of a question or answer is in the vocabulary: an <unk> decodes to nothing, which once made
+    every referring answer empty and every grounding question phrase-blind."""
+    from vesl.pretrain.mllm_probe import load_records, make_tokenizer
+
+    recs = load_records(llava_dir / "train.json", "--data")
+    tok = make_tokenizer(recs)
+    for r in recs:
+        for text in (r["question"], r["answer"]):
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert tok.unk_token_id not in ids, text
+            assert normalize(tok.decode(ids, skip_special_tokens=True)) == normalize(text)
+    assert parse_box(tok.decode(tok("[0.12,0.40,0.33,0.61]", add_special_tokens=False)["input_ids"])) == \
+        pytest.approx([0.12, 0.40, 0.33, 0.61])
+
+
+def test_probe_overfits_a_handful_of_questions(llava_dir, tmp_path):
+    """A few questions trained on long enough come back word for word, referring phrases included: the
+    training labels, the prompt at generation and the decoding agree."""
+    recs = json.loads((llava_dir / "train.json").read_text())
+    few: list[dict] = []
+    for task in ("grounding", "referring", "control"):
+        few += [r for r in recs if r["task"] == task][:3]
+    (tmp_path / "images").symlink_to(llava_dir / "images")
+    (tmp_path / "few.json").write_text(json.dumps(few))
+    res = probe(_tower(tmp_path), tmp_path / "few.json", tmp_path / "few.json",
+                ProbeConfig(steps=150, batch_size=9, lr=3e-3, warmup=5, hidden=64, threads=1), echo=lambda _: None)
+    for s in res.samples:
+        assert s["generated"].replace(" ", "") == s["answer"].replace(" ", ""), s
+    assert res.metrics["referring"]["ok"] == 1.0
+    assert res.metrics["grounding"]["ok"] == 1.0
+
+
+def test_coordinate_code_keeps_neighbours_close():
+    """Coordinate tokens start from this code: 0.41 must start nearer 0.42 than 0.90."""
+    import torch
+
+    from vesl.pretrain.mllm_probe import coordinate_code
+
+    code = coordinate_code([0.41, 0.42, 0.90], 64)
+    assert code.shape == (3, 64)
+    cos = torch.nn.functional.cosine_similarity(code[:1], code)
+    assert cos[1] > 0.5 > cos[2]
+
+
+def test_max_eval_scores_the_first_questions(llava_dir, tmp_path):
+    tower = _tower(tmp_path)
+    res = probe(tower, llava_dir / "train.json", llava_dir / "eval.json",
+                ProbeConfig(steps=1, batch_size=4, hidden=32, max_eval=5), echo=lambda _: None)
+    assert sum(res.n_eval.values()) == 5
+    with pytest.raises(UserError) as err:
+        probe(tower, llava_dir / "train.json", llava_dir / "eval.json", ProbeConfig(max_eval=-1))
+    assert "\n" not in str(err.value)

@@ -188,16 +188,19 @@ def _probe_mllm(
                                      "from a config, with a tokenizer made from --data)"),
     steps: int = typer.Option(300, "--steps", help="training steps of the projector and LM"),
     batch_size: int = typer.Option(32, "--batch-size"),
-    lr: float = typer.Option(3e-3, "--lr"),
+    lr: float = typer.Option(1e-3, "--lr"),
     seed: int = typer.Option(0, "--seed"),
     pool: int = typer.Option(0, "--pool", help="average-pool the patch grid by this factor (0: to at most 8x8)"),
     feature_layer: int = typer.Option(-2, "--feature-layer", help="LLaVA's vision_feature_layer"),
+    max_eval: int = typer.Option(0, "--max-eval", help="score only the first N --eval questions (0: all)"),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)"),
     out: Optional[str] = typer.Option(None, "--out", help="write the results JSON here"),
 ) -> None:
     """Train a small LLaVA on TOWER (frozen) and score grounding, referring and a control task (docs/mllm-probe.md)."""
     from vesl.pretrain.mllm_probe import ProbeConfig, probe
 
-    cfg = ProbeConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, pool=pool, feature_layer=feature_layer)
+    cfg = ProbeConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, pool=pool, feature_layer=feature_layer,
+                      max_eval=max_eval, threads=threads)
     probe(tower, data, eval_data, cfg, lm=lm, out=out, echo=typer.echo)
     if out:
         typer.echo(f"results: {out}")
