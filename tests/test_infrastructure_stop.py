@@ -61,7 +61,8 @@ def test_a_job_whose_captioner_server_is_down_stops_within_one_batch_committing_
     # a shard another worker had not finished when the job stopped is "not finished (...)": with 2 local
     # workers, which shard hits the failure first depends on scheduling
     hits = [f["error"] for f in failed if not f["error"].startswith("not finished")]
-    assert hits and hits[0] == local_failure
+    assert hits
+    assert hits[0] == local_failure
     if engine in ("beam", "ray"):  # one shard at a time reaches the captioner: only the first one ran
         assert len(hits) == 1
     assert summary["shards_written"] == 0
