@@ -123,7 +123,8 @@ class FusedDetector:
         return out
 
     def fuse(self, looks: list[list[Region]], phrases, size: tuple[int, int]) -> list[Region]:
-        """The looks' regions fused, then the primary detector's caps applied to the fused set."""
+        """The looks' regions fused, then the primary detector's caps applied to the fused set (a phrase the caption
+        names k times keeps k x ``boxes_per_phrase``, as in each look)."""
         import torch
 
         from vesl.labelers.boxes import PostProcess, postprocess
@@ -137,7 +138,7 @@ class FusedDetector:
         labels = torch.tensor([index[(r.phrase, r.char_start, r.char_end)] for r in fused])
         c = self.cfg
         pp = PostProcess(c.nms, c.nms_iou, c.min_box_size, c.max_regions, c.boxes_per_phrase, 0.0)
-        b, s, lab = postprocess(boxes, scores, labels, size[0], size[1], pp)
+        b, s, lab = postprocess(boxes, scores, labels, size[0], size[1], pp, [p.count for p in phrases])
         return [Region(phrases[i].text, phrases[i].char_start, phrases[i].char_end, tuple(float(v) for v in box),
                        float(sc)) for box, sc, i in zip(b.tolist(), s.tolist(), lab.tolist(), strict=True)]  # fmt: skip
 

@@ -64,6 +64,17 @@ def test_disagreeing_looks_keep_both_boxes_each_scored_over_the_number_of_looks(
     assert [round(r.score, 5) for r in most] == [0.8, 0.6, 0.5]
 
 
+def test_after_fusion_a_phrase_named_twice_keeps_a_box_per_mention_as_the_plain_detector_does():
+    twin = Phrase("a red circle", 0, 12, count=2)  # "a red circle on the left ... a red circle on the right"
+    left, right = (0.05, 0.1, 0.3, 0.4), (0.6, 0.1, 0.85, 0.4)
+    look = [_region(twin, left, 0.8), _region(twin, right, 0.7)]
+    stage = FusedDetector(DetectorConfig(spec="owlv2:unused", tta=["hflip"], boxes_per_phrase=1), [])
+    fused = stage.fuse([look, look], [twin, BLUE], (200, 200))
+    assert [r.box[0] for r in sorted(fused, key=lambda r: r.box)] == pytest.approx([left[0], right[0]])
+    once = stage.fuse([look, look], [Phrase("a red circle", 0, 12), BLUE], (200, 200))
+    assert [r.box[0] for r in once] == pytest.approx([left[0]])  # named once: one box, the better one
+
+
 def test_fusion_refuses_a_box_of_a_phrase_the_image_does_not_have():
     with pytest.raises(ValueError, match="not one of the image's phrases"):
         fuse_looks([[_region(Phrase("a cat", 0, 5), (0, 0, 1, 1), 0.5)]], PHRASES, FusionConfig())
