@@ -316,52 +316,50 @@ def _evaluate_refexp(run_dir: Path, refexp_jsonl: Path, methods: tuple[str, ...]
     return {**{m: res[m]["acc@0.5"] / 100.0 for m in methods}, "chance": res["chance"]["acc@0.5"] / 100.0}
 
 
+def _ranking_margin(metrics: dict[str, float], prefix: str) -> float:
+    """CLOC Prompter ranking minus the best CLIP ranking on the ``prefix`` set (``rec`` or ``relrec``), in points."""
+    return 100 * (metrics[f"{prefix}_cloc_prompter"] - max(metrics[f"{prefix}_clip_roi_align"],
+                                                           metrics[f"{prefix}_clip_crop"]))
+
+
+def _ranking_table(metrics: dict[str, float], prefix: str, title: str, verdict: str) -> str:
+    """The rows (acc@0.5) of one referring set, and its margin against REC_GOAL_POINTS."""
+    rows = [
+        ("CLIP + RoI-Align ranking", metrics[f"{prefix}_clip_roi_align"]),
+        ("CLIP + crop ranking", metrics[f"{prefix}_clip_crop"]),
+        ("CLOC Prompter ranking", metrics[f"{prefix}_cloc_prompter"]),
+        ("CLOC grounding (no cand.)", metrics[f"{prefix}_cloc_ground"]),
+        ("random candidate", metrics[f"{prefix}_chance"]),
+    ]
+    margin = _ranking_margin(metrics, prefix)
+    lines = [title, f"{'model + method':<26}{'metric':<12}{'value':>7}", "-" * 45]
+    lines += [f"{name:<26}{'acc@IoU0.5':<12}{100 * v:>6.1f}%" for name, v in rows]
+    lines.append("-" * 45)
+    lines.append(f"{verdict}: CLOC Prompter vs best CLIP ranking {margin:+.1f} points (target +{REC_GOAL_POINTS:.0f}: "
+                 f"{'MET' if margin >= REC_GOAL_POINTS else 'NOT MET'})")
+    return "\n".join(lines)
+
+
 def rec_margin_points(metrics: dict[str, float]) -> float:
     """CLOC Prompter ranking minus the best CLIP ranking baseline on referring expressions, in points."""
-    return 100 * (metrics["rec_cloc_prompter"] - max(metrics["rec_clip_roi_align"], metrics["rec_clip_crop"]))
+    return _ranking_margin(metrics, "rec")
 
 
 def rec_table(metrics: dict[str, float], n: int) -> str:
     """The REC rows (acc@0.5) printed under region classification."""
-    rows = [
-        ("CLIP + RoI-Align ranking", metrics["rec_clip_roi_align"]),
-        ("CLIP + crop ranking", metrics["rec_clip_crop"]),
-        ("CLOC Prompter ranking", metrics["rec_cloc_prompter"]),
-        ("CLOC grounding (no cand.)", metrics["rec_cloc_ground"]),
-        ("random candidate", metrics["rec_chance"]),
-    ]
-    margin = rec_margin_points(metrics)
-    lines = [f"referring expressions ({n} held-out, look-alikes told apart by size or position):",
-             f"{'model + method':<26}{'metric':<12}{'value':>7}", "-" * 45]
-    lines += [f"{name:<26}{'acc@IoU0.5':<12}{100 * v:>6.1f}%" for name, v in rows]
-    lines.append("-" * 45)
-    lines.append(f"REC: CLOC Prompter vs best CLIP ranking {margin:+.1f} points (target +{REC_GOAL_POINTS:.0f}: "
-                 f"{'MET' if margin >= REC_GOAL_POINTS else 'NOT MET'})")
-    return "\n".join(lines)
+    return _ranking_table(metrics, "rec", f"referring expressions ({n} held-out, look-alikes told apart by size or "
+                          "position):", "REC")
 
 
 def relrec_margin_points(metrics: dict[str, float]) -> float:
     """The same margin on the relative REC set (look-alike pairs told apart by side only), in points."""
-    return 100 * (metrics["relrec_cloc_prompter"] - max(metrics["relrec_clip_roi_align"], metrics["relrec_clip_crop"]))
+    return _ranking_margin(metrics, "relrec")
 
 
 def relrec_table(metrics: dict[str, float], n: int) -> str:
     """The relative REC rows (acc@0.5): each image holds the target and one exact look-alike."""
-    rows = [
-        ("CLIP + RoI-Align ranking", metrics["relrec_clip_roi_align"]),
-        ("CLIP + crop ranking", metrics["relrec_clip_crop"]),
-        ("CLOC Prompter ranking", metrics["relrec_cloc_prompter"]),
-        ("CLOC grounding (no cand.)", metrics["relrec_cloc_ground"]),
-        ("random candidate", metrics["relrec_chance"]),
-    ]
-    margin = relrec_margin_points(metrics)
-    lines = [f"relative REC ({n} held-out, an exact look-alike pair told apart by side: 'the red circle on the left'):",
-             f"{'model + method':<26}{'metric':<12}{'value':>7}", "-" * 45]
-    lines += [f"{name:<26}{'acc@IoU0.5':<12}{100 * v:>6.1f}%" for name, v in rows]
-    lines.append("-" * 45)
-    lines.append(f"relative REC: CLOC Prompter vs best CLIP ranking {margin:+.1f} points (target +{REC_GOAL_POINTS:.0f}: "
-                 f"{'MET' if margin >= REC_GOAL_POINTS else 'NOT MET'})")
-    return "\n".join(lines)
+    return _ranking_table(metrics, "relrec", f"relative REC ({n} held-out, an exact look-alike pair told apart by "
+                          "side: 'the red circle on the left'):", "relative REC")
 
 
 def results_table(

@@ -360,14 +360,24 @@ def make_scene(seed: int, index: int, moved: bool = False, twins: float = 0.0) -
                 radius.append(r)
                 break
     twin_of = _add_twin(random.Random(f"{seed}-{index}-twin"), twins, placed, radius, w, h) if twins > 0 else None
-    # Draw big objects first so small ones are never hidden behind a large one.
+    _paint(canvas, placed, rng)
+    objects = [SceneObject(c, s, z, b) for c, s, z, b, _ in placed]
+    pair = (objects[twin_of[0]], objects[twin_of[1]]) if twin_of else None
+    objects.sort(key=lambda o: (*_position(o.box), o.box[0], o.box[1]))
+    return _encoded_scene(index, canvas, rng, objects, bg_word, pair)
+
+
+def _paint(canvas: Image.Image, placed: list, rng: random.Random) -> None:
+    """Paint the placed objects in a shade of their colour; big objects first, so small ones are never hidden
+    behind a large one."""
     for color, _shape, _size, _box, mask in sorted(placed, key=lambda p: -(p[3][2] - p[3][0])):
         jitter = tuple(max(0, min(255, c + rng.randint(-10, 10))) for c in COLORS[color])
         canvas.paste(jitter, (0, 0), mask)
 
-    objects = [SceneObject(c, s, z, b) for c, s, z, b, _ in placed]
-    pair = (objects[twin_of[0]], objects[twin_of[1]]) if twin_of else None
-    objects.sort(key=lambda o: (*_position(o.box), o.box[0], o.box[1]))
+
+def _encoded_scene(index: int, canvas: Image.Image, rng: random.Random, objects: list[SceneObject], bg_word: str,
+                   pair: tuple[SceneObject, SceneObject] | None = None) -> Scene:
+    """The Scene of a painted canvas and its objects (already in caption order): JPEG bytes, caption, alt-text."""
     caption, regions = _caption(objects, pair)
     buf = io.BytesIO()
     canvas.save(buf, format="JPEG", quality=JPEG_QUALITY, optimize=False, progressive=False, subsampling=0)
@@ -375,13 +385,21 @@ def make_scene(seed: int, index: int, moved: bool = False, twins: float = 0.0) -
         key=f"{index:09d}",
         image=buf.getvalue(),
         image_format="jpg",
-        width=w,
-        height=h,
+        width=canvas.width,
+        height=canvas.height,
         alt_text=_alt_text(rng, objects, bg_word, pair),
         caption=caption,
         regions=regions,
         objects=objects,
     )
+
+
+def _place_others(rng: random.Random, w: int, h: int, others: list[tuple[str, str]], placed: list) -> None:
+    """Add one object of each other category (colour, shape) of a referring scene where it fits."""
+    for c, s in others:
+        p = _place(rng, w, h, c, s, rng.choice(tuple(SIZES)), placed, set())
+        if p is not None:
+            placed.append(p)
 
 
 def _add_twin(trng: random.Random, p: float, placed: list, radius: list[float], w: int, h: int) -> tuple[int, int] | None:
@@ -695,22 +713,13 @@ def make_refexp(seed: int, index: int) -> RefExp:
                 taken.add((size, _position(p[3])))
         if len(placed) < 2:
             continue
-        for c, s in others:
-            p = _place(rng, w, h, c, s, rng.choice(tuple(SIZES)), placed, set())
-            if p is not None:
-                placed.append(p)
+        _place_others(rng, w, h, others, placed)
         canvas = Image.fromarray(canvas_arr, "RGB")
-        for c, _shape, _size, _box, mask in sorted(placed, key=lambda p: -(p[3][2] - p[3][0])):
-            jitter = tuple(max(0, min(255, v + rng.randint(-10, 10))) for v in COLORS[c])
-            canvas.paste(jitter, (0, 0), mask)
+        _paint(canvas, placed, rng)
         objects = [SceneObject(c, s, z, b) for c, s, z, b, _ in placed]
         target_obj = objects[rng.randrange(sum(o.category == f"{color} {shape}" for o in objects))]
         objects.sort(key=lambda o: (*_position(o.box), o.box[0], o.box[1]))
-        caption, regions = _caption(objects)
-        buf = io.BytesIO()
-        canvas.save(buf, format="JPEG", quality=JPEG_QUALITY, optimize=False, progressive=False, subsampling=0)
-        scene = Scene(key=f"{index:09d}", image=buf.getvalue(), image_format="jpg", width=w, height=h,
-                      alt_text=_alt_text(rng, objects, bg_word), caption=caption, regions=regions, objects=objects)
+        scene = _encoded_scene(index, canvas, rng, objects, bg_word)
         return RefExp(scene, objects.index(target_obj), referring_expression(target_obj))
     raise RuntimeError(f"could not place look-alikes for refexp scene {seed}/{index}")  # pragma: no cover
 
@@ -750,25 +759,15 @@ def make_refexp_relative(seed: int, index: int) -> RefExp:
         dx, dy = abs(a[0] + a[2] - b[0] - b[2]), abs(a[1] + a[3] - b[1] - b[3])
         if max(dx, dy) < RELATIVE_MIN_RATIO * min(dx, dy):
             continue
-        for c, s in others:
-            p = _place(rng, w, h, c, s, rng.choice(tuple(SIZES)), placed, set())
-            if p is not None:
-                placed.append(p)
+        _place_others(rng, w, h, others, placed)
         canvas = Image.fromarray(canvas_arr, "RGB")
-        for c, _shape, _size, _box, mask in sorted(placed, key=lambda p: -(p[3][2] - p[3][0])):
-            jitter = tuple(max(0, min(255, v + rng.randint(-10, 10))) for v in COLORS[c])
-            canvas.paste(jitter, (0, 0), mask)
+        _paint(canvas, placed, rng)
         objects = [SceneObject(c, s, z, b) for c, s, z, b, _ in placed]
         t = rng.randrange(2)
         target_obj, twin = objects[t], objects[1 - t]
         pair = (objects[0], objects[1])
         objects.sort(key=lambda o: (*_position(o.box), o.box[0], o.box[1]))
-        caption, regions = _caption(objects, pair)
-        buf = io.BytesIO()
-        canvas.save(buf, format="JPEG", quality=JPEG_QUALITY, optimize=False, progressive=False, subsampling=0)
-        scene = Scene(key=f"{index:09d}", image=buf.getvalue(), image_format="jpg", width=w, height=h,
-                      alt_text=_alt_text(rng, objects, bg_word, pair), caption=caption, regions=regions,
-                      objects=objects)
+        scene = _encoded_scene(index, canvas, rng, objects, bg_word, pair)
         expression = f"the {color} {shape} {relative_position_word(target_obj.box, twin.box)}"
         return RefExp(scene, objects.index(target_obj), expression)
     raise RuntimeError(f"could not place a look-alike pair for relative refexp scene {seed}/{index}")  # pragma: no cover
