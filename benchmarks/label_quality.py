@@ -42,14 +42,15 @@ SWEEP_SCORES = (0.0, 0.1, 0.2, 0.3, 0.4)
 SWEEP_MARGINS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
 
 
-def _verify(verify: dict, scenes, samples) -> tuple[dict[str, float], dict, float]:
-    """The verification stage on the detector's labels: (box figures, scores per region for the sweep, s/image)."""
+def _verify(verify: dict, scenes, samples, sweep: bool = False) -> tuple[dict[str, float], list, float]:
+    """The verification stage on the detector's labels: (box figures, (score, margin) per region when ``sweep``
+    asks for them, s/image)."""
     import copy
 
     import torch
 
     from vesl.demo.recipes.quality import labeled_counts
-    from vesl.labelers.verifiers import _phrase_texts, make_verifier
+    from vesl.labelers.verifiers import _phrase_texts, make_verifier, own_and_margin
     from vesl.schemas.config import VerifierConfig
 
     stage = make_verifier(VerifierConfig(**verify))
@@ -61,20 +62,15 @@ def _verify(verify: dict, scenes, samples) -> tuple[dict[str, float], dict, floa
     c = labeled_counts(scenes, [s.regions if s.ok else [] for s in verified])
     figures = {"box_precision": c.precision, "box_recall": c.recall,
                "verifier_dropped": sum(s.verifier_dropped or 0 for s in verified if s.ok)}
-    scored = []  # per sample: (own score, margin) of each region
+    scored: list[list[tuple[float, float]]] = []  # per sample: (own score, margin) of each region
     with torch.inference_mode():
-        for s in samples:
+        for s in samples if sweep else []:
             if not s.ok or not s.regions:
                 scored.append([])
                 continue
             texts = _phrase_texts(s.phrases, s.regions)
             m = stage.scorer.score(s.image, [r.box for r in s.regions], texts)
-            row = []
-            for k, r in enumerate(s.regions):
-                j = texts.index(r.phrase)
-                others = torch.cat([m[k, :j], m[k, j + 1 :]])
-                row.append((float(m[k, j]), float(m[k, j]) - float(others.max()) if len(others) else float("inf")))
-            scored.append(row)
+            scored.append([own_and_margin(m, k, texts.index(r.phrase)) for k, r in enumerate(s.regions)])
     return figures, scored, per_image
 
 
@@ -202,7 +198,7 @@ def main() -> int:
             costs[seed][f"{name}_labeling_ratio"] = (labeling - costs[seed]["detect_s_per_image"]
                                                      + v["seconds"] / args.n) / labeling
         if verifying:
-            figures, scored, per_image = _verify(verify, scenes, samples)
+            figures, scored, per_image = _verify(verify, scenes, samples, sweep=args.sweep)
             per_seed[seed].update(figures)
             per_seed[seed]["verifier_ms_per_image"] = 1000 * per_image
             per_seed[seed]["detect_ms_per_image"] = 1000 * q.seconds.get("detect", 0.0) / len(scenes)

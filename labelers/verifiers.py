@@ -66,15 +66,21 @@ def padded_crop_box(box: Box, width: int, height: int, pad: float) -> tuple[int,
     return left, top, right, bottom
 
 
-def keep_mask(scores: torch.Tensor, labels: Sequence[int], min_score: float, min_margin: float) -> list[bool]:
-    """Which regions pass: ``scores`` ``[R, P]`` cosines, ``labels[r]`` the column of region ``r``'s phrase."""
+def own_and_margin(scores: torch.Tensor, region: int, column: int) -> tuple[float, float]:
+    """Region ``region``'s score for phrase ``column`` and its margin over the best other phrase of the image (inf
+    when the image has one phrase): the two numbers the keep rule reads."""
     import torch
 
+    own = float(scores[region, column])
+    others = torch.cat([scores[region, :column], scores[region, column + 1 :]])
+    return own, own - float(others.max()) if len(others) else float("inf")
+
+
+def keep_mask(scores: torch.Tensor, labels: Sequence[int], min_score: float, min_margin: float) -> list[bool]:
+    """Which regions pass: ``scores`` ``[R, P]`` cosines, ``labels[r]`` the column of region ``r``'s phrase."""
     keep = []
     for r, label in enumerate(labels):
-        own = float(scores[r, label])
-        others = torch.cat([scores[r, :label], scores[r, label + 1 :]])
-        margin = own - float(others.max()) if len(others) else float("inf")
+        own, margin = own_and_margin(scores, r, label)
         keep.append(own >= min_score and margin >= min_margin)
     return keep
 
@@ -83,8 +89,6 @@ def relabel_map(scores: torch.Tensor, labels: Sequence[int], keep: Sequence[bool
                 min_score: float, min_margin: float) -> dict[int, int]:
     """Region -> new phrase column for regions that fail the rule but pass it for a ``free`` column (a phrase of
     the image that kept no box). Each free phrase goes to at most one region, the one scoring it highest."""
-    import torch
-
     offers = []
     for r, label in enumerate(labels):
         if keep[r]:
@@ -92,9 +96,7 @@ def relabel_map(scores: torch.Tensor, labels: Sequence[int], keep: Sequence[bool
         for u in free:
             if u == label:
                 continue
-            own = float(scores[r, u])
-            others = torch.cat([scores[r, :u], scores[r, u + 1 :]])
-            margin = own - float(others.max()) if len(others) else float("inf")
+            own, margin = own_and_margin(scores, r, u)
             if own >= min_score and margin >= min_margin:
                 offers.append((own, r, u))
     taken_regions: set[int] = set()
