@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from vesl.errors import UserError
-from vesl.schemas.llava import IMAGE_TOKEN, TASKS, parse_box
+from vesl.schemas.llava import IMAGE_TOKEN, LOOKALIKE, TASKS, parse_box
 
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", IMAGE_TOKEN]
 # numbers stay whole ("0.37"), words stay whole ("circle"), punctuation splits off ("[", ",", "?"); every piece
@@ -116,13 +116,17 @@ def score(task: str, pred: str, ref: str) -> dict[str, float]:
     return {"ok": float(not fail and pred.strip() == ref.strip()), "parse_fail": float(fail)}
 
 
-def summarize(rows: list[tuple[str, str, str]]) -> dict[str, dict[str, float]]:
-    """(task, prediction, reference) -> per task: the mean of each score, and n."""
+def summarize(rows: list[tuple[str, str, str]], lookalike: list[bool] | None = None) -> dict[str, dict[str, float]]:
+    """(task, prediction, reference) -> per task: the mean of each score, and n; plus ``grounding_lookalike``, the
+    grounding rows that ``lookalike`` marks (they count in ``grounding`` too)."""
     out: dict[str, dict[str, float]] = {}
-    for task in TASKS:
-        scores = [score(t, p, r) for t, p, r in rows if t == task]
+    marked = lookalike or [False] * len(rows)
+    groups = [(task, [row for row in rows if row[0] == task]) for task in TASKS]
+    groups.append((LOOKALIKE, [row for row, m in zip(rows, marked, strict=True) if m and row[0] == "grounding"]))
+    for name, group in groups:
+        scores = [score(t, p, r) for t, p, r in group]
         if scores:
-            out[task] = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]} | {"n": len(scores)}
+            out[name] = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]} | {"n": len(scores)}
     return out
 
 
@@ -153,7 +157,7 @@ def load_records(path: str | Path, flag: str) -> list[dict[str, Any]]:
         task = r.get("task") or _guess_task(a)
         if task in TASKS:
             out.append({"task": task, "image": str(image), "question": q.replace(IMAGE_TOKEN, "").strip(),
-                        "answer": a.strip()})
+                        "answer": a.strip(), "lookalike": bool(r.get("lookalike"))})
     if not out:
         raise UserError(f"{flag} {path}: no grounding, referring or control records")
     return out
@@ -456,7 +460,8 @@ def probe(
         tower=str(tower_path), settings={**asdict(cfg), "pool": pool, "image_tokens": n_image, "lm": lm,
                                          "max_new_tokens": max_new, "vocab": len(tok)},
         n_train=len(train_recs), n_eval=dict(Counter(r["task"] for r in eval_recs)),
-        metrics=summarize(rows), trivial=summarize(trivial_rows), seconds=times,
+        metrics=summarize(rows, [r["lookalike"] for r in eval_recs]),
+        trivial=summarize(trivial_rows, [r["lookalike"] for r in eval_recs]), seconds=times,
         samples=[{"task": r["task"], "question": r["question"], "answer": r["answer"], "generated": p}
                  for r, p in list(zip(eval_recs, preds, strict=True))[:12]],
     )
@@ -494,9 +499,10 @@ def generate(llava, tok, recs: list[dict[str, Any]], feats, n_image: int, max_ne
 def format_result(res: ProbeResult) -> str:
     m, tr = res.metrics, res.trivial
     lines = [f"{'task':<11}{'metric':<14}{'probe':>8}{'trivial':>9}{'parse fail':>12}{'n':>6}"]
-    for task, metric, key in (("grounding", "acc@0.5", "ok"), ("referring", "exact", "ok"),
+    for task, metric, key in (("grounding", "acc@0.5", "ok"), (LOOKALIKE, "  look-alikes", "ok"),
+                              ("referring", "exact", "ok"),
                               ("referring", "soft (F1>=.5)", "soft"), ("control", "accuracy", "ok")):
         if task in m:
-            lines.append(f"{task:<11}{metric:<14}{100 * m[task][key]:>7.1f}%{100 * tr[task][key]:>8.1f}%"
+            lines.append(f"{'' if task == LOOKALIKE else task:<11}{metric:<14}{100 * m[task][key]:>7.1f}%{100 * tr[task][key]:>8.1f}%"
                          f"{100 * m[task]['parse_fail']:>11.1f}%{int(m[task]['n']):>6}")
     return "\n".join(lines)

@@ -5,14 +5,16 @@ parses generated answers): Shikra-style normalized ``[x0,y0,x1,y1]`` with two de
 
 Tasks, each from the regions vesl labeled:
 
-- ``grounding``: "Where is {phrase}?" -> the box (phrases that occur once in the row only: an ambiguous
-  question has no single answer);
+- ``grounding``: "Where is {phrase}?" -> the box, for a phrase that occurs once in the row; a phrase that
+  occurs twice (two look-alikes) is asked RefCOCO-style with its side against the other one, "Where is {phrase}
+  on the left?" (:func:`vesl.schemas.referring.relative_position_word`); three or more have no single answer;
 - ``referring``: "What is at {box}?" -> the phrase;
 - ``control``: "How many objects are there?" -> the number of regions; it needs no localization, so a gain
   on the first two that also shows here is a general gain, not a localized one.
 
 Each record is what LLaVA's training scripts read (``id``, ``image`` relative to the output folder,
-``conversations`` with ``<image>`` in the first human turn) plus ``task`` and ``key`` for the probe.
+``conversations`` with ``<image>`` in the first human turn) plus ``task`` and ``key`` for the probe, and
+``lookalike: true`` on a grounding question that names one of two look-alikes by its side.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ import hashlib
 import json
 import random
 import re
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from vesl.errors import UserError
+from vesl.schemas.referring import relative_position_word
 
 TASKS = ("grounding", "referring", "control")
+LOOKALIKE = "grounding_lookalike"  # the probe's name for the grounding questions marked ``lookalike``
 IMAGE_TOKEN = "<image>"
 TRAIN_FILE, EVAL_FILE = "train.json", "eval.json"
 GROUNDING_Q = "Where is {phrase}?"
@@ -71,6 +74,24 @@ def is_eval(key: str, seed: int, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
+def grounding_phrase(region: dict[str, Any], regions: list[dict[str, Any]]) -> str | None:
+    """The phrase that names ``region`` alone among ``regions``: its own when no other region shares it, its own
+    plus its side against its one look-alike ("a red circle on the left"), else None (no single answer)."""
+    twins = [o for o in regions if o is not region and o["phrase"] == region["phrase"]]
+    if not twins:
+        return region["phrase"]
+    if len(twins) > 1:
+        return None
+    (a, b), (c, d) = _centre(region["box"]), _centre(twins[0]["box"])
+    if abs(a - c) < 1e-9 and abs(b - d) < 1e-9:
+        return None  # the same centre: no side tells them apart
+    return f"{region['phrase']} {relative_position_word(region['box'], twins[0]['box'])}"
+
+
+def _centre(box: Any) -> tuple[float, float]:
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
 def _turns(question: str, answer: str) -> list[dict[str, str]]:
     return [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}, {"from": "gpt", "value": answer}]
 
@@ -80,22 +101,23 @@ def row_records(row: dict[str, Any], image: str, stem: str, tasks: tuple[str, ..
     """The instruction records of one row (at most ``max_questions`` per task, picked with a seeded rng)."""
     rng = random.Random(f"{seed}:{row['key']}")
     regions = list(row.get("regions") or [])
-    counts = Counter(r["phrase"] for r in regions)
     out: list[dict[str, Any]] = []
 
-    def add(task: str, q: str, a: str) -> None:
+    def add(task: str, q: str, a: str, lookalike: bool = False) -> None:
         out.append({"id": f"{stem}-{task}-{len([o for o in out if o['task'] == task])}", "image": image,
-                    "task": task, "key": row["key"], "conversations": _turns(q, a)})
+                    "task": task, "key": row["key"], "conversations": _turns(q, a)}
+                   | ({"lookalike": True} if lookalike else {}))
 
     for task in tasks:
         if task == "control":
             add(task, CONTROL_Q, str(len(regions)))
             continue
-        pool = [r for r in regions if task == "referring" or counts[r["phrase"]] == 1]
+        named = {id(r): grounding_phrase(r, regions) for r in regions} if task == "grounding" else {}
+        pool = [r for r in regions if task == "referring" or named[id(r)] is not None]
         for r in rng.sample(pool, min(max_questions, len(pool))):
             b = box_text(r["box"])
             if task == "grounding":
-                add(task, GROUNDING_Q.format(phrase=r["phrase"]), b)
+                add(task, GROUNDING_Q.format(phrase=named[id(r)]), b, lookalike=named[id(r)] != r["phrase"])
             else:
                 add(task, REFERRING_Q.format(box=b), r["phrase"])
     return out
@@ -106,3 +128,23 @@ def write_llava(out: Path, train: list[dict], evals: list[dict]) -> list[Path]:
     for path, recs in zip(paths, (train, evals), strict=True):
         path.write_text(json.dumps(recs, ensure_ascii=False, indent=0), encoding="utf-8")
     return paths
+
+
+def refexp_grounding_records(jsonl: Path, out: Path, stem: str, lookalike: bool = False) -> list[dict[str, Any]]:
+    """Grounding records from a referring-expression JSONL (``vesl synth --format refexp``, the ``vesl eval
+    --refexp`` format: ``image``, ``expression``, ``bbox`` in pixels xywh, ``width``, ``height``), its images
+    copied under ``out/images/{stem}-*``, so a RefCOCO-style set joins a probe's held-out questions."""
+    import shutil
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    recs = []
+    for i, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines()):
+        e = json.loads(line)
+        image = f"images/{stem}-{Path(e['image']).name}"
+        shutil.copyfile(jsonl.parent / e["image"], out / image)
+        x, y, w, h = e["bbox"]
+        box = [x / e["width"], y / e["height"], (x + w) / e["width"], (y + h) / e["height"]]
+        recs.append({"id": f"{stem}-grounding-{i}", "image": image, "task": "grounding", "key": f"{stem}-{i}",
+                     "conversations": _turns(GROUNDING_Q.format(phrase=e["expression"]), box_text(box))}
+                    | ({"lookalike": True} if lookalike else {}))
+    return recs

@@ -111,7 +111,7 @@ def test_full_demo_tiny(tmp_path):
         train_seed=3, seeds=2, probe_steps=2,
     )
     probe_keys = {f"probe_{who}_{k}" for who in ("clip", "cloc", "trivial")
-                  for k in ("grounding", "referring", "referring_soft", "control")}
+                  for k in ("grounding", "grounding_lookalike", "referring", "referring_soft", "control")}
     assert set(res.metrics) - probe_keys == {
         "clip_roi_align_macc",
         "clip_crop_macc",
@@ -148,6 +148,11 @@ def test_full_demo_tiny(tmp_path):
     assert probe_keys <= set(res.metrics)
     assert "MLLM probe" in "\n".join(lines)
     assert (tmp_path / "full" / "cloc-seed4-hf" / "config.json").is_file()
+    # the probe's held-out questions include one look-alike grounding question per relative REC expression
+    evals = json.loads((tmp_path / "full" / f"llava-eval-{TEST_SEEDS[1]}" / "eval.json").read_text())
+    assert sum(bool(r.get("lookalike")) for r in evals) == 10
+    probe = json.loads((tmp_path / "full" / "cloc-seed4-hf-probe.json").read_text())
+    assert probe["metrics"]["grounding_lookalike"]["n"] == 10
 
 
 def test_full_demo_refuses_a_bad_split_in_one_line(tmp_path):

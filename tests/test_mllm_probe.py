@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from tests.region_dataset import write_synth_region_dataset
 from vesl.errors import UserError
 from vesl.pipeline.exporters import export
-from vesl.pretrain.mllm_probe import ProbeConfig, load_tower, normalize, probe, score, word_f1
-from vesl.schemas.llava import IMAGE_TOKEN, box_text, is_eval, parse_box
+from vesl.pretrain.mllm_probe import ProbeConfig, load_tower, normalize, probe, score, summarize, word_f1
+from vesl.schemas.llava import IMAGE_TOKEN, box_text, grounding_phrase, is_eval, parse_box, row_records
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,8 @@ def test_llava_export_round_trips(dataset, llava_dir):
             assert box is not None
             assert all(0 <= v <= 1 for v in box)
             phrase = q.removeprefix(IMAGE_TOKEN + "\nWhere is ").removesuffix("?")
-            assert phrases.count(phrase) == 1
-            assert boxes[a] == phrase
+            named = [r for r in row["regions"] if box_text(r["box"]) == a]
+            assert [grounding_phrase(r, row["regions"]) for r in named] == [phrase]
         elif rec["task"] == "referring":
             box = parse_box(q)
             assert box is not None
@@ -78,6 +78,26 @@ def test_llava_export_round_trips(dataset, llava_dir):
         else:
             assert a == str(len(row["regions"]))
     assert tasks == {"grounding", "referring", "control"}
+
+
+def test_grounding_names_one_of_two_look_alikes_by_its_side_and_skips_three():
+    def region(phrase, box):
+        return {"phrase": phrase, "box": box, "span": [0, 1]}
+
+    left, right = region("a red circle", [0.1, 0.4, 0.2, 0.5]), region("a red circle", [0.7, 0.1, 0.9, 0.3])
+    lone = region("a blue square", [0.4, 0.4, 0.5, 0.5])
+    trio = [region("a green star", [x, 0.8, x + 0.1, 0.9]) for x in (0.1, 0.4, 0.7)]
+    regions = [left, right, lone, *trio]
+    assert grounding_phrase(left, regions) == "a red circle on the left"
+    assert grounding_phrase(right, regions) == "a red circle on the right"
+    assert grounding_phrase(lone, regions) == "a blue square"
+    assert [grounding_phrase(r, regions) for r in trio] == [None, None, None]
+    stacked = [region("a dot", [0.1, 0.1, 0.2, 0.2]), region("a dot", [0.05, 0.05, 0.25, 0.25])]
+    assert grounding_phrase(stacked[0], stacked) is None  # one centre: no side tells them apart
+    records = row_records({"key": "k", "regions": regions}, "images/k.jpg", "k", ("grounding",), 10, seed=0)
+    asked = {r["conversations"][0]["value"].split("Where is ")[1]: r["conversations"][1]["value"] for r in records}
+    assert asked == {"a red circle on the left?": box_text(left["box"]), "a red circle on the right?":
+                     box_text(right["box"]), "a blue square?": box_text(lone["box"])}
 
 
 def test_llava_export_is_deterministic_and_checks_options(dataset, llava_dir, tmp_path):
@@ -141,6 +161,37 @@ def test_scores():
     assert word_f1("a red circle", "red circle") == 1.0
     assert score("control", "3", "3") == {"ok": 1.0, "parse_fail": 0.0}
     assert score("control", "three", "3") == {"ok": 0.0, "parse_fail": 1.0}
+
+
+def test_refexp_questions_join_the_eval_as_look_alike_grounding(tmp_path):
+    from PIL import Image
+
+    from vesl.demo.synth import make_refexp_relative, write_refexp
+    from vesl.schemas.llava import refexp_grounding_records
+    from vesl.schemas.referring import RELATIVE_WORDS
+
+    jsonl = write_refexp((make_refexp_relative(5, i) for i in range(6)), tmp_path / "relrec")
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    recs = refexp_grounding_records(jsonl, tmp_path / "llava", "lookalike", lookalike=True)
+    assert len(recs) == len(lines)
+    for rec, line in zip(recs, lines, strict=True):
+        q, a = (t["value"] for t in rec["conversations"])
+        assert q == f"{IMAGE_TOKEN}\nWhere is {line['expression']}?"
+        assert q.removesuffix("?").endswith(RELATIVE_WORDS)
+        x, y, w, h = line["bbox"]
+        with Image.open(tmp_path / "llava" / rec["image"]) as im:
+            assert im.size == (line["width"], line["height"])
+        assert parse_box(a) == pytest.approx([x / im.width, y / im.height, (x + w) / im.width, (y + h) / im.height],
+                                             abs=0.005)
+        assert rec["lookalike"] is True
+        assert rec["task"] == "grounding"
+    # the probe scores them within grounding and on their own
+    rows = [("grounding", "[0.10,0.10,0.50,0.50]", "[0.10,0.10,0.50,0.50]"),
+            ("grounding", "[0.60,0.60,0.90,0.90]", "[0.10,0.10,0.50,0.50]"), ("control", "3", "3")]
+    m = summarize(rows, [True, False, False])
+    assert m["grounding"]["ok"] == 0.5
+    assert m["grounding_lookalike"] == {"ok": 1.0, "parse_fail": 0.0, "n": 1}
+    assert "grounding_lookalike" not in summarize(rows)
 
 
 def _tower(tmp: Path) -> Path:

@@ -245,13 +245,15 @@ PROBE_STEPS = 1000
 PROBE_POOL = 2  # 8x8 patch tokens -> 4x4: a quarter of the sequence, what a 2-core machine affords
 
 
-def probe_data(labeled: Path, eval_input: Path, eval_seed: int, out: Path) -> tuple[Path, Path]:
+def probe_data(labeled: Path, eval_input: Path, eval_seed: int, out: Path,
+               relrec_jsonl: Path | None = None) -> tuple[Path, Path]:
     """LLaVA instruction data: training questions from the --full pseudo-labels (``vesl export --format
     llava``), held-out questions from the ground truth of the evaluation world (so the probe is scored on
-    true boxes, on scenes neither model saw)."""
+    true boxes, on scenes neither model saw), plus a grounding question for each expression of the relative
+    REC set (one of two exact look-alikes, named by its side), scored also on its own."""
     from vesl.demo.ground_truth import label_ground_truth
     from vesl.pipeline.exporters import export
-    from vesl.schemas.llava import EVAL_FILE, TRAIN_FILE
+    from vesl.schemas.llava import EVAL_FILE, TRAIN_FILE, refexp_grounding_records
 
     train_dir = out / "llava-train"
     if not (train_dir / TRAIN_FILE).is_file():
@@ -260,6 +262,10 @@ def probe_data(labeled: Path, eval_input: Path, eval_seed: int, out: Path) -> tu
     label_ground_truth(eval_input, gt, eval_seed, progress=False)
     eval_dir = out / f"llava-eval-{eval_seed}"
     export(gt, "llava", eval_dir, overwrite=True, eval_fraction=1.0)
+    if relrec_jsonl is not None:
+        recs = json.loads((eval_dir / EVAL_FILE).read_text(encoding="utf-8"))
+        recs += refexp_grounding_records(relrec_jsonl, eval_dir, "lookalike", lookalike=True)
+        (eval_dir / EVAL_FILE).write_text(json.dumps(recs, ensure_ascii=False, indent=0), encoding="utf-8")
     return train_dir / TRAIN_FILE, eval_dir / EVAL_FILE
 
 
@@ -277,14 +283,18 @@ def _probe(run_dir: Path, hf_dir: Path, data: Path, eval_json: Path, steps: int,
 
 
 def probe_figures(res: dict, key: str = "metrics") -> dict[str, float]:
+    from vesl.schemas.llava import LOOKALIKE
+
     m = res[key]
-    return {"grounding": m["grounding"]["ok"], "referring": m["referring"]["ok"],
+    return {"grounding": m["grounding"]["ok"], "grounding_lookalike": m.get(LOOKALIKE, {}).get("ok", 0.0),
+            "referring": m["referring"]["ok"],
             "referring_soft": m["referring"]["soft"], "control": m["control"]["ok"]}
 
 
 def probe_table(metrics: dict[str, float]) -> str:
     """CLOC tower vs CLIP tower in the same small LLaVA, per task (fractions in ``metrics``)."""
-    rows = [("grounding acc@0.5", "grounding", 15.0), ("referring exact", "referring", 10.0),
+    rows = [("grounding acc@0.5", "grounding", 15.0), ("  of it look-alikes", "grounding_lookalike", None),
+            ("referring exact", "referring", 10.0),
             ("referring soft", "referring_soft", None), ("control (count)", "control", -2.0)]
     lines = ["MLLM probe (small LLaVA on each frozen tower; held-out GT questions):",
              f"{'task':<20}{'CLIP':>7}{'CLOC':>7}{'trivial':>9}{'CLOC-CLIP':>11}  goal", "-" * 62]
@@ -511,7 +521,7 @@ def run_full_demo(
             t = time.perf_counter()
             eval_input = out / f"eval_input-{eval_seed}"
             generate_input(eval_input, eval_n, eval_seed)
-            data, eval_json = probe_data(labeled, eval_input, eval_seed, out)
+            data, eval_json = probe_data(labeled, eval_input, eval_seed, out, relrec_jsonl)
             probes = {name: _probe(run, out / f"{name}{suffix}-hf", data, eval_json, probe_steps, s, echo)
                       for name, run in (("clip", clip_run), ("cloc", cloc_run))}
             per_seed[-1].update({f"probe_{name}_{k}": v for name, r in probes.items()
