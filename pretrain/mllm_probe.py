@@ -74,6 +74,7 @@ class ProbeResult:
     trivial: dict[str, dict[str, float]]
     seconds: dict[str, float] = field(default_factory=dict)
     samples: list[dict[str, str]] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)  # every generated answer, in the order of the eval records
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -102,11 +103,15 @@ def box_iou(a: list[float], b: list[float]) -> float:
 
 
 def score(task: str, pred: str, ref: str) -> dict[str, float]:
-    """One answer's scores: ``ok`` (the task's main metric), ``parse_fail`` and, for referring, ``soft``."""
+    """One answer's scores: ``ok`` (the task's main metric), ``parse_fail``; for grounding also ``iou`` and
+    ``pointing`` (the answer's centre inside the reference box), for referring ``soft``."""
     if task == "grounding":
         box, want = parse_box(pred), parse_box(ref)
-        ok = box is not None and want is not None and box_iou(box, want) >= 0.5
-        return {"ok": float(ok), "parse_fail": float(box is None)}
+        iou = box_iou(box, want) if box is not None and want is not None else 0.0
+        # pointing: the answer's centre falls in the reference box (localized, if not tight enough for IoU 0.5)
+        point = box is not None and want is not None and want[0] <= (box[0] + box[2]) / 2 <= want[2] \
+            and want[1] <= (box[1] + box[3]) / 2 <= want[3]
+        return {"ok": float(iou >= 0.5), "iou": iou, "pointing": float(point), "parse_fail": float(box is None)}
     if task == "referring":
         words = normalize(pred)
         fail = not words or parse_box(pred) is not None
@@ -464,6 +469,7 @@ def probe(
         trivial=summarize(trivial_rows, [r["lookalike"] for r in eval_recs]), seconds=times,
         samples=[{"task": r["task"], "question": r["question"], "answer": r["answer"], "generated": p}
                  for r, p in list(zip(eval_recs, preds, strict=True))[:12]],
+        answers=preds,
     )
     echo(format_result(res))
     if out is not None:
@@ -499,7 +505,8 @@ def generate(llava, tok, recs: list[dict[str, Any]], feats, n_image: int, max_ne
 def format_result(res: ProbeResult) -> str:
     m, tr = res.metrics, res.trivial
     lines = [f"{'task':<11}{'metric':<14}{'probe':>8}{'trivial':>9}{'parse fail':>12}{'n':>6}"]
-    for task, metric, key in (("grounding", "acc@0.5", "ok"), (LOOKALIKE, "  look-alikes", "ok"),
+    for task, metric, key in (("grounding", "acc@0.5", "ok"), ("grounding", "mean IoU", "iou"),
+                              ("grounding", "pointing", "pointing"), (LOOKALIKE, "  look-alikes", "ok"),
                               ("referring", "exact", "ok"),
                               ("referring", "soft (F1>=.5)", "soft"), ("control", "accuracy", "ok")):
         if task in m:

@@ -111,7 +111,7 @@ def test_full_demo_tiny(tmp_path):
         train_seed=3, seeds=2, probe_steps=2,
     )
     probe_keys = {f"probe_{who}_{k}" for who in ("clip", "cloc", "trivial")
-                  for k in ("grounding", "grounding_lookalike", "referring", "referring_soft", "control")}
+                  for k in ("grounding", "grounding_pointing", "grounding_lookalike", "referring", "referring_soft", "control")}
     assert set(res.metrics) - probe_keys == {
         "clip_roi_align_macc",
         "clip_crop_macc",

@@ -150,9 +150,15 @@ def test_parse_box(text, want):
 
 def test_scores():
     ref = "[0.10,0.10,0.50,0.50]"
-    assert score("grounding", "[ 0.12 , 0.10 , 0.50 , 0.52 ]", ref) == {"ok": 1.0, "parse_fail": 0.0}
-    assert score("grounding", "[0.50,0.50,0.90,0.90]", ref) == {"ok": 0.0, "parse_fail": 0.0}
-    assert score("grounding", "[0.1,0.1,0.5", ref) == {"ok": 0.0, "parse_fail": 1.0}
+    near = score("grounding", "[ 0.12 , 0.10 , 0.50 , 0.52 ]", ref)
+    assert near == {"ok": 1.0, "iou": pytest.approx(0.38 * 0.40 / (0.16 + 0.38 * 0.42 - 0.38 * 0.40)),
+                    "pointing": 1.0, "parse_fail": 0.0}
+    # centred inside the reference but too large for IoU 0.5: it points, it does not ground
+    assert score("grounding", "[0.00,0.00,0.70,0.70]", ref) == {"ok": 0.0, "iou": pytest.approx(0.16 / 0.49),
+                                                                "pointing": 1.0, "parse_fail": 0.0}
+    assert score("grounding", "[0.50,0.50,0.90,0.90]", ref) == {"ok": 0.0, "iou": 0.0, "pointing": 0.0,
+                                                                "parse_fail": 0.0}
+    assert score("grounding", "[0.1,0.1,0.5", ref) == {"ok": 0.0, "iou": 0.0, "pointing": 0.0, "parse_fail": 1.0}
     assert score("referring", "the Red circle", "red circle") == {"ok": 1.0, "soft": 1.0, "parse_fail": 0.0}
     assert score("referring", "large red circle", "red circle")["ok"] == 0.0
     assert score("referring", "large red circle", "red circle")["soft"] == 1.0  # F1 0.8
@@ -190,7 +196,7 @@ def test_refexp_questions_join_the_eval_as_look_alike_grounding(tmp_path):
             ("grounding", "[0.60,0.60,0.90,0.90]", "[0.10,0.10,0.50,0.50]"), ("control", "3", "3")]
     m = summarize(rows, [True, False, False])
     assert m["grounding"]["ok"] == 0.5
-    assert m["grounding_lookalike"] == {"ok": 1.0, "parse_fail": 0.0, "n": 1}
+    assert m["grounding_lookalike"] == {"ok": 1.0, "iou": 1.0, "pointing": 1.0, "parse_fail": 0.0, "n": 1}
     assert "grounding_lookalike" not in summarize(rows)
 
 
@@ -231,6 +237,11 @@ def test_tiny_probe_end_to_end_writes_json(llava_dir, tmp_path):
                   echo=lambda _: None)
     assert again.metrics == res.metrics
     assert again.samples == res.samples
+    # every answer is kept, in the order of the eval records, and re-scores to the reported metrics
+    evals = json.loads((llava_dir / "eval.json").read_text())
+    assert len(saved["answers"]) == len(evals)
+    rows = [(r["task"], a, r["conversations"][1]["value"]) for r, a in zip(evals, saved["answers"], strict=True)]
+    assert summarize(rows) == saved["metrics"]
 
 
 def test_not_a_clip_vision_folder_is_one_line(tmp_path, llava_dir):

@@ -286,14 +286,16 @@ def probe_figures(res: dict, key: str = "metrics") -> dict[str, float]:
     from vesl.schemas.llava import LOOKALIKE
 
     m = res[key]
-    return {"grounding": m["grounding"]["ok"], "grounding_lookalike": m.get(LOOKALIKE, {}).get("ok", 0.0),
+    return {"grounding": m["grounding"]["ok"], "grounding_pointing": m["grounding"]["pointing"],
+            "grounding_lookalike": m.get(LOOKALIKE, {}).get("ok", 0.0),
             "referring": m["referring"]["ok"],
             "referring_soft": m["referring"]["soft"], "control": m["control"]["ok"]}
 
 
 def probe_table(metrics: dict[str, float]) -> str:
     """CLOC tower vs CLIP tower in the same small LLaVA, per task (fractions in ``metrics``)."""
-    rows = [("grounding acc@0.5", "grounding", 15.0), ("  of it look-alikes", "grounding_lookalike", None),
+    rows = [("grounding acc@0.5", "grounding", 15.0), ("  pointing", "grounding_pointing", None),
+            ("  look-alikes only", "grounding_lookalike", None),
             ("referring exact", "referring", 10.0),
             ("referring soft", "referring_soft", None), ("control (count)", "control", -2.0)]
     lines = ["MLLM probe (small LLaVA on each frozen tower; held-out GT questions):",
