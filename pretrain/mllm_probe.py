@@ -58,7 +58,7 @@ class ProbeConfig:
     heads: int = 4
     pool: int = 0  # grid pooling of the patch tokens; 0: auto (pool until the grid is at most 8x8)
     feature_layer: int = -2  # LLaVA's vision_feature_layer (the penultimate layer, as LLaVA-1.5)
-    max_new_tokens: int = 0  # 0: the longest training answer + 2
+    max_new_tokens: int = 0  # 0: the longest training answer of a scored task + 2
     threads: int = 0  # torch threads; 0 leaves torch's default
     coord_init: bool = True  # coordinate tokens start from a code of their value (init_coordinate_embeddings)
     max_eval: int = 0  # score only the first N eval questions (a quick look while tuning); 0: all
@@ -138,8 +138,10 @@ def summarize(rows: list[tuple[str, str, str]], lookalike: list[bool] | None = N
 # ----------------------------------------------------------------------------- data
 
 
-def load_records(path: str | Path, flag: str) -> list[dict[str, Any]]:
-    """LLaVA-format records with a task this probe scores; one-line errors for a wrong file."""
+def load_records(path: str | Path, flag: str, train: bool = False) -> list[dict[str, Any]]:
+    """LLaVA-format records with a task this probe scores, plus, for ``train``, records of other tasks (a
+    ``caption`` task, say: more text about the images to learn from, never scored); one-line errors for a
+    wrong file."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{flag} {path}: no such file (a train.json/eval.json of `vesl export --format llava`)")
@@ -160,7 +162,7 @@ def load_records(path: str | Path, flag: str) -> list[dict[str, Any]]:
         if IMAGE_TOKEN not in q:
             raise UserError(f"{flag} {path}: record {i}'s first turn has no {IMAGE_TOKEN}")
         task = r.get("task") or _guess_task(a)
-        if task in TASKS:
+        if task in TASKS or train:
             out.append({"task": task, "image": str(image), "question": q.replace(IMAGE_TOKEN, "").strip(),
                         "answer": a.strip(), "lookalike": bool(r.get("lookalike"))})
     if not out:
@@ -380,7 +382,7 @@ def probe(
     times: dict[str, float] = {}
     if cfg.max_eval < 0:
         raise UserError("--max-eval must be 0 (all) or a number of questions")
-    train_recs, eval_recs = load_records(data, "--data"), load_records(eval_data, "--eval")
+    train_recs, eval_recs = load_records(data, "--data", train=True), load_records(eval_data, "--eval")
     eval_recs = eval_recs[: cfg.max_eval or None]
     for r in train_recs + eval_recs:
         if not Path(r["image"]).is_file():
@@ -413,7 +415,9 @@ def probe(
         return prompt, ans + [eos]
 
     enc = [encode(r) for r in train_recs]
-    max_new = cfg.max_new_tokens or max(len(a) for _, a in enc) + 2
+    # the longest answer of a scored task (a train-only caption is longer than any answer the eval asks for)
+    max_new = cfg.max_new_tokens or max((len(a) for (_, a), r in zip(enc, train_recs, strict=True)
+                                         if r["task"] in TASKS), default=max(len(a) for _, a in enc)) + 2
     params = [p for p in llava.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -10,7 +10,9 @@ Tasks, each from the regions vesl labeled:
   on the left?" (:func:`vesl.schemas.referring.relative_position_word`); three or more have no single answer;
 - ``referring``: "What is at {box}?" -> the phrase;
 - ``control``: "How many objects are there?" -> the number of regions; it needs no localization, so a gain
-  on the first two that also shows here is a general gain, not a localized one.
+  on the first two that also shows here is a general gain, not a localized one;
+- ``caption`` (asked for, not by default): "Describe the image briefly." -> the row's caption, the brief
+  description of LLaVA's first stage; the probe trains on it and never scores it.
 
 Each record is what LLaVA's training scripts read (``id``, ``image`` relative to the output folder,
 ``conversations`` with ``<image>`` in the first human turn) plus ``task`` and ``key`` for the probe, and
@@ -29,13 +31,15 @@ from typing import Any
 from vesl.errors import UserError
 from vesl.schemas.referring import relative_position_word
 
-TASKS = ("grounding", "referring", "control")
+TASKS = ("grounding", "referring", "control")  # the tasks the probe scores
+EXPORT_TASKS = (*TASKS, "caption")
 LOOKALIKE = "grounding_lookalike"  # the probe's name for the grounding questions marked ``lookalike``
 IMAGE_TOKEN = "<image>"
 TRAIN_FILE, EVAL_FILE = "train.json", "eval.json"
 GROUNDING_Q = "Where is {phrase}?"
 REFERRING_Q = "What is at {box}?"
 CONTROL_Q = "How many objects are there?"
+CAPTION_Q = "Describe the image briefly."
 _NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
 _BOX_RE = re.compile(r"\[" + ",".join([_NUM] * 4) + r"\]")
 
@@ -61,9 +65,9 @@ def parse_box(text: str) -> list[float] | None:
 def parse_tasks(tasks: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """``grounding,referring`` -> a tuple of known task names (one-line error otherwise)."""
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
-    bad = [t for t in names if t not in TASKS]
+    bad = [t for t in names if t not in EXPORT_TASKS]
     if bad or not names:
-        raise UserError(f"--tasks {','.join(names) or '(empty)'}: choose from {','.join(TASKS)}")
+        raise UserError(f"--tasks {','.join(names) or '(empty)'}: choose from {','.join(EXPORT_TASKS)}")
     return tuple(dict.fromkeys(names))
 
 
@@ -111,6 +115,10 @@ def row_records(row: dict[str, Any], image: str, stem: str, tasks: tuple[str, ..
     for task in tasks:
         if task == "control":
             add(task, CONTROL_Q, str(len(regions)))
+            continue
+        if task == "caption":
+            if (row.get("caption") or "").strip():
+                add(task, CAPTION_Q, row["caption"].strip())
             continue
         named = {id(r): grounding_phrase(r, regions) for r in regions} if task == "grounding" else {}
         pool = [r for r in regions if task == "referring" or named[id(r)] is not None]

@@ -151,6 +151,8 @@ def test_full_demo_tiny(tmp_path):
     # the probe's held-out questions include one look-alike grounding question per relative REC expression
     evals = json.loads((tmp_path / "full" / f"llava-eval-{TEST_SEEDS[1]}" / "eval.json").read_text())
     assert sum(bool(r.get("lookalike")) for r in evals) == 10
+    train = json.loads((tmp_path / "full" / "llava-train" / "train.json").read_text())
+    assert {r["task"] for r in train} == {"grounding", "referring", "control", "caption"}  # captions train the probe
     probe = json.loads((tmp_path / "full" / "cloc-seed4-hf-probe.json").read_text())
     assert probe["metrics"]["grounding_lookalike"]["n"] == 10
 

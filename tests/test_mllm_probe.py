@@ -108,7 +108,20 @@ def test_llava_export_is_deterministic_and_checks_options(dataset, llava_dir, tm
     only = json.loads((export(dataset, "llava", tmp_path / "g", tasks="grounding", eval_fraction=0.0).out
                        / "train.json").read_text())
     assert {r["task"] for r in only} == {"grounding"}
-    for bad in ({"tasks": "grounding,caption"}, {"eval_fraction": 1.5}, {"max_questions": 0}):
+    captions = json.loads((export(dataset, "llava", tmp_path / "c", tasks="caption,control", eval_fraction=0.0).out
+                           / "train.json").read_text())
+    rows = _rows(dataset)
+    described = [r for r in captions if r["task"] == "caption"]
+    assert len(described) == len(rows)
+    for rec in described:
+        assert rec["conversations"][0]["value"] == f"{IMAGE_TOKEN}\nDescribe the image briefly."
+        assert rec["conversations"][1]["value"] == rows[rec["key"]]["caption"].strip()
+    # the probe trains on caption turns and never scores them
+    from vesl.pretrain.mllm_probe import load_records
+
+    assert {r["task"] for r in load_records(tmp_path / "c" / "train.json", "--data", train=True)} == {"caption", "control"}
+    assert {r["task"] for r in load_records(tmp_path / "c" / "train.json", "--eval")} == {"control"}
+    for bad in ({"tasks": "grounding,summary"}, {"eval_fraction": 1.5}, {"max_questions": 0}):
         with pytest.raises(UserError) as err:
             export(dataset, "llava", tmp_path / "bad", **bad)
         assert "\n" not in str(err.value)

@@ -78,7 +78,9 @@ def export_cmd(
         False, "--allow-any-image-uri", help="Read image_uri values outside the dataset and its inputs (URLs too)."
     ),
     seed: int = typer.Option(0, "--seed", help="llava: seed of the question sampling and the train/eval split."),
-    tasks: str = typer.Option("grounding,referring,control", "--tasks", help="llava: comma-separated tasks."),
+    tasks: str = typer.Option(
+        "grounding,referring,control", "--tasks",
+        help="llava: comma-separated tasks; add caption for brief-description turns (the probe trains on them)."),
     max_questions: int = typer.Option(3, "--max-questions", help="llava: at most this many questions per task and image."),
     eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="llava: share of images in eval.json (by image)."),
 ) -> None:
