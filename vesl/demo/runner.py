@@ -239,10 +239,14 @@ def margin_points(metrics: dict[str, float]) -> float:
 
 
 REC_GOAL_POINTS = 20.0
-# the MLLM probe's steps per tower (docs/mllm-probe.md): at 300 the CLIP tower still leads, at 1,000 CLOC does;
-# about 0.2 s per step on a 2-core machine, so some 4 minutes per tower (0 skips the probe)
-PROBE_STEPS = 1000
+# the MLLM probe's steps per tower (docs/mllm-probe.md): at 300 the CLIP tower still leads, at 1,000 CLOC does, and
+# with captions its referring lead grows to 2,500 steps (validation world 1002); about 0.1 s per step on a 2-core
+# machine, so some 4.5 minutes per tower (0 skips the probe)
+PROBE_STEPS = 2500
 PROBE_POOL = 2  # 8x8 patch tokens -> 4x4: a quarter of the sequence, what a 2-core machine affords
+# the last layer: the demo's towers have two blocks, so LLaVA's penultimate layer would be the first block alone,
+# before the block that CLOC's region losses train
+PROBE_FEATURE_LAYER = -1
 # the probe also trains on the captions ("Describe the image briefly.", LLaVA's first-stage data): on validation
 # world 1002 they lifted the CLOC tower's exact referring from 7% to 17% and left the CLIP tower's at 8%
 PROBE_TRAIN_TASKS = ("grounding", "referring", "control", "caption")
@@ -280,7 +284,8 @@ def _probe(run_dir: Path, hf_dir: Path, data: Path, eval_json: Path, steps: int,
     from vesl.pretrain.mllm_probe import ProbeConfig, probe
 
     export_model(run_dir, hf_dir, format="hf", overwrite=True)
-    res = probe(hf_dir, data, eval_json, ProbeConfig(steps=steps, seed=seed, pool=PROBE_POOL),
+    res = probe(hf_dir, data, eval_json, ProbeConfig(steps=steps, seed=seed, pool=PROBE_POOL,
+                                                     feature_layer=PROBE_FEATURE_LAYER),
                 out=hf_dir.parent / f"{hf_dir.name}-probe.json", echo=lambda line: echo(f"  {line}"))
     return asdict(res)
 
