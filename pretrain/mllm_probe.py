@@ -122,11 +122,12 @@ def score(task: str, pred: str, ref: str) -> dict[str, float]:
 
 
 def summarize(rows: list[tuple[str, str, str]], lookalike: list[bool] | None = None) -> dict[str, dict[str, float]]:
-    """(task, prediction, reference) -> per task: the mean of each score, and n; plus ``grounding_lookalike``, the
-    grounding rows that ``lookalike`` marks (they count in ``grounding`` too)."""
+    """(task, prediction, reference) -> per task: the mean of each score, and n; the grounding rows that
+    ``lookalike`` marks are ``grounding_lookalike``, apart, so that ``grounding`` stays comparable between eval
+    sets with and without look-alike pairs."""
     out: dict[str, dict[str, float]] = {}
     marked = lookalike or [False] * len(rows)
-    groups = [(task, [row for row in rows if row[0] == task]) for task in TASKS]
+    groups = [(task, [row for row, m in zip(rows, marked, strict=True) if row[0] == task and not m]) for task in TASKS]
     groups.append((LOOKALIKE, [row for row, m in zip(rows, marked, strict=True) if m and row[0] == "grounding"]))
     for name, group in groups:
         scores = [score(t, p, r) for t, p, r in group]

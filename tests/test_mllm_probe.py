@@ -204,11 +204,12 @@ def test_refexp_questions_join_the_eval_as_look_alike_grounding(tmp_path):
                                              abs=0.005)
         assert rec["lookalike"] is True
         assert rec["task"] == "grounding"
-    # the probe scores them within grounding and on their own
+    # the probe scores them apart from the other grounding questions
     rows = [("grounding", "[0.10,0.10,0.50,0.50]", "[0.10,0.10,0.50,0.50]"),
             ("grounding", "[0.60,0.60,0.90,0.90]", "[0.10,0.10,0.50,0.50]"), ("control", "3", "3")]
     m = summarize(rows, [True, False, False])
-    assert m["grounding"]["ok"] == 0.5
+    assert m["grounding"]["ok"] == 0.0
+    assert m["grounding"]["n"] == 1
     assert m["grounding_lookalike"] == {"ok": 1.0, "iou": 1.0, "pointing": 1.0, "parse_fail": 0.0, "n": 1}
     assert "grounding_lookalike" not in summarize(rows)
 
