@@ -462,6 +462,7 @@ def probe(
     preds = generate(llava, tok, eval_recs, feats, n_image, max_new)
     times["generate"] = time.perf_counter() - t
     rows = [(r["task"], p, r["answer"]) for r, p in zip(eval_recs, preds, strict=True)]
+    marked = [r["lookalike"] for r in eval_recs]
     trivial_answers = {task: Counter(r["answer"] for r in train_recs if r["task"] == task).most_common(1)
                        for task in TASKS}
     trivial_rows = [(r["task"], trivial_answers[r["task"]][0][0] if trivial_answers[r["task"]] else "", r["answer"])
@@ -470,8 +471,7 @@ def probe(
         tower=str(tower_path), settings={**asdict(cfg), "pool": pool, "image_tokens": n_image, "lm": lm,
                                          "max_new_tokens": max_new, "vocab": len(tok)},
         n_train=len(train_recs), n_eval=dict(Counter(r["task"] for r in eval_recs)),
-        metrics=summarize(rows, [r["lookalike"] for r in eval_recs]),
-        trivial=summarize(trivial_rows, [r["lookalike"] for r in eval_recs]), seconds=times,
+        metrics=summarize(rows, marked), trivial=summarize(trivial_rows, marked), seconds=times,
         samples=[{"task": r["task"], "question": r["question"], "answer": r["answer"], "generated": p}
                  for r, p in list(zip(eval_recs, preds, strict=True))[:12]],
         answers=preds,

@@ -96,8 +96,12 @@ def _centre(box: Any) -> tuple[float, float]:
     return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
 
 
-def _turns(question: str, answer: str) -> list[dict[str, str]]:
-    return [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}, {"from": "gpt", "value": answer}]
+def _record(rid: str, image: str, task: str, key: str, question: str, answer: str,
+            lookalike: bool = False) -> dict[str, Any]:
+    """One LLaVA record: ``<image>`` opens the human turn; ``lookalike`` only where it is true."""
+    turns = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}, {"from": "gpt", "value": answer}]
+    return {"id": rid, "image": image, "task": task, "key": key, "conversations": turns} | (
+        {"lookalike": True} if lookalike else {})
 
 
 def row_records(row: dict[str, Any], image: str, stem: str, tasks: tuple[str, ...], max_questions: int,
@@ -108,9 +112,8 @@ def row_records(row: dict[str, Any], image: str, stem: str, tasks: tuple[str, ..
     out: list[dict[str, Any]] = []
 
     def add(task: str, q: str, a: str, lookalike: bool = False) -> None:
-        out.append({"id": f"{stem}-{task}-{len([o for o in out if o['task'] == task])}", "image": image,
-                    "task": task, "key": row["key"], "conversations": _turns(q, a)}
-                   | ({"lookalike": True} if lookalike else {}))
+        out.append(_record(f"{stem}-{task}-{len([o for o in out if o['task'] == task])}", image, task, row["key"],
+                           q, a, lookalike))
 
     for task in tasks:
         if task == "control":
@@ -134,25 +137,30 @@ def row_records(row: dict[str, Any], image: str, stem: str, tasks: tuple[str, ..
 def write_llava(out: Path, train: list[dict], evals: list[dict]) -> list[Path]:
     paths = [out / TRAIN_FILE, out / EVAL_FILE]
     for path, recs in zip(paths, (train, evals), strict=True):
-        path.write_text(json.dumps(recs, ensure_ascii=False, indent=0), encoding="utf-8")
+        write_records(path, recs)
     return paths
 
 
-def refexp_grounding_records(jsonl: Path, out: Path, stem: str, lookalike: bool = False) -> list[dict[str, Any]]:
-    """Grounding records from a referring-expression JSONL (``vesl synth --format refexp``, the ``vesl eval
-    --refexp`` format: ``image``, ``expression``, ``bbox`` in pixels xywh, ``width``, ``height``), its images
-    copied under ``out/images/{stem}-*``, so a RefCOCO-style set joins a probe's held-out questions."""
+def write_records(path: Path, recs: list[dict]) -> None:
+    """One LLaVA JSON file (a list of records)."""
+    path.write_text(json.dumps(recs, ensure_ascii=False, indent=0), encoding="utf-8")
+
+
+def refexp_grounding_records(items: list[dict[str, Any]], out: Path, stem: str,
+                             lookalike: bool = False) -> list[dict[str, Any]]:
+    """Grounding records from the checked lines of a referring-expression JSONL (``vesl.pretrain.eval.
+    read_refexp``: ``path`` of the image, ``expression``, ``bbox`` in pixels xywh; ``width`` and ``height`` as
+    ``vesl synth --format refexp`` writes them), the images copied under ``out/images/{stem}-*``, so that a
+    RefCOCO-style set joins a probe's held-out questions."""
     import shutil
 
     (out / "images").mkdir(parents=True, exist_ok=True)
     recs = []
-    for i, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines()):
-        e = json.loads(line)
-        image = f"images/{stem}-{Path(e['image']).name}"
-        shutil.copyfile(jsonl.parent / e["image"], out / image)
+    for i, e in enumerate(items):
+        image = f"images/{stem}-{Path(e['path']).name}"
+        shutil.copyfile(e["path"], out / image)
         x, y, w, h = e["bbox"]
         box = [x / e["width"], y / e["height"], (x + w) / e["width"], (y + h) / e["height"]]
-        recs.append({"id": f"{stem}-grounding-{i}", "image": image, "task": "grounding", "key": f"{stem}-{i}",
-                     "conversations": _turns(GROUNDING_Q.format(phrase=e["expression"]), box_text(box))}
-                    | ({"lookalike": True} if lookalike else {}))
+        recs.append(_record(f"{stem}-grounding-{i}", image, "grounding", f"{stem}-{i}",
+                            GROUNDING_Q.format(phrase=e["expression"]), box_text(box), lookalike))
     return recs

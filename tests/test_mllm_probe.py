@@ -191,7 +191,11 @@ def test_refexp_questions_join_the_eval_as_look_alike_grounding(tmp_path):
 
     jsonl = write_refexp((make_refexp_relative(5, i) for i in range(6)), tmp_path / "relrec")
     lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
-    recs = refexp_grounding_records(jsonl, tmp_path / "llava", "lookalike", lookalike=True)
+    from vesl.pretrain.eval import read_refexp
+
+    items, errors = read_refexp(jsonl)
+    assert errors == []
+    recs = refexp_grounding_records(items, tmp_path / "llava", "lookalike", lookalike=True)
     assert len(recs) == len(lines)
     for rec, line in zip(recs, lines, strict=True):
         q, a = (t["value"] for t in rec["conversations"])

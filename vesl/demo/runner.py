@@ -260,7 +260,8 @@ def probe_data(labeled: Path, eval_input: Path, eval_seed: int, out: Path,
     REC set (one of two exact look-alikes, named by its side), scored also on its own."""
     from vesl.demo.ground_truth import label_ground_truth
     from vesl.pipeline.exporters import export
-    from vesl.schemas.llava import EVAL_FILE, TRAIN_FILE, refexp_grounding_records
+    from vesl.pretrain.eval import read_refexp
+    from vesl.schemas.llava import EVAL_FILE, TRAIN_FILE, refexp_grounding_records, write_records
 
     train_dir = out / "llava-train"
     if not (train_dir / TRAIN_FILE).is_file():
@@ -270,9 +271,9 @@ def probe_data(labeled: Path, eval_input: Path, eval_seed: int, out: Path,
     eval_dir = out / f"llava-eval-{eval_seed}"
     export(gt, "llava", eval_dir, overwrite=True, eval_fraction=1.0)
     if relrec_jsonl is not None:
+        items, _ = read_refexp(relrec_jsonl)  # the world writes no bad lines
         recs = json.loads((eval_dir / EVAL_FILE).read_text(encoding="utf-8"))
-        recs += refexp_grounding_records(relrec_jsonl, eval_dir, "lookalike", lookalike=True)
-        (eval_dir / EVAL_FILE).write_text(json.dumps(recs, ensure_ascii=False, indent=0), encoding="utf-8")
+        write_records(eval_dir / EVAL_FILE, recs + refexp_grounding_records(items, eval_dir, "lookalike", lookalike=True))
     return train_dir / TRAIN_FILE, eval_dir / EVAL_FILE
 
 
