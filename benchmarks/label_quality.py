@@ -126,7 +126,7 @@ def main() -> int:
                    help="off | clip:<open_clip model> | cloc:<vesl run> (default: the demo profile's verifier)")
     p.add_argument("--min-score", type=float, default=None, help="verifier min_score (default: the demo's)")
     p.add_argument("--min-margin", type=float, default=None, help="verifier min_margin (default: the demo's)")
-    p.add_argument("--verify-rule", default=None, help="verifier rule: drop | relabel (default: the demo's)")
+    p.add_argument("--verify-rule", default=None, help="verifier rule: drop | relabel | pick (default: the demo's)")
     p.add_argument("--verify-variants", default=None,
                    help="JSON file: name -> VerifierConfig fields, each applied after every detection compared")
     p.add_argument("--sweep", action="store_true", help="box figures over a grid of min_score x min_margin")

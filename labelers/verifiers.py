@@ -22,6 +22,7 @@ Scorers (``VerifierConfig.spec`` = ``<kind>:<model>``):
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -105,6 +106,19 @@ def relabel_map(scores: torch.Tensor, labels: Sequence[int], keep: Sequence[bool
         if r not in taken_regions and u not in out.values():
             out[r] = u
             taken_regions.add(r)
+    return out
+
+
+def pick_mask(scores: torch.Tensor, labels: Sequence[int], keep: Sequence[bool], allowed: dict[int, int]) -> list[bool]:
+    """Rule ``pick``: of the regions that ``keep`` passes, each phrase column ``c`` keeps its ``allowed[c]`` that
+    score highest for it (ties: the detector's order, which is by its score)."""
+    ranked = sorted((r for r, k in enumerate(keep) if k), key=lambda r: -float(scores[r, labels[r]]))
+    taken: dict[int, int] = {}
+    out = [False] * len(keep)
+    for r in ranked:
+        if taken.get(labels[r], 0) < allowed.get(labels[r], 1):
+            taken[labels[r]] = taken.get(labels[r], 0) + 1
+            out[r] = True
     return out
 
 
@@ -238,6 +252,12 @@ class VerifierStage:
                 scores = self.scorer.score(s.image, [r.box for r in s.regions], texts)
             labels = [column[r.phrase] for r in s.regions]
             keep = keep_mask(scores, labels, self.cfg.min_score, self.cfg.min_margin)
+            if self.cfg.rule == "pick":
+                mentions = Counter()
+                for p in s.phrases:
+                    mentions[column[p.text]] += p.count
+                keep = pick_mask(scores, labels, keep, {c: max(1, m) * self.cfg.pick_per_phrase
+                                                        for c, m in mentions.items()})
             moved: dict[int, int] = {}
             if self.cfg.rule == "relabel":
                 boxed = {labels[r] for r, k in enumerate(keep) if k}
@@ -254,6 +274,7 @@ class VerifierStage:
         return {
             "verifier.backend": self.scorer.kind,
             **({"verifier.rule": self.cfg.rule} if self.cfg.rule != "drop" else {}),
+            **({"verifier.pick_per_phrase": str(self.cfg.pick_per_phrase)} if self.cfg.rule == "pick" else {}),
             "verifier.min_score": str(self.cfg.min_score),
             "verifier.min_margin": str(self.cfg.min_margin),
             **self.scorer.provenance(),

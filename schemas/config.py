@@ -185,8 +185,12 @@ class VerifierConfig(ModelStageConfig):
     # context kept around a box crop, as a fraction of the box side on each side: a shape is told by its edge
     pad: float = Field(0.1, ge=0.0, le=1.0)
     # drop: a region that fails the rule is dropped. relabel: it first takes a phrase of its image that kept no
-    # box, if that phrase passes the rule for it (the detector found the object but named it wrongly)
-    rule: Literal["drop", "relabel"] = "drop"
+    # box, if that phrase passes the rule for it (the detector found the object but named it wrongly). pick: the
+    # detector's boxes of a phrase are candidates (detector.boxes_per_phrase > 1), and of those that pass, the
+    # ``pick_per_phrase`` per mention that the verifier scores highest are kept (a runner-up box can replace a
+    # wrong first one instead of the phrase losing its box)
+    rule: Literal["drop", "relabel", "pick"] = "drop"
+    pick_per_phrase: int = Field(1, ge=1, le=100)  # rule pick: boxes kept per mention of a phrase
 
     @field_validator("spec")
     @classmethod

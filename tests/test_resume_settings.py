@@ -139,7 +139,7 @@ def test_provenance_shows_settings_without_local_paths_or_credentials(tmp_path):
 
 
 def test_rerun_with_other_boxes_per_phrase_or_box_voting_is_refused_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    """The issue's reproduction: 16 images labeled with the demo profile (one box per phrase, box voting),
+    """The issue's reproduction: 16 images labeled with the demo profile (candidate boxes per phrase, box voting),
     then reruns whose YAML changes one of those detector options."""
     rc, _, err = cli(monkeypatch, capsys, "synth", "--n", 16, "--seed", 3, "--out", tmp_path / "in", "--format", "wds",
                      "--shard-size", 8)
@@ -150,7 +150,7 @@ def test_rerun_with_other_boxes_per_phrase_or_box_voting_is_refused_and_writes_n
     assert rc == 0, err
     assert "2 shards written" in text
     committed = _tree(out)
-    for yaml, needle in (("detector: {boxes_per_phrase: 0}", "detector.boxes_per_phrase is 1 there, 0 in this job"),
+    for yaml, needle in (("detector: {boxes_per_phrase: 0}", "detector.boxes_per_phrase is 5 there, 0 in this job"),
                          ("detector: {box_voting_iou: 0.5}", "detector.box_voting_iou is 0.3 there, 0.5 in this job")):
         c = tmp_path / "c.yaml"
         c.write_text(yaml + "\n")

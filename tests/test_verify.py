@@ -15,7 +15,14 @@ from PIL import Image, ImageDraw
 
 from tests.test_hardening import cli, one_line_error
 from vesl.demo import ASSETS_DIR
-from vesl.labelers.verifiers import keep_mask, make_verifier, padded_crop_box, relabel_map
+from vesl.labelers.verifiers import (
+    keep_mask,
+    make_verifier,
+    own_and_margin,
+    padded_crop_box,
+    pick_mask,
+    relabel_map,
+)
 from vesl.schemas.config import VerifierConfig
 from vesl.schemas.stage import Phrase, Region, Sample
 
@@ -78,6 +85,61 @@ def test_relabel_gives_a_failing_region_a_free_phrase_once_and_only_if_it_passes
     assert relabel_map(scores, labels, keep, [1, 2], 0.0, 0.05) == {1: 2, 3: 1}
     assert relabel_map(scores, labels, keep, [2], 0.65, 0.05) == {1: 2}  # region 2 scores 0.6 < min_score
     assert relabel_map(scores, labels, keep, [], 0.0, 0.05) == {}
+
+
+def test_pick_keeps_the_best_passing_candidates_of_each_phrase():
+    scores = torch.tensor([[0.9, 0.2], [0.95, 0.1], [0.5, 0.52], [0.3, 0.8], [0.6, 0.0]])
+    labels = [0, 0, 0, 1, 0]
+    keep = keep_mask(scores, labels, 0.0, 0.05)
+    assert keep == [True, True, False, True, True]
+    assert pick_mask(scores, labels, keep, {0: 1, 1: 1}) == [False, True, False, True, False]
+    assert pick_mask(scores, labels, keep, {0: 2, 1: 1}) == [True, True, False, True, False]  # named twice
+    assert pick_mask(scores, labels, [False] * 5, {0: 1, 1: 1}) == [False] * 5  # a failing box is never picked
+
+
+@pytest.mark.skipif(not DEMO_VERIFIER.is_dir(), reason="the demo verifier is not shipped in this checkout")
+def test_demo_verifier_picks_the_right_candidate_over_the_detectors_first_one():
+    img, boxes = _scene()
+    stage = make_verifier(VerifierConfig(spec=f"clip:{DEMO_VERIFIER}", min_score=0.0, min_margin=0.1, rule="pick"))
+    # the detector's best box for the red circle lies on the square; its runner-up is the right one
+    sample = _sample(img, [("a large red circle", boxes["blue square"]), ("a large red circle", boxes["red circle"]),
+                           ("a large blue square", boxes["blue square"])])
+    stage([sample])
+    assert [(r.phrase, r.box) for r in sample.regions] == [("a large red circle", boxes["red circle"]),
+                                                           ("a large blue square", boxes["blue square"])]
+    assert sample.verifier_dropped == 1
+    assert stage.provenance()["verifier.pick_per_phrase"] == "1"
+    # a phrase the caption names twice keeps two candidates that pass (here the square's box fails for it)
+    sample = _sample(img, [("a large red circle", boxes["red circle"]), ("a large red circle", boxes["blue square"])])
+    sample.phrases[0] = Phrase(sample.phrases[0].text, sample.phrases[0].char_start, sample.phrases[0].char_end, count=2)
+    stage([sample])
+    assert [r.box for r in sample.regions] == [boxes["red circle"]]
+
+
+@pytest.mark.skipif(not DEMO_VERIFIER.is_dir(), reason="the demo verifier is not shipped in this checkout")
+def test_demo_verifier_confirms_true_boxes_of_every_colour_and_size_on_a_validation_world():
+    """Its rule compares the phrases of one image, which differ by size words that a crop cannot show: every size
+    form of a category must score alike (the verifier once put "a small orange ..." below "a small blue ...")."""
+    import io
+    from collections import Counter
+
+    from vesl.cli.profiles import profile
+    from vesl.demo.synth import VALIDATION_SEEDS, make_scenes
+
+    margin = profile("demo")["verify"]["min_margin"]
+    stage = make_verifier(VerifierConfig(spec=f"clip:{DEMO_VERIFIER}"))
+    stage.setup()
+    passed, seen = Counter(), Counter()
+    for scene in make_scenes(60, seed=VALIDATION_SEEDS[0]):
+        texts = list(dict.fromkeys(o.phrase for o in scene.objects))
+        with torch.inference_mode():
+            m = stage.scorer.score(Image.open(io.BytesIO(scene.image)).convert("RGB"), [o.box for o in scene.objects],
+                                   texts)
+        for i, o in enumerate(scene.objects):
+            seen[o.color] += 1
+            passed[o.color] += own_and_margin(m, i, texts.index(o.phrase))[1] >= margin
+    assert sum(passed.values()) >= 0.95 * sum(seen.values()), (passed, seen)
+    assert all(passed[c] >= 0.85 * seen[c] for c in seen), (passed, seen)
 
 
 @pytest.mark.skipif(not DEMO_VERIFIER.is_dir(), reason="the demo verifier is not shipped in this checkout")

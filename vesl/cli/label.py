@@ -51,7 +51,8 @@ def label(
     ] = None,
     verify_rule: Annotated[
         Optional[str], typer.Option(help="Verifier: drop | relabel (a failing region first takes a phrase that kept no "
-                                    "box, if it passes for that phrase) [profile's]")
+                                    "box, if it passes for that phrase) | pick (of a phrase's candidate boxes that "
+                                    "pass, keep the best-scored one per mention) [profile's]")
     ] = None,
     detector: Annotated[
         Optional[list[str]],

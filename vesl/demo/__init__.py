@@ -24,15 +24,17 @@ def demo_profile() -> dict[str, Any]:
 
     One box per phrase with box voting: every phrase of this world names one object and the tiny
     detector fires on several neighbouring patches of it (the measurements are in docs/demo-report.md). A
-    mirrored second look is fused in, and the tiny CLIP verifier then drops the boxes whose phrase it does not
-    confirm (docs/labeling.md, "Several looks" and "Verification"; chosen on validation worlds).
+    mirrored second look is fused in. The detector keeps 5 candidate boxes per phrase, and the tiny CLIP verifier
+    keeps, per mention, the candidate it scores highest among those whose phrase it confirms: a runner-up box
+    replaces a wrong first one (docs/labeling.md, "Several looks" and "Verification"; chosen on validation worlds).
     """
     out = demo_plain_profile()
     verifier = ASSETS_DIR / "verifier"
     if out["detector"]["spec"] != "none":
         out["detector"]["tta"] = ["hflip"]
-        if verifier.is_dir():
-            out["verify"] = {"spec": f"clip:{verifier}", "min_score": 0.0, "min_margin": 0.05}
+        if verifier.is_dir():  # the detector's 5 best boxes per phrase are candidates; the verifier picks one
+            out["detector"]["boxes_per_phrase"] = 5
+            out["verify"] = {"spec": f"clip:{verifier}", "min_score": 0.0, "min_margin": 0.1, "rule": "pick"}
     return out
 
 

@@ -3,8 +3,8 @@
 Data: the objects of TRAINING-world scenes (``make_scenes(pool, seed=data_seed)``), each cropped a few times
 around a jittered box (IoU >= ~0.6 with the object, as detector boxes are) with the verifier's context pad, and
 background crops (IoU < 0.2 with every object). An object crop's target is its ``color shape``: the softmax over
-all phrase forms ``a {size} {color} {shape}`` puts its mass on that category's forms (any size: the caption's
-size word is not what the verifier judges). A background crop's target is uniform over its scene's phrases, so
+all phrase forms ``a {size} {color} {shape}`` puts its mass evenly on that category's forms (every size: a
+crop shows no size, and the caption's size word is not what the verifier judges). A background crop's target is uniform over its scene's phrases, so
 no phrase of the image wins it (a small margin: the verifier drops it). The tokenizer is the demo detector's
 (trained by its recipe on training worlds), copied beside the weights.
 
@@ -56,6 +56,10 @@ class VerifierRecipe:
     embed_dim: int = 64
     context_length: int = 16
     threads: int = 2
+    # "each": an object crop's target is uniform over its category's size forms, so "a small orange diamond"
+    # scores as "a large orange diamond" does (the product compares an image's phrases, which carry size words).
+    # "any" (the first two stages of the shipped weights): their summed mass, which let one size form drift away
+    object_target: str = "each"
 
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # open_clip's defaults
@@ -196,7 +200,10 @@ def train(r: VerifierRecipe, out: Path, init: Path | None = None) -> dict:
         logp = logits.log_softmax(-1)
         is_obj = target[idx] >= 0
         right = form_cat[None, :] == target[idx][:, None]  # [B, forms]: the forms of the crop's category
-        lo = -logp.masked_fill(~right, float("-inf")).logsumexp(-1)[is_obj].mean()
+        if r.object_target == "each":  # every size form of the category alike: the crop cannot tell size
+            lo = -(logp.masked_fill(~right, 0.0).sum(-1) / right.sum(-1))[is_obj].mean()
+        else:  # "any": the mass on the category's forms together; one form may take it all
+            lo = -logp.masked_fill(~right, float("-inf")).logsumexp(-1)[is_obj].mean()
         own = scene_mask[idx][~is_obj]  # [b, forms]: the forms of the crop's scene's categories
         if len(own):  # uniform over its scene's own phrases, among themselves
             within = logits[~is_obj].masked_fill(~own, float("-inf")).log_softmax(-1)
@@ -238,7 +245,7 @@ def _build(config: dict, init: Path | None):
 def main(argv: list[str] | None = None) -> None:
     recipe_main(
         argv, doc=__doc__, recipe_cls=VerifierRecipe,
-        flags=["seed", "steps", "batch_size", "lr", "pool", "threads"],
+        flags=["seed", "steps", "batch_size", "lr", "pool", "threads", "object_target"],
         default_out=ASSETS_DIR / "verifier", module="vesl.demo.recipes.train_verifier",
         title="vesl demo verifier (tiny open_clip CLIP)", train=train,
         data=lambda r: {"train_scenes": f"make_scenes({r.pool}, seed={r.data_seed})"},
