@@ -8,7 +8,10 @@ of that image (``Scorer.score``: cosines between box and phrase embeddings) and 
 
 (a phrase with no other phrase in its image only has to pass ``min_score``). Kept regions stay as the detector
 wrote them (box and detector score); each dropped one is counted in ``Sample.verifier_dropped``, and from there
-in the shard's stats (``verifier_dropped``) and ``vesl inspect``.
+in the shard's stats (``verifier_dropped``) and ``vesl inspect``. ``rule`` decides what else happens:
+``relabel`` gives a failing region a phrase that kept no box; ``pick`` treats a phrase's boxes as candidates
+and keeps the best-scored passing ones per mention (``pick_mask``), so a wrong first box gives way to a right
+runner-up.
 
 Scorers (``VerifierConfig.spec`` = ``<kind>:<model>``):
 

@@ -1,11 +1,12 @@
 """The shipped demo models (vesl/demo/assets) load like hub models and really label the synthetic world.
 
-The goal check runs on the first 24 scenes of the first sealed test world. Its bounds sit below the
-spread measured on the test worlds (benchmarks/label_quality.py, 200 scenes on each of worlds 7001-7003:
-caption recall 0.907-0.910 and precision 0.911-0.915, phrase-aware box precision 0.823-0.850 and recall
-0.782-0.804; on the first 24 scenes of each world the figures ranged 0.90-0.93, 0.92-0.94, 0.81-0.87 and
-0.76-0.84), by enough for the sampling noise of 24 scenes: a regression in the demo models or in the
-stages fails here, a lucky scene does not pass a broken model.
+The goal check runs on the first 24 scenes of the first sealed test world, through every stage of
+``--profile demo`` (fused looks, candidate boxes, the verifier's pick). Its bounds sit below the spread
+measured on the test worlds (benchmarks/label_quality.py, 200 scenes on each of worlds 7001-7003: caption
+recall 0.907-0.927 and precision 0.911-0.929, phrase-aware box precision 0.929-0.943 and recall 0.859-0.875;
+on the first 24 scenes of each world the box figures ranged 0.926-0.961 and 0.843-0.901), by enough for the
+sampling noise of 24 scenes: a regression in the demo models or in the stages fails here (the profile before
+the verifier's pick gave recall 0.75), a lucky scene does not pass a broken model.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from vesl.demo import ASSETS_DIR
 
 CAPTIONER, DETECTOR = ASSETS_DIR / "captioner", ASSETS_DIR / "detector"
 GOAL_SCENES = 24
-BOUNDS = {"caption_recall": 0.85, "caption_precision": 0.85, "box_precision": 0.75, "box_recall": 0.70}
+BOUNDS = {"caption_recall": 0.85, "caption_precision": 0.85, "box_precision": 0.85, "box_recall": 0.78}
 
 pytestmark = pytest.mark.skipif(
     not (CAPTIONER / "config.json").is_file() or not (DETECTOR / "config.json").is_file(),
