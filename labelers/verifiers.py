@@ -25,7 +25,6 @@ Scorers (``VerifierConfig.spec`` = ``<kind>:<model>``):
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -112,17 +111,19 @@ def relabel_map(scores: torch.Tensor, labels: Sequence[int], keep: Sequence[bool
     return out
 
 
-def pick_mask(scores: torch.Tensor, labels: Sequence[int], keep: Sequence[bool], allowed: dict[int, int]) -> list[bool]:
-    """Rule ``pick``: of the regions that ``keep`` passes, each phrase column ``c`` keeps its ``allowed[c]`` that
-    score highest for it (ties: the detector's order, which is by its score)."""
+def pick_mask(scores: torch.Tensor, labels: Sequence[int], keep: Sequence[bool], per_phrase: int,
+              mentions: Sequence[int]) -> list[bool]:
+    """Rule ``pick``: of the regions that ``keep`` passes, phrase column ``c`` keeps the ``per_phrase x
+    mentions[c]`` that score highest for it (ties: the detector's order, which is by its score); the detector's
+    own per-phrase cap (``per_label_cap``) applied to the verifier's ranking."""
+    import torch
+
+    from vesl.labelers.boxes import per_label_cap
+
     ranked = sorted((r for r, k in enumerate(keep) if k), key=lambda r: -float(scores[r, labels[r]]))
-    taken: dict[int, int] = {}
-    out = [False] * len(keep)
-    for r in ranked:
-        if taken.get(labels[r], 0) < allowed.get(labels[r], 1):
-            taken[labels[r]] = taken.get(labels[r], 0) + 1
-            out[r] = True
-    return out
+    capped = per_label_cap(torch.tensor([labels[r] for r in ranked], dtype=torch.long), per_phrase, mentions)
+    picked = {r for r, k in zip(ranked, capped.tolist(), strict=True) if k}
+    return [r in picked for r in range(len(keep))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,12 +256,9 @@ class VerifierStage:
                 scores = self.scorer.score(s.image, [r.box for r in s.regions], texts)
             labels = [column[r.phrase] for r in s.regions]
             keep = keep_mask(scores, labels, self.cfg.min_score, self.cfg.min_margin)
-            if self.cfg.rule == "pick":
-                mentions = Counter()
-                for p in s.phrases:
-                    mentions[column[p.text]] += p.count
-                keep = pick_mask(scores, labels, keep, {c: max(1, m) * self.cfg.pick_per_phrase
-                                                        for c, m in mentions.items()})
+            if self.cfg.rule == "pick":  # a column no phrase names (a region's own text) counts once
+                mentions = [sum(p.count for p in s.phrases if p.text == t) or 1 for t in texts]
+                keep = pick_mask(scores, labels, keep, self.cfg.pick_per_phrase, mentions)
             moved: dict[int, int] = {}
             if self.cfg.rule == "relabel":
                 boxed = {labels[r] for r, k in enumerate(keep) if k}

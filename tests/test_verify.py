@@ -92,9 +92,9 @@ def test_pick_keeps_the_best_passing_candidates_of_each_phrase():
     labels = [0, 0, 0, 1, 0]
     keep = keep_mask(scores, labels, 0.0, 0.05)
     assert keep == [True, True, False, True, True]
-    assert pick_mask(scores, labels, keep, {0: 1, 1: 1}) == [False, True, False, True, False]
-    assert pick_mask(scores, labels, keep, {0: 2, 1: 1}) == [True, True, False, True, False]  # named twice
-    assert pick_mask(scores, labels, [False] * 5, {0: 1, 1: 1}) == [False] * 5  # a failing box is never picked
+    assert pick_mask(scores, labels, keep, 1, [1, 1]) == [False, True, False, True, False]
+    assert pick_mask(scores, labels, keep, 1, [2, 1]) == [True, True, False, True, False]  # named twice
+    assert pick_mask(scores, labels, [False] * 5, 1, [1, 1]) == [False] * 5  # a failing box is never picked
 
 
 @pytest.mark.skipif(not DEMO_VERIFIER.is_dir(), reason="the demo verifier is not shipped in this checkout")

@@ -22,11 +22,11 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"  # the one place the dem
 def demo_profile() -> dict[str, Any]:
     """The ``demo`` labeling profile: the bundled offline models when shipped, else alt-text captions only.
 
-    One box per phrase with box voting: every phrase of this world names one object and the tiny
-    detector fires on several neighbouring patches of it (the measurements are in docs/demo-report.md). A
-    mirrored second look is fused in. The detector keeps 5 candidate boxes per phrase, and the tiny CLIP verifier
-    keeps, per mention, the candidate it scores highest among those whose phrase it confirms: a runner-up box
-    replaces a wrong first one (docs/labeling.md, "Several looks" and "Verification"; chosen on validation worlds).
+    ``demo-plain``'s box voting (the tiny detector fires on several neighbouring patches of an object; the
+    measurements are in docs/demo-report.md), and a mirrored second look fused in. The detector keeps 5
+    candidate boxes per phrase, and the tiny CLIP verifier keeps, per mention, the candidate it scores highest
+    among those whose phrase it confirms: a runner-up box replaces a wrong first one (docs/labeling.md,
+    "Several looks" and "Verification"; chosen on validation worlds).
     """
     out = demo_plain_profile()
     verifier = ASSETS_DIR / "verifier"
