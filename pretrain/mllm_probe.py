@@ -62,6 +62,9 @@ class ProbeConfig:
     threads: int = 0  # torch threads; 0 leaves torch's default
     coord_init: bool = True  # coordinate tokens start from a code of their value (init_coordinate_embeddings)
     max_eval: int = 0  # score only the first N eval questions (a quick look while tuning); 0: all
+    # the question's words before the image tokens (LLaVA's training puts the image first): on validation world
+    # 1002 it doubled the CLOC tower's pointing (13% -> 26%) and left the CLIP tower's level (12% -> 11%)
+    question_first: bool = True
 
 
 @dataclass
@@ -346,10 +349,17 @@ def _load_lm_tokenizer(lm: str):
     return tok
 
 
-def _prompt(tok, n_image: int, question: str) -> list[int]:
-    ids = tok(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
-    image = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    return [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id] + [image] * n_image + ids
+def _prompt(tok, n_image: int, question: str, question_first: bool = False) -> list[int]:
+    """BOS, the image tokens and ``USER: question ASSISTANT:``; with ``question_first`` the image tokens come
+    after the question (``USER: question <image> ASSISTANT:``). Why: in a causal LM only tokens after the
+    question can look for what it names; image-first, a 2-layer LM needs both layers to find the phrase's
+    object and has none left to read its place."""
+    bos = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+    image = [tok.convert_tokens_to_ids(IMAGE_TOKEN)] * n_image
+    if not question_first:
+        return bos + image + tok(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
+    head = tok(f"USER: {question}", add_special_tokens=False)["input_ids"]
+    return bos + head + image + tok("ASSISTANT:", add_special_tokens=False)["input_ids"]
 
 
 def _embed(llava, ids, feats):
@@ -408,7 +418,7 @@ def probe(
     eos = tok.eos_token_id
 
     def encode(r):
-        prompt = _prompt(tok, n_image, r["question"])
+        prompt = _prompt(tok, n_image, r["question"], cfg.question_first)
         ans = tok(r["answer"], add_special_tokens=False)["input_ids"]
         if tok.unk_token_id is not None and tok.unk_token_id in ans:  # it would decode to nothing
             raise UserError(f"answer {r['answer']!r} has pieces the tokenizer does not know; the probe cannot "
@@ -459,7 +469,7 @@ def probe(
     times["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    preds = generate(llava, tok, eval_recs, feats, n_image, max_new)
+    preds = generate(llava, tok, eval_recs, feats, n_image, max_new, cfg.question_first)
     times["generate"] = time.perf_counter() - t
     rows = [(r["task"], p, r["answer"]) for r, p in zip(eval_recs, preds, strict=True)]
     marked = [r["lookalike"] for r in eval_recs]
@@ -483,12 +493,13 @@ def probe(
     return res
 
 
-def generate(llava, tok, recs: list[dict[str, Any]], feats, n_image: int, max_new: int, batch: int = 256) -> list[str]:
+def generate(llava, tok, recs: list[dict[str, Any]], feats, n_image: int, max_new: int, question_first: bool = False,
+             batch: int = 256) -> list[str]:
     """Greedy answers, in batches of prompts of equal length (no padding: the positions match training)."""
     import torch
 
     llava.eval()
-    prompts = [_prompt(tok, n_image, r["question"]) for r in recs]
+    prompts = [_prompt(tok, n_image, r["question"], question_first) for r in recs]
     by_len: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(i)

@@ -297,9 +297,10 @@ def test_word_tokenizer_knows_every_training_word(llava_dir):
         pytest.approx([0.12, 0.40, 0.33, 0.61])
 
 
-def test_probe_overfits_a_handful_of_questions(llava_dir, tmp_path):
+@pytest.mark.parametrize("question_first", [False, True])
+def test_probe_overfits_a_handful_of_questions(llava_dir, tmp_path, question_first):
     """A few questions trained on long enough come back word for word, referring phrases included: the
-    training labels, the prompt at generation and the decoding agree."""
+    training labels, the prompt at generation and the decoding agree, in either order of image and question."""
     recs = json.loads((llava_dir / "train.json").read_text())
     few: list[dict] = []
     for task in ("grounding", "referring", "control"):
@@ -307,11 +308,26 @@ def test_probe_overfits_a_handful_of_questions(llava_dir, tmp_path):
     (tmp_path / "images").symlink_to(llava_dir / "images")
     (tmp_path / "few.json").write_text(json.dumps(few))
     res = probe(_tower(tmp_path), tmp_path / "few.json", tmp_path / "few.json",
-                ProbeConfig(steps=150, batch_size=9, lr=3e-3, warmup=5, hidden=64, threads=1), echo=lambda _: None)
+                ProbeConfig(steps=150, batch_size=9, lr=3e-3, warmup=5, hidden=64, threads=1,
+                            question_first=question_first), echo=lambda _: None)
     for s in res.samples:
         assert s["generated"].replace(" ", "") == s["answer"].replace(" ", ""), s
     assert res.metrics["referring"]["ok"] == 1.0
     assert res.metrics["grounding"]["ok"] == 1.0
+
+
+def test_question_first_puts_the_image_tokens_after_the_question(llava_dir):
+    from vesl.pretrain.mllm_probe import IMAGE_TOKEN, _prompt, load_records, make_tokenizer
+
+    tok = make_tokenizer(load_records(llava_dir / "train.json", "--data"))
+    image = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    first, last = _prompt(tok, 4, "Where is a red circle?"), _prompt(tok, 4, "Where is a red circle?", True)
+    assert sorted(first) == sorted(last)  # the same tokens, in another order
+    assert first[1:5] == [image] * 4
+    words = tok.convert_ids_to_tokens(last)
+    assert words[words.index(IMAGE_TOKEN) - 1] == "?"
+    assert words[-2:] == ["ASSISTANT", ":"]
+    assert last[-6:-2] == [image] * 4
 
 
 def test_coordinate_code_keeps_neighbours_close():

@@ -193,6 +193,8 @@ def _probe_mllm(
     pool: int = typer.Option(0, "--pool", help="average-pool the patch grid by this factor (0: to at most 8x8)"),
     feature_layer: int = typer.Option(-2, "--feature-layer", help="LLaVA's vision_feature_layer"),
     max_eval: int = typer.Option(0, "--max-eval", help="score only the first N --eval questions (0: all)"),
+    question_first: bool = typer.Option(True, "--question-first/--image-first", help="the question's words "
+                                        "before the image tokens, or after them (LLaVA's training order)"),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)"),
     out: Optional[str] = typer.Option(None, "--out", help="write the results JSON here"),
 ) -> None:
@@ -200,7 +202,7 @@ def _probe_mllm(
     from vesl.pretrain.mllm_probe import ProbeConfig, probe
 
     cfg = ProbeConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, pool=pool, feature_layer=feature_layer,
-                      max_eval=max_eval, threads=threads)
+                      max_eval=max_eval, threads=threads, question_first=question_first)
     probe(tower, data, eval_data, cfg, lm=lm, out=out, echo=typer.echo)
     if out:
         typer.echo(f"results: {out}")
