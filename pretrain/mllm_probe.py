@@ -349,7 +349,7 @@ def _load_lm_tokenizer(lm: str):
     return tok
 
 
-def _prompt(tok, n_image: int, question: str, question_first: bool = False) -> list[int]:
+def _prompt(tok, n_image: int, question: str, question_first: bool) -> list[int]:
     """BOS, the image tokens and ``USER: question ASSISTANT:``; with ``question_first`` the image tokens come
     after the question (``USER: question <image> ASSISTANT:``). Why: in a causal LM only tokens after the
     question can look for what it names; image-first, a 2-layer LM needs both layers to find the phrase's
@@ -493,7 +493,7 @@ def probe(
     return res
 
 
-def generate(llava, tok, recs: list[dict[str, Any]], feats, n_image: int, max_new: int, question_first: bool = False,
+def generate(llava, tok, recs: list[dict[str, Any]], feats, n_image: int, max_new: int, question_first: bool,
              batch: int = 256) -> list[str]:
     """Greedy answers, in batches of prompts of equal length (no padding: the positions match training)."""
     import torch

@@ -321,7 +321,7 @@ def test_question_first_puts_the_image_tokens_after_the_question(llava_dir):
 
     tok = make_tokenizer(load_records(llava_dir / "train.json", "--data"))
     image = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    first, last = _prompt(tok, 4, "Where is a red circle?"), _prompt(tok, 4, "Where is a red circle?", True)
+    first, last = _prompt(tok, 4, "Where is a red circle?", False), _prompt(tok, 4, "Where is a red circle?", True)
     assert sorted(first) == sorted(last)  # the same tokens, in another order
     assert first[1:5] == [image] * 4
     words = tok.convert_ids_to_tokens(last)
