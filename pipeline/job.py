@@ -27,7 +27,8 @@ import os
 import posixpath
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -388,6 +389,10 @@ def setup_stage(cfg: LabelConfig, stage: Stage) -> dict[str, Any]:
     return stage_provenance(stage)
 
 
+# torch's thread count in this process before a stage first pinned it (its default, if the caller never set one)
+_threads_before_stages: list[int] = []
+
+
 def apply_stage_numerics(cfg: LabelConfig) -> None:
     """Give this worker the job's numerical set-up, after ``setup()`` of its stages.
 
@@ -399,7 +404,28 @@ def apply_stage_numerics(cfg: LabelConfig) -> None:
 
     torch = sys.modules.get("torch")
     if torch is not None and torch.get_num_threads() != cfg.stage_threads:
+        if not _threads_before_stages:
+            _threads_before_stages.append(torch.get_num_threads())
         torch.set_num_threads(cfg.stage_threads)
+
+
+@contextmanager
+def caller_numerics() -> Iterator[None]:
+    """Hand the caller its torch thread count back after a job that ran stages in its process. Why:
+    ``apply_stage_numerics`` pins the count for the stages, and a Python caller that trains next (a notebook,
+    ``vesl demo --full``) would otherwise train on one thread."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        torch = sys.modules.get("torch")
+        if before is None and _threads_before_stages:
+            before = _threads_before_stages[0]
+        if torch is not None and before is not None and torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def read_batch_size(cfg: LabelConfig, stages: list[Stage]) -> int:

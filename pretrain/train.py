@@ -23,6 +23,8 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +65,8 @@ class TrainConfig(BaseModel):
                                   "follows it)")
     batch_size: int = Field(32, ge=1, le=65536, description="images per process and step")
     workers: int = Field(2, ge=0, le=256, description="loader worker processes per rank")
+    threads: int = Field(0, ge=0, le=1024, description="torch threads per process (0: torch's default; on a small "
+                         "CPU machine, 1 leaves the other cores to the loader workers)")
     lr: float = Field(5e-4, gt=0, le=MAX_FACTOR, description="peak learning rate (AdamW, cosine schedule)")
     warmup: int = Field(100, ge=0, le=MAX_STEPS, description="linear warmup steps")
     weight_decay: float = Field(0.2, ge=0, le=MAX_FACTOR, description="AdamW weight decay (not on norms, biases, "
@@ -522,14 +526,34 @@ def train_one_epoch(run: Run, epoch: int, loader_resume: Any) -> bool:
 
 def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
     """Train (or resume) a CLOC model; returns the run directory. Works under torchrun or alone."""
-    from vesl.pretrain.data import Preprocess, RegionTextLoader, scan_units
-    from vesl.schemas.dataset import training_shards
-
     if isinstance(config, (str, os.PathLike)):
         config = load_config(config)
     elif isinstance(config, dict):
         config = _validated(config)
     cfg = config
+    with _threads(cfg.threads):
+        return _train(cfg)
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Torch's thread count for the run (0: leave it), and the caller's back afterwards (an in-process caller,
+    such as ``vesl demo``, goes on with its own)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(cfg: TrainConfig) -> Path:
+    from vesl.pretrain.data import Preprocess, RegionTextLoader, scan_units
+    from vesl.schemas.dataset import training_shards
+
     # a wrong path fails before any model is built
     units = len(scan_units(training_shards(cfg.data, cfg.storage_options), cfg.storage_options))
     run_dir = Path(cfg.out)

@@ -312,11 +312,14 @@ def test_every_engine_runs_stages_with_the_configured_threads(engine, tmp_path, 
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(1 if before != 1 else 2)  # the driver's own count must not leak into the stages
+    driver = 1 if before != 1 else 2
+    torch.set_num_threads(driver)  # the driver's own count must not leak into the stages
     try:
         summary = run(cfg, stages_factory=_probe_stages, progress=False)
+        after = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+    assert after == driver  # nor the stages' into the driver (in-process engines pin it while they run)
     assert summary["failed"] == []
     assert summary["rows"] == 4
     captions = {r["caption"] for p in tmp_path.glob("part-*.parquet") if "errors" not in p.name for r in pq.read_table(p).to_pylist()}

@@ -167,6 +167,28 @@ def test_exact_resume_is_bitwise(tmp_path):
             assert a[s][k] == b[s][k], (s, k, a[s][k], b[s][k])
 
 
+def test_threads_pins_the_run_and_the_caller_gets_its_own_count_back(tmp_path):
+    """``threads: 1`` trains as a one-thread process would, whatever the caller set, and an in-process caller (the
+    demo trains right after labeling and probes after training) goes on with its own count."""
+    from vesl.pretrain.train import TrainConfig, train
+
+    write_shards(tmp_path / "data", 8, n_files=1, row_group_size=8, seed=1)
+    base = {"data": str(tmp_path / "data"), "model": MODEL, "batch_size": 4, "workers": 0, "epochs": 2, "lr": 2e-3,
+            "warmup": 1, "save_every": 1000, "tensorboard": False, "log_every": 100}
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = train(TrainConfig(out=str(tmp_path / "one"), **base))
+        torch.set_num_threads(3)
+        pinned = train(TrainConfig(out=str(tmp_path / "pinned"), threads=1, **base))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    a, b = _losses(one), _losses(pinned)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(a[s][k] == b[s][k] for s in a for k in ("loss", "clip", "region", "ground"))
+
+
 def test_loader_sees_every_sample_once_per_epoch_across_ranks_and_workers(tmp_path):
     from vesl.pretrain.data import Preprocess, RegionTextLoader, assign_units, scan_units
     from vesl.pretrain.model import get_tokenizer

@@ -48,7 +48,7 @@ from vesl.pipeline.engines.distributed import (
     write_items,
 )
 from vesl.pipeline.engines.runtime_logs import quiet_runtime_logs
-from vesl.pipeline.job import Job, finish, plan, read_batch_size, stopped
+from vesl.pipeline.job import Job, caller_numerics, finish, plan, read_batch_size, stopped
 from vesl.pipeline.wiring import build_stages
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,8 @@ def run_beam(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, pro
     if quiet_runtime_logs("apache_beam") > logging.INFO:
         # vesl reports a failing stage setup itself, in one line; Beam would log its traceback first
         logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
-    failed = _run_pipeline(job, stages_factory, progress) if job.todo else []
+    with caller_numerics():  # the DirectRunner runs the stages in this process
+        failed = _run_pipeline(job, stages_factory, progress) if job.todo else []
     return finish(job, committed_results(cfg, job.todo, job.run_id) + failed, 1)
 
 

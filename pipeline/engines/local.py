@@ -27,6 +27,7 @@ from vesl.pipeline.apply import teardown_stages
 from vesl.pipeline.config import LabelConfig
 from vesl.pipeline.job import (
     ShardTask,
+    caller_numerics,
     commit,
     finish,
     job_provenance,
@@ -361,15 +362,23 @@ def run_local(cfg: LabelConfig, stages_factory: StagesFactory = build_stages, pr
         if n <= 1:
             results = []
             if todo:
-                stages, provenance = setup_stages(cfg, stages_factory)
-                try:
-                    for r in process_tasks(cfg, stages, provenance, todo, prog.update):
-                        results.append(r)
-                        prog.shard_done()
-                finally:
-                    teardown_stages(stages)
+                with caller_numerics():
+                    results = _run_here(cfg, stages_factory, todo, prog)
         else:
             results = _run_workers(cfg, stages_factory, todo, n, prog)
     finally:
         prog.close()
     return finish(job, results, max(n, 1))
+
+
+def _run_here(cfg: LabelConfig, stages_factory: StagesFactory, todo: list[ShardTask], prog: _Progress) -> list[dict[str, Any]]:
+    """Every shard in this process, the stages set up once."""
+    results = []
+    stages, provenance = setup_stages(cfg, stages_factory)
+    try:
+        for r in process_tasks(cfg, stages, provenance, todo, prog.update):
+            results.append(r)
+            prog.shard_done()
+    finally:
+        teardown_stages(stages)
+    return results

@@ -115,7 +115,8 @@ def register(app: typer.Typer) -> None:
                 train_seed=train_seed, seeds=seeds, eval_split=eval_split, twins=twins, probe_steps=probe_steps,
             )
             typer.echo(f"results: {out / 'full' / 'results.json'}")
-            typer.echo(f"done in {time.perf_counter() - t:.0f}s; goal {'met' if res.goal_met else 'not met'}")
+            typer.echo(f"done in {time.perf_counter() - t:.0f}s; region-classification goal "
+                       f"{'met' if res.goal_met else 'not met'} (the other goals: in the tables above)")
         else:
             run_demo(out, n=DEMO_N if n is None else n, profile=profile)
             typer.echo(f"done in {time.perf_counter() - t:.0f}s")
