@@ -350,3 +350,51 @@ def test_max_eval_scores_the_first_questions(llava_dir, tmp_path):
     with pytest.raises(UserError) as err:
         probe(tower, llava_dir / "train.json", llava_dir / "eval.json", ProbeConfig(max_eval=-1))
     assert "\n" not in str(err.value)
+
+
+def test_split_by_length_cuts_where_padding_is_least():
+    from vesl.pretrain.mllm_probe import split_by_length
+
+    assert split_by_length([5]) == [[0]]
+    assert split_by_length([40, 40, 40]) == [[0, 1, 2]]  # nothing to save
+    assert split_by_length([39, 58, 38, 41, 60]) == [[2, 0, 3], [1, 4]]
+    groups = split_by_length([30, 31, 29, 31, 30, 32, 72])
+    assert groups == [[2, 0, 4, 1, 3, 5], [6]]
+
+
+def test_a_step_in_length_groups_has_the_whole_batch_gradient(llava_dir, tmp_path):
+    """``train_step`` backpropagates each length group apart, weighted by its answer tokens: the gradient must be
+    the one of the whole padded batch (LLaVA's mean over every answer token)."""
+    import torch
+
+    from vesl.pretrain.mllm_probe import _embed, _prompt, build_llava, load_records, make_tokenizer, train_step
+
+    torch.manual_seed(0)
+    recs = load_records(llava_dir / "train.json", "--data", train=True)
+    tok = make_tokenizer(recs)
+    tower, _ = load_tower(_tower(tmp_path))
+    llava = build_llava(tower, tok, ProbeConfig(hidden=64), None)
+    n_image = 4
+    pick = [r for r in recs if r["task"] == "control"][:3] + [r for r in recs if r["task"] == "grounding"][:3]
+    examples = [(_prompt(tok, n_image, r["question"], True), tok(r["answer"], add_special_tokens=False)["input_ids"]
+                 + [tok.eos_token_id]) for r in pick]
+    assert len({len(p) + len(a) for p, a in examples}) > 1  # the groups differ, or the test shows nothing
+    feats = [torch.randn(n_image, tower.config.hidden_size) for _ in pick]
+    params = [p for p in llava.parameters() if p.requires_grad]
+
+    loss = train_step(llava, examples, feats, tok.pad_token_id)
+    split = [p.grad.clone() for p in params]
+    llava.zero_grad(set_to_none=True)
+    width = max(len(p) + len(a) for p, a in examples)
+    ids = torch.full((len(examples), width), tok.pad_token_id)
+    labels = torch.full((len(examples), width), -100)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for j, (p, a) in enumerate(examples):
+        ids[j, : len(p) + len(a)] = torch.tensor(p + a)
+        labels[j, len(p) : len(p) + len(a)] = torch.tensor(a)
+        mask[j, : len(p) + len(a)] = 1
+    whole = llava(inputs_embeds=_embed(llava, ids, torch.stack(feats)), attention_mask=mask, labels=labels).loss
+    whole.backward()
+    torch.testing.assert_close(loss, whole.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(split, (p.grad for p in params), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
