@@ -367,7 +367,14 @@ def test_a_step_in_length_groups_has_the_whole_batch_gradient(llava_dir, tmp_pat
     the one of the whole padded batch (LLaVA's mean over every answer token)."""
     import torch
 
-    from vesl.pretrain.mllm_probe import _embed, _prompt, build_llava, load_records, make_tokenizer, train_step
+    from vesl.pretrain.mllm_probe import (
+        _embed,
+        _prompt,
+        build_llava,
+        load_records,
+        make_tokenizer,
+        train_step,
+    )
 
     torch.manual_seed(0)
     recs = load_records(llava_dir / "train.json", "--data", train=True)

@@ -243,8 +243,8 @@ def margin_points(metrics: dict[str, float]) -> float:
 
 REC_GOAL_POINTS = 20.0
 # the MLLM probe's steps per tower (docs/mllm-probe.md): at 300 the CLIP tower still leads, at 1,000 CLOC does, and
-# with captions its referring lead grows to 2,500 steps (validation world 1002); about 0.1 s per step on a 2-core
-# machine, so some 4.5 minutes per tower (0 skips the probe)
+# with captions its referring lead grows to 2,500 steps (validation world 1002); about 0.09 s per step on a 2-core
+# machine, so some 4 minutes per tower, what keeps demo --full under 20 minutes (0 skips the probe)
 PROBE_STEPS = 2500
 PROBE_POOL = 2  # 8x8 patch tokens -> 4x4: a quarter of the sequence, what a 2-core machine affords
 # the last layer: the demo's towers have two blocks, so LLaVA's penultimate layer would be the first block alone,
@@ -558,7 +558,8 @@ def run_full_demo(
     if probe_steps:
         echo(probe_table(metrics))
         echo(f"(probe: {probe_steps} steps per tower, {times['probe']:.0f}s for both towers"
-             f"{' and all seeds' if seeds > 1 else ''}; by hand: docs/mllm-probe.md)")
+             f"{' and all seeds' if seeds > 1 else ''}; one probe run's grounding moves by several points between"
+             " runs, referring less: docs/mllm-probe.md)")
     record = {"metrics": metrics, "goal_met": met, "train_seeds": list(train_seeds), "eval_split": eval_split,
               "per_seed": [{"train_seed": s, "eval_seed": e, **m}
                            for s, e, m in zip(train_seeds, eval_seeds, per_seed, strict=True)],
