@@ -405,3 +405,32 @@ def test_a_step_in_length_groups_has_the_whole_batch_gradient(llava_dir, tmp_pat
     torch.testing.assert_close(loss, whole.detach(), rtol=1e-5, atol=1e-6)
     for a, b in zip(split, (p.grad for p in params), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_several_probe_seeds_report_each_run_and_their_mean(llava_dir, tmp_path):
+    """`vesl probe-mllm --seeds 2`: two runs with seeds 5 and 6 (each as a one-seed run would be), and the mean,
+    min and max of every metric in the JSON."""
+    from vesl.cli import app
+
+    tower = _tower(tmp_path)
+    out = tmp_path / "probe.json"
+    args = ["probe-mllm", str(tower), "--data", str(llava_dir / "train.json"), "--eval", str(llava_dir / "eval.json"),
+            "--steps", "6", "--batch-size", "8", "--threads", "1"]
+    res = CliRunner().invoke(app, [*args, "--seed", "5", "--seeds", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "mean over probe seeds 5..6" in res.output
+    saved = json.loads(out.read_text())
+    assert saved["seeds"] == [5, 6]
+    runs = saved["runs"]
+    one = tmp_path / "one.json"
+    assert CliRunner().invoke(app, [*args, "--seed", "6", "--out", str(one)]).exit_code == 0
+    assert json.loads(one.read_text())["answers"] == runs[1]["answers"]
+    for task, m in saved["metrics"].items():
+        for key, v in m.items():
+            vals = [r["metrics"][task][key] for r in runs]
+            assert v == pytest.approx(sum(vals) / 2)
+            assert saved["min"][task][key] == min(vals)
+            assert saved["max"][task][key] == max(vals)
+    bad = CliRunner().invoke(app, [*args, "--seeds", "0"])
+    assert isinstance(bad.exception, UserError)  # the entry point prints a UserError as one line
+    assert "--seeds must be at least 1" in str(bad.exception)

@@ -195,15 +195,17 @@ def _probe_mllm(
     max_eval: int = typer.Option(0, "--max-eval", help="score only the first N --eval questions (0: all)"),
     question_first: bool = typer.Option(True, "--question-first/--image-first", help="the question's words "
                                         "before the image tokens, or after them (LLaVA's training order)"),
+    seeds: int = typer.Option(1, "--seeds", help="probe runs, with seeds --seed, --seed+1, ...: the mean, min "
+                              "and max of each metric (one run's grounding turns on its seed)"),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)"),
     out: Optional[str] = typer.Option(None, "--out", help="write the results JSON here"),
 ) -> None:
     """Train a small LLaVA on TOWER (frozen) and score grounding, referring and a control task (docs/mllm-probe.md)."""
-    from vesl.pretrain.mllm_probe import ProbeConfig, probe
+    from vesl.pretrain.mllm_probe import ProbeConfig, probe_seeds
 
     cfg = ProbeConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, pool=pool, feature_layer=feature_layer,
                       max_eval=max_eval, threads=threads, question_first=question_first)
-    probe(tower, data, eval_data, cfg, lm=lm, out=out, echo=typer.echo)
+    probe_seeds(tower, data, eval_data, cfg, seeds, lm=lm, out=out, echo=typer.echo)
     if out:
         typer.echo(f"results: {out}")
 
