@@ -4,7 +4,24 @@ gloo on CPU, nccl on GPU; a single process without torchrun)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Torch's thread count for a run (0: leave it), and the caller's back afterwards (an in-process caller,
+    such as ``vesl demo``, goes on with its own)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Dist:

@@ -421,9 +421,16 @@ def probe(
     echo: Callable[[str], None] = print,
 ) -> ProbeResult:
     """Train the LLaVA's projector and LM on ``data``, generate answers on ``eval_data``, score them."""
-    import torch
+    from vesl.pretrain.distributed import torch_threads
 
     cfg = cfg or ProbeConfig()
+    with torch_threads(cfg.threads):
+        return _probe(tower_path, data, eval_data, cfg, lm, out, echo)
+
+
+def _probe(tower_path, data, eval_data, cfg: ProbeConfig, lm, out, echo) -> ProbeResult:
+    import torch
+
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise UserError("--steps and --batch-size must be at least 1")
     if lm is not None and not (Path(lm) / "config.json").is_file():
@@ -437,8 +444,6 @@ def probe(
         if not Path(r["image"]).is_file():
             raise UserError(f"image {r['image']} does not exist (paths are relative to the JSON's folder)")
     tower, proc = load_tower(tower_path)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -559,18 +564,19 @@ def probe_seeds(
     lead in grounding from +2 to +20 points between two seeds), so one run's grounding says little."""
     if runs < 1:
         raise UserError("--seeds must be at least 1")
-    results = [probe(tower_path, data, eval_data, replace(cfg, seed=cfg.seed + k), lm, None, echo) for k in range(runs)]
+    seeds = [cfg.seed + k for k in range(runs)]
+    results = [probe(tower_path, data, eval_data, replace(cfg, seed=s), lm, None, echo) for s in seeds]
     first = results[0]
 
     def over_runs(fn) -> dict[str, dict[str, float]]:
         return {task: {k: fn([r.metrics[task][k] for r in results]) for k in m} for task, m in first.metrics.items()}
 
-    record = {"tower": first.tower, "seeds": [cfg.seed + k for k in range(runs)], "settings": first.settings,
+    record = {"tower": first.tower, "seeds": seeds, "settings": first.settings,
               "n_train": first.n_train, "n_eval": first.n_eval, "metrics": over_runs(lambda v: sum(v) / len(v)),
               "min": over_runs(min), "max": over_runs(max), "trivial": first.trivial,
               "runs": [asdict(r) for r in results]}  # fmt: skip
     if runs > 1:
-        echo(f"mean over probe seeds {record['seeds'][0]}..{record['seeds'][-1]}:")
+        echo(f"mean over probe seeds {seeds[0]}..{seeds[-1]}:")
         echo(format_result(replace(first, metrics=record["metrics"])))
         for task, key in (("grounding", "ok"), ("referring", "ok")):
             if task in first.metrics:

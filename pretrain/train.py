@@ -23,8 +23,6 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +37,7 @@ from vesl.pretrain.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from vesl.pretrain.distributed import Dist
+from vesl.pretrain.distributed import Dist, torch_threads
 
 MAX_STEPS = 10**9  # upper bound of every step count: far above any run, far below an index overflow
 MAX_FACTOR = 1e6  # upper bound of every weight, rate and norm: far above any sensible value, and finite
@@ -531,23 +529,8 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> Path:
     elif isinstance(config, dict):
         config = _validated(config)
     cfg = config
-    with _threads(cfg.threads):
+    with torch_threads(cfg.threads):
         return _train(cfg)
-
-
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """Torch's thread count for the run (0: leave it), and the caller's back afterwards (an in-process caller,
-    such as ``vesl demo``, goes on with its own)."""
-    import torch
-
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _train(cfg: TrainConfig) -> Path:
